@@ -1,0 +1,1 @@
+"""domainmix: sampling weights and loss weights for multi-domain training."""
