@@ -197,6 +197,4 @@ class DomainStats(NamedTuple):
 
     def is_finite(self) -> bool:
         """True when every provided statistic is free of NaN and inf."""
-        return all(
-            bool(torch.isfinite(v).all()) for v in self[1:] if isinstance(v, Tensor)
-        )
+        return all(bool(torch.isfinite(v).all()) for v in self[1:] if isinstance(v, Tensor))

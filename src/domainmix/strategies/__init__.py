@@ -1,0 +1,56 @@
+"""Weighting strategies: ``Strategy(init, update)`` factories, their primitives and combinators."""
+
+from domainmix.strategies._base import ChainState as ChainState
+from domainmix.strategies._base import CombineState as CombineState
+from domainmix.strategies._base import EmptyState as EmptyState
+from domainmix.strategies._base import Strategy as Strategy
+from domainmix.strategies._base import chain as chain
+from domainmix.strategies._base import combine as combine
+from domainmix.strategies._base import make_strategy as make_strategy
+from domainmix.strategies._base import stateless as stateless
+from domainmix.strategies._primitives import AverageState as AverageState
+from domainmix.strategies._primitives import EmaState as EmaState
+from domainmix.strategies._primitives import ExponentiatedGradientState as ExponentiatedGradientState
+from domainmix.strategies._primitives import ema as ema
+from domainmix.strategies._primitives import exponentiated_gradient as exponentiated_gradient
+from domainmix.strategies._primitives import floor as floor
+from domainmix.strategies._primitives import follow_mixture as follow_mixture
+from domainmix.strategies._primitives import mix_uniform as mix_uniform
+from domainmix.strategies._primitives import normalize as normalize
+from domainmix.strategies._primitives import track_average as track_average
+from domainmix.strategies._static import ScheduleState as ScheduleState
+from domainmix.strategies._static import StaticState as StaticState
+from domainmix.strategies._static import fixed as fixed
+from domainmix.strategies._static import proportional as proportional
+from domainmix.strategies._static import schedule as schedule
+from domainmix.strategies._static import temperature as temperature
+from domainmix.strategies._static import uniform as uniform
+
+__all__ = [
+    "AverageState",
+    "ChainState",
+    "CombineState",
+    "EmaState",
+    "EmptyState",
+    "ExponentiatedGradientState",
+    "ScheduleState",
+    "StaticState",
+    "Strategy",
+    "chain",
+    "combine",
+    "ema",
+    "exponentiated_gradient",
+    "fixed",
+    "floor",
+    "follow_mixture",
+    "make_strategy",
+    "mix_uniform",
+    "normalize",
+    "proportional",
+    "schedule",
+    "stateless",
+    "temperature",
+    "track_average",
+    "uniform",
+]
+assert sorted(__all__) == __all__

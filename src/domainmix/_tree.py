@@ -1,0 +1,67 @@
+"""Strategy state (nested NamedTuples of tensors and scalars) to and from plain containers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+
+def _is_namedtuple(x: Any) -> bool:
+    return isinstance(x, tuple) and hasattr(x, "_fields")
+
+
+def to_plain(state: Any) -> Any:
+    """NamedTuple → dict by field, tuple → list, tensors cloned; scalars as they are."""
+    if _is_namedtuple(state):
+        return {field: to_plain(getattr(state, field)) for field in state._fields}
+    if isinstance(state, (tuple, list)):
+        return [to_plain(x) for x in state]
+    if isinstance(state, torch.Tensor):
+        return state.detach().clone()
+    if state is None or isinstance(state, (bool, int, float, str)):
+        return state
+    raise TypeError(f"strategy state holds an unsupported {type(state).__name__}: {state!r}")
+
+
+def from_plain(template: Any, plain: Any, path: str = "state") -> Any:
+    """Rebuild a state shaped like ``template`` from ``plain``; raise naming the first mismatch."""
+    if _is_namedtuple(template):
+        if not isinstance(plain, dict) or set(plain) != set(template._fields):
+            got = sorted(plain) if isinstance(plain, dict) else type(plain).__name__
+            raise ValueError(
+                f"{path}: expected fields {list(template._fields)} of {type(template).__name__}, got {got}"
+            )
+        return type(template)(
+            **{f: from_plain(getattr(template, f), plain[f], f"{path}.{f}") for f in template._fields}
+        )
+    if isinstance(template, (tuple, list)):
+        if not isinstance(plain, (tuple, list)) or len(plain) != len(template):
+            raise ValueError(f"{path}: expected a sequence of {len(template)} entries, got {plain!r}")
+        items = [
+            from_plain(t, p, f"{path}[{i}]") for i, (t, p) in enumerate(zip(template, plain, strict=True))
+        ]
+        return type(template)(items)
+    if isinstance(template, torch.Tensor):
+        value = torch.as_tensor(plain, dtype=template.dtype)
+        if value.shape != template.shape:
+            raise ValueError(f"{path}: expected shape {tuple(template.shape)}, got {tuple(value.shape)}")
+        return value.clone()
+    if template is None:
+        return plain
+    if isinstance(template, bool):
+        return bool(plain)
+    if isinstance(template, (int, float, str)):
+        return type(template)(plain)
+    raise TypeError(f"{path}: unsupported template type {type(template).__name__}")
+
+
+def find(state: Any, kind: type) -> list[Any]:
+    """All sub-states of type ``kind`` inside ``state``, depth first."""
+    found = []
+    if isinstance(state, kind):
+        found.append(state)
+    if isinstance(state, (tuple, list)):
+        for x in state:
+            found.extend(find(x, kind))
+    return found

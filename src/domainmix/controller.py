@@ -1,0 +1,380 @@
+"""WeightingController: the one imperative shell around a pure :class:`~domainmix.strategies.Strategy`."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+
+from domainmix import _tree
+from domainmix._distributed import assert_same_on_all_ranks, is_distributed
+from domainmix._validation import Interval, check_param, param_error
+from domainmix.stats import StatsCollector
+from domainmix.strategies import AverageState, Strategy
+from domainmix.types import DomainStats, DomainWeights
+
+LogSink = str | os.PathLike[str] | Callable[[dict[str, Any]], None]
+
+
+class WeightSink(Protocol):
+    """What the controller needs from a sampler: ``set_weights`` (and optionally ``effective_sampling``)."""
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        """Use these sampling weights from the next batch on."""
+
+
+class WeightingController:
+    """Runs a strategy on a schedule, keeps the current weights and pushes q to the sampler.
+
+    Call :meth:`step` once per optimizer step, after the step's losses went into :attr:`collector`.
+    Windows of ``update_every`` steps close at steps ``update_every, 2·update_every, ...``; windows that
+    close before ``warmup_steps`` are discarded, later ones call the strategy. A strategy that reads no
+    statistics (``requires`` empty: static weights, schedules) is evaluated at construction and at every
+    step instead. Each update is logged as one JSON line: step, names, α, q, loss multipliers and the
+    window's statistics.
+
+    Failure handling: a window with a NaN or inf statistic skips the update with a ``RuntimeWarning``
+    and leaves the weights untouched; a strategy output that is not a valid pair of distributions (or
+    has q_i = 0 where α_i > 0) raises before anything is changed.
+
+    Under ``torch.distributed`` every rank runs the controller; the collector all-reduces the
+    statistics, so the deterministic strategy yields identical weights everywhere. ``check_sync=True``
+    verifies that after every update (a broadcast; a debug aid). Only rank 0 writes the log file.
+
+    State keys: ``step``, ``names``, ``strategy``, ``weights``, ``strategy_state``, ``collector``,
+    ``num_updates``, ``num_skipped``. The sampler keeps its own state (its weights included): save and
+    load both.
+
+    Args:
+        strategy: the weighting method.
+        initial: initial weights, or domain names for uniform weights.
+        update_every: steps per statistics window, ≥ 1.
+        warmup_steps: no update before this many steps, ≥ 0.
+        sampler: optional; receives q after every update (``set_weights`` by name) and, if it has
+            ``effective_sampling``, supplies the realised q for :meth:`loss_multipliers`.
+        collector: optional; a :class:`StatsCollector` over the same domains (made if omitted).
+        ema: moving-average factor for a collector made here; ignored when ``collector`` is given.
+        log: a JSON-lines file path, or a callable receiving each record.
+        check_sync: compare the weights across ranks after each update.
+    """
+
+    STEP_KEY = "step"
+    NAMES_KEY = "names"
+    STRATEGY_KEY = "strategy"
+    WEIGHTS_KEY = "weights"
+    STRATEGY_STATE_KEY = "strategy_state"
+    COLLECTOR_KEY = "collector"
+    UPDATES_KEY = "num_updates"
+    SKIPPED_KEY = "num_skipped"
+
+    def __init__(
+        self,
+        strategy: Strategy,
+        initial: DomainWeights | Sequence[str],
+        *,
+        update_every: int = 1,
+        warmup_steps: int = 0,
+        sampler: WeightSink | None = None,
+        collector: StatsCollector | None = None,
+        ema: float | None = None,
+        log: LogSink | None = None,
+        check_sync: bool = False,
+    ) -> None:
+        if not isinstance(strategy, Strategy):
+            raise param_error("WeightingController", "strategy", "a Strategy", strategy)
+        if not isinstance(initial, DomainWeights):
+            initial = DomainWeights.create(initial)
+        self._update_every = check_param(
+            "WeightingController", "update_every", update_every, Interval(int, 1, None)
+        )
+        self._warmup = check_param(
+            "WeightingController", "warmup_steps", warmup_steps, Interval(int, 0, None)
+        )
+        if collector is None:
+            collector = StatsCollector(initial.num_domains, ema=ema)
+        elif not isinstance(collector, StatsCollector) or collector.num_domains != initial.num_domains:
+            raise param_error(
+                "WeightingController",
+                "collector",
+                f"a StatsCollector over {initial.num_domains} domains",
+                collector,
+            )
+        if sampler is not None:
+            if not callable(getattr(sampler, "set_weights", None)):
+                raise param_error("WeightingController", "sampler", "an object with set_weights()", sampler)
+            sampler_names = tuple(getattr(sampler, "domains", initial.names))
+            if sampler_names != initial.names:
+                raise param_error(
+                    "WeightingController",
+                    "sampler",
+                    f"a sampler over the domains {list(initial.names)} in this order",
+                    f"a sampler over {list(sampler_names)}",
+                )
+        if log is not None and not (callable(log) or isinstance(log, (str, os.PathLike))):
+            raise param_error("WeightingController", "log", "a file path or a callable", log)
+        self._strategy = strategy
+        self._collector = collector
+        self._sampler = sampler
+        self._log = log
+        self._check_sync = bool(check_sync)
+        self._step = 0
+        self._num_updates = 0
+        self._num_skipped = 0
+        self._weights = initial
+        self._state = strategy.init(initial)
+        if self.stat_free:
+            self._apply(self._empty_stats(0), log_unchanged=True)
+        elif sampler is not None:
+            sampler.set_weights(self._by_name(initial.sampling))
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def weights(self) -> DomainWeights:
+        """Current α (mixture) and q (sampling) as set by the strategy."""
+        return self._weights
+
+    @property
+    def requires(self) -> frozenset[str]:
+        """Statistics the strategy reads."""
+        return self._strategy.requires
+
+    @property
+    def stat_free(self) -> bool:
+        """True for strategies that read no statistics (evaluated every step)."""
+        return not self._strategy.requires
+
+    @property
+    def collector(self) -> StatsCollector:
+        """The statistics collector feeding the strategy."""
+        return self._collector
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps completed (calls to :meth:`step`)."""
+        return self._step
+
+    @property
+    def strategy_state(self) -> Any:
+        """The strategy's current state (read-only by convention)."""
+        return self._state
+
+    def loss_multipliers(self) -> Tensor:
+        """(k,) α_i / q_i with q the distribution the sampler realises (its ``effective_sampling``).
+
+        A stratified sampler rounds B·q to integer counts b; using b/B here keeps the importance-weighted
+        loss exactly unbiased.
+        """
+        realised = getattr(self._sampler, "effective_sampling", None)
+        weights = self._weights
+        if realised is not None:
+            weights = weights._replace(sampling=torch.as_tensor(realised, dtype=torch.float64))
+        return weights.loss_multipliers()
+
+    def averaged_weights(self) -> DomainWeights | None:
+        """Time-averaged weights if the strategy contains ``track_average()``, else None."""
+        found = _tree.find(self._state, AverageState)
+        average = found[0].average() if found else None
+        if average is None:
+            return None
+        return self._weights._replace(mixture=average[0], sampling=average[1])
+
+    def should_update(self, step: int) -> bool:
+        """Whether the window closing at ``step`` (1-based count of steps) runs the strategy."""
+        return step % self._update_every == 0 and step >= self._warmup
+
+    # ----------------------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Mark one optimizer step done; update the weights if due. Returns whether they were updated."""
+        self._step += 1
+        if self.stat_free:
+            return self._apply(self._empty_stats(self._step))
+        if self._step % self._update_every != 0:
+            return False
+        if self._step < self._warmup:
+            self._collector.reset()
+            return False
+        return self.update(self._collector.summarize(self._step))
+
+    def update(self, stats: DomainStats) -> bool:
+        """Run the strategy on ``stats`` now. Returns False when the update was skipped (non-finite stats)."""
+        if not isinstance(stats, DomainStats):
+            raise param_error("WeightingController.update", "stats", "a DomainStats", stats)
+        if not stats.is_finite():
+            bad = [
+                f
+                for f, v in zip(stats._fields, stats, strict=True)
+                if isinstance(v, Tensor) and not bool(torch.isfinite(v).all())
+            ]
+            warnings.warn(
+                f"WeightingController: skipping the weight update at step {stats.step}: non-finite "
+                f"statistics in {bad}. The weights stay as they were.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            self._num_skipped += 1
+            self._write_log(stats, skipped=True)
+            return False
+        return self._apply(stats, log_unchanged=True)
+
+    def _apply(self, stats: DomainStats, *, log_unchanged: bool = False) -> bool:
+        new, state = self._strategy.update(self._weights, self._state, stats)
+        new = self._validated(new)
+        changed = not (
+            torch.equal(new.mixture, self._weights.mixture)
+            and torch.equal(new.sampling, self._weights.sampling)
+        )
+        self._weights, self._state = new, state
+        self._num_updates += 1
+        if self._check_sync:
+            assert_same_on_all_ranks("mixture weights", new.mixture)
+            assert_same_on_all_ranks("sampling weights", new.sampling)
+        if changed and self._sampler is not None:
+            self._sampler.set_weights(self._by_name(new.sampling))
+        if changed or log_unchanged:
+            self._write_log(stats, skipped=False)
+        return True
+
+    def _validated(self, new: Any) -> DomainWeights:
+        name = self._strategy.name
+        if not isinstance(new, DomainWeights) or new.names != self._weights.names:
+            raise RuntimeError(
+                f"Strategy {name!r} returned {new!r}, not DomainWeights over {self._weights.names}."
+            )
+        k = self._weights.num_domains
+        for field in ("mixture", "sampling"):
+            x = getattr(new, field)
+            ok = (
+                isinstance(x, Tensor)
+                and x.shape == (k,)
+                and bool(torch.isfinite(x).all())
+                and bool((x >= 0).all())
+                and math.isclose(float(x.sum()), 1.0, abs_tol=1e-6)
+            )
+            if not ok:
+                raise RuntimeError(
+                    f"Strategy {name!r} returned an invalid {field}: {x!r}; expected a distribution over "
+                    f"{k} domains. The weights were left unchanged."
+                )
+        starved = [
+            n
+            for n, a, q in zip(new.names, new.mixture.tolist(), new.sampling.tolist(), strict=True)
+            if a > 0 and q <= 0
+        ]
+        if starved:
+            raise RuntimeError(
+                f"Strategy {name!r} set q = 0 for domains with α > 0 ({starved}): their loss could never be "
+                "sampled. Add floor(...) on the sampling side. The weights were left unchanged."
+            )
+        return new._replace(
+            mixture=(new.mixture / new.mixture.sum()).to(torch.float64),
+            sampling=(new.sampling / new.sampling.sum()).to(torch.float64),
+        )
+
+    def _empty_stats(self, step: int) -> DomainStats:
+        zeros = torch.zeros(self._weights.num_domains, dtype=torch.float64)
+        return DomainStats(step=step, loss=zeros, count=zeros.clone())
+
+    def _by_name(self, x: Tensor) -> dict[str, float]:
+        return dict(zip(self._weights.names, x.tolist(), strict=True))
+
+    # ----------------------------------------------------------------------------------------------
+    def _write_log(self, stats: DomainStats, *, skipped: bool) -> None:
+        if self._log is None:
+            return
+        record: dict[str, Any] = {
+            "step": int(stats.step),
+            "names": list(self._weights.names),
+            "mixture": self._weights.mixture.tolist(),
+            "sampling": self._weights.sampling.tolist(),
+            "loss_multipliers": self.loss_multipliers().tolist(),
+            "skipped": skipped,
+            "stats": {
+                f: _finite_or_str(v.tolist())
+                for f, v in zip(stats._fields[1:], stats[1:], strict=True)
+                if isinstance(v, Tensor)
+            },
+        }
+        if callable(self._log):
+            self._log(record)
+            return
+        if is_distributed() and torch.distributed.get_rank() != 0:
+            return
+        with open(Path(self._log), "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+
+    # ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Step, weights, strategy state and collector state (plain containers and tensors)."""
+        return {
+            self.STEP_KEY: self._step,
+            self.NAMES_KEY: list(self._weights.names),
+            self.STRATEGY_KEY: self._strategy.name,
+            self.WEIGHTS_KEY: {
+                "mixture": self._weights.mixture.clone(),
+                "sampling": self._weights.sampling.clone(),
+            },
+            self.STRATEGY_STATE_KEY: _tree.to_plain(self._state),
+            self.COLLECTOR_KEY: self._collector.state_dict(),
+            self.UPDATES_KEY: self._num_updates,
+            self.SKIPPED_KEY: self._num_skipped,
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        """Restore a :meth:`state_dict` made by a controller over the same domains and strategy.
+
+        The sampler is not touched: restore it from its own ``state_dict``.
+
+        Raises:
+            ValueError: on missing keys, other domain names, another strategy or a state of another shape.
+        """
+        keys = (
+            self.STEP_KEY,
+            self.NAMES_KEY,
+            self.STRATEGY_KEY,
+            self.WEIGHTS_KEY,
+            self.STRATEGY_STATE_KEY,
+            self.COLLECTOR_KEY,
+            self.UPDATES_KEY,
+            self.SKIPPED_KEY,
+        )
+        missing = [key for key in keys if key not in state_dict]
+        if missing:
+            raise ValueError(f"WeightingController.load_state_dict: state is missing keys {missing}.")
+        if tuple(state_dict[self.NAMES_KEY]) != self._weights.names:
+            raise ValueError(
+                f"WeightingController.load_state_dict: saved for domains {state_dict[self.NAMES_KEY]}, "
+                f"this controller has {list(self._weights.names)}."
+            )
+        if state_dict[self.STRATEGY_KEY] != self._strategy.name:
+            raise ValueError(
+                f"WeightingController.load_state_dict: saved for strategy {state_dict[self.STRATEGY_KEY]!r}, "
+                f"this controller runs {self._strategy.name!r}."
+            )
+        saved = state_dict[self.WEIGHTS_KEY]
+        DomainWeights.create(self._weights.names, saved["mixture"], saved["sampling"])  # validates
+        # Keep the saved tensors bit for bit: renormalising would perturb the resumed trajectory.
+        weights = DomainWeights(
+            self._weights.names,
+            torch.as_tensor(saved["mixture"], dtype=torch.float64).clone(),
+            torch.as_tensor(saved["sampling"], dtype=torch.float64).clone(),
+        )
+        state = _tree.from_plain(self._strategy.init(weights), state_dict[self.STRATEGY_STATE_KEY])
+        self._collector.load_state_dict(state_dict[self.COLLECTOR_KEY])
+        self._weights, self._state = weights, state
+        self._step = int(state_dict[self.STEP_KEY])
+        self._num_updates = int(state_dict[self.UPDATES_KEY])
+        self._num_skipped = int(state_dict[self.SKIPPED_KEY])
+
+
+def _finite_or_str(values: Any) -> Any:
+    """JSON has no NaN/inf: write them as strings so a skipped window's log line stays valid JSON."""
+    if isinstance(values, list):
+        return [_finite_or_str(v) for v in values]
+    return values if math.isfinite(values) else str(values)

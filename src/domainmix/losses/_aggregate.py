@@ -1,0 +1,208 @@
+"""Per-domain loss reduction and the importance-corrected training loss."""
+
+from __future__ import annotations
+
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from domainmix._validation import Interval, Options, check_param, param_error
+from domainmix.types import DomainWeights
+
+
+class DomainLosses(NamedTuple):
+    """Per-domain sums of a batch's losses, in float64 and detached.
+
+    Sums and counts (not means) so that micro-batches, update windows and ranks aggregate exactly:
+    merge with :meth:`merged`, then read :attr:`mean` and :attr:`var`.
+
+    Attributes:
+        sum: (k,) Σ ℓ over the domain's elements (examples, or unmasked tokens).
+        count: (k,) number of elements.
+        sum_sq: (k,) Σ ℓ².
+    """
+
+    sum: Tensor  # (k,)
+    count: Tensor  # (k,)
+    sum_sq: Tensor  # (k,)
+
+    @property
+    def mean(self) -> Tensor:
+        """(k,) mean loss; 0 where a domain has no elements (never NaN)."""
+        return self.sum / self.count.clamp_min(1.0)
+
+    @property
+    def var(self) -> Tensor:
+        """(k,) unbiased variance of the per-element loss; 0 where count < 2."""
+        n = self.count
+        centered = (self.sum_sq - self.sum * self.mean).clamp_min(0.0)
+        return torch.where(n > 1, centered / (n - 1).clamp_min(1.0), torch.zeros_like(n))
+
+    def merged(self, other: DomainLosses) -> DomainLosses:
+        """Element-wise sum of two reductions (e.g. two micro-batches)."""
+        return DomainLosses(self.sum + other.sum, self.count + other.count, self.sum_sq + other.sum_sq)
+
+
+def _check_inputs(
+    caller: str, losses: Tensor, domain_ids: Tensor, num_domains: int, mask: Tensor | None
+) -> Tensor:
+    """Validate shapes and dtypes; return the element mask as float (ones when ``mask`` is None)."""
+    check_param(caller, "num_domains", num_domains, Interval(int, 1, None))
+    if not isinstance(losses, Tensor) or not losses.is_floating_point():
+        raise param_error(caller, "losses", "a floating-point tensor of shape (N,) or (N, T)", losses)
+    if losses.ndim not in (1, 2):
+        raise param_error(caller, "losses", "of shape (N,) or (N, T)", f"shape {tuple(losses.shape)}")
+    if not isinstance(domain_ids, Tensor) or domain_ids.dtype not in (
+        torch.int64,
+        torch.int32,
+        torch.int16,
+        torch.int8,
+        torch.uint8,
+    ):
+        raise param_error(caller, "domain_ids", "an integer tensor of shape (N,)", domain_ids)
+    if domain_ids.shape != losses.shape[:1]:
+        raise param_error(
+            caller,
+            "domain_ids",
+            f"of shape ({losses.shape[0]},), one id per row of losses",
+            f"shape {tuple(domain_ids.shape)}",
+        )
+    # A range check costs a device sync on accelerators, where index_add_ asserts on its own.
+    if domain_ids.device.type == "cpu" and domain_ids.numel():
+        lo, hi = int(domain_ids.min()), int(domain_ids.max())
+        if lo < 0 or hi >= num_domains:
+            raise param_error(
+                caller, "domain_ids", f"ids in the range [0, {num_domains - 1}]", f"ids from {lo} to {hi}"
+            )
+    if mask is None:
+        return torch.ones_like(losses)
+    if not isinstance(mask, Tensor) or mask.shape != losses.shape:
+        raise param_error(
+            caller,
+            "mask",
+            f"a tensor with the shape of losses {tuple(losses.shape)}",
+            mask if not isinstance(mask, Tensor) else f"shape {tuple(mask.shape)}",
+        )
+    return mask.to(losses.dtype)
+
+
+def _row_sums(x: Tensor) -> Tensor:
+    return x if x.ndim == 1 else x.sum(dim=1)
+
+
+def domain_losses(
+    losses: Tensor, domain_ids: Tensor, num_domains: int, mask: Tensor | None = None
+) -> DomainLosses:
+    """Reduce per-example (or per-token) losses to per-domain sums, counts and sums of squares.
+
+    Args:
+        losses: (N,) per-example losses, or (N, T) per-token losses of N sequences.
+        domain_ids: (N,) integer domain of each example, in [0, num_domains).
+        num_domains: k.
+        mask: optional (N,) or (N, T) 0/1 mask with the shape of ``losses`` (padding tokens = 0).
+
+    Returns:
+        :class:`DomainLosses` in float64 on the losses' device, detached from the graph.
+
+    Raises:
+        ValueError: for wrong shapes or dtypes, or ids outside [0, k) (checked on CPU tensors).
+
+    Examples:
+        >>> import torch
+        >>> r = domain_losses(torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0, 0, 1]), 3)
+        >>> r.mean.tolist(), r.count.tolist()
+        ([1.5, 4.0, 0.0], [2.0, 1.0, 0.0])
+    """
+    m = _check_inputs("domain_losses", losses, domain_ids, num_domains, mask)
+    values = losses.detach().to(torch.float64)
+    m = m.detach().to(torch.float64)
+    # where(), not multiplication: a NaN/inf loss on a masked-out (padding) token must not leak in.
+    values = torch.where(m > 0, values, torch.zeros_like(values))
+    ids = domain_ids.long()
+
+    def per_domain(x: Tensor) -> Tensor:
+        return torch.zeros(num_domains, dtype=torch.float64, device=x.device).index_add_(0, ids, _row_sums(x))
+
+    return DomainLosses(per_domain(values * m), per_domain(m), per_domain(values * values * m))
+
+
+Normalize = Literal["importance", "per_domain"]
+
+
+def weighted_loss(
+    losses: Tensor,
+    domain_ids: Tensor,
+    weights: DomainWeights | Tensor,
+    *,
+    mask: Tensor | None = None,
+    normalize: Normalize = "importance",
+    denominator: float | Tensor | None = None,
+) -> Tensor:
+    r"""The training loss for objective mixture α under sampling distribution q.
+
+    ``normalize="importance"`` (default) multiplies each element by α_d / q_d and averages:
+
+    .. math:: \mathcal{L} = \frac{1}{N} \sum_{x} \frac{\alpha_{d(x)}}{q_{d(x)}}\, \ell(x),
+        \qquad \mathbb{E}_{x \sim q}\,\mathcal{L} = \sum_i \alpha_i L_i ,
+
+    so its gradient is an unbiased estimate of ∇ Σ_i α_i L_i whatever q is (Salmani et al. 2025, §2;
+    DoReMi's proxy loss uses the same α/q factor). Pass the multipliers of the distribution the sampler
+    *realised* (``WeightingController.loss_multipliers()`` does): a stratified sampler's rounded counts.
+
+    ``normalize="per_domain"`` averages within each domain present in the batch and mixes the means by α,
+    renormalised over the present domains:
+
+    .. math:: \mathcal{L} = \sum_{i \in P} \alpha_i \bar\ell_i \Big/ \sum_{i \in P} \alpha_i .
+
+    It is exact for stratified batches (every domain present, any counts) and needs no q.
+
+    Args:
+        losses: (N,) per-example or (N, T) per-token losses, with gradient.
+        domain_ids: (N,) integer domain ids in [0, k).
+        weights: a :class:`DomainWeights` (α and q), or a (k,) tensor of loss multipliers α/q
+            (``"importance"`` only).
+        mask: optional 0/1 mask with the shape of ``losses``.
+        normalize: ``"importance"`` or ``"per_domain"``.
+        denominator: ``"importance"`` only: divide by this instead of the number of unmasked elements,
+            e.g. the token count of the whole accumulated batch, so that micro-batches of unequal size
+            sum to the exact loss.
+
+    Returns:
+        A scalar tensor in the dtype of ``losses``.
+
+    Raises:
+        ValueError: for wrong shapes, dtypes, ids or options.
+    """
+    check_param("weighted_loss", "normalize", normalize, Options(("importance", "per_domain")))
+    if isinstance(weights, DomainWeights):
+        k = weights.num_domains
+    elif isinstance(weights, Tensor) and weights.ndim == 1 and weights.is_floating_point():
+        if normalize != "importance":
+            raise param_error(
+                "weighted_loss", "weights", "a DomainWeights when normalize='per_domain'", "a tensor"
+            )
+        k = weights.numel()
+    else:
+        raise param_error(
+            "weighted_loss", "weights", "a DomainWeights or a 1-D float tensor of loss multipliers", weights
+        )
+    m = _check_inputs("weighted_loss", losses, domain_ids, k, mask)
+    ids = domain_ids.long()
+    masked = torch.where(m > 0, losses, torch.zeros_like(losses)) * m
+    if normalize == "importance":
+        multipliers = weights.loss_multipliers() if isinstance(weights, DomainWeights) else weights
+        per_row = _row_sums(masked) * multipliers.to(losses.device, losses.dtype)[ids]
+        denom = m.sum() if denominator is None else denominator
+        if denominator is not None and float(denom) <= 0:
+            raise param_error("weighted_loss", "denominator", "a positive number", denominator)
+        return per_row.sum() / torch.as_tensor(denom, dtype=losses.dtype, device=losses.device).clamp_min(
+            1e-12
+        )
+    sums = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, _row_sums(masked))
+    counts = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, _row_sums(m))
+    alpha = weights.mixture.to(losses.device, losses.dtype)
+    present = counts > 0
+    alpha = torch.where(present, alpha, torch.zeros_like(alpha))
+    means = sums / counts.clamp_min(1.0)
+    return (alpha * means).sum() / alpha.sum().clamp_min(1e-12)

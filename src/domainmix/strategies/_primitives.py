@@ -1,0 +1,226 @@
+"""Small named building blocks that methods are chained from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal, NamedTuple
+
+import torch
+from torch import Tensor
+
+from domainmix._validation import Interval, Options, check_param
+from domainmix.strategies._base import EmptyState, Strategy, make_strategy, renormalize, stateless
+from domainmix.types import DomainStats, DomainWeights
+
+Target = Literal["mixture", "sampling", "both"]
+_TARGETS = Options(("mixture", "sampling", "both"))
+
+
+def _map(weights: DomainWeights, target: Target, fn: Callable[[Tensor], Tensor]) -> DomainWeights:
+    """Apply ``fn`` to the vector(s) named by ``target``."""
+    mixture = fn(weights.mixture) if target in ("mixture", "both") else weights.mixture
+    sampling = fn(weights.sampling) if target in ("sampling", "both") else weights.sampling
+    return weights._replace(mixture=mixture, sampling=sampling)
+
+
+def normalize(target: Target = "both") -> Strategy:
+    r"""Project onto the simplex by clamping negatives to zero and dividing by the sum.
+
+    .. math:: x_i \leftarrow \max(x_i, 0) / \sum_j \max(x_j, 0)
+
+    Args:
+        target: which vector to act on: ``"mixture"`` (α), ``"sampling"`` (q) or ``"both"``.
+    """
+    check_param("normalize", "target", target, _TARGETS)
+    return stateless(f"normalize({target})", lambda w, s: _map(w, target, renormalize))
+
+
+def mix_uniform(smoothing: float, target: Target = "mixture") -> Strategy:
+    r"""Mix with the uniform distribution (DoReMi's smoothing constant c).
+
+    .. math:: x \leftarrow (1 - c)\,x + c / k
+
+    Args:
+        smoothing: c in [0, 1].
+        target: which vector to act on.
+    """
+    check_param("mix_uniform", "smoothing", smoothing, Interval(float, 0.0, 1.0))
+    check_param("mix_uniform", "target", target, _TARGETS)
+    c = float(smoothing)
+    return stateless(
+        f"mix_uniform({c:g})", lambda w, s: _map(w, target, lambda x: (1 - c) * x + c / x.numel())
+    )
+
+
+def floor(min_weight: float, target: Target = "sampling") -> Strategy:
+    r"""Raise every positive entry to at least ``min_weight`` and renormalise.
+
+    Keeps a sampling distribution away from zero so that α/q stays bounded. Entries that are exactly zero
+    stay zero (a zero-weight domain is a choice, not an accident).
+
+    .. math:: x_i \leftarrow \max(x_i, \epsilon)\,[x_i > 0] \,/\, \sum_j \max(x_j, \epsilon)[x_j > 0]
+
+    Args:
+        min_weight: ε in [0, 1); the renormalised floor is slightly below ε.
+        target: which vector to act on.
+    """
+    check_param("floor", "min_weight", min_weight, Interval(float, 0.0, 1.0, closed="left"))
+    check_param("floor", "target", target, _TARGETS)
+    eps = float(min_weight)
+
+    def lift(x: Tensor) -> Tensor:
+        return renormalize(torch.where(x > 0, x.clamp_min(eps), x))
+
+    return stateless(f"floor({eps:g})", lambda w, s: _map(w, target, lift))
+
+
+class ExponentiatedGradientState(NamedTuple):
+    """Last score seen per domain, reused while a domain is absent from the window."""
+
+    scores: Tensor  # (k,) float64
+
+
+def exponentiated_gradient(
+    score: Callable[[DomainStats, DomainWeights], Tensor],
+    step_size: float,
+    *,
+    requires: frozenset[str] | set[str] = frozenset({"loss", "count"}),
+    target: Literal["mixture", "sampling"] = "mixture",
+    initial_score: float = 0.0,
+    name: str = "exponentiated_gradient",
+) -> Strategy:
+    r"""Multiplicative-weights (mirror-descent) step on the simplex.
+
+    .. math:: x_i \leftarrow \frac{x_i \exp(\eta\, s_i)}{\sum_j x_j \exp(\eta\, s_j)}
+
+    The score of a domain absent from the window (count 0) is its last observed score (``initial_score``
+    before the first observation): DoReMi's stale scores. Zero weights stay zero.
+
+    Args:
+        score: maps (stats, weights) to a (k,) score vector.
+        step_size: η > 0.
+        requires: the statistics ``score`` reads.
+        target: which vector the step moves.
+        initial_score: score assumed for a domain never observed yet.
+        name: label for errors and logs.
+    """
+    check_param(
+        "exponentiated_gradient", "step_size", step_size, Interval(float, 0.0, None, closed="neither")
+    )
+    check_param("exponentiated_gradient", "target", target, Options(("mixture", "sampling")))
+    check_param("exponentiated_gradient", "initial_score", initial_score, Interval(float, None, None))
+    eta = float(step_size)
+
+    def init_fn(weights: DomainWeights) -> ExponentiatedGradientState:
+        return ExponentiatedGradientState(
+            torch.full((weights.num_domains,), float(initial_score), dtype=torch.float64)
+        )
+
+    def update_fn(
+        weights: DomainWeights, state: ExponentiatedGradientState, stats: DomainStats
+    ) -> tuple[DomainWeights, ExponentiatedGradientState]:
+        fresh = score(stats, weights).to(torch.float64)
+        scores = torch.where(stats.present, fresh, state.scores)
+        x = getattr(weights, target)
+        logits = torch.where(x > 0, x.log() + eta * scores, torch.full_like(x, -torch.inf))
+        return weights._replace(**{target: torch.softmax(logits, 0)}), ExponentiatedGradientState(scores)
+
+    return make_strategy(name, init_fn, update_fn, requires)
+
+
+class EmaState(NamedTuple):
+    """Exponential moving average of the weights."""
+
+    mixture: Tensor  # (k,)
+    sampling: Tensor  # (k,)
+
+
+def ema(decay: float, target: Target = "both") -> Strategy:
+    r"""Smooth weight changes with an exponential moving average.
+
+    .. math:: \bar x \leftarrow \beta\,\bar x + (1-\beta)\,x, \qquad x \leftarrow \bar x
+
+    Salmani et al.'s "smooth" FGLS update is this with β = 1 − their smoothing.
+
+    Args:
+        decay: β in [0, 1); 0 passes the weights through.
+        target: which vector to smooth.
+    """
+    check_param("ema", "decay", decay, Interval(float, 0.0, 1.0, closed="left"))
+    check_param("ema", "target", target, _TARGETS)
+    beta = float(decay)
+
+    def init_fn(weights: DomainWeights) -> EmaState:
+        return EmaState(weights.mixture.clone(), weights.sampling.clone())
+
+    def update_fn(
+        weights: DomainWeights, state: EmaState, stats: DomainStats
+    ) -> tuple[DomainWeights, EmaState]:
+        del stats
+        mixture = beta * state.mixture + (1 - beta) * weights.mixture
+        sampling = beta * state.sampling + (1 - beta) * weights.sampling
+        out = weights._replace(
+            mixture=mixture if target in ("mixture", "both") else weights.mixture,
+            sampling=sampling if target in ("sampling", "both") else weights.sampling,
+        )
+        return out, EmaState(out.mixture, out.sampling)
+
+    return make_strategy(f"ema({beta:g})", init_fn, update_fn)
+
+
+class AverageState(NamedTuple):
+    """Running sums for the time-averaged weights (DoReMi and DoGE output the average)."""
+
+    count: int
+    mixture_sum: Tensor  # (k,)
+    sampling_sum: Tensor  # (k,)
+
+    def average(self) -> tuple[Tensor, Tensor] | None:
+        """(mean α, mean q) over the updates seen, or None before the first."""
+        if self.count == 0:
+            return None
+        return self.mixture_sum / self.count, self.sampling_sum / self.count
+
+
+def track_average() -> Strategy:
+    r"""Pass the weights through and keep their running mean in the state.
+
+    .. math:: \bar\alpha_T = \frac{1}{T} \sum_{t=1}^{T} \alpha_t
+
+    DoReMi and DoGE deliver this average, not the last iterate. Read it with
+    ``WeightingController.averaged_weights()`` or :meth:`AverageState.average`.
+    """
+
+    def init_fn(weights: DomainWeights) -> AverageState:
+        zeros = torch.zeros(weights.num_domains, dtype=torch.float64)
+        return AverageState(0, zeros, zeros.clone())
+
+    def update_fn(
+        weights: DomainWeights, state: AverageState, stats: DomainStats
+    ) -> tuple[DomainWeights, AverageState]:
+        del stats
+        return weights, AverageState(
+            state.count + 1, state.mixture_sum + weights.mixture, state.sampling_sum + weights.sampling
+        )
+
+    return make_strategy("track_average", init_fn, update_fn)
+
+
+def follow_mixture() -> Strategy:
+    """Set the sampling distribution to the mixture, q ← α: plain resampling, loss multipliers all 1."""
+    return stateless("follow_mixture", lambda w, s: w._replace(sampling=w.mixture.clone()))
+
+
+__all__ = [
+    "AverageState",
+    "EmaState",
+    "EmptyState",
+    "ExponentiatedGradientState",
+    "ema",
+    "exponentiated_gradient",
+    "floor",
+    "follow_mixture",
+    "mix_uniform",
+    "normalize",
+    "track_average",
+]
