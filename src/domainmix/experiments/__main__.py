@@ -1,0 +1,31 @@
+"""The ``domainmix`` command line: ``domainmix demo`` (more subcommands as experiments land)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("domainmix.experiments.demo", "synthetic three-domain regression: weights moving, a table"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch ``domainmix <command> [args]`` to the command's ``main``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: domainmix <command> [options]\n\ncommands:")
+        for name, (_, summary) in COMMANDS.items():
+            print(f"  {name:<10}{summary}")
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command not in COMMANDS:
+        print(f"domainmix: unknown command {command!r}; choose one of {sorted(COMMANDS)}", file=sys.stderr)
+        return 2
+    module = __import__(COMMANDS[command][0], fromlist=["main"])
+    entry: Callable[[list[str]], int] = module.main
+    return entry(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
