@@ -130,7 +130,9 @@ class WeightingController:
         self._weights = initial
         self._state = strategy.init(initial)
         if self.stat_free:
-            self._apply(self._empty_stats(0), log_unchanged=True)
+            # push_unchanged: the sampler may have been built with other weights; sync it even when the
+            # first evaluation leaves the controller's weights as they were.
+            self._apply(self._empty_stats(0), log_unchanged=True, push_unchanged=True)
         elif sampler is not None:
             sampler.set_weights(self._by_name(initial.sampling))
 
@@ -223,7 +225,9 @@ class WeightingController:
             return False
         return self._apply(stats, log_unchanged=True)
 
-    def _apply(self, stats: DomainStats, *, log_unchanged: bool = False) -> bool:
+    def _apply(
+        self, stats: DomainStats, *, log_unchanged: bool = False, push_unchanged: bool = False
+    ) -> bool:
         new, state = self._strategy.update(self._weights, self._state, stats)
         new = self._validated(new)
         changed = not (
@@ -235,7 +239,7 @@ class WeightingController:
         if self._check_sync:
             assert_same_on_all_ranks("mixture weights", new.mixture)
             assert_same_on_all_ranks("sampling weights", new.sampling)
-        if changed and self._sampler is not None:
+        if (changed or push_unchanged) and self._sampler is not None:
             self._sampler.set_weights(self._by_name(new.sampling))
         if changed or log_unchanged:
             self._write_log(stats, skipped=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal, NamedTuple
 
 import torch
@@ -194,8 +195,8 @@ def weighted_loss(
         multipliers = weights.loss_multipliers() if isinstance(weights, DomainWeights) else weights
         per_row = _row_sums(masked) * multipliers.to(losses.device, losses.dtype)[ids]
         denom = m.sum() if denominator is None else denominator
-        if denominator is not None and float(denom) <= 0:
-            raise param_error("weighted_loss", "denominator", "a positive number", denominator)
+        if denominator is not None and not (math.isfinite(float(denom)) and float(denom) > 0):
+            raise param_error("weighted_loss", "denominator", "a finite positive number", denominator)
         return per_row.sum() / torch.as_tensor(denom, dtype=losses.dtype, device=losses.device).clamp_min(
             1e-12
         )

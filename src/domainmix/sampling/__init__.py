@@ -1,0 +1,16 @@
+"""Samplers that draw batches with a controllable, exactly resumable mix of domains."""
+
+from domainmix.sampling._allocation import allocate_counts
+from domainmix.sampling._batch_sampler import DomainBatchSampler
+from domainmix.sampling._iterable import DomainMixingIterable
+from domainmix.sampling._plan import Mode, StopRule
+
+__all__ = [
+    "DomainBatchSampler",
+    "DomainMixingIterable",
+    "Mode",
+    "StopRule",
+    "allocate_counts",
+]
+
+assert sorted(__all__) == __all__

@@ -116,7 +116,9 @@ class StatsCollector:
             n = self._window[key].numel()
             totals[key] = packed[offset : offset + n].view_as(self._window[key])
             offset += n
-        fields: dict[str, Tensor | None] = {}
+        # (name, window value, domains it observes) for every statistic present in this window.
+        window: list[tuple[str, Tensor, Tensor]] = []
+        absent: list[str] = []
         for source, mean_name, var_name in (
             ("train", "loss", "loss_var"),
             ("heldout", "heldout_loss", "heldout_loss_var"),
@@ -126,20 +128,26 @@ class StatsCollector:
                 totals[f"{source}.sum"], totals[f"{source}.count"], totals[f"{source}.sum_sq"]
             )
             seen = reduced.count > 0
-            observed = bool(seen.any())
-            fields[mean_name] = self._average(mean_name, reduced.mean, seen) if observed else None
+            names = [mean_name] if var_name is None else [mean_name, var_name]
+            if not bool(seen.any()):
+                absent.extend(names)
+                continue
+            window.append((mean_name, reduced.mean, seen))
             if var_name is not None:
                 # A variance needs two elements; one element is no observation of it.
-                fields[var_name] = (
-                    self._average(var_name, reduced.var, reduced.count > 1) if observed else None
-                )
+                window.append((var_name, reduced.var, reduced.count > 1))
         for name in _ESTIMATES:
             n = float(totals[f"{name}.n"])
             if n > 0:
-                estimate = totals[f"{name}.sum"] / n
-                fields[name] = self._average(name, estimate, torch.ones(self._k, dtype=torch.bool))
+                window.append((name, totals[f"{name}.sum"] / n, torch.ones(self._k, dtype=torch.bool)))
             else:
-                fields[name] = None
+                absent.append(name)
+        # One non-finite statistic makes the whole window unusable (the controller skips it): fold none of
+        # its statistics into the moving averages, not only the broken one.
+        clean = all(bool(torch.isfinite(value[seen]).all()) for _, value, seen in window)
+        fields: dict[str, Tensor | None] = dict.fromkeys(absent)
+        for name, value, seen in window:
+            fields[name] = self._average(name, value, seen) if clean else value
         count = totals["train.count"].clone()
         loss = fields.pop("loss")
         self.reset()
@@ -154,8 +162,6 @@ class StatsCollector:
         """Fold a window value into its moving average (if enabled) for the domains seen."""
         if self._ema is None:
             return value
-        if not bool(torch.isfinite(value[seen]).all()):
-            return value  # the controller skips this window; keep the averages clean
         previous = self._averages.get(name)
         if value.ndim == 2:  # grad_dot: the whole matrix is one estimate
             seen = torch.ones_like(value, dtype=torch.bool)

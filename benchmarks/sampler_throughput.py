@@ -1,0 +1,151 @@
+"""Throughput of DomainBatchSampler against torch's WeightedRandomSampler + BatchSampler, same process.
+
+8 domains (2.05M examples), batch 256, weights .4/.2/.1/.1/.08/.06/.04/.02. For each sampler we time
+``--batches`` batches per repetition and report the median batches/s. "warm" figures continue a sampler
+that has already run one repetition (steady state: permutations are generated as passes wrap, one element
+per draw); "cold" figures include constructing the sampler and generating every domain's first-pass
+permutation (2.05M elements) inside the timed region. The torch baseline re-draws its multinomial on every
+``iter()``, as it does every epoch; building its per-example weight vector is not timed.
+
+Usage: python benchmarks/sampler_throughput.py [--json] [--batches 2000] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import BatchSampler, WeightedRandomSampler
+
+from domainmix.sampling import DomainBatchSampler
+
+SIZES = [50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000, 600_000]
+WEIGHTS = [0.4, 0.2, 0.1, 0.1, 0.08, 0.06, 0.04, 0.02]
+BATCH = 256
+MODES = ("stratified", "low_discrepancy", "iid")
+
+
+def _domains() -> dict[str, range]:
+    bounds = np.cumsum([0, *SIZES]).tolist()
+    return {f"d{i}": range(bounds[i], bounds[i + 1]) for i in range(len(SIZES))}
+
+
+def _time(make_iter: Any, n: int) -> float:
+    start = time.perf_counter()
+    it = make_iter()
+    for _ in range(n):
+        next(it)
+    return n / (time.perf_counter() - start)
+
+
+def _measure(n: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Interleave the samplers in every repetition so that machine noise hits them alike."""
+    per_example = torch.cat(
+        [torch.full((s,), w / s, dtype=torch.float64) for s, w in zip(SIZES, WEIGHTS, strict=True)]
+    )
+    gen = torch.Generator().manual_seed(0)
+    wrs = BatchSampler(
+        WeightedRandomSampler(per_example, n * BATCH, replacement=True, generator=gen), BATCH, True
+    )
+    streams = {m: iter(DomainBatchSampler(_domains(), BATCH, WEIGHTS, mode=m)) for m in MODES}
+    for m in MODES:  # warm-up repetition: first-pass permutations (reported separately as "cold")
+        _time(lambda m=m: streams[m], n)
+    rates: dict[str, list[float]] = {"torch_wrs": [], **{m: [] for m in MODES}}
+    cold: dict[str, list[float]] = {m: [] for m in MODES}
+    for r in range(repeats):
+        rates["torch_wrs"].append(_time(lambda: iter(wrs), n))
+        for m in MODES:
+            rates[m].append(_time(lambda m=m: streams[m], n))
+            cold[m].append(
+                _time(
+                    lambda m=m, r=r: iter(DomainBatchSampler(_domains(), BATCH, WEIGHTS, mode=m, seed=r + 1)),
+                    n,
+                )
+            )
+    out = {"torch_wrs": {"batches_per_s": statistics.median(rates["torch_wrs"])}}
+    for m in MODES:
+        out[m] = {
+            "batches_per_s": statistics.median(rates[m]),
+            "cold_batches_per_s": statistics.median(cold[m]),
+            "ratio_vs_torch_wrs": statistics.median(
+                a / b for a, b in zip(rates[m], rates["torch_wrs"], strict=True)
+            ),
+            "cold_ratio_vs_torch_wrs": statistics.median(
+                a / b for a, b in zip(cold[m], rates["torch_wrs"], strict=True)
+            ),
+        }
+    return out
+
+
+def _max_prefix_deviation(mode: str, n: int, effective: bool) -> float:
+    """max over t (examples) and domains of |count_i(t) - q_i t|, over n batches in yield order.
+
+    With ``effective`` the target is the sampler's ``effective_sampling`` (stratified rounding: 102/256
+    instead of 0.4), otherwise the requested weights.
+    """
+    sampler = DomainBatchSampler(_domains(), BATCH, WEIGHTS, mode=mode)
+    target = sampler.effective_sampling.numpy() if effective else np.asarray(WEIGHTS)
+    starts = np.cumsum([0, *SIZES])
+    flat = np.fromiter((i for _, b in zip(range(n), sampler, strict=False) for i in b), dtype=np.int64)
+    ids = np.searchsorted(starts, flat, side="right") - 1
+    q = target
+    worst = 0.0
+    counts = np.zeros(len(q))
+    for chunk in np.array_split(np.arange(len(ids)), max(1, len(ids) // 65536)):
+        onehot = np.zeros((len(chunk), len(q)))
+        onehot[np.arange(len(chunk)), ids[chunk]] = 1
+        cum = counts + np.cumsum(onehot, axis=0)
+        t = (chunk + 1)[:, None]
+        worst = max(worst, float(np.abs(cum - t * q).max()))
+        counts = cum[-1]
+    return worst
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--batches", type=int, default=2000)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    measured = _measure(args.batches, args.repeats)
+    torch_wrs = measured.pop("torch_wrs")
+    modes = measured
+    for m in MODES:
+        modes[m]["max_prefix_deviation"] = _max_prefix_deviation(m, args.batches, effective=False)
+        modes[m]["max_prefix_deviation_vs_effective"] = _max_prefix_deviation(m, args.batches, effective=True)
+    base = torch_wrs["batches_per_s"]
+    result = {
+        "config": {
+            "domain_sizes": SIZES,
+            "total_examples": sum(SIZES),
+            "weights": WEIGHTS,
+            "batch_size": BATCH,
+            "batches_per_repeat": args.batches,
+            "repeats": args.repeats,
+            "statistic": "median",
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+        },  # fmt: skip
+        "torch_wrs": torch_wrs,
+        "modes": modes,
+        "ratio_vs_torch_wrs": modes["stratified"]["ratio_vs_torch_wrs"],
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return
+    print(f"{'sampler':<26}{'batches/s':>11}{'cold':>9}{'x WRS':>7}{'dev vs q':>10}{'dev vs eff':>11}")
+    print(f"{'torch WRS + BatchSampler':<26}{base:>11.0f}{'':>9}{1:>7.2f}")
+    for m in MODES:
+        r = modes[m]
+        rate, cold, ratio = r["batches_per_s"], r["cold_batches_per_s"], r["ratio_vs_torch_wrs"]
+        dev, dev_eff = r["max_prefix_deviation"], r["max_prefix_deviation_vs_effective"]
+        print(f"{m:<26}{rate:>11.0f}{cold:>9.0f}{ratio:>7.2f}{dev:>10.2f}{dev_eff:>11.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""The global domain plan: which domain fills each slot of each global batch, and which slots a rank owns.
+
+Every rank computes the same plan from the same state, so no communication is needed and the global
+batch (``batch_size * world_size`` slots) has the target composition exactly. Plans are made for blocks
+of up to :data:`BLOCK` consecutive batches; a block's randomness comes from a generator keyed by
+``(seed, epoch_key, block number)`` with blocks aligned to absolute batch numbers, so batch ``b`` is the
+same whether it is drawn in one run or after a resume at any point.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from domainmix.sampling._allocation import low_discrepancy_sequence
+
+__all__ = ["BLOCK", "Mode", "SlotPlan", "StopRule", "block_rng", "plan_block"]
+
+BLOCK = 256  # batches per vectorised block; also the alignment of the per-block random generators
+
+_TAG_BLOCK = 2  # distinguishes block generators from the per-pass permutation generators (tag 1)
+
+
+class Mode:
+    """How the domain of each slot is chosen.
+
+    Attributes:
+        STRATIFIED: every global batch holds exactly ``allocate_counts(q, batch_size * world_size,
+            min_count)`` examples per domain, in shuffled order.
+        LOW_DISCREPANCY: a deterministic domain sequence (earliest-deadline-first) whose counts stay within
+            one example of ``q_i t`` for every prefix of ``t`` examples since the last weight change.
+        IID: each slot's domain is drawn independently from ``q``.
+    """
+
+    STRATIFIED = "stratified"
+    LOW_DISCREPANCY = "low_discrepancy"
+    IID = "iid"
+    ALL = (STRATIFIED, LOW_DISCREPANCY, IID)
+
+
+class StopRule:
+    """When an epoch (one ``__iter__``) ends.
+
+    Attributes:
+        CYCLE_FOREVER: never, unless ``num_batches`` is set; an exhausted domain starts a new pass
+            (a fresh permutation) and the streams continue across ``__iter__`` calls.
+        FIRST_EXHAUSTED: before the first global batch that would make a positive-weight domain begin a
+            second pass; only complete batches are yielded.
+        ALL_EXHAUSTED: after the global batch in which the last positive-weight domain completes its
+            first pass; domains that finished earlier are recycled with a new pass meanwhile.
+
+    Zero-weight domains (and, in stratified mode, domains whose allocation rounds to 0) never block or
+    delay stopping.
+    """
+
+    CYCLE_FOREVER = "cycle_forever"
+    FIRST_EXHAUSTED = "first_exhausted"
+    ALL_EXHAUSTED = "all_exhausted"
+    ALL = (CYCLE_FOREVER, FIRST_EXHAUSTED, ALL_EXHAUSTED)
+
+
+class SlotPlan(NamedTuple):
+    """One block of planned batches, as seen by one rank.
+
+    Slots are listed grouped by domain (``ids`` is sorted within each row in stratified mode); ``order``
+    is the yield order: row j of the rank's batch is ``row[order[j]]``.
+    """
+
+    ids: np.ndarray  # (nb, batch_size) domain id of each of this rank's slots
+    occ: np.ndarray  # (nb, batch_size) the slot's draw number within its domain, counted over the block
+    order: np.ndarray | None  # (nb, batch_size) yield order (stratified shuffle); None: as listed
+    counts: np.ndarray  # (nb, k) global examples per domain in each batch
+    ld_after: np.ndarray  # (nb, k) low-discrepancy counts after each batch
+
+
+def block_rng(seed: int, epoch_key: int, block: int) -> np.random.Generator:
+    """The generator for one aligned block of batches."""
+    return np.random.default_rng([seed, _TAG_BLOCK, epoch_key, block, 0])
+
+
+def plan_block(
+    mode: str,
+    q: np.ndarray,
+    alloc: np.ndarray,
+    ld_counts: np.ndarray,
+    *,
+    seed: int,
+    epoch_key: int,
+    batch_key: int,
+    nb: int,
+    batch_size: int,
+    world_size: int,
+    rank: int,
+) -> SlotPlan:
+    """Plan ``nb`` batches starting at absolute batch ``batch_key`` (must not cross a BLOCK boundary).
+
+    Stratified: the global batch is laid out grouped by domain and position p goes to rank p % W, so each
+    rank holds within one of its share of every domain; each rank's batch is then shuffled. Other modes:
+    rank r owns global slots r, r + W, r + 2W, ...
+    """
+    k = len(q)
+    g = batch_size * world_size
+    block, off = divmod(batch_key, BLOCK)
+    rows = np.arange(nb, dtype=np.int64)[:, None]
+    if mode == Mode.STRATIFIED:
+        gids = np.repeat(np.arange(k), alloc)
+        within = np.arange(g) - (np.cumsum(alloc) - alloc)[gids]
+        cols = np.arange(rank, g, world_size)
+        ids_r, within_r = gids[cols], within[cols]
+        order = _row_permutations(block_rng(seed, epoch_key, block), batch_size)[off : off + nb]
+        ids = np.broadcast_to(ids_r, (nb, batch_size))
+        occ = rows * alloc[ids_r] + within_r
+        counts = np.broadcast_to(alloc, (nb, k))
+        return SlotPlan(ids, occ, order, counts, np.broadcast_to(ld_counts, (nb, k)))
+    if mode == Mode.IID:
+        u = block_rng(seed, epoch_key, block).random((BLOCK, g))[off : off + nb]
+        gids = np.searchsorted(np.cumsum(q), u, side="right")
+        # round-off can leave u above the last cumulative sum: give it to the last positive-weight domain
+        np.minimum(gids, int(np.flatnonzero(q > 0)[-1]), out=gids)
+    else:
+        gids = low_discrepancy_sequence(q, ld_counts, nb * g).reshape(nb, g)
+    counts = np.bincount((rows * k + gids).ravel(), minlength=nb * k).reshape(nb, k)
+    occ_all = _occurrences(gids.ravel(), k).reshape(nb, g)
+    ld_after = ld_counts + np.cumsum(counts, axis=0) if mode == Mode.LOW_DISCREPANCY else ld_counts
+    return SlotPlan(
+        gids[:, rank::world_size],
+        occ_all[:, rank::world_size],
+        None,
+        counts,
+        np.broadcast_to(ld_after, (nb, k)),
+    )
+
+
+def _row_permutations(rng: np.random.Generator, width: int) -> np.ndarray:
+    return rng.permuted(np.broadcast_to(np.arange(width), (BLOCK, width)), axis=1)
+
+
+def _occurrences(ids: np.ndarray, k: int) -> np.ndarray:
+    """For each position, how many earlier positions hold the same id."""
+    order = np.argsort(ids, kind="stable")
+    counts = np.bincount(ids, minlength=k)
+    occ = np.empty_like(order)
+    occ[order] = np.arange(ids.size) - np.repeat(np.cumsum(counts) - counts, counts)
+    return occ

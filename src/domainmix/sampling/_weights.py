@@ -1,0 +1,126 @@
+"""Weight bookkeeping shared by the sampler and the mixing iterable: validation, history, allocation."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from domainmix._validation import check_weight_vector, param_error
+from domainmix.sampling._allocation import allocate_counts
+from domainmix.sampling._plan import Mode
+
+__all__ = ["WeightSchedule", "check_names"]
+
+WeightsLike = Mapping[str, float] | Sequence[float] | Tensor
+
+
+def check_names(caller: str, name: str, mapping: Any) -> tuple[str, ...]:
+    """Domain names from a non-empty mapping keyed by non-empty strings."""
+    if not isinstance(mapping, Mapping) or len(mapping) == 0:
+        raise param_error(caller, name, "a non-empty mapping from domain name to its data", mapping)
+    names = tuple(mapping)
+    if not all(isinstance(n, str) and n for n in names):
+        raise param_error(caller, name, "a mapping keyed by non-empty strings", list(names))
+    return names
+
+
+class WeightSchedule:
+    """The weight history ``[(from_batch, q)]`` and the allocation that goes with each entry.
+
+    Entries are sorted by ``from_batch``; the weights for global batch ``b`` are those of the last entry
+    with ``from_batch <= b``. Entries after the current batch exist only after loading a state saved
+    ``consumed`` batches ago: they replay ``set_weights`` calls that the prefetching sampler had already
+    applied.
+    """
+
+    def __init__(
+        self, names: Sequence[str], sizes: Sequence[int], mode: str, global_batch: int, min_count: int
+    ):
+        self.names = tuple(names)
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.mode = mode
+        self.global_batch = global_batch
+        self.min_count = min_count
+        self.entries: list[tuple[int, tuple[float, ...]]] = []
+        self._alloc: dict[tuple[float, ...], np.ndarray] = {}
+
+    def check(self, caller: str, name: str, weights: WeightsLike | None) -> tuple[float, ...]:
+        """Validate user weights (``None``: proportional to domain size) and return them normalised."""
+        if weights is None:
+            q = torch.as_tensor(self.sizes, dtype=torch.float64)
+            q = q / q.sum()
+        else:
+            if isinstance(weights, np.ndarray) and weights.dtype.kind in "fiu":
+                weights = torch.from_numpy(weights.astype(np.float64))
+            q = check_weight_vector(caller, name, weights, self.names)
+        starved = [n for n, w, s in zip(self.names, q.tolist(), self.sizes, strict=True) if w > 0 and s == 0]
+        if starved:
+            raise param_error(caller, name, f"zero for every empty domain (empty: {starved})", q.tolist())
+        positive = int((q > 0).sum())
+        if self.mode == Mode.STRATIFIED and self.min_count * positive > self.global_batch:
+            raise param_error(
+                caller,
+                "min_count",
+                f"at most global batch // positive-weight domains = {self.global_batch} // {positive}",
+                self.min_count,
+            )
+        return tuple(q.tolist())
+
+    def set(self, from_batch: int, q: tuple[float, ...]) -> None:
+        """Record ``q`` from ``from_batch`` on; it replaces any entry at or after that batch."""
+        self.entries = [e for e in self.entries if e[0] < from_batch]
+        self.entries.append((from_batch, q))
+
+    def at(self, batch: int) -> tuple[int, tuple[float, ...]]:
+        """The entry in force for global batch ``batch``."""
+        for entry in reversed(self.entries):
+            if entry[0] <= batch:
+                return entry
+        return self.entries[0]
+
+    def next_change(self, batch: int) -> int | None:
+        """The first ``from_batch`` after ``batch``, if any."""
+        later = [e[0] for e in self.entries if e[0] > batch]
+        return min(later) if later else None
+
+    def alloc(self, q: tuple[float, ...]) -> np.ndarray:
+        """Per-global-batch counts for ``q`` (stratified mode)."""
+        counts = self._alloc.get(q)
+        if counts is None:
+            counts = allocate_counts(np.asarray(q), self.global_batch, self.min_count)
+            self._alloc[q] = counts
+        return counts
+
+    def active(self, q: tuple[float, ...]) -> np.ndarray:
+        """(k,) bool: domains that are actually drawn, so that they count for the stop rules."""
+        if self.mode == Mode.STRATIFIED:
+            return self.alloc(q) > 0
+        return np.asarray(q) > 0
+
+    def as_state(self) -> list[list[Any]]:
+        """JSON-able history."""
+        return [[b, list(q)] for b, q in self.entries]
+
+    def load(self, caller: str, name: str, history: Any) -> None:
+        """Replace the history with a saved one (validated)."""
+        if not isinstance(history, Sequence) or len(history) == 0:
+            raise param_error(caller, name, "a non-empty list of [from_batch, weights] pairs", history)
+        entries = []
+        for item in history:
+            if (
+                not isinstance(item, Sequence)
+                or len(item) != 2
+                or isinstance(item[0], bool)
+                or not isinstance(item[0], int)
+            ):
+                raise param_error(caller, name, "a list of [from_batch, weights] pairs", history)
+            q = self.check(caller, name, list(item[1]))
+            saved = tuple(float(x) for x in item[1])
+            # Keep the saved floats bit for bit when already normalised: renormalising can move the last
+            # bit, and iid / low-discrepancy draws must be exactly those of the uninterrupted run.
+            entries.append((int(item[0]), saved if abs(sum(saved) - 1.0) < 1e-12 else q))
+        self.entries = sorted(entries, key=lambda e: e[0])

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from domainmix.sampling import allocate_counts
+from domainmix.sampling._allocation import _edf, _rational_period, low_discrepancy_sequence
+
+weights = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=16).filter(lambda w: sum(w) > 1e-6)
+
+
+@given(weights, st.integers(0, 2000))
+def test_allocation_sums_and_rounds_within_one(w: list[float], total: int) -> None:
+    b = allocate_counts(w, total)
+    q = np.asarray(w) / sum(w)
+    assert b.dtype == np.int64 and b.sum() == total
+    assert np.all(np.abs(b - total * q) < 1)
+    assert np.all(b[q == 0] == 0)
+
+
+@given(weights, st.integers(0, 4), st.integers(0, 600))
+def test_min_count_respected(w: list[float], m: int, total: int) -> None:
+    positive = sum(x > 0 for x in w)
+    assume(m * positive <= total)
+    b = allocate_counts(w, total, min_count=m)
+    assert b.sum() == total
+    q = np.asarray(w)
+    assert np.all(b[q > 0] >= m) and np.all(b[q == 0] == 0)
+
+
+@given(st.lists(st.integers(1, 10_000), min_size=2, max_size=12, unique=True), st.integers(0, 999), st.data())
+def test_permutation_equivariant_and_scale_invariant(
+    ints: list[int], total: int, data: st.DataObject
+) -> None:
+    q = np.asarray(ints, dtype=np.float64)
+    perm = np.asarray(data.draw(st.permutations(range(len(q)))))
+    base = allocate_counts(q, total)
+    assert np.array_equal(allocate_counts(q[perm], total), base[perm])
+    assert np.array_equal(allocate_counts(torch.tensor(q * 3.5), total), base)
+
+
+@settings(max_examples=200)
+@given(st.floats(0.001, 0.999))
+def test_two_domains_near_salmani_optimum(a: float) -> None:
+    # Salmani et al.: minimise sum_i a_i^2 / b_i over integer b_i >= 1 with b_1 + b_2 = 32.
+    q = np.array([a, 1 - a])
+    b = allocate_counts(q, 32, min_count=1)
+    costs = {b1: a**2 / b1 + (1 - a) ** 2 / (32 - b1) for b1 in range(1, 32)}
+    best = min(costs, key=costs.__getitem__)
+    assert abs(int(b[0]) - best) <= 1
+
+
+def test_examples_and_ties() -> None:
+    assert allocate_counts([0.5, 0.3, 0.2], 8).tolist() == [4, 2, 2]
+    assert allocate_counts([0.9, 0.1, 0.0], 8, min_count=2).tolist() == [6, 2, 0]
+    assert allocate_counts([1, 1, 1], 4).tolist() == [2, 1, 1]  # tie goes to the lower index
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"q": [0.5, 0.5], "total": 3, "min_count": 2}, "min_count"),
+        ({"q": [0.5, 0.5], "total": -1}, "total"),
+        ({"q": [0.5, -0.5], "total": 3}, "q"),
+        ({"q": [0.0, 0.0], "total": 3}, "q"),
+        ({"q": [float("nan"), 1.0], "total": 3}, "q"),
+    ],
+)
+def test_allocation_errors_name_the_parameter(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=f"'{name}' parameter of allocate_counts"):
+        allocate_counts(**kwargs)
+
+
+def _max_deviation(q: np.ndarray, ids: np.ndarray) -> float:
+    onehot = np.zeros((len(ids), len(q)))
+    onehot[np.arange(len(ids)), ids] = 1
+    t = np.arange(1, len(ids) + 1)[:, None]
+    return float(np.abs(np.cumsum(onehot, axis=0) - t * q[None]).max(initial=0.0))
+
+
+ld_weights = st.lists(
+    st.one_of(st.just(0.0), st.just(1e-3), st.floats(1e-3, 1.0), st.sampled_from([0.02, 0.1, 0.25])),
+    min_size=1,
+    max_size=16,
+).filter(lambda w: sum(w) > 0)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ld_weights, st.lists(st.integers(1, 700), min_size=1, max_size=4))
+def test_low_discrepancy_prefix_deviation_at_most_one(w: list[float], chunks: list[int]) -> None:
+    q = np.asarray(w) / sum(w)
+    counts = np.zeros(len(q), dtype=np.int64)
+    parts = []
+    for n in chunks:  # generated in pieces, as blocks and resumes do
+        ids = low_discrepancy_sequence(q, counts, n)
+        counts += np.bincount(ids, minlength=len(q))
+        parts.append(ids)
+    seq = np.concatenate(parts)
+    assert np.array_equal(seq, low_discrepancy_sequence(q, np.zeros(len(q), np.int64), len(seq)))
+    assert np.all(q[seq] > 0)
+    assert _max_deviation(q, seq) < 1.0 + 1e-9
+
+
+def test_low_discrepancy_periodic_path_matches_exact_loop() -> None:
+    q = (0.4, 0.2, 0.1, 0.1, 0.08, 0.06, 0.04, 0.02)
+    period = _rational_period(q)
+    assert period is not None and len(period[0]) == 50
+    tiled = low_discrepancy_sequence(q, np.zeros(8, np.int64), 5000)
+    assert _max_deviation(np.asarray(q), tiled) < 1
+    exact = _edf(q, [0] * 8, 5000)
+    assert _max_deviation(np.asarray(q), exact) < 1
+    assert _rational_period((1 / 3, 2 / 3 - 1e-9, 1e-9)) is None  # not rational enough: exact loop

@@ -1,0 +1,382 @@
+from __future__ import annotations
+
+import json
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from _resume import EPOCH_END, assert_resume_equivalent
+from torch.utils.data import DataLoader, Dataset
+
+from domainmix.sampling import DomainBatchSampler, allocate_counts
+from domainmix.sampling._streams import IndexStream
+
+SIZES = {"a": 40, "b": 25, "c": 70, "d": 13}
+MODES = ["stratified", "low_discrepancy", "iid"]
+STOPS = ["cycle_forever", "first_exhausted", "all_exhausted"]
+
+
+def domains(sizes: dict[str, int] = SIZES) -> dict[str, Any]:
+    out, start = {}, 0
+    for i, (name, n) in enumerate(sizes.items()):
+        # mix storage kinds: ranges, numpy arrays, lists and tensors
+        idx = range(start, start + n)
+        out[name] = [idx, np.arange(start, start + n), list(idx), torch.arange(start, start + n)][i % 4]
+        start += n
+    return out
+
+
+def owner(sizes: dict[str, int] = SIZES) -> dict[int, str]:
+    out, start = {}, 0
+    for name, n in sizes.items():
+        out.update({j: name for j in range(start, start + n)})
+        start += n
+    return out
+
+
+def make(batch_size: int = 8, weights: Any = (0.4, 0.3, 0.2, 0.1), **kw: Any) -> DomainBatchSampler:
+    return DomainBatchSampler(domains(), batch_size, list(weights), **kw)
+
+
+def take(sampler: DomainBatchSampler, n: int) -> list[list[int]]:
+    it = iter(sampler)
+    return [next(it) for _ in range(n)]
+
+
+# ---------------------------------------------------------------- composition
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_stratified_global_batches_are_exact(world: int) -> None:
+    ranks = [make(batch_size=6, rank=r, world_size=world) for r in range(world)]
+    target = allocate_counts(torch.tensor([0.4, 0.3, 0.2, 0.1]), 6 * world)
+    assert ranks[0].batch_counts.tolist() == target.tolist()
+    who = owner()
+    streams = [take(s, 60) for s in ranks]
+    seen: dict[str, list[int]] = {n: [] for n in SIZES}
+    for step in range(60):
+        union = [i for r in range(world) for i in streams[r][step]]
+        assert len(union) == 6 * world
+        counts = Counter(who[i] for i in union)
+        assert [counts[n] for n in SIZES] == target.tolist()
+        for r in range(world):  # each rank holds its share of every domain within one
+            per_rank = Counter(who[i] for i in streams[r][step])
+            assert all(abs(per_rank[n] - target[j] / world) < 1 for j, n in enumerate(SIZES))
+        for i in union:
+            seen[who[i]].append(i)
+    for name, n in SIZES.items():  # passes are permutations: after m draws each index has m // n or +1
+        draws = Counter(seen[name])
+        m = len(seen[name])
+        assert set(draws) <= {i for i, d in owner().items() if d == name}
+        assert all(m // n <= draws.get(i, 0) <= -(-m // n) for i, d in owner().items() if d == name)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_low_discrepancy_prefix_deviation(world: int) -> None:
+    q = np.array([0.37, 0.29, 0.001, 0.339])
+    ranks = [
+        make(batch_size=5, weights=q, mode="low_discrepancy", rank=r, world_size=world) for r in range(world)
+    ]
+    streams = [take(s, 200) for s in ranks]
+    who, names = owner(), list(SIZES)
+    slots = [names.index(who[streams[r][b][j]]) for b in range(200) for j in range(5) for r in range(world)]
+    onehot = np.eye(4)[slots]
+    t = np.arange(1, len(slots) + 1)[:, None]
+    assert np.abs(np.cumsum(onehot, axis=0) - t * q).max() <= 1.0
+
+
+def test_iid_shares_converge() -> None:
+    q = np.array([0.4, 0.3, 0.2, 0.1])
+    who, names = owner(), list(SIZES)
+    batches = take(make(batch_size=32, mode="iid", seed=3), 400)
+    counts = Counter(who[i] for b in batches for i in b)
+    n = 400 * 32
+    observed = np.array([counts[x] for x in names])
+    chi2 = float((((observed - n * q) ** 2) / (n * q)).sum())
+    assert chi2 < 30  # 3 degrees of freedom: p < 1e-5 for a correct sampler
+
+
+def test_zero_weight_and_empty_domains_never_sampled() -> None:
+    sampler = DomainBatchSampler({"a": range(10), "b": range(10, 20), "empty": []}, 4, [1.0, 0.0, 0.0])
+    for batch in take(sampler, 50):
+        assert all(i < 10 for i in batch)
+    for mode in MODES:
+        s = DomainBatchSampler({"a": range(10), "empty": []}, 3, {"a": 1.0, "empty": 0.0}, mode=mode)
+        assert all(i < 10 for b in take(s, 20) for i in b)
+
+
+def test_single_domain_and_default_weights() -> None:
+    s = DomainBatchSampler({"only": range(7)}, 7, stop="first_exhausted")
+    assert len(s) == 1 and sorted(next(iter(s))) == list(range(7))
+    sized = DomainBatchSampler({"x": range(30), "y": range(30, 40)}, 4)
+    assert sized.weights.tolist() == [0.75, 0.25]
+
+
+def test_set_weights_takes_effect_next_batch_and_is_recorded() -> None:
+    s = make(batch_size=10)
+    it = iter(s)
+    next(it), next(it)
+    s.set_weights({"a": 0.0, "b": 0.0, "c": 1.0, "d": 0.0})
+    assert all(owner()[i] == "c" for i in next(it))
+    assert [b for b, _ in s.weight_history] == [0, 2]
+    assert s.weight_history[0][1] == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    assert s.weight_history[1][1] == [0.0, 0.0, 1.0, 0.0]
+    assert s.effective_sampling.tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
+def test_effective_sampling_reflects_rounding() -> None:
+    s = make(batch_size=8, weights=(0.97, 0.01, 0.01, 0.01))
+    assert s.batch_counts.tolist() == [8, 0, 0, 0]
+    assert s.effective_sampling.tolist() == [1.0, 0.0, 0.0, 0.0]
+    assert make(mode="iid").effective_sampling.tolist() == pytest.approx([0.4, 0.3, 0.2, 0.1])
+
+
+# ---------------------------------------------------------------- stop rules and epochs
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_first_exhausted_draws_no_index_twice(mode: str) -> None:
+    s = make(batch_size=8, mode=mode, stop="first_exhausted")
+    epoch = list(s)
+    flat = [i for b in epoch for i in b]
+    assert len(flat) == len(set(flat)) and all(len(b) == 8 for b in epoch)
+    if mode == "stratified":
+        assert len(epoch) == len(s) == min(40 // 3, 25 // 2, 70 // 2, 13 // 1)
+    assert s.epoch == 1 and list(s) != epoch  # fresh permutations in the next epoch
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_all_exhausted_covers_every_positive_domain(mode: str) -> None:
+    s = make(batch_size=8, weights=(0.5, 0.2, 0.3, 0.0), mode=mode, stop="all_exhausted")
+    epoch = list(s)
+    who = owner()
+    seen = {n: {i for b in epoch for i in b if who[i] == n} for n in SIZES}
+    assert all(len(seen[n]) == SIZES[n] for n in "abc") and not seen["d"]
+    last = {i for i in epoch[-1]}
+    assert any(len(seen[n] - last) < SIZES[n] for n in "abc")  # the last batch completes someone's pass
+
+
+def test_zero_weight_domain_never_blocks_stopping() -> None:
+    s = DomainBatchSampler({"a": range(8), "b": range(8, 10**6)}, 4, [1.0, 0.0], stop="all_exhausted")
+    assert len(list(s)) == 2
+
+
+def test_set_epoch_is_reproducible_and_noop_for_current_epoch() -> None:
+    s = make(stop="first_exhausted")
+    e0 = list(s)
+    e1 = list(s)
+    s.set_epoch(0)
+    assert list(s) == e0
+    s.set_epoch(1)
+    it = iter(s)
+    first = next(it)
+    s.set_epoch(1)  # same epoch: keeps the position
+    assert [first, *it] == e1
+
+
+def test_len_raises_when_unknown() -> None:
+    assert len(make(num_batches=5)) == 5
+    with pytest.raises(TypeError, match="undefined"):
+        len(make())
+    with pytest.raises(TypeError, match="undefined"):
+        len(make(mode="iid", stop="first_exhausted"))
+
+
+def test_cycle_forever_num_batches_continues_streams() -> None:
+    s = make(num_batches=4)
+    two = list(s) + list(s)
+    assert len(two) == 8 and two == take(make(), 8)
+
+
+# ---------------------------------------------------------------- resume
+
+
+def _mutate(step: int, weights: list[float]) -> Any:
+    def mutate(obj: DomainBatchSampler, s: int) -> None:
+        if s == step:
+            obj.set_weights(weights)
+
+    return mutate
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stop", STOPS)
+@pytest.mark.parametrize("world", [1, 2])
+def test_resume_equivalent(mode: str, stop: str, world: int) -> None:
+    for rank in range(world):
+
+        def factory(rank: int = rank) -> DomainBatchSampler:
+            return make(batch_size=7, mode=mode, stop=stop, seed=5, rank=rank, world_size=world)
+
+        assert_resume_equivalent(factory, 0, 30)  # from the initial state
+        # 60 batches of 7 cross several domain passes and, for the exhaustion rules, epoch ends
+        out = assert_resume_equivalent(factory, 23, 60, _mutate(11, [0.1, 0.1, 0.7, 0.1]))
+        assert assert_resume_equivalent(factory, 23, 60, _mutate(40, [0.0, 0.5, 0.5, 0.0]))
+        if stop != "cycle_forever":
+            assert EPOCH_END in out
+
+
+def test_resume_at_epoch_end_and_mid_block() -> None:
+    def factory() -> DomainBatchSampler:
+        return make(batch_size=8, stop="first_exhausted")
+
+    n = len(factory())
+    for midpoint in (n, n + 1, 3):
+        assert_resume_equivalent(factory, midpoint, 3 * n)
+
+
+def test_state_as_of_consumed_replays_prefetched_weight_changes() -> None:
+    ahead = 5  # a DataLoader prefetch depth
+    original = make(batch_size=6)
+    produced = iter(original)
+    queue = [next(produced) for _ in range(ahead)]
+    seen: list[list[int]] = []
+    saved = None
+    for step in range(40):
+        seen.append(queue.pop(0))
+        queue.append(next(produced))
+        if step == 9:
+            original.set_weights([0.0, 0.5, 0.0, 0.5])  # lands `ahead` batches later
+        if step == 14:
+            saved = json.loads(json.dumps(original.state_dict(consumed=step + 1)))
+    assert original.weight_history[1][0] == 10 + ahead
+    resumed = make(batch_size=6)
+    resumed.load_state_dict(saved)
+    assert take(resumed, 25) == seen[15:]
+    with pytest.raises(ValueError, match="'consumed' parameter"):
+        original.state_dict(consumed=10**6)
+    short = make(snapshot_history=4)
+    take(short, 10)
+    assert short.state_dict(consumed=6)[DomainBatchSampler.TOTAL_KEY] == 6
+    with pytest.raises(ValueError, match=r"'consumed' parameter .*\[6, 10\]"):
+        short.state_dict(consumed=5)
+
+
+def test_state_is_identical_across_ranks_and_plain_data() -> None:
+    r0, r1 = make(rank=0, world_size=2), make(rank=1, world_size=2)
+    take(r0, 9), take(r1, 9)
+    assert r0.state_dict() == r1.state_dict()
+    state = r0.state_dict()
+    assert json.loads(json.dumps(state)) == state
+    assert state[DomainBatchSampler.TOTAL_KEY] == 9
+    torch.save(state, __import__("io").BytesIO())
+
+
+def test_fingerprint_mismatch_and_elastic_escape_hatch() -> None:
+    state = make(rank=0, world_size=2).state_dict()
+    with pytest.raises(ValueError, match="world_size: saved 2, now 1"):
+        make().load_state_dict(state)
+    elastic = make()
+    elastic.load_state_dict(state, ignore_fingerprint=True)
+    assert len(take(elastic, 3)) == 3
+    other = DomainBatchSampler(
+        {"a": range(41), "b": range(41, 66), "c": range(66, 136), "d": range(136, 149)}, 8
+    )
+    with pytest.raises(ValueError, match="sizes: saved"):
+        other.load_state_dict(make().state_dict())
+    renamed = DomainBatchSampler(
+        {"w": range(40), "x": range(40, 65), "y": range(65, 135), "z": range(135, 148)}, 8
+    )
+    with pytest.raises(ValueError, match="domains: saved"):
+        renamed.load_state_dict(make().state_dict(), ignore_fingerprint=True)
+
+
+def test_load_state_dict_missing_keys() -> None:
+    state = make().state_dict()
+    del state[DomainBatchSampler.HISTORY_KEY]
+    with pytest.raises(ValueError, match=r"'state_dict' parameter .*missing: \['weight_history'\]"):
+        make().load_state_dict(state)
+
+
+# ---------------------------------------------------------------- integration and scale
+
+
+class _Echo(Dataset):
+    def __len__(self) -> int:
+        return 148
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+def test_works_as_dataloader_batch_sampler() -> None:
+    sampler = make(batch_size=8, num_batches=6)
+    loader = DataLoader(_Echo(), batch_sampler=sampler)
+    batches = [b.tolist() for b in loader]
+    assert batches == take(make(batch_size=8), 6)
+    assert len(loader) == 6
+
+
+def test_huge_range_domain_is_lazy() -> None:
+    s = DomainBatchSampler({"huge": range(10**8), "small": range(10**8, 10**8 + 100)}, 64, [0.9, 0.1])
+    batches = take(s, 20)
+    big = [i for b in batches for i in b if i < 10**8]
+    assert len(big) == len(set(big)) == 20 * allocate_counts([0.9, 0.1], 64)[0]
+    assert max(big) > 10**6  # spread over the whole range
+
+
+def test_feistel_stream_is_a_permutation_per_pass() -> None:
+    stream = IndexStream(np.arange(1000, 1037), (0, 1, 0), materialize_limit=0)
+    values = stream.take(0, 0, np.arange(37 * 2).reshape(2, 37)).ravel()
+    assert sorted(values[:37]) == list(range(1000, 1037)) == sorted(values[37:])
+    assert values[:37].tolist() != values[37:].tolist()
+
+
+# ---------------------------------------------------------------- bad inputs
+
+
+BAD = [
+    ({"weights": [-0.1, 0.5, 0.3, 0.3]}, "weights"),
+    ({"weights": [float("nan"), 0.5, 0.3, 0.2]}, "weights"),
+    ({"weights": [float("inf"), 0.5, 0.3, 0.2]}, "weights"),
+    ({"weights": [0.0, 0.0, 0.0, 0.0]}, "weights"),
+    ({"weights": {"a": 0.5, "b": 0.2, "c": 0.2, "zzz": 0.1}}, "weights"),
+    ({"weights": {"a": 0.5, "b": 0.5, "c": 0.0}}, "weights"),
+    ({"batch_size": 0}, "batch_size"),
+    ({"batch_size": -3}, "batch_size"),
+    ({"batch_size": 2.0}, "batch_size"),
+    ({"batch_size": True}, "batch_size"),
+    ({"batch_size": 3, "min_count": 1}, "min_count"),
+    ({"mode": "random"}, "mode"),
+    ({"stop": "never"}, "stop"),
+    ({"world_size": 0}, "world_size"),
+    ({"rank": 2, "world_size": 2}, "rank"),
+    ({"mode": "iid", "min_count": 1}, "min_count"),
+    ({"num_batches": 0}, "num_batches"),
+    ({"seed": -1}, "seed"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "name"), BAD, ids=[f"{n}-{i}" for i, (_, n) in enumerate(BAD)])
+def test_bad_arguments_name_the_parameter(kwargs: dict, name: str) -> None:
+    args = {"batch_size": 8, "weights": [0.4, 0.3, 0.2, 0.1], **kwargs}
+    with pytest.raises(ValueError, match=f"The '{name}' parameter of DomainBatchSampler"):
+        DomainBatchSampler(domains(), **args)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"a": range(5), "empty": []},  # empty domain with positive (size-proportional needs 0) weight given
+        {"a": np.array([0.5, 1.5])},
+        {"a": torch.tensor([1.0, 2.0])},
+        {"a": [1, "x"]},
+        {"a": [-1, 2]},
+        {},
+        {"a": [], "b": []},
+    ],
+)
+def test_bad_domains(bad: dict) -> None:
+    weights = [0.5, 0.5] if len(bad) == 2 else None
+    with pytest.raises(ValueError, match="DomainBatchSampler must be"):
+        DomainBatchSampler(bad, 4, weights)
+
+
+def test_set_weights_errors() -> None:
+    s = DomainBatchSampler({"a": range(5), "empty": []}, 4, [1.0, 0.0])
+    with pytest.raises(ValueError, match="'weights' parameter of DomainBatchSampler.set_weights .*empty"):
+        s.set_weights([0.5, 0.5])
+    with pytest.raises(ValueError, match="'weights' parameter of DomainBatchSampler.set_weights"):
+        s.set_weights({"a": 1.0})

@@ -1,0 +1,168 @@
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import numpy as np
+import pytest
+from _resume import EPOCH_END, assert_resume_equivalent
+from torch.utils.data import DataLoader, IterableDataset
+
+from domainmix.sampling import DomainMixingIterable, allocate_counts
+
+MODES = ["stratified", "low_discrepancy", "iid"]
+STOPS = ["cycle_forever", "first_exhausted", "all_exhausted"]
+
+
+class Source(IterableDataset):
+    """A deterministic stream; optionally stateful (torchdata's Stateful protocol)."""
+
+    def __init__(self, tag: str, n: int, stateful: bool = False) -> None:
+        self.tag, self.n, self.stateful = tag, n, stateful
+        self.pos = 0  # items of the current pass handed out
+        self._resume = 0
+
+    def __iter__(self):  # noqa: ANN204
+        start, self._resume = self._resume, 0
+        for i in range(start, self.n):
+            self.pos = i + 1
+            yield f"{self.tag}{i}"
+
+    def __getattr__(self, name: str) -> Any:
+        if name in ("state_dict", "load_state_dict") and self.__dict__.get("stateful"):
+            return {"state_dict": lambda: {"pos": self.pos}, "load_state_dict": self._load}[name]
+        raise AttributeError(name)
+
+    def _load(self, state: dict) -> None:
+        self._resume = state["pos"]
+
+
+def sources(stateful: bool = False) -> dict[str, Source]:
+    return {"a": Source("a", 30, stateful), "b": Source("b", 17), "c": Source("c", 45, stateful)}
+
+
+def make(**kw: Any) -> DomainMixingIterable:
+    args = {"weights": [0.5, 0.2, 0.3], "batch_size": 4, **kw}
+    stateful = args.pop("stateful", False)
+    return DomainMixingIterable(sources(stateful), **args)
+
+
+def test_items_are_tagged_and_stratified_batches_exact() -> None:
+    items = [x for _, x in zip(range(40), make(mode="stratified"), strict=False)]
+    assert all(name == item[0] for name, item in items)
+    target = allocate_counts([0.5, 0.2, 0.3], 4).tolist()
+    for b in range(10):
+        counts = Counter(name for name, _ in items[4 * b : 4 * b + 4])
+        assert [counts[n] for n in "abc"] == target
+
+
+def test_low_discrepancy_deviation_and_zero_weight() -> None:
+    q = np.array([0.6, 0.0, 0.4])
+    items = [x for _, x in zip(range(300), make(weights=q, mode="low_discrepancy"), strict=False)]
+    ids = ["abc".index(n) for n, _ in items]
+    cum = np.cumsum(np.eye(3)[ids], axis=0)
+    assert np.abs(cum - np.arange(1, 301)[:, None] * q).max() <= 1 and 1 not in ids
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_first_exhausted_stops_at_first_dry_source(mode: str) -> None:
+    it = make(mode=mode, stop="first_exhausted")
+    items = list(it)
+    counts = Counter(n for n, _ in items)
+    assert len(set(items)) == len(items)
+    assert counts["b"] == 17 or counts["a"] == 30 or counts["c"] == 45
+
+
+def test_all_exhausted_sees_everything_and_ignores_zero_weight() -> None:
+    it = make(weights=[0.5, 0.0, 0.5], stop="all_exhausted")
+    items = list(it)
+    assert {x for n, x in items if n == "a"} == {f"a{i}" for i in range(30)}
+    assert {x for n, x in items if n == "c"} == {f"c{i}" for i in range(45)}
+    assert not any(n == "b" for n, _ in items)
+
+
+def test_set_weights_from_next_batch() -> None:
+    it = make(mode="stratified")
+    stream = iter(it)
+    first = [next(stream) for _ in range(6)]  # a batch and a half
+    it.set_weights({"a": 0.0, "b": 1.0, "c": 0.0})
+    rest = [next(stream) for _ in range(6)]
+    counts = Counter(n for n, _ in first + rest[:2])  # the second batch keeps the weights it started with
+    assert [counts[n] for n in "abc"] == (2 * allocate_counts([0.5, 0.2, 0.3], 4)).tolist()
+    assert all(n == "b" for n, _ in rest[2:])
+    assert it.weight_history[1][0] == 2
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stop", STOPS)
+@pytest.mark.parametrize("stateful", [False, True])
+def test_resume_equivalent(mode: str, stop: str, stateful: bool) -> None:
+    def factory() -> DomainMixingIterable:
+        return make(mode=mode, stop=stop, stateful=stateful, seed=2)
+
+    assert_resume_equivalent(factory, 0, 40)
+    out = assert_resume_equivalent(factory, 37, 300, _switch(20, [0.2, 0.6, 0.2]))
+    assert_resume_equivalent(factory, 137, 300, _switch(90, [0.0, 0.5, 0.5]))
+    if stop != "cycle_forever":
+        assert EPOCH_END in out
+
+
+def _switch(step: int, w: list[float]) -> Any:
+    def mutate(obj: DomainMixingIterable, s: int) -> None:
+        if s == step:
+            obj.set_weights(w)
+
+    return mutate
+
+
+def test_world_size_two_ranks_split_the_global_plan() -> None:
+    r0 = make(mode="stratified", rank=0, world_size=2)
+    r1 = make(mode="stratified", rank=1, world_size=2)
+    s0 = [n for (n, _), _ in zip(r0, range(40), strict=False)]
+    s1 = [n for (n, _), _ in zip(r1, range(40), strict=False)]
+    target = allocate_counts([0.5, 0.2, 0.3], 8).tolist()
+    for b in range(10):
+        counts = Counter(s0[4 * b : 4 * b + 4] + s1[4 * b : 4 * b + 4])
+        assert [counts[n] for n in "abc"] == target
+    for rank in (0, 1):
+        assert_resume_equivalent(
+            lambda rank=rank: make(rank=rank, world_size=2, stop="all_exhausted"), 13, 90
+        )
+
+
+def test_dataloader_workers_split_the_plan() -> None:
+    loader = DataLoader(make(mode="stratified", num_batches=3), batch_size=4, num_workers=2)
+    batches = list(loader)
+    assert len(batches) == 6  # 3 planned batches per worker
+    target = allocate_counts([0.5, 0.2, 0.3], 8).tolist()
+    for b in range(0, 6, 2):  # batches alternate between the two workers
+        counts = Counter(batches[b][0] + batches[b + 1][0])
+        assert [counts[n] for n in "abc"] == target
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [
+        ({"weights": [0.5, -0.5, 1.0]}, "weights"),
+        ({"weights": {"a": 1.0, "b": 1.0}}, "weights"),
+        ({"mode": "bogus"}, "mode"),
+        ({"stop": "bogus"}, "stop"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"mode": "stratified", "batch_size": 2, "min_count": 1}, "min_count"),
+        ({"world_size": 0}, "world_size"),
+    ],
+)
+def test_bad_arguments(kwargs: dict, name: str) -> None:
+    with pytest.raises(ValueError, match=f"'{name}' parameter of DomainMixingIterable"):
+        make(**kwargs)
+
+
+def test_bad_state() -> None:
+    state = make().state_dict()
+    with pytest.raises(ValueError, match="batch_size: saved 4, now 5"):
+        make(batch_size=5).load_state_dict(state)
+    del state[DomainMixingIterable.OFFSET_KEY]
+    with pytest.raises(ValueError, match="missing"):
+        make().load_state_dict(state)
+    with pytest.raises(ValueError, match="'sources' parameter"):
+        DomainMixingIterable({"a": 3})

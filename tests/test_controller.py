@@ -1,0 +1,394 @@
+"""WeightingController: schedule of updates, failure handling, sampler pushes, logs and resume."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import pytest
+import torch
+
+import domainmix.strategies as S
+from _helpers import assert_resume_equivalent, make_stats
+from domainmix import DomainStats, DomainWeights, StatsCollector, WeightingController, domain_losses
+
+NAMES = ["a", "b", "c"]
+NAN = float("nan")
+
+
+class FakeSampler:
+    """What the controller talks to: set_weights by name, and the realised q of a batch of size B."""
+
+    def __init__(self, domains=NAMES, batch_size: int = 8) -> None:
+        self.domains = tuple(domains)
+        self.batch_size = batch_size
+        self.weights = torch.full((len(self.domains),), 0.25, dtype=torch.float64)
+        self.calls: list[dict[str, float]] = []
+
+    def set_weights(self, weights: Mapping[str, float]) -> None:
+        assert set(weights) == set(self.domains)
+        self.calls.append(dict(weights))
+        self.weights = torch.tensor([weights[n] for n in self.domains], dtype=torch.float64)
+
+    @property
+    def effective_sampling(self) -> torch.Tensor:
+        counts = torch.floor(self.weights * self.batch_size)
+        counts[int(torch.argmax(self.weights))] += self.batch_size - counts.sum()
+        return counts / self.batch_size
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"weights": self.weights.clone(), "calls": list(self.calls)}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.weights = state["weights"].clone()
+        self.calls = list(state["calls"])
+
+
+def recording(log: list[DomainStats], requires=frozenset({"loss", "count"})) -> S.Strategy:
+    """A statistics-reading strategy that records what it was given and leaves the weights alone."""
+
+    def fn(weights: DomainWeights, stats: DomainStats) -> DomainWeights:
+        log.append(stats)
+        return weights
+
+    return S.stateless("recording", fn, requires)
+
+
+def feed(controller: WeightingController, value: float, domain: int = 0, n: int = 1) -> None:
+    losses = torch.full((n,), float(value))
+    controller.collector.observe(domain_losses(losses, torch.full((n,), domain), len(NAMES)))
+
+
+def eg(step_size: float = 0.5) -> S.Strategy:
+    return S.exponentiated_gradient(lambda s, w: s.loss, step_size)
+
+
+# --- when updates happen -----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("warmup", "every", "first_update", "window_steps"),
+    [(4, 2, 4, [3, 4]), (5, 2, 6, [5, 6]), (3, 2, 4, [3, 4]), (0, 3, 3, [1, 2, 3]), (6, 3, 6, [4, 5, 6])],
+)
+def test_warmup_windows_are_discarded(warmup, every, first_update, window_steps) -> None:
+    seen: list[DomainStats] = []
+    c = WeightingController(recording(seen), NAMES, update_every=every, warmup_steps=warmup)
+    results = []
+    for t in range(1, first_update + 1):
+        feed(c, value=t)  # step t contributes loss t to domain a
+        results.append(c.step())
+    assert results == [False] * (first_update - 1) + [True]
+    assert len(seen) == 1 and seen[0].step == first_update
+    # only the steps of the closing window reach the strategy; earlier (warm-up) windows were dropped
+    assert seen[0].count.tolist() == [len(window_steps), 0.0, 0.0]
+    assert seen[0].loss[0].item() == pytest.approx(sum(window_steps) / len(window_steps))
+    assert all(c.should_update(t) == (t % every == 0 and t >= warmup) for t in range(1, 20))
+
+
+def test_update_period() -> None:
+    seen: list[DomainStats] = []
+    c = WeightingController(recording(seen), NAMES, update_every=3)
+    updated = []
+    for t in range(1, 10):
+        feed(c, t, domain=t % 3)
+        updated.append(c.step())
+    assert updated == [False, False, True] * 3
+    assert [s.step for s in seen] == [3, 6, 9]
+    assert [s.count.tolist() for s in seen] == [[1.0, 1.0, 1.0]] * 3
+    assert c.step_count == 9 and c.state_dict()["num_updates"] == 3
+
+
+def test_stat_free_strategy_runs_at_construction_and_every_step() -> None:
+    stages = [(0, [1.0, 0.0, 0.0]), (3, [0.0, 1.0, 1.0]), (5, [1.0, 1.0, 2.0])]
+    sampler = FakeSampler()
+    c = WeightingController(S.schedule(stages), NAMES, sampler=sampler, update_every=100)
+    assert c.stat_free
+    assert c.weights.mixture.tolist() == [1.0, 0.0, 0.0]  # stage 0 applies before the first step
+    history = []
+    for _ in range(6):
+        c.step()
+        history.append(c.weights.mixture.tolist())
+    assert history == [
+        [1.0, 0.0, 0.0],  # after step 1
+        [1.0, 0.0, 0.0],
+        [0.0, 0.5, 0.5],  # step 3: the stage starting at 3
+        [0.0, 0.5, 0.5],
+        [0.25, 0.25, 0.5],  # step 5
+        [0.25, 0.25, 0.5],
+    ]
+    # The sampler got the construction weights and one push per change, nothing else.
+    assert [list(call.values()) for call in sampler.calls] == [
+        [1.0, 0.0, 0.0],
+        [0.0, 0.5, 0.5],
+        [0.25, 0.25, 0.5],
+    ]
+
+
+def test_schedule_before_first_stage_keeps_initial_weights() -> None:
+    initial = DomainWeights.create(NAMES, [0.2, 0.3, 0.5])
+    c = WeightingController(S.schedule([(2, [1.0, 1.0, 0.0])]), initial)
+    assert c.weights.mixture.tolist() == pytest.approx([0.2, 0.3, 0.5])
+    c.step()
+    assert c.weights.mixture.tolist() == pytest.approx([0.2, 0.3, 0.5])
+    c.step()
+    assert c.weights.mixture.tolist() == [0.5, 0.5, 0.0]
+
+
+def test_sampler_synced_at_construction_even_when_weights_do_not_change() -> None:
+    # The sampler starts with other weights (0.25 each); uniform() leaves the controller's weights as they
+    # were, but the sampler must still be told (regression: it was not).
+    sampler = FakeSampler()
+    WeightingController(S.uniform(), NAMES, sampler=sampler)
+    assert sampler.calls == [dict.fromkeys(NAMES, 1 / 3)]
+    sampler = FakeSampler()
+    WeightingController(eg(), DomainWeights.create(NAMES, [0.5, 0.25, 0.25]), sampler=sampler)
+    assert sampler.calls == [{"a": 0.5, "b": 0.25, "c": 0.25}]
+
+
+# --- failure handling ------------------------------------------------------------------------------
+def test_nan_window_is_skipped_with_warning(tmp_path) -> None:
+    log_path = tmp_path / "log.jsonl"
+    sampler = FakeSampler()
+    c = WeightingController(eg(), NAMES, sampler=sampler, log=log_path)
+    feed(c, 1.0)
+    assert c.step()
+    before = c.weights
+    state_before = c.strategy_state
+    feed(c, NAN, domain=1)
+    with pytest.warns(RuntimeWarning, match=r"step 2: non-finite statistics in \['loss'\]"):
+        assert c.step() is False
+    assert c.weights is before and c.strategy_state is state_before
+    assert len(sampler.calls) == 2  # construction + the first update only
+    sd = c.state_dict()
+    assert sd["num_skipped"] == 1 and sd["num_updates"] == 1 and sd["step"] == 2
+
+    def strict(token: str) -> Any:
+        raise ValueError(f"invalid JSON constant {token}")
+
+    records = [json.loads(line, parse_constant=strict) for line in log_path.read_text().splitlines()]
+    assert [r["skipped"] for r in records] == [False, True]
+    assert records[1]["step"] == 2 and records[1]["stats"]["loss"][1] == "nan"
+    assert records[1]["mixture"] == before.mixture.tolist()
+    # the next clean window updates again
+    feed(c, 2.0, domain=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert c.step()
+
+
+def bad_output(kind: str) -> S.Strategy:
+    def fn(weights: DomainWeights, stats: DomainStats) -> DomainWeights:
+        del stats
+        if kind == "not-normalised":
+            return weights._replace(mixture=torch.tensor([0.7, 0.7, 0.7], dtype=torch.float64))
+        if kind == "negative":
+            return weights._replace(sampling=torch.tensor([1.5, -0.5, 0.0], dtype=torch.float64))
+        if kind == "nan":
+            return weights._replace(mixture=torch.tensor([NAN, 0.5, 0.5], dtype=torch.float64))
+        if kind == "shape":
+            return weights._replace(mixture=torch.tensor([0.5, 0.5], dtype=torch.float64))
+        if kind == "names":
+            return weights._replace(names=("x", "y", "z"))
+        return "not weights"  # type: ignore[return-value]
+
+    return S.stateless("bad", fn, {"loss", "count"})
+
+
+@pytest.mark.parametrize("kind", ["not-normalised", "negative", "nan", "shape", "names", "type"])
+def test_invalid_strategy_output_raises_and_changes_nothing(kind) -> None:
+    sampler = FakeSampler()
+    c = WeightingController(bad_output(kind), NAMES, sampler=sampler)
+    before = c.weights
+    with pytest.raises(RuntimeError, match="Strategy 'bad' returned"):
+        c.update(make_stats(3, step=1))
+    assert c.weights is before
+    assert c.state_dict()["num_updates"] == 0 and len(sampler.calls) == 1
+
+
+def test_zero_sampling_where_mixture_positive_raises() -> None:
+    starve = S.stateless(
+        "starve",
+        lambda w, s: w._replace(sampling=torch.tensor([0.5, 0.5, 0.0], dtype=torch.float64)),
+        {"loss"},
+    )
+    c = WeightingController(starve, NAMES)
+    before = c.weights
+    with pytest.raises(RuntimeError, match=r"q = 0 for domains with α > 0 \(\['c'\]\)"):
+        c.update(make_stats(3, step=1))
+    assert c.weights is before
+
+
+# --- sampler, multipliers, logs, averages ---------------------------------------------------------------
+def test_pushes_q_and_uses_effective_sampling_for_multipliers() -> None:
+    sampler = FakeSampler(batch_size=4)
+    initial = DomainWeights.create(NAMES, [0.5, 0.3, 0.2], [0.6, 0.3, 0.1])
+    c = WeightingController(eg(1.0), initial, sampler=sampler)
+    assert sampler.calls[-1] == pytest.approx({"a": 0.6, "b": 0.3, "c": 0.1})
+    # realised q with B = 4: floor(4q) = (2, 1, 0), remainder to the largest → (3, 1, 0) / 4
+    assert sampler.effective_sampling.tolist() == [0.75, 0.25, 0.0]
+    torch.testing.assert_close(
+        c.loss_multipliers(), torch.tensor([0.5 / 0.75, 0.3 / 0.25, 0.2], dtype=torch.float64)
+    )
+    # without a sampler: α/q of the controller's own weights
+    alone = WeightingController(eg(1.0), initial)
+    torch.testing.assert_close(
+        alone.loss_multipliers(), torch.tensor([0.5 / 0.6, 1.0, 2.0], dtype=torch.float64)
+    )
+
+    c.update(make_stats(3, step=1, loss=[0.0, 0.0, 1.0]))
+    # EG on α: α ∝ α·exp(s) → (0.5, 0.3, 0.2e) / Z; q unchanged, pushed only if something changed
+    e = torch.exp(torch.tensor(1.0, dtype=torch.float64))
+    z = 0.8 + 0.2 * e
+    torch.testing.assert_close(c.weights.mixture, torch.stack([0.5 / z, 0.3 / z, 0.2 * e / z]))
+    assert len(sampler.calls) == 2 and sampler.calls[-1] == pytest.approx({"a": 0.6, "b": 0.3, "c": 0.1})
+
+
+def test_json_log_lines(tmp_path) -> None:
+    path = tmp_path / "w.jsonl"
+    c = WeightingController(eg(), NAMES, log=path, update_every=2)
+    for t in range(1, 5):
+        feed(c, t, domain=t % 3)
+        c.step()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4]
+    last = records[-1]
+    assert last["names"] == NAMES
+    assert last["mixture"] == c.weights.mixture.tolist() and last["sampling"] == c.weights.sampling.tolist()
+    assert last["loss_multipliers"] == c.loss_multipliers().tolist()
+    assert last["stats"]["count"] == [1.0, 1.0, 0.0] and last["stats"]["loss"] == [3.0, 4.0, 0.0]
+    assert last["skipped"] is False
+
+
+def test_log_callable_receives_records() -> None:
+    got: list[dict] = []
+    WeightingController(S.uniform(), NAMES, log=got.append)
+    assert len(got) == 1 and got[0]["step"] == 0 and got[0]["mixture"] == [1 / 3] * 3
+
+
+def test_averaged_weights_with_track_average() -> None:
+    c = WeightingController(S.chain(eg(1.0), S.track_average()), NAMES)
+    assert c.averaged_weights() is None
+    mixtures = []
+    for t, loss in enumerate(([1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 0.5]), start=1):
+        c.update(make_stats(3, step=t, loss=loss))
+        mixtures.append(c.weights.mixture)
+    avg = c.averaged_weights()
+    torch.testing.assert_close(avg.mixture, torch.stack(mixtures).mean(0))
+    torch.testing.assert_close(avg.sampling, torch.full((3,), 1 / 3, dtype=torch.float64))
+    assert WeightingController(eg(), NAMES).averaged_weights() is None
+
+
+# --- resume --------------------------------------------------------------------------------------------
+class Run:
+    """Controller + its sampler, checkpointed together as a training script would."""
+
+    def __init__(self, strategy_factory, *, ema=None, update_every=3, warmup=2) -> None:
+        self.sampler = FakeSampler(batch_size=16)
+        self.controller = WeightingController(
+            strategy_factory(),
+            NAMES,
+            sampler=self.sampler,
+            update_every=update_every,
+            warmup_steps=warmup,
+            ema=ema,
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"controller": self.controller.state_dict(), "sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.controller.load_state_dict(state["controller"])
+        self.sampler.load_state_dict(state["sampler"])
+
+
+def drive(run: Run, t: int):
+    g = torch.Generator().manual_seed(t)
+    losses = torch.rand(6, generator=g) * (1 + torch.arange(6) % 3)
+    ids = torch.tensor([0, 1, 2, 0, 1, 2])[: 3 + t % 4]  # unequal counts; all domains seen
+    run.controller.collector.observe(domain_losses(losses[: len(ids)], ids, 3))
+    if t % 5 == 0:
+        run.controller.collector.observe_stat("grad_var", torch.rand(3, generator=g, dtype=torch.float64))
+    updated = run.controller.step()
+    w = run.controller.weights
+    return updated, w.mixture, w.sampling, run.controller.loss_multipliers(), run.sampler.weights
+
+
+def eg_chain() -> S.Strategy:
+    return S.combine(
+        loss=S.chain(eg(2.0), S.mix_uniform(0.05), S.ema(0.5), S.track_average()),
+        sampling=S.chain(S.follow_mixture(), S.floor(0.2)),
+    )
+
+
+@pytest.mark.parametrize("ema", [None, 0.7])
+@pytest.mark.parametrize("midpoint", [0, 4, 7, 13])  # mid-window, at a window boundary, in warm-up
+def test_resume_equivalence_with_sampler_pushes(ema, midpoint) -> None:
+    outputs = assert_resume_equivalent(lambda: Run(eg_chain, ema=ema), drive, midpoint=midpoint, total=16)
+    pushes = [o for o in outputs if o[0]]
+    assert len(pushes) >= 4  # the run really updated (and pushed to the sampler) before and after midpoint
+    assert not torch.equal(outputs[0][2], outputs[-1][2])
+
+
+def test_resume_equivalence_stat_free_schedule() -> None:
+    def factory() -> S.Strategy:
+        return S.chain(
+            S.schedule([(0, [1.0, 1.0, 1.0]), (5, [3.0, 1.0, 1.0]), (9, [1.0, 1.0, 3.0])]), S.track_average()
+        )
+
+    outputs = assert_resume_equivalent(lambda: Run(factory), drive, midpoint=6, total=12)
+    assert outputs[3][1].tolist() == pytest.approx([1 / 3] * 3) and outputs[-1][1].tolist() == [0.2, 0.2, 0.6]
+
+
+def test_resume_restores_nan_skip_counter() -> None:
+    c = WeightingController(eg(), NAMES)
+    feed(c, NAN)
+    with pytest.warns(RuntimeWarning):
+        c.step()
+    fresh = WeightingController(eg(), NAMES)
+    fresh.load_state_dict(c.state_dict())
+    assert fresh.state_dict()["num_skipped"] == 1 and fresh.step_count == 1
+
+
+# --- load_state_dict errors ----------------------------------------------------------------------------
+def test_load_state_dict_missing_keys() -> None:
+    c = WeightingController(eg(), NAMES)
+    state = c.state_dict()
+    del state["strategy_state"], state["num_skipped"]
+    with pytest.raises(ValueError, match=r"missing keys \['strategy_state', 'num_skipped'\]"):
+        WeightingController(eg(), NAMES).load_state_dict(state)
+
+
+def test_load_state_dict_other_names() -> None:
+    state = WeightingController(eg(), NAMES).state_dict()
+    with pytest.raises(
+        ValueError, match=r"saved for domains \['a', 'b', 'c'\], this controller has \['x', 'y', 'z'\]"
+    ):
+        WeightingController(eg(), ["x", "y", "z"]).load_state_dict(state)
+
+
+def test_load_state_dict_other_strategy() -> None:
+    state = WeightingController(eg(), NAMES).state_dict()
+    target = WeightingController(S.chain(eg(), S.track_average()), NAMES)
+    before = target.weights
+    with pytest.raises(ValueError, match="saved for strategy 'exponentiated_gradient'"):
+        target.load_state_dict(state)
+    assert target.weights is before
+
+
+def test_load_state_dict_other_collector_settings() -> None:
+    state = WeightingController(eg(), NAMES, ema=0.5).state_dict()
+    with pytest.raises(ValueError, match="ema=0.5"):
+        WeightingController(eg(), NAMES).load_state_dict(state)
+
+
+def test_load_state_dict_invalid_weights() -> None:
+    state = WeightingController(eg(), NAMES).state_dict()
+    state["weights"]["mixture"] = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
+    with pytest.raises(ValueError, match="'mixture' parameter"):
+        WeightingController(eg(), NAMES).load_state_dict(state)
+
+
+def test_collector_given_is_used() -> None:
+    col = StatsCollector(3, ema=0.9)
+    c = WeightingController(eg(), NAMES, collector=col, ema=0.1)
+    assert c.collector is col

@@ -1,0 +1,96 @@
+"""Pin the curated public surface: names, order, importability, docstrings."""
+
+from __future__ import annotations
+
+import inspect
+
+import pytest
+
+import domainmix
+import domainmix.strategies
+
+TOP_LEVEL = [
+    "DomainLosses",
+    "DomainStats",
+    "DomainWeights",
+    "StatsCollector",
+    "Strategy",
+    "WeightingController",
+    "domain_losses",
+    "strategies",
+    "weighted_loss",
+]
+
+STRATEGIES = [
+    "AverageState",
+    "ChainState",
+    "CombineState",
+    "EmaState",
+    "EmptyState",
+    "ExponentiatedGradientState",
+    "ScheduleState",
+    "StaticState",
+    "Strategy",
+    "chain",
+    "combine",
+    "ema",
+    "exponentiated_gradient",
+    "fixed",
+    "floor",
+    "follow_mixture",
+    "make_strategy",
+    "mix_uniform",
+    "normalize",
+    "proportional",
+    "schedule",
+    "stateless",
+    "temperature",
+    "track_average",
+    "uniform",
+]
+
+MODULES = [
+    pytest.param(domainmix, TOP_LEVEL, id="domainmix"),
+    pytest.param(domainmix.strategies, STRATEGIES, id="strategies"),
+]
+
+
+@pytest.mark.parametrize(("module", "expected"), MODULES)
+def test_all_is_pinned_and_sorted(module, expected) -> None:
+    assert module.__all__ == expected
+    assert sorted(module.__all__) == module.__all__
+
+
+@pytest.mark.parametrize(("module", "expected"), MODULES)
+def test_every_name_importable_and_documented(module, expected) -> None:
+    assert module.__doc__ and module.__doc__.strip()
+    for name in expected:
+        obj = getattr(module, name)
+        doc = inspect.getdoc(obj)
+        assert doc and doc.strip(), f"{module.__name__}.{name} has no docstring"
+        namespace: dict = {}
+        exec(f"from {module.__name__} import {name}", namespace)  # the import form users write
+        assert namespace[name] is obj
+
+
+@pytest.mark.parametrize("name", [n for n in TOP_LEVEL if n != "strategies"])
+def test_public_methods_documented(name) -> None:
+    obj = getattr(domainmix, name)
+    if not inspect.isclass(obj):
+        return
+    for attr, value in vars(obj).items():
+        if attr.startswith("_") or not (
+            inspect.isfunction(value) or isinstance(value, (property, classmethod))
+        ):
+            continue
+        target = value.__func__ if isinstance(value, classmethod) else value
+        assert inspect.getdoc(target), f"{name}.{attr} has no docstring"
+
+
+def test_version_and_no_experiments_import() -> None:
+    import subprocess
+    import sys
+
+    assert isinstance(domainmix.__version__, str)
+    code = "import sys, domainmix; assert not any(m.startswith('domainmix.experiments') for m in sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
