@@ -61,7 +61,9 @@ class DomainBatchSampler(Sampler[list[int]]):
 
     Modes (see :class:`Mode`): ``"stratified"`` puts exactly ``allocate_counts(q, batch_size * world_size,
     min_count)`` examples of each domain in every global batch, dealt round-robin so each rank holds
-    within one of its share, then shuffled within the rank's batch. ``"low_discrepancy"`` follows a
+    within one of its share, then interleaved so each domain's slots are spread evenly over the rank's
+    batch (every prefix, e.g. a micro-batch, is balanced too; the examples in the slots are random).
+    ``"low_discrepancy"`` follows a
     deterministic domain sequence whose per-domain counts never drift one example from ``q_i t`` (t
     counted since the last weight change); rank r takes global slots r, r + W, .... ``"iid"`` draws each
     slot's domain independently.
@@ -349,7 +351,7 @@ class DomainBatchSampler(Sampler[list[int]]):
             for a, b in zip(bounds[:-1], bounds[1:], strict=True):
                 i = int(ids[0, a])
                 values[:, a:b] = self._streams[i].take(epoch_key, int(positions[i]), occ[:, a:b])
-            return values[np.arange(nb)[:, None], plan.order[:nb]]
+            return values[:, plan.order]
         flat_ids, flat_occ = ids.ravel(), occ.ravel()
         order = np.argsort(flat_ids, kind="stable")
         counts = np.bincount(flat_ids, minlength=len(self._streams))

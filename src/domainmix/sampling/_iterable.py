@@ -225,7 +225,7 @@ class DomainMixingIterable(IterableDataset):
                 self._mode, np.asarray(q), alloc, ld, seed=self._seed, epoch_key=epoch_key, batch_key=key,
                 nb=nb, batch_size=self._batch_size, world_size=world, rank=rank,
             )  # fmt: skip
-            ids = p.ids if p.order is None else np.take_along_axis(p.ids, p.order, axis=1)
+            ids = p.ids if p.order is None else p.ids[:, p.order]
             self._plan = plan = (self._total, ids, p.ld_after, from_batch, (rank, world))
         row = self._total - plan[0]
         return plan[1][row]

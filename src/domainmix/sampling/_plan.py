@@ -27,7 +27,7 @@ class Mode:
 
     Attributes:
         STRATIFIED: every global batch holds exactly ``allocate_counts(q, batch_size * world_size,
-            min_count)`` examples per domain, in shuffled order.
+            min_count)`` examples per domain, each domain's slots spread evenly over the batch.
         LOW_DISCREPANCY: a deterministic domain sequence (earliest-deadline-first) whose counts stay within
             one example of ``q_i t`` for every prefix of ``t`` examples since the last weight change.
         IID: each slot's domain is drawn independently from ``q``.
@@ -69,7 +69,9 @@ class SlotPlan(NamedTuple):
 
     ids: np.ndarray  # (nb, batch_size) domain id of each of this rank's slots
     occ: np.ndarray  # (nb, batch_size) the slot's draw number within its domain, counted over the block
-    order: np.ndarray | None  # (nb, batch_size) yield order (stratified shuffle); None: as listed
+    order: (
+        np.ndarray | None
+    )  # (batch_size,) yield order of every row (stratified interleave); None: as listed
     counts: np.ndarray  # (nb, k) global examples per domain in each batch
     ld_after: np.ndarray  # (nb, k) low-discrepancy counts after each batch
 
@@ -96,7 +98,9 @@ def plan_block(
     """Plan ``nb`` batches starting at absolute batch ``batch_key`` (must not cross a BLOCK boundary).
 
     Stratified: the global batch is laid out grouped by domain and position p goes to rank p % W, so each
-    rank holds within one of its share of every domain; each rank's batch is then shuffled. Other modes:
+    rank holds within one of its share of every domain; each rank's batch is then interleaved so that every
+    domain's slots are spread evenly (any prefix of a batch, e.g. a micro-batch, is balanced too; which
+    examples fill the slots is random through the per-pass permutations). Other modes:
     rank r owns global slots r, r + W, r + 2W, ...
     """
     k = len(q)
@@ -108,7 +112,7 @@ def plan_block(
         within = np.arange(g) - (np.cumsum(alloc) - alloc)[gids]
         cols = np.arange(rank, g, world_size)
         ids_r, within_r = gids[cols], within[cols]
-        order = _row_permutations(block_rng(seed, epoch_key, block), batch_size)[off : off + nb]
+        order = _interleave(ids_r)
         ids = np.broadcast_to(ids_r, (nb, batch_size))
         occ = rows * alloc[ids_r] + within_r
         counts = np.broadcast_to(alloc, (nb, k))
@@ -132,8 +136,15 @@ def plan_block(
     )
 
 
-def _row_permutations(rng: np.random.Generator, width: int) -> np.ndarray:
-    return rng.permuted(np.broadcast_to(np.arange(width), (BLOCK, width)), axis=1)
+def _interleave(ids: np.ndarray) -> np.ndarray:
+    """Order of domain-grouped slots that spreads each domain evenly over the batch.
+
+    Slot j of a domain with c slots is placed by the rank of (j + 0.5) / c: a fixed order, computed once
+    per block rather than a random shuffle per batch.
+    """
+    counts = np.bincount(ids)
+    j = np.arange(ids.size) - (np.cumsum(counts) - counts)[ids]
+    return np.lexsort((ids, (j + 0.5) / counts[ids]))
 
 
 def _occurrences(ids: np.ndarray, k: int) -> np.ndarray:

@@ -1,0 +1,28 @@
+"""Slow: the throughput benchmark runs and reports what the README promises (timings are not asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sampler_throughput.py"
+
+
+@pytest.mark.slow
+def test_benchmark_json_layout_and_discrepancy() -> None:
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), "--json", "--batches", "300", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout)
+    assert set(report["modes"]) == {"stratified", "low_discrepancy", "iid"}
+    assert report["ratio_vs_torch_wrs"] == report["modes"]["stratified"]["ratio_vs_torch_wrs"] > 0
+    assert report["modes"]["low_discrepancy"]["max_prefix_deviation"] <= 1.0
+    assert report["modes"]["stratified"]["max_prefix_deviation_vs_effective"] <= 256
