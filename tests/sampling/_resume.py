@@ -1,4 +1,9 @@
-"""Resume equivalence: a run saved, restored and continued must match an uninterrupted run exactly."""
+"""Resume equivalence for iterables (samplers, mixers): an adapter over the shared helper in ``_helpers``.
+
+The object's outputs are read as one stream across epochs (``EPOCH_END`` marks each ``__iter__``'s end,
+so epoch boundaries are compared too). The saved state also goes through JSON: sampler state must be
+plain data.
+"""
 
 from __future__ import annotations
 
@@ -6,24 +11,29 @@ import json
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from _helpers import assert_resume_equivalent as _assert_resume_equivalent
+
 EPOCH_END = "<epoch end>"
 
 
 def _stream(obj: Any) -> Iterator[Any]:
-    # one __iter__ per epoch; the marker makes epoch boundaries part of the compared output
     while True:
         yield from obj
         yield EPOCH_END
 
 
-def _run(obj: Any, start: int, stop: int, mutate: Callable[[Any, int], None] | None) -> list[Any]:
-    out = []
-    it = _stream(obj)
-    for step in range(start, stop):
-        if mutate is not None:
-            mutate(obj, step)
-        out.append(next(it))
-    return out
+class _Stepper:
+    """Wraps an iterable so that one ``drive`` call yields one output; state is the object's, via JSON."""
+
+    def __init__(self, obj: Any) -> None:
+        self.obj = obj
+        self.items: Iterator[Any] | None = None
+
+    def state_dict(self) -> Any:
+        return json.loads(json.dumps(self.obj.state_dict()))
+
+    def load_state_dict(self, state: Any) -> None:
+        self.obj.load_state_dict(state)
 
 
 def assert_resume_equivalent(
@@ -32,17 +42,17 @@ def assert_resume_equivalent(
     total: int,
     mutate: Callable[[Any, int], None] | None = None,
 ) -> list[Any]:
-    """Run ``total`` steps straight, and ``midpoint`` steps + save + fresh object + load + the rest.
+    """Run ``total`` outputs straight, and ``midpoint`` + save + fresh object + load + the rest.
 
-    ``mutate(obj, step)`` runs before step ``step`` in both runs (e.g. a ``set_weights``). The saved state
-    goes through JSON, so it must be plain data. Returns the uninterrupted outputs.
+    ``mutate(obj, step)`` runs before output ``step`` in every run (e.g. a ``set_weights``). Returns the
+    uninterrupted outputs.
     """
-    reference = _run(make(), 0, total, mutate)
-    first = make()
-    head = _run(first, 0, midpoint, mutate)
-    state = json.loads(json.dumps(first.state_dict()))
-    second = make()
-    second.load_state_dict(state)
-    tail = _run(second, midpoint, total, mutate)
-    assert head + tail == reference, f"resumed run diverges from the uninterrupted one (midpoint {midpoint})"
-    return reference
+
+    def drive(stepper: _Stepper, step: int) -> Any:
+        if mutate is not None:
+            mutate(stepper.obj, step)
+        if stepper.items is None:
+            stepper.items = _stream(stepper.obj)
+        return next(stepper.items)
+
+    return _assert_resume_equivalent(lambda: _Stepper(make()), drive, midpoint=midpoint, total=total)
