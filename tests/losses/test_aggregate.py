@@ -245,3 +245,9 @@ def test_stratified_variance_with_numpy_reference() -> None:
     exact = all_g.var(0).sum()
     v2 = [((gs - gs.mean(0)) ** 2).sum(1).mean() for gs in (a_grads, b_grads)]
     assert exact == pytest.approx(alpha[0] ** 2 * v2[0] + alpha[1] ** 2 * v2[1], rel=1e-12)
+
+
+def test_denominator_is_refused_with_per_domain_normalisation() -> None:
+    w = DomainWeights.create(["a", "b"])
+    with pytest.raises(ValueError, match="'denominator' parameter of weighted_loss"):
+        weighted_loss(torch.ones(2), torch.tensor([0, 1]), w, normalize="per_domain", denominator=4.0)

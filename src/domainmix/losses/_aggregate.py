@@ -188,6 +188,13 @@ def weighted_loss(
         raise param_error(
             "weighted_loss", "weights", "a DomainWeights or a 1-D float tensor of loss multipliers", weights
         )
+    if denominator is not None and normalize != "importance":
+        raise param_error(
+            "weighted_loss",
+            "denominator",
+            "None when normalize='per_domain' (it averages per domain)",
+            denominator,
+        )
     m = _check_inputs("weighted_loss", losses, domain_ids, k, mask)
     ids = domain_ids.long()
     masked = torch.where(m > 0, losses, torch.zeros_like(losses)) * m
