@@ -12,8 +12,8 @@ from torch import Tensor
 from torch.utils.data import Sampler
 
 from domainmix._distributed import resolve_rank_world
-from domainmix._validation import Interval, Options, check_param, param_error
-from domainmix.sampling._plan import BLOCK, Mode, SlotPlan, StopRule, plan_block
+from domainmix._validation import Interval, check_param, param_error
+from domainmix.sampling._plan import BLOCK, Mode, SlotPlan, StopRule, check_mix_options, plan_block
 from domainmix.sampling._streams import IndexStream, as_domain_index
 from domainmix.sampling._weights import WeightSchedule, WeightsLike, check_names
 
@@ -180,14 +180,7 @@ class DomainBatchSampler(Sampler[list[int]]):
         caller: str, batch_size: int, mode: str, min_count: int, stop: str, num_batches: int | None,
         seed: int, snapshot_history: int,
     ) -> None:  # fmt: skip
-        check_param(caller, "batch_size", batch_size, Interval(int, 1, None))
-        check_param(caller, "mode", mode, Options(Mode.ALL))
-        check_param(caller, "min_count", min_count, Interval(int, 0, None))
-        if mode != Mode.STRATIFIED and min_count:
-            raise param_error(caller, "min_count", "0 unless mode='stratified'", min_count)
-        check_param(caller, "stop", stop, Options(StopRule.ALL))
-        check_param(caller, "num_batches", num_batches, Interval(int, 1, None), None)
-        check_param(caller, "seed", seed, Interval(int, 0, None))
+        check_mix_options(caller, mode, batch_size, min_count, stop, num_batches, seed)
         check_param(caller, "snapshot_history", snapshot_history, Interval(int, 1, None))
 
     # ------------------------------------------------------------------ properties

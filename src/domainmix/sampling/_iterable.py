@@ -12,9 +12,9 @@ from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
 from domainmix._distributed import resolve_rank_world
-from domainmix._validation import Interval, Options, check_param, param_error
+from domainmix._validation import Interval, check_param, param_error
 from domainmix.sampling._allocation import allocate_counts
-from domainmix.sampling._plan import BLOCK, Mode, StopRule, plan_block
+from domainmix.sampling._plan import BLOCK, Mode, StopRule, check_mix_options, plan_block
 from domainmix.sampling._weights import WeightSchedule, WeightsLike, check_names
 
 __all__ = ["DomainMixingIterable"]
@@ -116,14 +116,7 @@ class DomainMixingIterable(IterableDataset):
                 raise param_error(
                     caller, "sources", f"a mapping to iterables (domain {name!r})", sources[name]
                 )
-        check_param(caller, "mode", mode, Options(Mode.ALL))
-        check_param(caller, "batch_size", batch_size, Interval(int, 1, None))
-        check_param(caller, "min_count", min_count, Interval(int, 0, None))
-        if mode != Mode.STRATIFIED and min_count:
-            raise param_error(caller, "min_count", "0 unless mode='stratified'", min_count)
-        check_param(caller, "stop", stop, Options(StopRule.ALL))
-        check_param(caller, "num_batches", num_batches, Interval(int, 1, None), None)
-        check_param(caller, "seed", seed, Interval(int, 0, None))
+        check_mix_options(caller, mode, batch_size, min_count, stop, num_batches, seed)
         self._rank, self._world = resolve_rank_world(caller, rank, world_size)
         self._sources = [sources[n] for n in self._names]
         self._mode, self._batch_size, self._stop = mode, batch_size, stop

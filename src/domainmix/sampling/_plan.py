@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.sampling._allocation import low_discrepancy_sequence
 
 __all__ = ["BLOCK", "Mode", "SlotPlan", "StopRule", "block_rng", "plan_block"]
@@ -58,6 +59,20 @@ class StopRule:
     FIRST_EXHAUSTED = "first_exhausted"
     ALL_EXHAUSTED = "all_exhausted"
     ALL = (CYCLE_FOREVER, FIRST_EXHAUSTED, ALL_EXHAUSTED)
+
+
+def check_mix_options(
+    caller: str, mode: str, batch_size: int, min_count: int, stop: str, num_batches: int | None, seed: int
+) -> None:
+    """Validate the options both samplers share, in one place and one message shape."""
+    check_param(caller, "batch_size", batch_size, Interval(int, 1, None))
+    check_param(caller, "mode", mode, Options(Mode.ALL))
+    check_param(caller, "min_count", min_count, Interval(int, 0, None))
+    if mode != Mode.STRATIFIED and min_count:
+        raise param_error(caller, "min_count", "0 unless mode='stratified'", min_count)
+    check_param(caller, "stop", stop, Options(StopRule.ALL))
+    check_param(caller, "num_batches", num_batches, Interval(int, 1, None), None)
+    check_param(caller, "seed", seed, Interval(int, 0, None))
 
 
 class SlotPlan(NamedTuple):
