@@ -138,6 +138,7 @@ def full_stats(k: int, step: int, seed: int = 0) -> DomainStats:
         ref_loss=pos(1.5),
         heldout_loss=pos(2.0),
         heldout_loss_var=pos(),
+        heldout_count=torch.randint(2, 50, (k,), generator=g).to(torch.float64),
         grad_var=pos(),
         grad_sq_norm=(grads**2).sum(1),
         grad_dot=grads @ grads.T,

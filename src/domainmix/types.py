@@ -145,6 +145,7 @@ STAT_NAMES: tuple[str, ...] = (
     "ref_loss",
     "heldout_loss",
     "heldout_loss_var",
+    "heldout_count",
     "grad_var",
     "grad_sq_norm",
     "grad_dot",
@@ -167,6 +168,7 @@ class DomainStats(NamedTuple):
         ref_loss: (k,) mean reference-model loss on the same examples (DoReMi).
         heldout_loss: (k,) mean loss on a held-out estimation split (FGLS, ERMA).
         heldout_loss_var: (k,) variance of the per-example held-out loss (ERMA).
+        heldout_count: (k,) held-out examples (or tokens) per domain behind those two; 0 = no estimate.
         grad_var: (k,) within-domain gradient variance v_i² = tr Cov_i[∇ℓ] (variance-aware sampling).
         grad_sq_norm: (k,) squared norm of each domain's mean gradient.
         grad_dot: (k, k) inner products ⟨g_i, g_j⟩ of domain mean gradients (DoGE, DIDS).
@@ -180,6 +182,7 @@ class DomainStats(NamedTuple):
     ref_loss: Tensor | None = None  # (k,)
     heldout_loss: Tensor | None = None  # (k,)
     heldout_loss_var: Tensor | None = None  # (k,)
+    heldout_count: Tensor | None = None  # (k,)
     grad_var: Tensor | None = None  # (k,)
     grad_sq_norm: Tensor | None = None  # (k,)
     grad_dot: Tensor | None = None  # (k, k)

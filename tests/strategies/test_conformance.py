@@ -87,6 +87,12 @@ STRATEGIES = [
         ),
     ),
     row("combine_ref_loss", lambda k: S.combine(loss=eg_ref(k), sampling=S.temperature(sizes(k), 2.0))),
+    row("fgls", lambda k: S.fgls()),
+    row("fgls_population_sizes", lambda k: S.fgls(ramp(k), sizes(k), smoothing=1.0)),
+    row("erma", lambda k: S.erma()),
+    row("erma_population_sizes", lambda k: S.erma(ramp(k), sizes(k), step_size=0.5)),
+    row("oracle_gls", lambda k: S.oracle_gls(ramp(k))),
+    row("combine_fgls_uniform", lambda k: S.combine(loss=S.fgls(), sampling=S.uniform())),
 ]
 
 NEEDS_EXTRA = [

@@ -148,6 +148,8 @@ class StatsCollector:
         fields: dict[str, Tensor | None] = dict.fromkeys(absent)
         for name, value, seen in window:
             fields[name] = self._average(name, value, seen) if clean else value
+        held = totals["heldout.count"]
+        fields["heldout_count"] = held.clone() if bool((held > 0).any()) else None
         count = totals["train.count"].clone()
         loss = fields.pop("loss")
         self.reset()

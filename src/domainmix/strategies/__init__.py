@@ -8,6 +8,11 @@ from domainmix.strategies._base import chain as chain
 from domainmix.strategies._base import combine as combine
 from domainmix.strategies._base import make_strategy as make_strategy
 from domainmix.strategies._base import stateless as stateless
+from domainmix.strategies._erma import ErmaState as ErmaState
+from domainmix.strategies._erma import erma as erma
+from domainmix.strategies._fgls import FglsState as FglsState
+from domainmix.strategies._fgls import fgls as fgls
+from domainmix.strategies._fgls import oracle_gls as oracle_gls
 from domainmix.strategies._primitives import AverageState as AverageState
 from domainmix.strategies._primitives import EmaState as EmaState
 from domainmix.strategies._primitives import ExponentiatedGradientState as ExponentiatedGradientState
@@ -32,20 +37,25 @@ __all__ = [
     "CombineState",
     "EmaState",
     "EmptyState",
+    "ErmaState",
     "ExponentiatedGradientState",
+    "FglsState",
     "ScheduleState",
     "StaticState",
     "Strategy",
     "chain",
     "combine",
     "ema",
+    "erma",
     "exponentiated_gradient",
+    "fgls",
     "fixed",
     "floor",
     "follow_mixture",
     "make_strategy",
     "mix_uniform",
     "normalize",
+    "oracle_gls",
     "proportional",
     "schedule",
     "stateless",

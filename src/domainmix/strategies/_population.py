@@ -1,0 +1,43 @@
+"""Population proportions π and domain sizes n, resolved against the domain names at ``init``."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from domainmix._validation import check_weight_vector
+
+WeightsLike = Mapping[str, float] | Sequence[float] | Tensor
+
+
+def check_optional(caller: str, name: str, value: WeightsLike | None) -> None:
+    """Fail at configuration time for sign, finiteness and zero-sum problems (names checked at init)."""
+    if value is None:
+        return
+    values = list(value.values()) if isinstance(value, Mapping) else value
+    check_weight_vector(caller, name, values, [str(i) for i in range(len(values))])
+
+
+def population_and_ratio(
+    caller: str, names: tuple[str, ...], population: WeightsLike | None, domain_sizes: WeightsLike | None
+) -> tuple[Tensor, Tensor]:
+    """π (normalised; uniform by default) and c = π / n' with n' = n / Σn (1 where n ∝ π or both default).
+
+    c is how far a domain's per-example weight in Σ π_i w_i L̂_i departs from the plain average: the
+    GLS and ERMA rules need it (salmani.md §2, §4). Domains with π_i = 0 get c_i = 0.
+    """
+    k = len(names)
+    pi = (
+        torch.full((k,), 1.0 / k, dtype=torch.float64)
+        if population is None
+        else check_weight_vector(caller, "population", population, names)
+    )
+    n = (
+        pi.clone()
+        if domain_sizes is None
+        else check_weight_vector(caller, "domain_sizes", domain_sizes, names)
+    )
+    ratio = torch.where((pi > 0) & (n > 0), pi / n.clamp_min(1e-300), torch.zeros_like(pi))
+    return pi, ratio

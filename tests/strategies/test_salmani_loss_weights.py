@@ -1,0 +1,117 @@
+"""FGLS, ERMA and oracle GLS: hand-computed steps and the invariants of salmani.md §9A.5."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import domainmix.strategies as S
+from _helpers import make_stats
+from domainmix.types import DomainWeights
+
+NAMES = ["a", "b"]
+
+
+def heldout(mean, var=None, count=(100.0, 100.0)):
+    return make_stats(
+        len(mean),
+        heldout_loss=list(mean),
+        heldout_loss_var=list(var if var is not None else [1.0] * len(mean)),
+        heldout_count=list(count),
+    )
+
+
+def step(strategy, stats, weights=None, state=None):
+    weights = weights or DomainWeights.create(NAMES[: stats.num_domains])
+    state = strategy.init(weights) if state is None else state
+    return strategy.update(weights, state, stats)
+
+
+def test_fgls_hand_computed_step() -> None:
+    # σ̂² = (1, 20), β = 0.5, π uniform: w̃ ∝ (1, 1/20) normalised to Σ π w̃ = 1 → (40/21, 2/21);
+    # w = 0.5·(1, 1) + 0.5·w̃ = (61/42, 23/42); Σ π w = 1 already; α = π w.
+    out, state = step(S.fgls(smoothing=0.5), heldout([1.0, 20.0]))
+    torch.testing.assert_close(state.loss_weights, torch.tensor([61 / 42, 23 / 42], dtype=torch.float64))
+    torch.testing.assert_close(out.mixture, torch.tensor([61 / 84, 23 / 84], dtype=torch.float64))
+    assert float((state.population * state.loss_weights).sum()) == pytest.approx(1.0)
+
+
+def test_fgls_converges_to_inverse_noise_share_and_keeps_equal_noise_uniform() -> None:
+    strategy = S.fgls(smoothing=0.5)
+    weights, state = DomainWeights.create(NAMES), None
+    for _ in range(30):
+        weights, state = step(strategy, heldout([1.0, 20.0]), weights, state)
+    assert float(weights.mixture[0]) == pytest.approx(20 / 21, abs=1e-6)
+    same, same_state = step(S.fgls(), heldout([3.0, 3.0]))
+    torch.testing.assert_close(same_state.loss_weights, torch.ones(2, dtype=torch.float64))
+    assert same.sampling.tolist() == [0.5, 0.5]  # FGLS never touches q
+
+
+def test_fgls_general_form_uses_sizes_over_population() -> None:
+    # Equal noise, π = (1/2, 1/2), n = (3, 1): w ∝ n/π → (3, 1) → Σπw = 1 gives (1.5, 0.5); α = (.75, .25).
+    out, _ = step(S.fgls(domain_sizes=[3, 1], smoothing=1.0), heldout([1.0, 1.0]))
+    torch.testing.assert_close(out.mixture, torch.tensor([0.75, 0.25], dtype=torch.float64))
+
+
+def test_fgls_domain_without_heldout_data_keeps_its_weight() -> None:
+    strategy = S.fgls(smoothing=1.0)
+    w1, s1 = step(strategy, heldout([1.0, 4.0]))
+    w2, s2 = step(strategy, heldout([9.0, 1.0], count=(100.0, 0.0)), w1, s1)
+    # only domain a is re-estimated: w̃ = (1/9, w_b) renormalised
+    target = torch.tensor([1 / 9, float(s1.loss_weights[1])], dtype=torch.float64)
+    torch.testing.assert_close(s2.loss_weights, target / (0.5 * target).sum())
+
+
+def test_erma_hand_computed_step() -> None:
+    # w = (1, 1), π = (.5, .5), L = (1, 2), Var = (1, 8): L̄ = 1.5, S² = .5 + 4 = 4.5
+    # step_i = .5·(L_i/1.5 − Var_i/4.5) = (.5(2/3 − 2/9), .5(4/3 − 16/9)) = (2/9, −2/9)
+    out, state = step(S.erma(step_size=1.0), heldout([1.0, 2.0], [1.0, 8.0]))
+    w = torch.exp(torch.tensor([2 / 9, -2 / 9], dtype=torch.float64))
+    w = w / (0.5 * w).sum()
+    torch.testing.assert_close(state.loss_weights, w)
+    torch.testing.assert_close(out.mixture, 0.5 * w)
+
+
+def test_erma_fixed_point_is_mean_over_variance() -> None:
+    mean, var = [0.5, 10.0], [0.5, 200.0]  # Gaussian residuals, ℓ = r²/2: σ² = (1, 20)
+    strategy = S.erma()  # γ = 0.5
+    weights, state = DomainWeights.create(NAMES), None
+    for _ in range(300):
+        weights, state = step(strategy, heldout(mean, var), weights, state)
+    ratio = torch.tensor(mean) / torch.tensor(var)
+    assert float(weights.mixture[0]) == pytest.approx(float(ratio[0] / ratio.sum()), abs=1e-4)  # 20/21
+    # at the fixed point another update changes nothing
+    again, _ = step(strategy, heldout(mean, var), weights, state)
+    torch.testing.assert_close(again.mixture, weights.mixture)
+
+
+def test_oracle_gls_weights() -> None:
+    out, _ = step(S.oracle_gls({"a": 1.0, "b": 20.0}), heldout([0.0, 0.0]))
+    torch.testing.assert_close(out.mixture, torch.tensor([20 / 21, 1 / 21], dtype=torch.float64))
+
+
+@pytest.mark.parametrize(
+    ("factory", "kwargs", "param"),
+    [
+        (S.fgls, {"smoothing": 0.0}, "smoothing"),
+        (S.fgls, {"smoothing": 1.5}, "smoothing"),
+        (S.fgls, {"floor": 0.0}, "floor"),
+        (S.fgls, {"population": [1.0, -1.0]}, "population"),
+        (S.erma, {"step_size": 0.0}, "step_size"),
+        (S.erma, {"domain_sizes": [float("nan"), 1.0]}, "domain_sizes"),
+        (S.oracle_gls, {"noise_variances": [0.0, 0.0]}, "noise_variances"),
+    ],
+)
+def test_bad_arguments_name_the_parameter(factory, kwargs, param) -> None:
+    with pytest.raises(ValueError, match=f"'{param}' parameter of {factory.__name__}"):
+        factory(**kwargs)
+
+
+def test_erma_unit_step_oscillates_but_stays_near_the_fixed_point() -> None:
+    strategy = S.erma(step_size=1.0)
+    weights, state, shares = DomainWeights.create(NAMES), None, []
+    for _ in range(300):
+        weights, state = step(strategy, heldout([0.5, 10.0], [0.5, 200.0]), weights, state)
+        shares.append(float(weights.mixture[0]))
+    assert all(abs(x - 20 / 21) < 0.05 for x in shares[-50:])
+    assert max(shares[-50:]) - min(shares[-50:]) > 1e-3  # γ = 1 does not settle here: why 0.5 is default
