@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-from torch import Tensor
 
 from domainmix._validation import Interval, check_param
 from domainmix.strategies._base import Strategy, make_strategy
-from domainmix.strategies._population import WeightsLike, check_optional, population_and_ratio
+from domainmix.strategies._population import (
+    LossWeightState,
+    WeightsLike,
+    check_optional,
+    initial_loss_weights,
+)
 from domainmix.types import DomainStats, DomainWeights
 
-
-class ErmaState(NamedTuple):
-    """Loss weights w (Σ π_i w_i = 1), the population π and the ratio c_i = π_i / n'_i."""
-
-    loss_weights: Tensor  # (k,) w
-    population: Tensor  # (k,) π
-    ratio: Tensor  # (k,) c
+ErmaState = LossWeightState  # w, π and c; shared with the other loss-weight rules
 
 
 def erma(
@@ -62,8 +58,7 @@ def erma(
     gamma = float(step_size)
 
     def init_fn(weights: DomainWeights) -> ErmaState:
-        pi, ratio = population_and_ratio("erma", weights.names, population, domain_sizes)
-        return ErmaState(torch.where(pi > 0, 1.0, 0.0).to(torch.float64), pi, ratio)
+        return initial_loss_weights("erma", weights.names, population, domain_sizes)
 
     def update_fn(
         weights: DomainWeights, state: ErmaState, stats: DomainStats

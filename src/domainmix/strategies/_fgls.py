@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
-from torch import Tensor
 
 from domainmix._validation import Interval, check_param, check_weight_vector
 from domainmix.strategies._base import Strategy, make_strategy
-from domainmix.strategies._population import WeightsLike, check_optional, population_and_ratio
+from domainmix.strategies._population import (
+    LossWeightState,
+    WeightsLike,
+    check_optional,
+    initial_loss_weights,
+    population_and_ratio,
+)
 from domainmix.types import DomainStats, DomainWeights
 
-
-class FglsState(NamedTuple):
-    """Loss weights w (normalised so that Σ π_i w_i = 1) and the population they refer to."""
-
-    loss_weights: Tensor  # (k,) w
-    population: Tensor  # (k,) π
-    ratio: Tensor  # (k,) π_i / n'_i
+FglsState = LossWeightState  # w, π and c; shared with the other loss-weight rules
 
 
 def fgls(
@@ -62,8 +59,7 @@ def fgls(
     beta, eps = float(smoothing), float(floor)
 
     def init_fn(weights: DomainWeights) -> FglsState:
-        pi, ratio = population_and_ratio("fgls", weights.names, population, domain_sizes)
-        return FglsState(torch.where(pi > 0, 1.0, 0.0).to(torch.float64), pi, ratio)
+        return initial_loss_weights("fgls", weights.names, population, domain_sizes)
 
     def update_fn(
         weights: DomainWeights, state: FglsState, stats: DomainStats

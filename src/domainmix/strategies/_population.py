@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -41,3 +42,19 @@ def population_and_ratio(
     )
     ratio = torch.where((pi > 0) & (n > 0), pi / n.clamp_min(1e-300), torch.zeros_like(pi))
     return pi, ratio
+
+
+class LossWeightState(NamedTuple):
+    """Loss weights w (normalised so that Σ π_i w_i = 1), the population π and c_i = π_i / n'_i."""
+
+    loss_weights: Tensor  # (k,) w
+    population: Tensor  # (k,) π
+    ratio: Tensor  # (k,) c
+
+
+def initial_loss_weights(
+    caller: str, names: tuple[str, ...], population: WeightsLike | None, domain_sizes: WeightsLike | None
+) -> LossWeightState:
+    """Start at w = 1 wherever π > 0 (the plain π-weighted objective, Σ π_i w_i = 1)."""
+    pi, ratio = population_and_ratio(caller, names, population, domain_sizes)
+    return LossWeightState(torch.where(pi > 0, 1.0, 0.0).to(torch.float64), pi, ratio)
