@@ -52,6 +52,7 @@ STRATEGIES = [
     "temperature",
     "track_average",
     "uniform",
+    "variance_aware",
 ]
 
 MODULES = [

@@ -93,6 +93,10 @@ STRATEGIES = [
     row("erma_population_sizes", lambda k: S.erma(ramp(k), sizes(k), step_size=0.5)),
     row("oracle_gls", lambda k: S.oracle_gls(ramp(k))),
     row("combine_fgls_uniform", lambda k: S.combine(loss=S.fgls(), sampling=S.uniform())),
+    row("variance_aware", lambda k: S.variance_aware()),
+    row("variance_aware_integer", lambda k: S.variance_aware(32, min_count=2)),
+    row("combine_fgls_va", lambda k: S.combine(loss=S.fgls(), sampling=S.variance_aware(32))),
+    row("combine_erma_va", lambda k: S.combine(loss=S.erma(), sampling=S.variance_aware(32))),
 ]
 
 NEEDS_EXTRA = [

@@ -30,6 +30,7 @@ from domainmix.strategies._static import proportional as proportional
 from domainmix.strategies._static import schedule as schedule
 from domainmix.strategies._static import temperature as temperature
 from domainmix.strategies._static import uniform as uniform
+from domainmix.strategies._variance_aware import variance_aware as variance_aware
 
 __all__ = [
     "AverageState",
@@ -62,5 +63,6 @@ __all__ = [
     "temperature",
     "track_average",
     "uniform",
+    "variance_aware",
 ]
 assert sorted(__all__) == __all__
