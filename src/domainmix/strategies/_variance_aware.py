@@ -9,7 +9,6 @@ from domainmix.sampling._allocation import allocate_counts
 from domainmix.strategies._base import EmptyState, Strategy, make_strategy
 from domainmix.types import DomainStats, DomainWeights
 
-
 _NEGLIGIBLE = 1e-9  # relative share given to an active domain whose gradient variance is exactly 0
 
 
