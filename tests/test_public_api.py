@@ -35,6 +35,7 @@ STRATEGIES = [
     "Strategy",
     "chain",
     "combine",
+    "delay",
     "ema",
     "erma",
     "exponentiated_gradient",

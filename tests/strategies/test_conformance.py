@@ -96,6 +96,11 @@ STRATEGIES = [
     row("variance_aware", lambda k: S.variance_aware()),
     row("variance_aware_integer", lambda k: S.variance_aware(32, min_count=2)),
     row("combine_fgls_va", lambda k: S.combine(loss=S.fgls(), sampling=S.variance_aware(32))),
+    row("delay", lambda k: S.delay(eg(k), 3)),
+    row(
+        "combine_delay_fgls_va",
+        lambda k: S.combine(loss=S.delay(S.fgls(), 2), sampling=S.variance_aware(16)),
+    ),
     row("combine_erma_va", lambda k: S.combine(loss=S.erma(), sampling=S.variance_aware(32))),
 ]
 

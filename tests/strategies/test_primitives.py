@@ -161,3 +161,21 @@ def test_stateless_and_make_strategy_check_stats() -> None:
         s.update(w, S.EmptyState(), make_stats(3, grad_dot=[1.0, 2.0, 3.0]))
     with pytest.raises(TypeError, match="expects a DomainStats"):
         s.update(w, S.EmptyState(), {"loss": None})
+
+
+def test_delay_holds_weights_and_state_until_start() -> None:
+    inner = S.exponentiated_gradient(lambda s, w: s.loss, 1.0)
+    delayed = S.delay(inner, 200)
+    weights = DomainWeights.create(["a", "b"])
+    state = delayed.init(weights)
+    early = make_stats(2, step=100, loss=[1.0, 0.0])
+    held, held_state = delayed.update(weights, state, early)
+    assert held is weights and held_state is state
+    moved, _ = delayed.update(weights, state, early._replace(step=200))
+    expected, _ = inner.update(weights, inner.init(weights), early._replace(step=200))
+    assert torch.equal(moved.mixture, expected.mixture) and float(moved.mixture[0]) > 0.5
+    assert delayed.requires == inner.requires
+    with pytest.raises(ValueError, match="'start_step' parameter of delay"):
+        S.delay(inner, -1)
+    with pytest.raises(ValueError, match="'strategy' parameter of delay"):
+        S.delay("fgls", 1)  # type: ignore[arg-type]

@@ -16,6 +16,7 @@ from domainmix.strategies._fgls import oracle_gls as oracle_gls
 from domainmix.strategies._primitives import AverageState as AverageState
 from domainmix.strategies._primitives import EmaState as EmaState
 from domainmix.strategies._primitives import ExponentiatedGradientState as ExponentiatedGradientState
+from domainmix.strategies._primitives import delay as delay
 from domainmix.strategies._primitives import ema as ema
 from domainmix.strategies._primitives import exponentiated_gradient as exponentiated_gradient
 from domainmix.strategies._primitives import floor as floor
@@ -46,6 +47,7 @@ __all__ = [
     "Strategy",
     "chain",
     "combine",
+    "delay",
     "ema",
     "erma",
     "exponentiated_gradient",

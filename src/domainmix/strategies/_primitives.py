@@ -211,11 +211,39 @@ def follow_mixture() -> Strategy:
     return stateless("follow_mixture", lambda w, s: w._replace(sampling=w.mixture.clone()))
 
 
+def delay(strategy: Strategy, start_step: int) -> Strategy:
+    """Hold the weights until the window closing at ``start_step``; then run ``strategy`` as usual.
+
+    A warm-up for one half of a :func:`combine`: ``combine(loss=delay(fgls(), 500),
+    sampling=variance_aware(B))`` lets VA allocate from the first window while FGLS waits until the
+    model is good enough for its residuals to mean noise rather than misfit (salmani.md §3). The
+    controller's own ``warmup_steps`` would hold both. The wrapped strategy's state is untouched
+    while held.
+
+    Args:
+        strategy: the strategy to hold.
+        start_step: first ``stats.step`` at which it runs, an int ≥ 0.
+    """
+    if not isinstance(strategy, Strategy):
+        raise ValueError(
+            f"The 'strategy' parameter of delay must be a Strategy. Got {type(strategy).__name__} instead."
+        )
+    start = check_param("delay", "start_step", start_step, Interval(int, 0, None))
+
+    def update_fn(weights: DomainWeights, state: object, stats: DomainStats) -> tuple[DomainWeights, object]:
+        if stats.step < start:
+            return weights, state
+        return strategy.update(weights, state, stats)
+
+    return make_strategy(f"delay({strategy.name}, {start})", strategy.init, update_fn, strategy.requires)
+
+
 __all__ = [
     "AverageState",
     "EmaState",
     "EmptyState",
     "ExponentiatedGradientState",
+    "delay",
     "ema",
     "exponentiated_gradient",
     "floor",
