@@ -127,6 +127,7 @@ class WeightingController:
         self._step = 0
         self._num_updates = 0
         self._num_skipped = 0
+        self._multipliers: tuple[DomainWeights, tuple[float, ...] | None, Tensor] | None = None
         self._weights = initial
         self._state = strategy.init(initial)
         if self.stat_free:
@@ -175,9 +176,14 @@ class WeightingController:
         """
         realised = getattr(self._sampler, "effective_sampling", None)
         weights = self._weights
-        if realised is not None:
-            weights = weights._replace(sampling=torch.as_tensor(realised, dtype=torch.float64))
-        return weights.loss_multipliers()
+        shares = None if realised is None else tuple(torch.as_tensor(realised).tolist())
+        cached = self._multipliers
+        # Called every step: recompute only when the weights object or the realised shares change.
+        if cached is None or cached[0] is not weights or cached[1] != shares:
+            if realised is not None:
+                weights = weights._replace(sampling=torch.as_tensor(realised, dtype=torch.float64))
+            cached = self._multipliers = (self._weights, shares, weights.loss_multipliers())
+        return cached[2].clone()
 
     def averaged_weights(self) -> DomainWeights | None:
         """Time-averaged weights if the strategy contains ``track_average()``, else None."""
@@ -252,23 +258,24 @@ class WeightingController:
                 f"Strategy {name!r} returned {new!r}, not DomainWeights over {self._weights.names}."
             )
         k = self._weights.num_domains
+        values: dict[str, list[float]] = {}
         for field in ("mixture", "sampling"):
             x = getattr(new, field)
-            ok = (
-                isinstance(x, Tensor)
-                and x.shape == (k,)
-                and bool(torch.isfinite(x).all())
-                and bool((x >= 0).all())
-                and math.isclose(float(x.sum()), 1.0, abs_tol=1e-6)
-            )
-            if not ok:
+            # Checked on Python floats: k is small and this runs every step for stat-free strategies.
+            v = x.tolist() if isinstance(x, Tensor) and x.shape == (k,) else None
+            if (
+                v is None
+                or not all(math.isfinite(e) and e >= 0 for e in v)
+                or not math.isclose(math.fsum(v), 1.0, abs_tol=1e-6)
+            ):
                 raise RuntimeError(
                     f"Strategy {name!r} returned an invalid {field}: {x!r}; expected a distribution over "
                     f"{k} domains. The weights were left unchanged."
                 )
+            values[field] = v
         starved = [
             n
-            for n, a, q in zip(new.names, new.mixture.tolist(), new.sampling.tolist(), strict=True)
+            for n, a, q in zip(new.names, values["mixture"], values["sampling"], strict=True)
             if a > 0 and q <= 0
         ]
         if starved:
@@ -277,8 +284,8 @@ class WeightingController:
                 "sampled. Add floor(...) on the sampling side. The weights were left unchanged."
             )
         return new._replace(
-            mixture=(new.mixture / new.mixture.sum()).to(torch.float64),
-            sampling=(new.sampling / new.sampling.sum()).to(torch.float64),
+            mixture=torch.tensor(values["mixture"], dtype=torch.float64) / math.fsum(values["mixture"]),
+            sampling=torch.tensor(values["sampling"], dtype=torch.float64) / math.fsum(values["sampling"]),
         )
 
     def _empty_stats(self, step: int) -> DomainStats:

@@ -1,6 +1,16 @@
-"""Per-domain statistics collected over update windows."""
+"""Per-domain statistics over update windows, and gradient statistics for Variance-Aware sampling."""
 
 from domainmix.stats._collector import StatsCollector as StatsCollector
+from domainmix.stats._gradients import DomainGradients as DomainGradients
+from domainmix.stats._gradients import gradient_variance as gradient_variance
+from domainmix.stats._gradients import micro_batch_gradients as micro_batch_gradients
+from domainmix.stats._gradients import per_example_gradients as per_example_gradients
 
-__all__ = ["StatsCollector"]
+__all__ = [
+    "DomainGradients",
+    "StatsCollector",
+    "gradient_variance",
+    "micro_batch_gradients",
+    "per_example_gradients",
+]
 assert sorted(__all__) == __all__

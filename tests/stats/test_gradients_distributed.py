@@ -1,0 +1,80 @@
+"""Two gloo processes: the all-reduced gradient statistics equal the single-process ones on all examples."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from domainmix.stats import DomainGradients, micro_batch_gradients, per_example_gradients
+
+WORKER = Path(__file__).resolve().parent / "_gradients_worker.py"
+
+
+def load_worker():
+    spec = importlib.util.spec_from_file_location("_gradients_worker", WORKER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def from_json(record: dict) -> DomainGradients:
+    return DomainGradients(*(torch.tensor(record[f], dtype=torch.float64) for f in DomainGradients._fields))
+
+
+@pytest.mark.distributed
+def test_two_rank_pooled_statistics_equal_single_process(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        str(WORKER),
+        "--out",
+        str(tmp_path),
+    ]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+
+    worker = load_worker()
+    model, x, y, ids = worker.problem()
+    k = worker.NUM_DOMAINS
+    whole = per_example_gradients(model, worker.loss_fn, x, y, ids, k)
+
+    # Every rank holds the statistics of all 40 examples: the pooled estimator, not a mean of two.
+    assert ranks[0]["pooled"] == ranks[1]["pooled"]
+    for r in ranks:
+        pooled = from_json(r["pooled"])
+        for a, b in zip(pooled, whole, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+        torch.testing.assert_close(
+            torch.tensor(r["pooled"]["variance"], dtype=torch.float64), whole.variance(), rtol=0, atol=1e-10
+        )
+
+    # reduce=False kept each rank's own shard, so the reduction above did the pooling.
+    for rank, r in enumerate(ranks):
+        rows = worker.shard(rank)
+        local = per_example_gradients(model, worker.loss_fn, x[rows], y[rows], ids[rows], k)
+        for a, b in zip(from_json(r["local"]), local, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+    assert ranks[0]["local"]["count"] != whole.count.tolist()
+
+    # Micro-batches are cut within each rank's shard; the pooled result merges the shards' micro-batches.
+    shards = [
+        micro_batch_gradients(model, worker.loss_fn, x[s], y[s], ids[s], k, micro_batch_size=2)
+        for s in (worker.shard(0), worker.shard(1))
+    ]
+    merged = shards[0].merged(shards[1])
+    assert ranks[0]["micro"] == ranks[1]["micro"]
+    for a, b in zip(from_json(ranks[0]["micro"]), merged, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
