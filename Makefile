@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-slow lint bench clean
+.PHONY: demo test test-slow reproduce lint bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,14 +16,21 @@ $(STAMP): $(PY) pyproject.toml
 	$(PIP) install -e '.[test]'
 	touch $(STAMP)
 
+# Salmani et al. Fig. 1d-f: linear regression, uniform vs FGLS vs VA vs FGLS+VA, 5 seeds (about 2 min).
 demo: $(STAMP)
-	$(VENV)/bin/domainmix demo
+	$(VENV)/bin/domainmix run linear --setting fig1def --methods uniform,fgls,va,fgls+va --out runs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --durations=10
 
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow -n 2 || [ $$? -eq 5 ]
+
+# Every experiment of docs/reproduction.md (about 40 min on 2 cores).
+reproduce: $(STAMP)
+	for s in fig1abc fig1def fig4abc fig4def; do $(VENV)/bin/domainmix run linear --setting $$s --out runs/linear-$$s || exit 1; done
+	for s in fig2abc fig2def; do $(VENV)/bin/domainmix run logistic --setting $$s --out runs/logistic-$$s || exit 1; done
+	$(VENV)/bin/domainmix run mlp --out runs/mlp
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

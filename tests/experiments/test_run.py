@@ -1,0 +1,177 @@
+"""``domainmix run``: configuration, the training loop and the documented output layout, on tiny runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from domainmix._validation import ConfigError
+from domainmix.experiments import linear, logistic
+from domainmix.experiments._report import load_metrics
+from domainmix.experiments.config import LinearConfig, MlpConfig, load_config, parse_method
+from domainmix.experiments.loop import make_method, train
+from domainmix.experiments.run import build_config, main
+
+TINY = ["--steps", "300", "--seeds", "0", "--workers", "1", "--quiet", "--set", "update_every=50"]
+
+
+def test_parse_method() -> None:
+    assert parse_method("fgls+va") == ("fgls", "va")
+    assert parse_method("va") == ("uniform", "va")
+    assert parse_method("erma") == ("erma", "uniform")
+    with pytest.raises(ValueError, match="Unknown method 'doremi'"):
+        parse_method("doremi")
+
+
+def test_config_errors_are_collected_and_raised_once(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(LinearConfig, None, {"stepz": 3, "lr": "fast", "batch_size": 0, "methods": ["x"]})
+    errors = info.value.errors
+    assert any("unknown setting 'stepz'" in e for e in errors)
+    assert any("'lr' must be a number. Got 'fast'" in e for e in errors)
+    # Type errors stop before value checks; fix them and the value problems all show at once.
+    with pytest.raises(ConfigError) as info:
+        load_config(LinearConfig, None, {"batch_size": 0, "methods": ["x"], "noise_variances": [1.0]})
+    text = str(info.value)
+    assert "'batch_size' must be an int >= 1. Got 0" in text
+    assert "Unknown method 'x'" in text
+    assert "one entry per domain" in text
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 123\nseeds: [3, 4]\ninput_scales: [1, 2, 3]\nnoise_variances: [1, 1, 5]\n")
+    cfg = load_config(LinearConfig, path)
+    assert (cfg.steps, cfg.seeds, cfg.input_scales) == (123, (3, 4), (1.0, 2.0, 3.0))
+    path.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(LinearConfig, path)
+
+
+def test_setting_then_file_then_overrides(tmp_path: Path) -> None:
+    cfg = build_config("linear", "fig1abc", None, {})
+    assert cfg.input_scales == (100.0, 1.0) and cfg.noise_variances == (1.0, 20.0)
+    path = tmp_path / "c.yaml"
+    path.write_text("noise_variances: [2, 3]\nsteps: 50\n")
+    cfg = build_config("linear", "fig1abc", str(path), {"steps": 60})
+    assert cfg.input_scales == (100.0, 1.0) and cfg.noise_variances == (2.0, 3.0) and cfg.steps == 60
+    with pytest.raises(ConfigError, match="unknown setting 'fig9'"):
+        build_config("linear", "fig9", None, {})
+
+
+def test_methods_are_independent_loss_and_sampling_choices() -> None:
+    cfg = LinearConfig()
+    task = linear.make_task(LinearConfig(train_per_domain=40, heldout_per_domain=10), seed=0)
+    assert make_method("uniform", cfg, task).requires == frozenset()
+    assert make_method("va", cfg, task).requires == {"grad_var"}
+    assert make_method("fgls", cfg, task).requires == {"heldout_loss", "heldout_count"}
+    assert make_method("erma+va", cfg, task).requires == {
+        "heldout_loss",
+        "heldout_loss_var",
+        "heldout_count",
+        "grad_var",
+    }
+    no_truth = logistic.make_task(load_config(logistic.CONFIG, None, {"train_per_domain": 40}), seed=0)
+    with pytest.raises(ValueError, match="needs the true noise variances"):
+        make_method("oracle_gls", cfg, no_truth)
+
+
+def test_linear_data_follows_the_setting() -> None:
+    cfg = LinearConfig(input_scales=(1.0, 100.0, 4.0), noise_variances=(1.0, 20.0, 2.0), dim=5)
+    task = linear.make_task(cfg, seed=1)
+    assert task.names == ("d1", "d2", "d3")
+    assert [len(task.split.train[n]) for n in task.names] == [2000] * 3
+    assert [len(task.split.heldout[n]) for n in task.names] == [500] * 3
+    for i, scale in enumerate(cfg.input_scales):
+        x = task.inputs[task.domains == i]
+        assert abs(float(x.var()) / scale - 1) < 0.1
+    again = linear.make_task(cfg, seed=1)
+    assert torch.equal(again.inputs, task.inputs) and torch.equal(again.targets, task.targets)
+
+
+def test_tiny_linear_run_writes_the_documented_layout(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    methods = "uniform,oracle_gls,fgls,erma,va,fgls+va,erma+va"
+    code = main(["linear", "--setting", "fig1def", "--out", str(tmp_path), "--methods", methods, *TINY,
+                 "--set", "warmup_steps=100"])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "fgls+va" in out and "metrics.json" in out
+    metrics = load_metrics(tmp_path / "metrics.json")
+    assert metrics["experiment"] == "linear" and metrics["setting"] == "fig1def"
+    assert metrics["domains"] == ["d1", "d2"]
+    assert metrics["config"]["input_scales"] == [1.0, 100.0]
+    runs = {r["method"]: r for r in metrics["runs"]}
+    assert list(runs) == methods.split(",")
+    for run in runs.values():
+        assert run["steps"][0] == 0 and run["steps"][-1] == 300 and len(run["error"]) == len(run["steps"])
+        assert run["final_error"] == run["error"][-1] < run["error"][0] == 1.0  # θ starts at 0, |θ_gt| = 1
+        assert set(run["loss_share"]) == set(run["sampling_share"]) == {"d1", "d2"}
+        assert run["wall_time_s"] > 0
+    # Loss rules move α towards the quiet domain d1 (σ² = 1 vs 20); VA moves q towards the loud one.
+    assert runs["uniform"]["loss_share"]["d1"] == 0.5 and runs["uniform"]["sampling_share"]["d1"] == 0.5
+    assert runs["oracle_gls"]["loss_share"]["d1"] == pytest.approx(20 / 21)
+    assert runs["fgls"]["loss_share"]["d1"] > 0.8 and runs["fgls"]["sampling_share"]["d1"] == 0.5
+    assert runs["erma"]["loss_share"]["d1"] > 0.52  # EG steps: slower than FGLS's jump
+    assert runs["va"]["loss_share"]["d1"] == 0.5 and runs["va"]["sampling_share"]["d1"] == 1 / 32
+    assert 1 / 32 < runs["fgls+va"]["sampling_share"]["d1"] < 0.5
+    lines = (tmp_path / "weights.jsonl").read_text().splitlines()
+    assert len(lines) == sum(len(r["trajectory"]["steps"]) for r in runs.values())
+    first = json.loads(lines[0])
+    assert set(first) == {"method", "seed", "step", "loss_share", "sampling_share"}
+    assert (tmp_path / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_custom_domains_from_the_command_line(tmp_path: Path) -> None:
+    code = main(["linear", "--setting", "custom", "--out", str(tmp_path), "--methods", "fgls+va", *TINY,
+                 "--set", "input_scales=[1, 10, 100]", "--set", "noise_variances=[1, 5, 20]",
+                 "--set", "warmup_steps=100", "--no-plot"])  # fmt: skip
+    assert code == 0
+    metrics = load_metrics(tmp_path)
+    assert metrics["domains"] == ["d1", "d2", "d3"]
+    share = metrics["runs"][0]["loss_share"]
+    assert share["d1"] > share["d2"] > share["d3"]
+    assert not (tmp_path / "figure.png").exists()
+
+
+def test_invalid_command_line_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["linear", "--out", str(tmp_path), "--set", "lr=-1", "--steps", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "'lr' must be a float > 0" in err and "'steps' must be an int >= 1" in err
+
+
+def test_logistic_and_mlp_run(tmp_path: Path) -> None:
+    assert main(["logistic", "--out", str(tmp_path / "lg"), "--methods", "uniform,erma+va", *TINY,
+                 "--set", "warmup_steps=100", "--no-plot"]) == 0  # fmt: skip
+    runs = load_metrics(tmp_path / "lg")["runs"]
+    assert all(0 <= r["final_metrics"]["accuracy"] <= 1 for r in runs)
+    assert runs[1]["loss_share"]["d1"] < 0.5  # d1 has 30 % flipped labels
+    assert main(["mlp", "--out", str(tmp_path / "mlp"), "--methods", "uniform,erma+va", "--steps", "60",
+                 "--seeds", "0", "--workers", "1", "--quiet", "--no-plot",
+                 "--set", "source=sklearn", "--set", "update_every=10", "--set", "warmup_steps=20",
+                 "--set", "batch_size=32", "--set", "hidden=[32]"]) == 0  # fmt: skip
+    metrics = load_metrics(tmp_path / "mlp")
+    assert metrics["domains"] == ["clean", "noisy"]
+    accuracy = metrics["runs"][0]["final_metrics"]["accuracy"]
+    assert accuracy > 0.5  # 8×8 digits, 60 steps: far above chance (0.1)
+
+
+def test_parallel_workers_match_in_process(tmp_path: Path) -> None:
+    cfg = load_config(LinearConfig, None, {"steps": 200, "seeds": [0, 1], "update_every": 50,
+                                           "methods": ["fgls+va"], "warmup_steps": 100})  # fmt: skip
+    from domainmix.experiments.run import run_jobs
+
+    parallel = run_jobs("linear", cfg.__class__(**{**cfg.__dict__, "workers": 2}), progress=False)
+    serial = [train(linear.make_task(cfg, s), "fgls+va", cfg, s) for s in cfg.seeds]
+    for p, s in zip(parallel, serial, strict=True):
+        assert (p["method"], p["seed"]) == (s["method"], s["seed"])
+        assert p["error"] == s["error"] and p["trajectory"] == s["trajectory"]
+
+
+def test_loop_refuses_to_continue_after_divergence() -> None:
+    cfg = load_config(LinearConfig, None, {"steps": 200, "lr": 10.0, "methods": ["uniform"]})
+    with pytest.raises(RuntimeError, match="diverged at step"):
+        train(linear.make_task(cfg, 0), "uniform", cfg, 0)
+
+
+def test_mlp_config_defaults_are_valid() -> None:
+    assert MlpConfig().problems() == []
