@@ -134,7 +134,9 @@ def train(task: Task, method: str, cfg: TrainConfig, seed: int) -> dict[str, Any
         per_example = task.loss_fn(model(task.inputs[batch]), task.targets[batch])
         loss = weighted_loss(per_example, task.domains[batch], controller.loss_multipliers())
         if not torch.isfinite(loss.detach()):
-            raise RuntimeError(f"{method} (seed {seed}) diverged at step {step}: loss {loss.detach().item()}.")
+            raise RuntimeError(
+                f"{method} (seed {seed}) diverged at step {step}: loss {loss.detach().item()}."
+            )
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
