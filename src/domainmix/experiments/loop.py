@@ -89,7 +89,9 @@ def train(task: Task, method: str, cfg: TrainConfig, seed: int) -> dict[str, Any
     start = time.perf_counter()
     torch.manual_seed(seed)
     k, model, names = len(task.names), task.model, task.names
-    sampler = DomainBatchSampler(task.split.train, cfg.batch_size, seed=seed, min_count=1)
+    sampler = DomainBatchSampler(
+        task.split.train, cfg.batch_size, seed=seed, min_count=1, replacement=cfg.replacement
+    )
     controller = WeightingController(
         make_method(method, cfg, task), names, update_every=cfg.update_every, sampler=sampler
     )
