@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import io
 import math
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -144,3 +148,13 @@ def full_stats(k: int, step: int, seed: int = 0) -> DomainStats:
         grad_dot=grads @ grads.T,
         target_grad_dot=grads @ torch.randn(4, generator=g, dtype=torch.float64),
     )
+
+
+def run_torchrun(
+    script: Path, *args: str, nproc: int = 2, timeout: float = 240
+) -> subprocess.CompletedProcess:
+    """Launch ``script`` on ``nproc`` local processes with torch.distributed.run (gloo on CPU)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           str(script), *args]  # fmt: skip
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

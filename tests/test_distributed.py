@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
 import pytest
 import torch
 
+from _helpers import run_torchrun
 from domainmix.sampling import allocate_counts
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -20,20 +18,7 @@ SIZES = (3000, 1000, 2000)
 
 @pytest.mark.distributed
 def test_two_rank_gloo_run(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(ROOT / "examples" / "distributed_train.py"),
-        "--out",
-        str(tmp_path),
-        "--steps",
-        "40",
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    done = run_torchrun(ROOT / "examples" / "distributed_train.py", "--out", str(tmp_path), "--steps", "40")
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from _helpers import run_torchrun
 from domainmix.stats import DomainGradients, micro_batch_gradients, per_example_gradients
 
 WORKER = Path(__file__).resolve().parent / "_gradients_worker.py"
@@ -30,18 +28,7 @@ def from_json(record: dict) -> DomainGradients:
 
 @pytest.mark.distributed
 def test_two_rank_pooled_statistics_equal_single_process(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node=2",
-        str(WORKER),
-        "--out",
-        str(tmp_path),
-    ]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    done = run_torchrun(WORKER, "--out", str(tmp_path), timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
