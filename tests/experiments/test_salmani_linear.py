@@ -1,12 +1,13 @@
 """Salmani et al. §9B on the full linear-regression protocol (5 seeds, 10,000 steps): slow.
 
-Targets and tolerances are salmani.md §9B's, with two exceptions explained in docs/reproduction.md.
+Targets and tolerances are salmani.md §9B's; two checks differ in form (docs/reproduction.md).
 Sampling shares are read as the mean over the second half of training (and over seeds): VA
 re-estimates v_i from 64 examples per domain every 100 steps, so a single window's share jitters by a
 slot or two of 32 around its converged value.
 
-* §9B.8's "FGLS+VA ≤ 0.65 × uniform at step 2000 in fig1def": seeds 0-4 give 0.654, with per-seed
-  ratios from 0.54 to 0.81, so five seeds cannot tell SIM's 0.61 from 0.65. Asserted: ≤ 0.75.
+* §9B.8 ("FGLS+VA ≤ 0.65 × uniform and ≤ min(FGLS, VA) at step 2000 in fig1def") is checked on 20
+  seeds (to step 2000 only): seeds 0-4 give 0.653, with per-seed ratios from 0.54 to 0.81, so five
+  seeds cannot tell SIM's 0.61 from 0.65; twenty give 0.603, and FGLS+VA within 1 % of FGLS alone.
 * §9B.7's "final error with VA within ±10 % of its twin": in fig4abc VA ends 12 % *lower*, closer to
   the closed-form error floor both share (uniform has not reached it by step 10,000). Asserted: VA is
   never more than 10 % worse than its twin and never below 0.9 × the twin's closed-form floor, i.e.
@@ -36,10 +37,9 @@ VA_TARGETS = {
 }
 
 
-def run_setting(setting: str) -> dict[str, list[dict[str, Any]]]:
-    cfg = load_config(
-        LinearConfig, None, {**LINEAR_SETTINGS[setting], "methods": list(METHODS), "workers": 1}
-    )
+def run_setting(setting: str, **overrides: Any) -> dict[str, list[dict[str, Any]]]:
+    settings = {**LINEAR_SETTINGS[setting], "methods": list(METHODS), "workers": 1, **overrides}
+    cfg = load_config(LinearConfig, None, settings)
     by_method: dict[str, list[dict[str, Any]]] = {}
     for run in run_jobs("linear", cfg, progress=False):
         by_method.setdefault(run["method"], []).append(run)
@@ -102,10 +102,8 @@ def test_noise_differs(setting: str) -> None:
     if setting == "fig1def":
         # §9B.9: loss and sampling weights move in opposite directions.
         assert loss_share(runs, "fgls+va") > 0.9 and late_sampling_share(runs, "fgls+va") < 0.35
-        # §9B.6 / §9B.8: VA speeds up, and so does the combination (0.75, not 0.65: see the docstring).
-        uniform = at_step(runs, "uniform", 2000)
-        assert at_step(runs, "va", 2000) <= 0.93 * uniform
-        assert at_step(runs, "fgls+va", 2000) <= 0.75 * uniform
+        # §9B.6: VA speeds up.
+        assert at_step(runs, "va", 2000) <= 0.93 * at_step(runs, "uniform", 2000)
 
 
 def test_equal_noise_fig4abc() -> None:
@@ -116,3 +114,14 @@ def test_equal_noise_fig4abc() -> None:
     assert abs(final(runs, "fgls") / final(runs, "uniform") - 1) <= 0.03
     assert at_step(runs, "va", 2000) <= 0.90 * at_step(runs, "uniform", 2000)
     check_common("fig4abc", runs)
+
+
+def test_combination_fig1def_on_twenty_seeds() -> None:
+    """§9B.8: FGLS+VA ≤ 0.65 × uniform at step 2000, and as fast as the faster of FGLS and VA."""
+    runs = run_setting(
+        "fig1def", steps=2000, seeds=list(range(20)), methods=["uniform", "fgls", "va", "fgls+va"]
+    )
+    combined = at_step(runs, "fgls+va", 2000)
+    assert combined <= 0.65 * at_step(runs, "uniform", 2000)
+    # Measured 0.0429 vs FGLS 0.0432: equal within 1 %; 2 % leaves room for floating-point differences.
+    assert combined <= 1.02 * min(at_step(runs, "fgls", 2000), at_step(runs, "va", 2000))
