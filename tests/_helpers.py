@@ -147,6 +147,7 @@ def full_stats(k: int, step: int, seed: int = 0) -> DomainStats:
         grad_sq_norm=(grads**2).sum(1),
         grad_dot=grads @ grads.T,
         target_grad_dot=grads @ torch.randn(4, generator=g, dtype=torch.float64),
+        excess_loss=pos(0.5),
     )
 
 

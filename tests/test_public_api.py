@@ -36,6 +36,7 @@ STRATEGIES = [
     "chain",
     "combine",
     "delay",
+    "doremi",
     "ema",
     "erma",
     "exponentiated_gradient",

@@ -150,6 +150,7 @@ STAT_NAMES: tuple[str, ...] = (
     "grad_sq_norm",
     "grad_dot",
     "target_grad_dot",
+    "excess_loss",
 )
 
 
@@ -173,6 +174,8 @@ class DomainStats(NamedTuple):
         grad_sq_norm: (k,) squared norm of each domain's mean gradient.
         grad_dot: (k, k) inner products ⟨g_i, g_j⟩ of domain mean gradients (DoGE, DIDS).
         target_grad_dot: (k,) ⟨g_i, g_target⟩ against a target-domain gradient (DoGE out-of-domain).
+        excess_loss: (k,) mean over the window's tokens of the clipped excess max(ℓ − ℓ_ref, 0) of the
+            model's loss over a reference model's, clipped per token before averaging (DoReMi).
     """
 
     step: int
@@ -187,6 +190,7 @@ class DomainStats(NamedTuple):
     grad_sq_norm: Tensor | None = None  # (k,)
     grad_dot: Tensor | None = None  # (k, k)
     target_grad_dot: Tensor | None = None  # (k,)
+    excess_loss: Tensor | None = None  # (k,)
 
     @property
     def num_domains(self) -> int:

@@ -177,3 +177,15 @@ def test_load_state_dict_errors() -> None:
     del state["window"]
     with pytest.raises(ValueError, match=r"missing keys \['window'\]"):
         StatsCollector(3, ema=0.5).load_state_dict(state)
+
+
+def test_state_saved_before_the_excess_source_still_loads() -> None:
+    old = StatsCollector(2)
+    old.observe(domain_losses(torch.tensor([1.0, 3.0]), torch.tensor([0, 1]), 2))
+    state = old.state_dict()
+    state[StatsCollector.WINDOW_KEY] = {
+        k: v for k, v in state[StatsCollector.WINDOW_KEY].items() if not k.startswith("excess.")
+    }
+    new = StatsCollector(2)
+    new.load_state_dict(state)
+    assert new.summarize(step=1).loss.tolist() == [1.0, 3.0]

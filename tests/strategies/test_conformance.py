@@ -101,6 +101,8 @@ STRATEGIES = [
         "combine_delay_fgls_va",
         lambda k: S.combine(loss=S.delay(S.fgls(), 2), sampling=S.variance_aware(16)),
     ),
+    row("doremi", lambda k: S.doremi()),
+    row("doremi_proxy", lambda k: S.combine(loss=S.doremi(0.5, 0.01), sampling=S.uniform())),
     row("combine_erma_va", lambda k: S.combine(loss=S.erma(), sampling=S.variance_aware(32))),
 ]
 

@@ -13,8 +13,8 @@ from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import DomainLosses
 from domainmix.types import DomainStats
 
-Source = Literal["train", "heldout", "reference"]
-_SOURCES: tuple[str, ...] = ("train", "heldout", "reference")
+Source = Literal["train", "heldout", "reference", "excess"]
+_SOURCES: tuple[str, ...] = ("train", "heldout", "reference", "excess")
 # Statistics that arrive as finished estimates (e.g. from a gradient probe) and are averaged.
 _ESTIMATES: dict[str, tuple[str, ...]] = {
     "grad_var": ("k",),
@@ -77,8 +77,10 @@ class StatsCollector:
 
         Args:
             losses: output of :func:`~domainmix.losses.domain_losses`.
-            source: ``"train"`` (training batches), ``"heldout"`` (an estimation split, FGLS/ERMA) or
-                ``"reference"`` (a reference model's losses on the training batch, DoReMi).
+            source: ``"train"`` (training batches), ``"heldout"`` (an estimation split, FGLS/ERMA),
+                ``"reference"`` (a reference model's losses on the training batch) or ``"excess"``
+                (the per-token clipped excess ``(loss - ref_loss).clamp_min(0)`` on the training batch,
+                DoReMi's statistic: clip per token first, then reduce).
         """
         check_param("StatsCollector.observe", "source", source, Options(_SOURCES))
         if not isinstance(losses, DomainLosses) or losses.sum.shape != (self._k,):
@@ -123,6 +125,7 @@ class StatsCollector:
             ("train", "loss", "loss_var"),
             ("heldout", "heldout_loss", "heldout_loss_var"),
             ("reference", "ref_loss", None),
+            ("excess", "excess_loss", None),
         ):
             reduced = DomainLosses(
                 totals[f"{source}.sum"], totals[f"{source}.count"], totals[f"{source}.sum_sq"]
@@ -202,7 +205,11 @@ class StatsCollector:
                 f"num_domains={state_dict[self.NUM_DOMAINS_KEY]}, ema={state_dict[self.EMA_KEY]}; "
                 f"this collector has num_domains={self._k}, ema={self._ema}."
             )
-        window = state_dict[self.WINDOW_KEY]
+        window = dict(state_dict[self.WINDOW_KEY])
+        # States saved before the "excess" source existed resume with an empty excess window.
+        for key in set(self._window) - set(window):
+            if key.startswith("excess."):
+                window[key] = torch.zeros_like(self._window[key])
         if set(window) != set(self._window):
             raise ValueError("StatsCollector.load_state_dict: window keys differ from this version's.")
         self._window = {

@@ -8,6 +8,7 @@ from domainmix.strategies._base import chain as chain
 from domainmix.strategies._base import combine as combine
 from domainmix.strategies._base import make_strategy as make_strategy
 from domainmix.strategies._base import stateless as stateless
+from domainmix.strategies._doremi import doremi as doremi
 from domainmix.strategies._erma import ErmaState as ErmaState
 from domainmix.strategies._erma import erma as erma
 from domainmix.strategies._fgls import FglsState as FglsState
@@ -48,6 +49,7 @@ __all__ = [
     "chain",
     "combine",
     "delay",
+    "doremi",
     "ema",
     "erma",
     "exponentiated_gradient",
