@@ -5,10 +5,14 @@ from domainmix.stats._gradients import DomainGradients as DomainGradients
 from domainmix.stats._gradients import gradient_variance as gradient_variance
 from domainmix.stats._gradients import micro_batch_gradients as micro_batch_gradients
 from domainmix.stats._gradients import per_example_gradients as per_example_gradients
+from domainmix.stats._products import GradientProducts as GradientProducts
+from domainmix.stats._products import domain_gradient_products as domain_gradient_products
 
 __all__ = [
     "DomainGradients",
+    "GradientProducts",
     "StatsCollector",
+    "domain_gradient_products",
     "gradient_variance",
     "micro_batch_gradients",
     "per_example_gradients",

@@ -1,0 +1,72 @@
+"""DoGE: one hand-computed step (universal and out-of-domain), clipping, stale scores, arguments."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import domainmix.strategies as S
+from _helpers import make_stats
+from domainmix.types import DomainWeights
+
+GRADS = torch.tensor([[1.0, 0.0], [1.0, 1.0], [-1.0, 0.5]], dtype=torch.float64)
+
+
+def stats_for(grads: torch.Tensor, **fields):
+    return make_stats(3, step=10, grad_dot=grads @ grads.T, grad_sq_norm=(grads * grads).sum(1), **fields)
+
+
+def test_universal_step_by_hand() -> None:
+    eta, mu = 0.01, 0.05
+    strategy = S.doge(eta, mu=mu, score_clip=(-100.0, 100.0))
+    weights = DomainWeights.create(["a", "b", "c"])
+    new, _ = strategy.update(weights, strategy.init(weights), stats_for(GRADS))
+    gram = GRADS @ GRADS.T
+    w = gram.sum(1) - gram.diagonal()  # ⟨g_i, Σ_{j≠i} g_j⟩
+    assert w.tolist() == [0.0, 0.5, -1.5]
+    mean_norm = GRADS.norm(dim=1).mean()
+    scores = eta * w / (mean_norm + 1e-6)
+    expected = torch.softmax(torch.log(torch.full((3,), 1 / 3, dtype=torch.float64)) + scores / mu, 0)
+    torch.testing.assert_close(new.mixture, expected)
+    assert new.sampling.tolist() == weights.sampling.tolist()
+
+
+def test_default_clip_never_rewards_negative_transfer() -> None:
+    strategy = S.doge(0.01, mu=0.05)  # clip to [0, 5η]: negative alignment scores 0
+    weights = DomainWeights.create(["a", "b", "c"])
+    new, state = strategy.update(weights, strategy.init(weights), stats_for(GRADS))
+    scores = state.states[0].scores
+    assert scores[2] == 0.0 and scores[0] == 0.0 and scores[1] > 0
+    assert float(new.mixture[1]) > float(new.mixture[0]) == pytest.approx(float(new.mixture[2]))
+
+
+def test_out_of_domain_and_learning_rate_schedule() -> None:
+    target = torch.tensor([0.0, 1.0], dtype=torch.float64)
+    strategy = S.doge(lambda step: 0.1 / step, target="out_of_domain", mu=1.0, score_clip=(-10.0, 10.0))
+    weights = DomainWeights.create(["a", "b", "c"])
+    new, _ = strategy.update(
+        weights, strategy.init(weights), stats_for(GRADS, target_grad_dot=GRADS @ target)
+    )
+    scores = 0.01 * (GRADS @ target) / (GRADS.norm(dim=1).mean() + 1e-6)  # η at step 10 = 0.01
+    torch.testing.assert_close(new.mixture, torch.softmax(scores, 0))
+
+
+def test_absent_domain_keeps_its_score() -> None:
+    strategy = S.doge(0.01, mu=0.05, score_clip=(-100.0, 100.0))
+    weights = DomainWeights.create(["a", "b", "c"])
+    _, state = strategy.update(weights, strategy.init(weights), stats_for(GRADS))
+    before = state.states[0].scores.clone()
+    absent = stats_for(GRADS * 3)._replace(count=torch.tensor([10.0, 0.0, 10.0], dtype=torch.float64))
+    _, state = strategy.update(weights, state, absent)
+    assert state.states[0].scores[1] == before[1]
+
+
+def test_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="'learning_rate' parameter of doge"):
+        S.doge(0.0)
+    with pytest.raises(ValueError, match="'target' parameter of doge"):
+        S.doge(0.1, target="mix")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="'score_clip' parameter of doge"):
+        S.doge(0.1, score_clip=(5.0, 0.0))
+    with pytest.raises(ValueError, match="'mu' parameter of doge"):
+        S.doge(0.1, mu=0.0)
