@@ -18,7 +18,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from domainmix.stats import DomainGradients, micro_batch_gradients, per_example_gradients
+from domainmix.stats import (
+    DomainGradients,
+    domain_gradient_products,
+    micro_batch_gradients,
+    per_example_gradients,
+)
 
 NUM_EXAMPLES = 40
 NUM_DOMAINS = 3
@@ -50,6 +55,23 @@ def as_json(stats: DomainGradients) -> dict[str, list]:
     }
 
 
+def products(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, reduce: bool = True
+) -> dict:
+    """DoGE's products on these rows; the first three rows of the shard double as target data."""
+    losses = loss_fn(model(x), y)
+    out = domain_gradient_products(
+        losses,
+        ids,
+        NUM_DOMAINS,
+        list(model.parameters()),
+        target_losses=losses[:3],
+        max_norm=0.5,
+        reduce=reduce,
+    )
+    return {field: getattr(out, field).tolist() for field in out._fields}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -66,6 +88,7 @@ def main() -> None:
         "pooled": as_json(per_example_gradients(*common, chunk_size=3)),
         "local": as_json(per_example_gradients(*common, chunk_size=3, reduce=False)),
         "micro": as_json(micro_batch_gradients(*common, micro_batch_size=2)),
+        "products": products(model, x[rows], y[rows], ids[rows]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(record))

@@ -10,7 +10,12 @@ import pytest
 import torch
 
 from _helpers import run_torchrun
-from domainmix.stats import DomainGradients, micro_batch_gradients, per_example_gradients
+from domainmix.stats import (
+    DomainGradients,
+    domain_gradient_products,
+    micro_batch_gradients,
+    per_example_gradients,
+)
 
 WORKER = Path(__file__).resolve().parent / "_gradients_worker.py"
 
@@ -65,3 +70,19 @@ def test_two_rank_pooled_statistics_equal_single_process(tmp_path: Path) -> None
     assert ranks[0]["micro"] == ranks[1]["micro"]
     for a, b in zip(from_json(ranks[0]["micro"]), merged, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-10)
+
+    # DoGE's products pool the per-domain gradient sums: equal to one process holding both shards (its
+    # target rows are both shards' first three rows, like the ranks' targets).
+    assert ranks[0]["products"] == ranks[1]["products"]
+    both = torch.cat([torch.arange(0, 3), torch.arange(worker.SPLIT, worker.SPLIT + 3)])
+    losses = worker.loss_fn(model(x), y)
+    expected = domain_gradient_products(
+        losses, ids, k, list(model.parameters()), target_losses=losses[both], max_norm=0.5
+    )
+    for field in expected._fields:
+        torch.testing.assert_close(
+            torch.tensor(ranks[0]["products"][field], dtype=torch.float64),
+            getattr(expected, field),
+            rtol=0,
+            atol=1e-10,
+        )
