@@ -8,6 +8,7 @@ from collections.abc import Callable
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("domainmix.experiments.demo", "synthetic three-domain regression: weights moving, a table"),
     "run": ("domainmix.experiments.run", "reproduce an experiment: linear, logistic or mlp (see --help)"),
+    "data": ("domainmix.data.cli", "build the offline multi-domain text corpus (build-corpus)"),
 }
 
 
