@@ -109,12 +109,19 @@ def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the experiment, write the outputs, print the table."""
     from domainmix.experiments import _report
 
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["lm"]:  # the two-stage language-model pipeline has its own stages and options
+        from domainmix.experiments import lm
+
+        return lm.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="domainmix run",
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )
-    parser.add_argument("experiment", choices=sorted(EXPERIMENTS))
+    parser.add_argument(
+        "experiment", choices=sorted(EXPERIMENTS), help="or 'lm': see domainmix run lm --help"
+    )
     parser.add_argument(
         "--setting", default=None, help="a named setting of the paper (default: the first) or 'custom'"
     )

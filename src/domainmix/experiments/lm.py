@@ -1,0 +1,367 @@
+"""``domainmix run lm``: learn domain weights with a small proxy GPT, then train a base GPT with them.
+
+Stages (each writes into ``--out``):
+
+* ``reference``: a proxy-sized model trained with size-proportional sampling; its per-token losses on
+  every training window are cached to ``reference_losses.npy`` (float16), so DoReMi's proxy step reads
+  them instead of running a second model (the proxy step then costs what plain training costs).
+* ``proxy --strategy doremi|doge``: the proxy samples domains uniformly and the strategy moves α, which
+  reweights the loss (α/q); writes ``weights.json`` with the final and the time-averaged α by name.
+  DoReMi needs ``--reference DIR`` (a reference stage's output).
+* ``base --weights FILE|uniform|proportional``: a larger model samples domains with those weights and
+  is evaluated per domain; writes ``metrics.json`` (validation and test perplexity per domain, their
+  average and worst, tokens seen, wall time).
+* ``--compare``: everything above, then a table of the base runs (uniform, proportional, DoReMi, DoGE on
+  the same token budget) in ``comparison.json``.
+
+Data: a corpus from ``domainmix data build-corpus`` (``--corpus DIR``), byte-level tokens, cut into
+non-overlapping windows of ``block_size + 1`` tokens; a window is one example of its domain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from domainmix import WeightingController, domain_losses, strategies, weighted_loss
+from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
+from domainmix.sampling import DomainBatchSampler
+from domainmix.stats import domain_gradient_products
+
+
+@dataclass(frozen=True)
+class LmConfig:
+    """Settings of the language-model pipeline (CPU-sized defaults: minutes per stage on 2 cores)."""
+
+    corpus: str = "runs/corpus"
+    block_size: int = 128
+    batch_size: int = 32
+    proxy_steps: int = 600
+    base_steps: int = 600
+    proxy_layers: int = 2
+    proxy_width: int = 128
+    base_layers: int = 4
+    base_width: int = 192
+    lr: float = 2e-3
+    eval_windows: int = 64
+    doremi_step_size: float = 1.0
+    doremi_smoothing: float = 1e-3
+    doge_mu: float = 0.01
+    doge_max_norm: float = 5.0
+    seed: int = 0
+
+
+@dataclass
+class Windows:
+    """Token windows of one split: ``tokens[i]`` is window i (block_size + 1 tokens) of ``domain[i]``."""
+
+    names: tuple[str, ...]
+    tokens: torch.Tensor  # (N, block_size + 1) uint8
+    domain: torch.Tensor  # (N,) int64
+    ranges: dict[str, range]
+
+
+def load_windows(cfg: LmConfig, split: str, limit: int | None = None) -> Windows:
+    """Cut every domain's ``split`` into windows (at most ``limit`` per domain, evenly spaced)."""
+    from domainmix.data import load_corpus
+
+    corpus = load_corpus(cfg.corpus)
+    width = cfg.block_size + 1
+    parts, ranges, start = [], {}, 0
+    for name in corpus.domains:
+        data = corpus.tokens(name, split)
+        n = len(data) // width
+        if n == 0:
+            raise ValueError(f"Domain {name!r} has fewer than {width} tokens in its {split} split.")
+        rows = torch.from_numpy(data[: n * width].reshape(n, width).copy())
+        if limit is not None and n > limit:
+            rows = rows[torch.linspace(0, n - 1, limit).long()]
+        parts.append(rows)
+        ranges[name] = range(start, start + len(rows))
+        start += len(rows)
+    domain = torch.cat([torch.full((len(p),), i) for i, p in enumerate(parts)])
+    return Windows(corpus.domains, torch.cat(parts), domain, ranges)
+
+
+def model_for(cfg: LmConfig, stage: str) -> GPT:
+    """A fresh GPT of the stage's size (the base model is the larger one)."""
+    layers, width = (
+        (cfg.base_layers, cfg.base_width) if stage == "base" else (cfg.proxy_layers, cfg.proxy_width)
+    )
+    return GPT(GPTConfig(block_size=cfg.block_size, n_layer=layers, n_head=4, n_embd=width))
+
+
+def evaluate(model: GPT, windows: Windows) -> dict[str, float]:
+    """Per-domain perplexity exp(mean per-token loss) over ``windows``."""
+    model.eval()
+    losses = torch.zeros(len(windows.names), dtype=torch.float64)
+    counts = torch.zeros_like(losses)
+    with torch.no_grad():
+        for chunk in torch.arange(len(windows.domain)).split(64):
+            seq = windows.tokens[chunk].long()
+            reduced = domain_losses(
+                per_token_loss(model(seq[:, :-1]), seq[:, 1:]), windows.domain[chunk], len(losses)
+            )
+            losses += reduced.sum
+            counts += reduced.count
+    model.train()
+    return {name: math.exp(float(s / c)) for name, s, c in zip(windows.names, losses, counts, strict=True)}
+
+
+def train(
+    cfg: LmConfig,
+    stage: str,
+    strategy: strategies.Strategy,
+    train_windows: Windows,
+    steps: int,
+    *,
+    reference: np.ndarray | None = None,
+    doge_subset: Sequence[str] | None = None,
+) -> tuple[GPT, WeightingController, dict[str, Any]]:
+    """The training loop shared by every stage; the strategy and the statistics it reads differ."""
+    torch.manual_seed(cfg.seed)
+    names, k = train_windows.names, len(train_windows.names)
+    model = model_for(cfg, stage)
+    sampler = DomainBatchSampler(train_windows.ranges, cfg.batch_size, min_count=1, seed=cfg.seed)
+    controller = WeightingController(strategy, names, update_every=1, sampler=sampler)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))
+    )
+    subset = [p for n, p in model.named_parameters() if doge_subset is not None and n in doge_subset]
+    start, tokens = time.perf_counter(), 0
+    for _, batch in zip(range(steps), sampler, strict=False):
+        index = torch.as_tensor(batch)
+        seq, ids = train_windows.tokens[index].long(), train_windows.domain[index]
+        per_token = per_token_loss(model(seq[:, :-1]), seq[:, 1:])
+        loss = weighted_loss(per_token, ids, controller.loss_multipliers())
+        controller.collector.observe(domain_losses(per_token, ids, k))
+        if "excess_loss" in controller.requires:
+            ref = torch.from_numpy(reference[index.numpy()].astype(np.float32))
+            excess = (per_token.detach() - ref).clamp_min(0.0)
+            controller.collector.observe(domain_losses(excess, ids, k), source="excess")
+        if "grad_dot" in controller.requires:
+            products = domain_gradient_products(per_token, ids, k, subset, max_norm=cfg.doge_max_norm)
+            controller.collector.observe_stat("grad_dot", products.grad_dot)
+            controller.collector.observe_stat("grad_sq_norm", products.grad_sq_norm)
+        if not torch.isfinite(loss.detach()):
+            raise RuntimeError(f"{stage}: the loss is {loss.item()} at step {controller.step_count}.")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        controller.step()
+        tokens += seq[:, 1:].numel()
+    return model, controller, {"tokens_seen": tokens, "train_seconds": time.perf_counter() - start}
+
+
+def doge_subset_names(model: GPT) -> list[str]:
+    """DoGE's parameter subset: the last block and the final LayerNorm (the tied embedding excluded)."""
+    last = f"blocks.{model.cfg.n_layer - 1}."
+    return [n for n, _ in model.untied_parameters() if n.startswith(last) or n.startswith("ln.")]
+
+
+def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
+    """Train the reference model (size-proportional sampling) and cache its per-token training losses."""
+    windows = load_windows(cfg, "train")
+    sizes = {n: len(r) for n, r in windows.ranges.items()}
+    strategy = strategies.fixed(sizes, sizes)
+    model, _, info = train(cfg, "reference", strategy, windows, cfg.proxy_steps)
+    model.eval()
+    cache = np.zeros((len(windows.domain), cfg.block_size), dtype=np.float16)
+    with torch.no_grad():
+        for chunk in torch.arange(len(windows.domain)).split(128):
+            seq = windows.tokens[chunk].long()
+            cache[chunk.numpy()] = per_token_loss(model(seq[:, :-1]), seq[:, 1:]).numpy().astype(np.float16)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_save(out / "reference_losses.npy", cache)
+    result = {"stage": "reference", "config": asdict(cfg), "weights": sizes, **info}
+    _write_json(out / "reference.json", result)
+    return result
+
+
+def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Path | None) -> dict[str, Any]:
+    """Train the proxy with DoReMi or DoGE; write the learned weights."""
+    windows = load_windows(cfg, "train")
+    reference = None
+    if strategy_name == "doremi":
+        if reference_dir is None or not (reference_dir / "reference_losses.npy").exists():
+            raise ValueError(
+                "--strategy doremi needs --reference DIR with a reference stage's reference_losses.npy."
+            )
+        reference = np.load(reference_dir / "reference_losses.npy", mmap_mode="r")
+        if reference.shape != (len(windows.domain), cfg.block_size):
+            raise ValueError("The cached reference losses were made from another corpus or block size.")
+        loss_rule = strategies.doremi(cfg.doremi_step_size, cfg.doremi_smoothing)
+        subset = None
+    elif strategy_name == "doge":
+        loss_rule = strategies.doge(
+            lambda step: cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.proxy_steps)), mu=cfg.doge_mu
+        )
+        subset = doge_subset_names(model_for(cfg, "proxy"))
+    else:
+        raise ValueError(f"Unknown --strategy {strategy_name!r}; choose 'doremi' or 'doge'.")
+    strategy = strategies.combine(loss=loss_rule, sampling=strategies.uniform())
+    _, controller, info = train(
+        cfg, "proxy", strategy, windows, cfg.proxy_steps, reference=reference, doge_subset=subset
+    )
+    averaged = controller.averaged_weights()
+    names = windows.names
+    result = {
+        "stage": "proxy",
+        "strategy": strategy_name,
+        "final": dict(zip(names, controller.weights.mixture.tolist(), strict=True)),
+        "averaged": dict(zip(names, averaged.mixture.tolist(), strict=True)),
+        "doge_subset": subset,
+        "config": asdict(cfg),
+        **info,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "weights.json", result)
+    return result
+
+
+def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
+    """Train the base model by sampling with ``weights``; evaluate every domain."""
+    windows = load_windows(cfg, "train")
+    sizes = {n: float(len(r)) for n, r in windows.ranges.items()}
+    if weights == "uniform":
+        alpha = dict.fromkeys(sizes, 1.0)
+    elif weights == "proportional":
+        alpha = sizes
+    else:
+        alpha = json.loads(Path(weights).read_text(encoding="utf-8"))["averaged"]
+    model, _, info = train(cfg, "base", strategies.fixed(alpha, alpha), windows, cfg.base_steps)
+    validation = evaluate(model, load_windows(cfg, "validation", cfg.eval_windows))
+    test = evaluate(model, load_windows(cfg, "test", cfg.eval_windows))
+    result = {
+        "stage": "base",
+        "weights": weights,
+        "sampling": {n: v / sum(alpha.values()) for n, v in alpha.items()},
+        "validation_perplexity": validation,
+        "test_perplexity": test,
+        "average_test_perplexity": sum(test.values()) / len(test),
+        "worst_test_perplexity": max(test.values()),
+        "parameters": model.num_parameters(),
+        "config": asdict(cfg),
+        **info,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "metrics.json", result)
+    return result
+
+
+def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
+    """Reference, both proxies, and four base runs on the same token budget; a table."""
+    stage_reference(cfg, out / "reference")
+    for name in ("doremi", "doge"):
+        stage_proxy(cfg, out / f"proxy-{name}", name, out / "reference")
+    rows = {}
+    for label, weights in (
+        ("uniform", "uniform"),
+        ("proportional", "proportional"),
+        ("doremi", str(out / "proxy-doremi" / "weights.json")),
+        ("doge", str(out / "proxy-doge" / "weights.json")),
+    ):
+        rows[label] = stage_base(cfg, out / f"base-{label}", weights)
+    table = {
+        label: {
+            "sampling": r["sampling"],
+            "test_perplexity": r["test_perplexity"],
+            "average": r["average_test_perplexity"],
+            "worst": r["worst_test_perplexity"],
+            "tokens_seen": r["tokens_seen"],
+            "train_seconds": r["train_seconds"],
+        }
+        for label, r in rows.items()
+    }
+    _write_json(out / "comparison.json", table)
+    return table
+
+
+def format_comparison(table: dict[str, Any]) -> str:
+    """Per-domain test perplexity per weighting, with the average and the worst domain."""
+    names = list(next(iter(table.values()))["test_perplexity"])
+    head = f"{'weights':<14}" + "".join(f"{n[:9]:>10}" for n in names) + f"{'average':>10}{'worst':>10}"
+    lines = [head, "-" * len(head)]
+    for label, row in table.items():
+        cells = "".join(f"{row['test_perplexity'][n]:>10.3f}" for n in names)
+        lines.append(f"{label:<14}{cells}{row['average']:>10.3f}{row['worst']:>10.3f}")
+    lines.append("")
+    lines.append("sampling weights:")
+    for label, row in table.items():
+        lines.append(f"{label:<14}" + "".join(f"{row['sampling'][n]:>10.3f}" for n in names))
+    return "\n".join(lines)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _atomic_save(path: Path, array: np.ndarray) -> None:
+    tmp = path.with_name(path.stem + ".tmp.npy")
+    np.save(tmp, array)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``domainmix run lm``: one stage, or ``--compare`` for the whole table."""
+    parser = argparse.ArgumentParser(prog="domainmix run lm", description=__doc__.splitlines()[0])
+    parser.add_argument("--stage", choices=["reference", "proxy", "base"])
+    parser.add_argument("--compare", action="store_true", help="run every stage and print the table")
+    parser.add_argument("--strategy", choices=["doremi", "doge"], help="proxy stage: the method")
+    parser.add_argument("--reference", type=Path, help="proxy stage with doremi: a reference stage's --out")
+    parser.add_argument(
+        "--weights", default=None, help="base stage: weights.json, 'uniform' or 'proportional'"
+    )
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--corpus", default=LmConfig.corpus, help="a folder from domainmix data build-corpus")
+    parser.add_argument("--proxy-steps", type=int, default=LmConfig.proxy_steps)
+    parser.add_argument("--base-steps", type=int, default=LmConfig.base_steps)
+    parser.add_argument("--seed", type=int, default=LmConfig.seed)
+    args = parser.parse_args(argv)
+    if args.compare == (args.stage is not None):
+        parser.error("give exactly one of --stage and --compare")
+    cfg = replace(
+        LmConfig(),
+        corpus=args.corpus,
+        proxy_steps=args.proxy_steps,
+        base_steps=args.base_steps,
+        seed=args.seed,
+    )
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    try:
+        if args.compare:
+            table = compare(cfg, args.out)
+            print(format_comparison(table))
+        elif args.stage == "reference":
+            print(json.dumps({k: v for k, v in stage_reference(cfg, args.out).items() if k != "config"}))
+        elif args.stage == "proxy":
+            if args.strategy is None:
+                parser.error("--stage proxy needs --strategy")
+            result = stage_proxy(cfg, args.out, args.strategy, args.reference)
+            print(json.dumps({"final": result["final"], "averaged": result["averaged"]}, indent=1))
+        else:
+            if args.weights is None:
+                parser.error("--stage base needs --weights")
+            result = stage_base(cfg, args.out, args.weights)
+            print(
+                json.dumps({k: result[k] for k in ("test_perplexity", "average_test_perplexity")}, indent=1)
+            )
+    except (ValueError, FileNotFoundError) as error:
+        print(f"domainmix run lm: {error}", file=sys.stderr)
+        return 2
+    return 0
