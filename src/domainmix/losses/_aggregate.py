@@ -45,7 +45,7 @@ class DomainLosses(NamedTuple):
         return DomainLosses(self.sum + other.sum, self.count + other.count, self.sum_sq + other.sum_sq)
 
 
-def _check_inputs(
+def check_inputs(
     caller: str, losses: Tensor, domain_ids: Tensor, num_domains: int, mask: Tensor | None
 ) -> Tensor:
     """Validate shapes and dtypes; return the element mask as float (ones when ``mask`` is None)."""
@@ -88,8 +88,16 @@ def _check_inputs(
     return mask.to(losses.dtype)
 
 
-def _row_sums(x: Tensor) -> Tensor:
+def row_sums(x: Tensor) -> Tensor:
     return x if x.ndim == 1 else x.sum(dim=1)
+
+
+def masked_row_sums(losses: Tensor, m: Tensor) -> Tensor:
+    """Per-row sums of ``losses`` under the element mask ``m``.
+
+    where(), not a product alone, so that a NaN or inf on a masked-out (padding) element cannot leak in.
+    """
+    return row_sums(torch.where(m > 0, losses, torch.zeros_like(losses)) * m)
 
 
 def domain_losses(
@@ -115,7 +123,7 @@ def domain_losses(
         >>> r.mean.tolist(), r.count.tolist()
         ([1.5, 4.0, 0.0], [2.0, 1.0, 0.0])
     """
-    m = _check_inputs("domain_losses", losses, domain_ids, num_domains, mask)
+    m = check_inputs("domain_losses", losses, domain_ids, num_domains, mask)
     values = losses.detach().to(torch.float64)
     m = m.detach().to(torch.float64)
     # where(), not multiplication: a NaN/inf loss on a masked-out (padding) token must not leak in.
@@ -123,7 +131,7 @@ def domain_losses(
     ids = domain_ids.long()
 
     def per_domain(x: Tensor) -> Tensor:
-        return torch.zeros(num_domains, dtype=torch.float64, device=x.device).index_add_(0, ids, _row_sums(x))
+        return torch.zeros(num_domains, dtype=torch.float64, device=x.device).index_add_(0, ids, row_sums(x))
 
     return DomainLosses(per_domain(values * m), per_domain(m), per_domain(values * values * m))
 
@@ -195,13 +203,13 @@ def weighted_loss(
             "None when normalize='per_domain' (it averages per domain)",
             denominator,
         )
-    m = _check_inputs("weighted_loss", losses, domain_ids, k, mask)
+    m = check_inputs("weighted_loss", losses, domain_ids, k, mask)
     ids = domain_ids.long()
     # Without a mask every element counts: skip the masking arithmetic (it dominates small batches).
-    masked = losses if mask is None else torch.where(m > 0, losses, torch.zeros_like(losses)) * m
+    rows = row_sums(losses) if mask is None else masked_row_sums(losses, m)
     if normalize == "importance":
         multipliers = weights.loss_multipliers() if isinstance(weights, DomainWeights) else weights
-        per_row = _row_sums(masked) * multipliers.to(losses.device, losses.dtype)[ids]
+        per_row = rows * multipliers.to(losses.device, losses.dtype)[ids]
         if denominator is None and mask is None:
             return per_row.sum() / max(losses.numel(), 1)
         denom = m.sum() if denominator is None else denominator
@@ -210,8 +218,8 @@ def weighted_loss(
         return per_row.sum() / torch.as_tensor(denom, dtype=losses.dtype, device=losses.device).clamp_min(
             1e-12
         )
-    sums = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, _row_sums(masked))
-    counts = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, _row_sums(m))
+    sums = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, rows)
+    counts = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, row_sums(m))
     alpha = weights.mixture.to(losses.device, losses.dtype)
     present = counts > 0
     alpha = torch.where(present, alpha, torch.zeros_like(alpha))

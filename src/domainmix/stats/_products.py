@@ -10,6 +10,7 @@ from torch import Tensor
 
 from domainmix._distributed import all_reduce_sum
 from domainmix._validation import Interval, check_param, param_error
+from domainmix.losses._aggregate import check_inputs, masked_row_sums, row_sums
 
 
 class GradientProducts(NamedTuple):
@@ -70,54 +71,47 @@ def domain_gradient_products(
     params = list(params)
     if not params or not all(isinstance(p, Tensor) and p.requires_grad for p in params):
         raise param_error(caller, "params", "a non-empty sequence of tensors with requires_grad", params)
-    if not isinstance(losses, Tensor) or losses.ndim not in (1, 2) or not losses.requires_grad:
+    m = check_inputs(caller, losses, domain_ids, k, mask)
+    if not losses.requires_grad:
         raise param_error(caller, "losses", "an (N,) or (N, T) tensor attached to the graph", losses)
-    if not isinstance(domain_ids, Tensor) or domain_ids.shape != losses.shape[:1]:
-        raise param_error(caller, "domain_ids", f"a tensor of shape ({losses.shape[0]},)", domain_ids)
     ids = domain_ids.long()
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= k):
-        raise param_error(caller, "domain_ids", f"ids in the range [0, {k - 1}]", domain_ids)
-    m = torch.ones_like(losses) if mask is None else mask.to(losses.dtype)
-    rows = (torch.where(m > 0, losses, torch.zeros_like(losses)) * m).reshape(losses.shape[0], -1).sum(1)
-    counts = m.reshape(losses.shape[0], -1).sum(1)
-    sums = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, rows)
-    count = torch.zeros(k, dtype=torch.float64, device=losses.device).index_add(0, ids, counts.double())
+    sums = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(
+        0, ids, masked_row_sums(losses, m)
+    )
+    count = torch.zeros(k, dtype=torch.float64, device=losses.device).index_add(0, ids, row_sums(m).double())
     size = sum(p.numel() for p in params)
-    device = params[0].device
-    matrix = torch.zeros(k + 1, size, dtype=torch.float64, device=device)
+    # One buffer for the (k + 1) gradient rows (the last for the target), the k counts and the target's
+    # count: filled in place, all-reduced once, normalised in place; no copy of the matrix is made.
+    packed = torch.zeros((k + 1) * size + k + 1, dtype=torch.float64, device=params[0].device)
+    matrix = packed[: (k + 1) * size].view(k + 1, size)
+    counts = packed[(k + 1) * size :]  # k domain counts, then the target's
+    counts[:k] = count
     for i in range(k):
         if float(count[i]) > 0:
-            matrix[i] = _flat_grad(sums[i], params)
-    target_count = torch.zeros(1, dtype=torch.float64, device=device)
+            _write_flat_grad(sums[i], params, matrix[i])
     if target_losses is not None:
         tm = torch.ones_like(target_losses) if target_mask is None else target_mask.to(target_losses.dtype)
-        total = (torch.where(tm > 0, target_losses, torch.zeros_like(target_losses)) * tm).sum()
-        matrix[k] = _flat_grad(total, params)
-        target_count += float(tm.sum())
-    packed = torch.cat([matrix.flatten(), count.to(device), target_count])
+        _write_flat_grad(masked_row_sums(target_losses, tm).sum(), params, matrix[k])
+        counts[k] = float(tm.sum())
     if reduce:
         all_reduce_sum(packed)
-    matrix = packed[: (k + 1) * size].view(k + 1, size)
-    count = packed[(k + 1) * size : (k + 1) * size + k]
-    denominators = torch.cat([count, packed[-1:]]).clamp_min(1.0)
-    means = matrix / denominators[:, None]
+    matrix.div_(counts.clamp_min(1.0)[:, None])
     if max_norm is not None:
-        norms = means.norm(dim=1, keepdim=True)
-        means = means * (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
-    grads = means[:k]
+        matrix.mul_((max_norm / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
+    grads = matrix[:k]
     return GradientProducts(
         grads @ grads.T,
         (grads * grads).sum(1),
-        grads @ means[k] if target_losses is not None else None,
-        count.clone(),
+        grads @ matrix[k] if target_losses is not None else None,
+        counts[:k].clone(),
     )
 
 
-def _flat_grad(value: Tensor, params: list[Tensor]) -> Tensor:
+def _write_flat_grad(value: Tensor, params: list[Tensor], out: Tensor) -> None:
+    """∇ value w.r.t. ``params``, flattened into the float64 row ``out`` (no concatenated temporary)."""
     grads = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
-    return torch.cat(
-        [
-            (g if g is not None else torch.zeros_like(p)).reshape(-1).to(torch.float64)
-            for g, p in zip(grads, params, strict=True)
-        ]
-    )
+    offset = 0
+    for g, p in zip(grads, params, strict=True):
+        if g is not None:  # an unused parameter keeps its zeros
+            out[offset : offset + p.numel()].copy_(g.reshape(-1))
+        offset += p.numel()
