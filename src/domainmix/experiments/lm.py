@@ -26,8 +26,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +72,7 @@ class Windows:
     ranges: dict[str, range]
 
 
+@lru_cache(maxsize=8)  # --compare's seven stages read the same splits: verify and cut them once
 def load_windows(cfg: LmConfig, split: str, limit: int | None = None) -> Windows:
     """Cut every domain's ``split`` into windows (at most ``limit`` per domain, evenly spaced)."""
     from domainmix.data import load_corpus
@@ -127,19 +128,23 @@ def train(
     steps: int,
     *,
     reference: np.ndarray | None = None,
-    doge_subset: Sequence[str] | None = None,
 ) -> tuple[GPT, WeightingController, dict[str, Any]]:
-    """The training loop shared by every stage; the strategy and the statistics it reads differ."""
+    """The training loop shared by every stage; the strategy and the statistics it reads differ.
+
+    A strategy that reads ``grad_dot`` (DoGE) gets the products on :func:`doge_subset_names` of the
+    model; the names go into the returned info as ``doge_subset``.
+    """
     torch.manual_seed(cfg.seed)
     names, k = train_windows.names, len(train_windows.names)
     model = model_for(cfg, stage)
     sampler = DomainBatchSampler(train_windows.ranges, cfg.batch_size, min_count=1, seed=cfg.seed)
     controller = WeightingController(strategy, names, update_every=1, sampler=sampler)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda t: 0.5 * (1 + math.cos(math.pi * t / steps))
-    )
-    subset = [p for n, p in model.named_parameters() if doge_subset is not None and n in doge_subset]
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cosine_decay(t, steps))
+    info: dict[str, Any] = {}
+    if "grad_dot" in controller.requires:
+        info["doge_subset"] = doge_subset_names(model)
+        subset = [p for n, p in model.named_parameters() if n in info["doge_subset"]]
     start, tokens = time.perf_counter(), 0
     for _, batch in zip(range(steps), sampler, strict=False):
         index = torch.as_tensor(batch)
@@ -163,7 +168,13 @@ def train(
         schedule.step()
         controller.step()
         tokens += seq[:, 1:].numel()
-    return model, controller, {"tokens_seen": tokens, "train_seconds": time.perf_counter() - start}
+    info.update(tokens_seen=tokens, train_seconds=time.perf_counter() - start)
+    return model, controller, info
+
+
+def cosine_decay(t: int, steps: int) -> float:
+    """The multiplier of ``lr`` at step t of ``steps`` (cosine to 0), shared by AdamW and DoGE's η_t."""
+    return 0.5 * (1 + math.cos(math.pi * t / steps))
 
 
 def doge_subset_names(model: GPT) -> list[str]:
@@ -204,18 +215,12 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
         if reference.shape != (len(windows.domain), cfg.block_size):
             raise ValueError("The cached reference losses were made from another corpus or block size.")
         loss_rule = strategies.doremi(cfg.doremi_step_size, cfg.doremi_smoothing)
-        subset = None
     elif strategy_name == "doge":
-        loss_rule = strategies.doge(
-            lambda step: cfg.lr * 0.5 * (1 + math.cos(math.pi * step / cfg.proxy_steps)), mu=cfg.doge_mu
-        )
-        subset = doge_subset_names(model_for(cfg, "proxy"))
+        loss_rule = strategies.doge(lambda step: cfg.lr * cosine_decay(step, cfg.proxy_steps), mu=cfg.doge_mu)
     else:
         raise ValueError(f"Unknown --strategy {strategy_name!r}; choose 'doremi' or 'doge'.")
     strategy = strategies.combine(loss=loss_rule, sampling=strategies.uniform())
-    _, controller, info = train(
-        cfg, "proxy", strategy, windows, cfg.proxy_steps, reference=reference, doge_subset=subset
-    )
+    _, controller, info = train(cfg, "proxy", strategy, windows, cfg.proxy_steps, reference=reference)
     averaged = controller.averaged_weights()
     names = windows.names
     result = {
@@ -223,7 +228,7 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
         "strategy": strategy_name,
         "final": dict(zip(names, controller.weights.mixture.tolist(), strict=True)),
         "averaged": dict(zip(names, averaged.mixture.tolist(), strict=True)),
-        "doge_subset": subset,
+        "doge_subset": info.pop("doge_subset", None),
         "config": asdict(cfg),
         **info,
     }
