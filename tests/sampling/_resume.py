@@ -56,3 +56,29 @@ def assert_resume_equivalent(
         return next(stepper.items)
 
     return _assert_resume_equivalent(lambda: _Stepper(make()), drive, midpoint=midpoint, total=total)
+
+
+def assert_prefetched_resume(make: Callable[[], Any], ahead: int = 5) -> Any:
+    """A loop consuming ``ahead`` batches behind a prefetching reader (a DataLoader): a weight change at
+    step 9 and ``state_dict(consumed=15)`` must resume exactly at the loop's batch 15, the change included.
+
+    Returns the original sampler for further checks.
+    """
+    original = make()
+    produced = iter(original)
+    queue = [next(produced) for _ in range(ahead)]
+    seen: list[Any] = []
+    saved = None
+    for step in range(40):
+        seen.append(queue.pop(0))
+        queue.append(next(produced))
+        if step == 9:
+            original.set_weights([0.0, 0.5, 0.0, 0.5])  # lands `ahead` batches later
+        if step == 14:
+            saved = json.loads(json.dumps(original.state_dict(consumed=step + 1)))
+    assert original.weight_history[1][0] == 10 + ahead
+    resumed = make()
+    resumed.load_state_dict(saved)
+    it = iter(resumed)
+    assert [next(it) for _ in range(25)] == seen[15:]
+    return original

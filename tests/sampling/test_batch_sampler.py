@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _resume import EPOCH_END, assert_resume_equivalent
+from _resume import EPOCH_END, assert_prefetched_resume, assert_resume_equivalent
 from torch.utils.data import DataLoader, Dataset
 
 from domainmix.sampling import DomainBatchSampler, allocate_counts
@@ -228,23 +228,7 @@ def test_resume_at_epoch_end_and_mid_block() -> None:
 
 
 def test_state_as_of_consumed_replays_prefetched_weight_changes() -> None:
-    ahead = 5  # a DataLoader prefetch depth
-    original = make(batch_size=6)
-    produced = iter(original)
-    queue = [next(produced) for _ in range(ahead)]
-    seen: list[list[int]] = []
-    saved = None
-    for step in range(40):
-        seen.append(queue.pop(0))
-        queue.append(next(produced))
-        if step == 9:
-            original.set_weights([0.0, 0.5, 0.0, 0.5])  # lands `ahead` batches later
-        if step == 14:
-            saved = json.loads(json.dumps(original.state_dict(consumed=step + 1)))
-    assert original.weight_history[1][0] == 10 + ahead
-    resumed = make(batch_size=6)
-    resumed.load_state_dict(saved)
-    assert take(resumed, 25) == seen[15:]
+    original = assert_prefetched_resume(lambda: make(batch_size=6))
     with pytest.raises(ValueError, match="'consumed' parameter"):
         original.state_dict(consumed=10**6)
     short = make(snapshot_history=4)

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from _resume import assert_resume_equivalent
+from _resume import assert_prefetched_resume, assert_resume_equivalent
 
 from domainmix.sampling import DomainBatchSampler, _streams
 
@@ -94,23 +94,7 @@ def test_replacement_draws_do_not_depend_on_planning(mode: str, small_draw_block
 
 
 def test_replacement_state_as_of_consumed(small_draw_block: int) -> None:
-    ahead = 5  # a DataLoader prefetch depth
-    original = make(batch_size=6, replacement=True)
-    produced = iter(original)
-    queue = [next(produced) for _ in range(ahead)]
-    seen: list[list[int]] = []
-    saved = None
-    for step in range(40):
-        seen.append(queue.pop(0))
-        queue.append(next(produced))
-        if step == 9:
-            original.set_weights([0.0, 0.5, 0.0, 0.5])  # lands `ahead` batches later
-        if step == 14:
-            saved = json.loads(json.dumps(original.state_dict(consumed=step + 1)))
-    assert original.weight_history[1][0] == 10 + ahead
-    resumed = make(batch_size=6, replacement=True)
-    resumed.load_state_dict(saved)
-    assert take(resumed, 25) == seen[15:]
+    assert_prefetched_resume(lambda: make(batch_size=6, replacement=True))
 
 
 # ---------------------------------------------------------------- composition and draws
