@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from domainmix.experiments.config import LINEAR_SETTINGS, LinearConfig
 from domainmix.experiments.loop import Task
-from domainmix.sampling import split_heldout
+from domainmix.sampling import HeldoutSplit, split_heldout
 
 
 def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
@@ -20,26 +20,44 @@ def squared_error(outputs: Tensor, targets: Tensor) -> Tensor:
     return 0.5 * (outputs.squeeze(-1) - targets) ** 2
 
 
+def unit_vector(g: torch.Generator, d: int) -> Tensor:
+    """θ_gt uniform on the unit sphere."""
+    theta = torch.randn(d, generator=g, dtype=torch.float64)
+    return theta / theta.norm()
+
+
+def gaussian_inputs(g: torch.Generator, scales: Tensor, per_domain: int, d: int) -> tuple[Tensor, Tensor]:
+    """X ~ N(0, C_i I_d), ``per_domain`` rows per domain in domain order, and each row's domain id."""
+    domains = torch.arange(scales.numel()).repeat_interleave(per_domain)
+    x = torch.randn(len(domains), d, generator=g, dtype=torch.float64) * scales[domains].sqrt()[:, None]
+    return x, domains
+
+
+def domain_split(k: int, per_domain: int, heldout: int, seed: int) -> tuple[tuple[str, ...], HeldoutSplit]:
+    """Names d1..dk over consecutive blocks of ``per_domain`` rows, ``heldout`` of each held out."""
+    names = tuple(f"d{i + 1}" for i in range(k))
+    blocks = {name: range(i * per_domain, (i + 1) * per_domain) for i, name in enumerate(names)}
+    return names, split_heldout(blocks, count=heldout, seed=seed)
+
+
+def zero_linear(d: int) -> nn.Linear:
+    """The linear model θᵀx (no bias), started at θ = 0."""
+    model = nn.Linear(d, 1, bias=False).to(torch.float64)
+    nn.init.zeros_(model.weight)
+    return model
+
+
 def make_task(cfg: LinearConfig, seed: int) -> Task:
     """Draw the data of ``seed``: n_i training plus held-out examples per domain; a zero-initialised model."""
     g = torch.Generator().manual_seed(seed)
     k, d = len(cfg.input_scales), cfg.dim
-    theta = torch.randn(d, generator=g, dtype=torch.float64)
-    theta /= theta.norm()
+    theta = unit_vector(g, d)
     per_domain = cfg.train_per_domain + cfg.heldout_per_domain
-    domains = torch.arange(k).repeat_interleave(per_domain)
-    scale = torch.tensor(cfg.input_scales, dtype=torch.float64)[domains].sqrt()
+    x, domains = gaussian_inputs(g, torch.tensor(cfg.input_scales, dtype=torch.float64), per_domain, d)
     noise = torch.tensor(cfg.noise_variances, dtype=torch.float64)[domains].sqrt()
-    x = torch.randn(k * per_domain, d, generator=g, dtype=torch.float64) * scale[:, None]
     y = x @ theta + noise * torch.randn(k * per_domain, generator=g, dtype=torch.float64)
-    names = tuple(f"d{i + 1}" for i in range(k))
-    split = split_heldout(
-        {name: range(i * per_domain, (i + 1) * per_domain) for i, name in enumerate(names)},
-        count=cfg.heldout_per_domain,
-        seed=seed,
-    )
-    model = nn.Linear(d, 1, bias=False).to(torch.float64)
-    nn.init.zeros_(model.weight)
+    names, split = domain_split(k, per_domain, cfg.heldout_per_domain, seed)
+    model = zero_linear(d)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         return {"error": float((m.weight.detach()[0] - theta).norm())}

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from domainmix.experiments.config import LOGISTIC_SETTINGS, LogisticConfig
+from domainmix.experiments.linear import domain_split, gaussian_inputs, unit_vector, zero_linear
 from domainmix.experiments.loop import Task
-from domainmix.sampling import split_heldout
 
 SETTINGS = LOGISTIC_SETTINGS
 CONFIG = LogisticConfig
@@ -28,9 +28,7 @@ def logistic_loss(outputs: Tensor, targets: Tensor) -> Tensor:
 
 
 def _draw(g: torch.Generator, theta: Tensor, scales: Tensor, n: int) -> tuple[Tensor, Tensor, Tensor]:
-    k = scales.numel()
-    domains = torch.arange(k).repeat_interleave(n)
-    x = torch.randn(k * n, theta.numel(), generator=g, dtype=torch.float64) * scales[domains].sqrt()[:, None]
+    x, domains = gaussian_inputs(g, scales, n, theta.numel())
     y = torch.bernoulli(torch.sigmoid(x @ theta), generator=g)
     return x, y, domains
 
@@ -38,22 +36,15 @@ def _draw(g: torch.Generator, theta: Tensor, scales: Tensor, n: int) -> tuple[Te
 def make_task(cfg: LogisticConfig, seed: int) -> Task:
     """Noisy-label training/held-out data, clean test data, a zero-initialised logistic model."""
     g = torch.Generator().manual_seed(seed)
-    theta = torch.randn(cfg.dim, generator=g, dtype=torch.float64)
-    theta /= theta.norm()
+    theta = unit_vector(g, cfg.dim)
     scales = torch.tensor(cfg.input_scales, dtype=torch.float64)
     per_domain = cfg.train_per_domain + cfg.heldout_per_domain
     x, y, domains = _draw(g, theta, scales, per_domain)
     flip = torch.rand(y.numel(), generator=g, dtype=torch.float64) < torch.tensor(cfg.flip_rates)[domains]
     y = torch.where(flip, 1.0 - y, y)
     test_x, test_y, _ = _draw(g, theta, scales, cfg.test_per_domain)  # clean labels, equal shares (π uniform)
-    names = tuple(f"d{i + 1}" for i in range(scales.numel()))
-    split = split_heldout(
-        {name: range(i * per_domain, (i + 1) * per_domain) for i, name in enumerate(names)},
-        count=cfg.heldout_per_domain,
-        seed=seed,
-    )
-    model = nn.Linear(cfg.dim, 1, bias=False).to(torch.float64)
-    nn.init.zeros_(model.weight)
+    names, split = domain_split(scales.numel(), per_domain, cfg.heldout_per_domain, seed)
+    model = zero_linear(cfg.dim)
 
     def evaluate(m: nn.Module) -> dict[str, float]:
         w = m.weight.detach()[0]
