@@ -14,24 +14,26 @@ same fixed pool of batches:
   indexed by the batch's example ids (methods.md §5.2): no reference forward.
 * ``doremi_reference_forward`` (informative): the same, with a frozen reference GPT's forward under
   ``torch.inference_mode()`` every step instead of the cache: what the cache saves (methods.md §1.4).
-* ``doge_subset``: DoGE updating every step (``combine(loss=doge(lr), sampling=uniform())``):
-  ``domain_gradient_products`` on the last transformer block + final LayerNorm, the products into the
-  collector, ``controller.step()``, then the ordinary weighted backward (methods.md §5.3 A).
+* ``doge_subset``: DoGE updating every step (``combine(loss=doge(lr), sampling=uniform())``): the
+  products of the per-domain mean gradients on the last transformer block + final LayerNorm from a
+  ``GradientProductTap`` (one backward to the subset's layer outputs, then per-domain weight gradients
+  in closed form), into the collector, ``controller.step()``, then the ordinary weighted backward.
 * ``doge_last_mlp``: the same on the last block's MLP only (a smaller subset), and ``doge_last_mlp_out``
   on its output projection only (one weight matrix and bias, the smallest subset tried).
-* ``doge_all_untied`` (informative): the same on every parameter but the tied embedding.
-* ``doge_subset_onepass`` (informative prototype, not library code): the ``doge_subset`` products
-  from ONE backward to the subset's module outputs, splitting the per-row weight gradients by domain
-  (the model treats sequences independently), instead of one ``autograd.grad`` per domain. It shows
-  what ``domain_gradient_products`` could cost; its agreement with the library is reported.
+* ``doge_all_blocks`` (informative): the tap on every block and the final LayerNorm (every parameter
+  but the token and position embeddings).
+* ``doge_subset_autograd`` (informative): the ``doge_subset`` products from
+  ``domain_gradient_products`` (one ``autograd.grad`` per domain on the subset, methods.md §5.3 A),
+  the general path for subsets that are not Linear/LayerNorm layers. The two paths' agreement on one
+  batch is reported.
 
 Timing: ``--warmup`` steps per variant, then per repetition ``--steps`` rounds in which every variant
 runs one step (round-robin, the order rotated every round so that machine noise hits all alike).
 Reported: the median over repetitions of the mean seconds per step, and the median over repetitions
 of the per-repetition ratio to ``plain``.
 
-Memory of the gradient statistics: ``domain_gradient_products`` keeps a (k+1) × P_subset float64 matrix
-(``matrix_bytes``, analytic). The measured figure is the peak of live CPU tensor bytes allocated during
+Memory of the gradient statistics: both paths keep a (k+1) × P_subset float64 matrix (``matrix_bytes``,
+analytic). The measured figure is the peak of live CPU tensor bytes allocated during
 one call, from the torch profiler's allocator events (``profile_memory=True``), relative to the bytes
 live when the call starts; the same measure is given for one whole step of every variant.
 ``tracemalloc`` does not see tensor storage and ``ru_maxrss`` only moves on a new process-wide peak, so
@@ -49,17 +51,17 @@ import resource
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from domainmix import StatsCollector, WeightingController, domain_losses, weighted_loss
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.sampling import allocate_counts
-from domainmix.stats import domain_gradient_products
+from domainmix.stats import GradientProductTap, domain_gradient_products
 from domainmix.strategies import combine, doge, doremi, uniform
 
 VARIANTS = (
@@ -70,16 +72,16 @@ VARIANTS = (
     "doge_subset",
     "doge_last_mlp",
     "doge_last_mlp_out",
-    "doge_all_untied",
-    "doge_subset_onepass",
+    "doge_all_blocks",
+    "doge_subset_autograd",
 )
-INFORMATIVE = ("doremi_reference_forward", "doge_all_untied", "doge_subset_onepass")
+INFORMATIVE = ("doremi_reference_forward", "doge_all_blocks", "doge_subset_autograd")
 DOGE_VARIANTS = (
     "doge_subset",
     "doge_last_mlp",
     "doge_last_mlp_out",
-    "doge_all_untied",
-    "doge_subset_onepass",
+    "doge_all_blocks",
+    "doge_subset_autograd",
 )
 TARGETS = {"doge_subset_max_ratio": 1.5, "doremi_cached_max_ratio": 1.05}
 LR, WEIGHT_DECAY, MAX_NORM, DOGE_MU = 5e-4, 0.01, 5.0, 0.01  # DoGE reference config (methods.md §2.3)
@@ -128,89 +130,15 @@ class _FixedSink:
 
 # --------------------------------------------------------------------------------------------------
 # Parameter subsets for DoGE (never the tied embedding tok.weight = head.weight).
-def subset_names(model: GPT, which: str) -> list[str]:
-    last = f"blocks.{model.cfg.n_layer - 1}."
-    keep: Callable[[str], bool] = {
-        "doge_subset": lambda n: n.startswith(last) or n.startswith("ln."),
-        "doge_subset_onepass": lambda n: n.startswith(last) or n.startswith("ln."),
-        "doge_last_mlp": lambda n: n.startswith(last + "mlp."),
-        "doge_last_mlp_out": lambda n: n.startswith(last + "mlp.2."),
-        "doge_all_untied": lambda n: True,
+def subset_modules(model: GPT, which: str) -> list[nn.Module]:
+    last = model.blocks[-1]
+    return {
+        "doge_subset": [last, model.ln],
+        "doge_subset_autograd": [last, model.ln],
+        "doge_last_mlp": [last.mlp],
+        "doge_last_mlp_out": [last.mlp[2]],
+        "doge_all_blocks": [model.blocks, model.ln],
     }[which]
-    return [n for n, _ in model.untied_parameters() if keep(n)]
-
-
-def _modules_of(model: GPT, names: Sequence[str]) -> list[tuple[str, nn.Module]]:
-    """The Linear/LayerNorm modules whose parameters are exactly ``names`` (for the one-pass prototype)."""
-    wanted = set(names)
-    mods = [
-        (m_name, m)
-        for m_name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.LayerNorm))
-        and any(f"{m_name}.{p}" in wanted for p, _ in m.named_parameters(recurse=False))
-    ]
-    covered = {f"{m_name}.{p}" for m_name, m in mods for p, _ in m.named_parameters(recurse=False)}
-    if covered != wanted:
-        raise ValueError(f"one-pass prototype: subset {sorted(wanted)} is not made of whole Linear/LayerNorm")
-    return mods
-
-
-class OnePassProducts:
-    """Prototype: per-domain mean gradients of Linear/LayerNorm parameters from one backward.
-
-    The loss is a sum over sequences and the model never mixes sequences, so the gradient of
-    Σ_r ℓ_r / n_{d(r)} with respect to a module's output, restricted to the rows of domain i, is domain
-    i's own. One ``autograd.grad`` to the subset's module outputs gives these Δ; the weight gradient of
-    domain i is then Δ_iᵀ X_i over its rows (LayerNorm: Σ Δ_i ⊙ x̂_i), k matmuls that together cost one
-    weight gradient. Same products as ``domain_gradient_products`` (to rounding).
-    """
-
-    def __init__(self, model: GPT, names: Sequence[str]) -> None:
-        self.modules = _modules_of(model, names)
-        self.inputs: dict[str, Tensor] = {}
-        self.outputs: dict[str, Tensor] = {}
-        for m_name, m in self.modules:
-            m.register_forward_hook(self._hook(m_name))
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
-            if torch.is_grad_enabled():
-                self.inputs[name], self.outputs[name] = args[0], out
-
-        return hook
-
-    def __call__(
-        self, losses: Tensor, domain_ids: Tensor, k: int, max_norm: float | None
-    ) -> tuple[Tensor, Tensor]:
-        ids = domain_ids.long()
-        count = torch.zeros(k, dtype=torch.float64).index_add(
-            0, ids, torch.full((len(ids),), float(losses.shape[1]), dtype=torch.float64)
-        )
-        scale = (1.0 / count.clamp_min(1.0)).to(losses.dtype)[ids]
-        total = (losses.sum(1) * scale).sum()
-        names = [n for n, _ in self.modules]
-        deltas = torch.autograd.grad(total, [self.outputs[n] for n in names], retain_graph=True)
-        rows = [(ids == i).nonzero().squeeze(1) for i in range(k)]
-        blocks = []
-        for (name, m), delta in zip(self.modules, deltas, strict=True):
-            x = self.inputs[name]
-            if isinstance(m, nn.LayerNorm):
-                x = F.layer_norm(x, m.normalized_shape, eps=m.eps)
-            per_domain = []
-            for r in rows:
-                d = delta.index_select(0, r).flatten(0, -2)
-                xi = x.detach().index_select(0, r).flatten(0, -2)
-                w = d.T @ xi if isinstance(m, nn.Linear) else (d * xi).sum(0)
-                parts = [w.flatten()] + ([d.sum(0)] if m.bias is not None else [])
-                per_domain.append(torch.cat(parts))
-            blocks.append(torch.stack(per_domain))
-        self.inputs.clear()
-        self.outputs.clear()
-        grads = torch.cat(blocks, 1).to(torch.float64)
-        if max_norm is not None:
-            norms = grads.norm(dim=1, keepdim=True)
-            grads = grads * (max_norm / norms.clamp_min(1e-12)).clamp(max=1.0)
-        return grads @ grads.T, (grads * grads).sum(1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -225,15 +153,18 @@ class Runner:
         self.i = 0
         self.subset: list[Tensor] = []
         self.subset_names: list[str] = []
-        self.onepass: OnePassProducts | None = None
+        self.tap: GradientProductTap | None = None
         names = [f"d{i}" for i in range(self.k)]
         sink = _FixedSink(names, data.counts)
         if name in DOGE_VARIANTS:
-            self.subset_names = subset_names(self.model, name)
-            params = dict(self.model.named_parameters())
-            self.subset = [params[n] for n in self.subset_names]
-            if name == "doge_subset_onepass":
-                self.onepass = OnePassProducts(self.model, self.subset_names)
+            tap = GradientProductTap(*subset_modules(self.model, name))
+            self.subset = tap.parameters()
+            chosen = {id(p) for p in self.subset}
+            self.subset_names = [n for n, p in self.model.named_parameters() if id(p) in chosen]
+            if name == "doge_subset_autograd":
+                tap.remove()
+            else:
+                self.tap = tap
             strategy = combine(loss=doge(LR, mu=DOGE_MU), sampling=uniform())
         elif name.startswith("doremi"):
             strategy = combine(loss=doremi(), sampling=uniform())
@@ -250,7 +181,8 @@ class Runner:
     def step(self) -> None:
         index, x, y, ids = self.data.get(self.i)
         self.i += 1
-        tok = per_token_loss(self.model(x), y)
+        with self.tap.record() if self.tap is not None else nullcontext():
+            tok = per_token_loss(self.model(x), y)
         ctl = self.controller
         if ctl is None:
             loss = tok.mean()
@@ -282,9 +214,10 @@ class Runner:
             ctl.step()
 
     def products(self, tok: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
-        if self.onepass is not None:
-            return self.onepass(tok, ids, self.k, MAX_NORM)
-        out = domain_gradient_products(tok, ids, self.k, params=self.subset, max_norm=MAX_NORM)
+        if self.tap is not None:
+            out = self.tap.products(tok, ids, self.k, max_norm=MAX_NORM)
+        else:
+            out = domain_gradient_products(tok, ids, self.k, params=self.subset, max_norm=MAX_NORM)
         return out.grad_dot, out.grad_sq_norm
 
 
@@ -308,8 +241,8 @@ def peak_tensor_bytes(fn: Callable[[], Any]) -> int | None:
 def measure_memory(runners: dict[str, Runner]) -> dict[str, Any]:
     out: dict[str, Any] = {
         "method": (
-            "matrix_bytes: the (k+1) x P_subset float64 matrix domain_gradient_products allocates "
-            "(analytic; k x P_subset for the one-pass prototype). call_peak_bytes / step_peak_bytes: "
+            "matrix_bytes: the (k+1) x P_subset float64 matrix of the gradient rows (analytic, both "
+            "paths). call_peak_bytes / step_peak_bytes: "
             "peak live CPU tensor bytes during one products call / one whole step, from torch profiler "
             "allocator events, relative to the bytes live at its start. max_rss_bytes: process-wide, "
             "context only."
@@ -323,11 +256,11 @@ def measure_memory(runners: dict[str, Runner]) -> dict[str, Any]:
             continue
         size = sum(p.numel() for p in runner.subset)
         _, x, y, ids = runner.data.get(0)
-        tok = per_token_loss(runner.model(x), y)
-        rows = runner.k if runner.onepass is not None else runner.k + 1  # the prototype keeps k rows
+        with runner.tap.record() if runner.tap is not None else nullcontext():
+            tok = per_token_loss(runner.model(x), y)
         entry = {
             "parameters": size,
-            "matrix_bytes": rows * size * 8,
+            "matrix_bytes": (runner.k + 1) * size * 8,
             "call_peak_bytes": peak_tensor_bytes(lambda r=runner, t=tok, i=ids: r.products(t, i)),
         }
         out[name] = entry
@@ -337,21 +270,21 @@ def measure_memory(runners: dict[str, Runner]) -> dict[str, Any]:
     return out
 
 
-def check_onepass(base: GPT, data: Data, names: Sequence[str]) -> dict[str, float]:
-    """Largest difference between the prototype's and the library's products, on one batch."""
+def check_agreement(base: GPT, data: Data) -> dict[str, float]:
+    """Largest difference between the tap's and domain_gradient_products' products, on one batch."""
     model = copy.deepcopy(base)
-    onepass = OnePassProducts(model, names)
-    params = dict(model.named_parameters())
+    tap = GradientProductTap(*subset_modules(model, "doge_subset"))
     _, x, y, ids = data.get(0)
-    tok = per_token_loss(model(x), y)
-    lib = domain_gradient_products(tok, ids, data.k, params=[params[n] for n in names], max_norm=MAX_NORM)
-    dot, sq = onepass(tok, ids, data.k, MAX_NORM)
+    with tap.record():
+        tok = per_token_loss(model(x), y)
+    lib = domain_gradient_products(tok, ids, data.k, params=tap.parameters(), max_norm=MAX_NORM)
+    got = tap.products(tok, ids, data.k, max_norm=MAX_NORM)
     scale = float(lib.grad_dot.abs().max().clamp_min(1e-30))
     return {
-        "max_abs_error_grad_dot": float((dot - lib.grad_dot).abs().max()),
-        "max_rel_error_grad_dot": float((dot - lib.grad_dot).abs().max()) / scale,
+        "max_abs_error_grad_dot": float((got.grad_dot - lib.grad_dot).abs().max()),
+        "max_rel_error_grad_dot": float((got.grad_dot - lib.grad_dot).abs().max()) / scale,
         "max_rel_error_grad_sq_norm": float(
-            ((sq - lib.grad_sq_norm).abs() / lib.grad_sq_norm.abs().clamp_min(1e-30)).max()
+            ((got.grad_sq_norm - lib.grad_sq_norm).abs() / lib.grad_sq_norm.abs().clamp_min(1e-30)).max()
         ),
     }
 
@@ -443,7 +376,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if name in DOGE_VARIANTS
     }
     meets: dict[str, bool | None] = {}
-    for name in ("doge_subset", "doge_last_mlp", "doge_last_mlp_out", "doge_subset_onepass"):
+    for name in ("doge_subset", "doge_last_mlp", "doge_last_mlp_out"):
         if name in results:
             meets[name] = results[name]["ratio_vs_plain"] <= TARGETS["doge_subset_max_ratio"]
     if "doremi_cached" in results:
@@ -485,10 +418,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "targets": TARGETS,
         "meets_targets": meets,
     }
-    if "doge_subset_onepass" in runners:
-        report["doge_subset_onepass_agreement"] = check_onepass(
-            base, data, subset_names(base, "doge_subset_onepass")
-        )
+    if "doge_subset_autograd" in runners:
+        report["doge_subset_tap_vs_autograd"] = check_agreement(base, data)
     if not args.no_memory:
         report["gradient_statistics_memory_bytes"] = measure_memory(runners)
     return report
@@ -520,9 +451,12 @@ def print_table(report: dict[str, Any]) -> None:
             f"{name}: {s['parameters']:,} parameters ({s['fraction']:.1%}): {', '.join(s['names'][:8])}"
             + (" ..." if len(s["names"]) > 8 else "")
         )
-    if "doge_subset_onepass_agreement" in report:
-        a = report["doge_subset_onepass_agreement"]
-        print(f"one-pass prototype vs library: max rel error grad_dot {a['max_rel_error_grad_dot']:.2e}")
+    if "doge_subset_tap_vs_autograd" in report:
+        a = report["doge_subset_tap_vs_autograd"]
+        print(
+            "GradientProductTap vs domain_gradient_products: max rel error grad_dot "
+            f"{a['max_rel_error_grad_dot']:.2e}"
+        )
     mem = report.get("gradient_statistics_memory_bytes")
     if mem:
         print("memory (MiB): variant, (k+1) x P float64 matrix, measured call peak, measured step peak")

@@ -7,6 +7,8 @@ import inspect
 import pytest
 
 import domainmix
+import domainmix.sampling
+import domainmix.stats
 import domainmix.strategies
 
 TOP_LEVEL = [
@@ -59,9 +61,32 @@ STRATEGIES = [
     "variance_aware",
 ]
 
+SAMPLING = [
+    "DomainBatchSampler",
+    "DomainMixingIterable",
+    "HeldoutSplit",
+    "Mode",
+    "StopRule",
+    "allocate_counts",
+    "split_heldout",
+]
+
+STATS = [
+    "DomainGradients",
+    "GradientProductTap",
+    "GradientProducts",
+    "StatsCollector",
+    "domain_gradient_products",
+    "gradient_variance",
+    "micro_batch_gradients",
+    "per_example_gradients",
+]
+
 MODULES = [
     pytest.param(domainmix, TOP_LEVEL, id="domainmix"),
     pytest.param(domainmix.strategies, STRATEGIES, id="strategies"),
+    pytest.param(domainmix.sampling, SAMPLING, id="sampling"),
+    pytest.param(domainmix.stats, STATS, id="stats"),
 ]
 
 

@@ -20,6 +20,7 @@ from torch import nn
 
 from domainmix.stats import (
     DomainGradients,
+    GradientProductTap,
     domain_gradient_products,
     micro_batch_gradients,
     per_example_gradients,
@@ -72,6 +73,17 @@ def products(
     return {field: getattr(out, field).tolist() for field in out._fields}
 
 
+def tap_products(model: nn.Module, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor) -> dict:
+    """The same products from GradientProductTap (the target rows in a forward of their own)."""
+    tap = GradientProductTap(model)
+    with tap.record():
+        losses = loss_fn(model(x), y)
+        target = loss_fn(model(x[:3]), y[:3])
+    out = tap.products(losses, ids, NUM_DOMAINS, target_losses=target, max_norm=0.5)
+    tap.remove()
+    return {field: getattr(out, field).tolist() for field in out._fields}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", type=Path, required=True)
@@ -89,6 +101,7 @@ def main() -> None:
         "local": as_json(per_example_gradients(*common, chunk_size=3, reduce=False)),
         "micro": as_json(micro_batch_gradients(*common, micro_batch_size=2)),
         "products": products(model, x[rows], y[rows], ids[rows]),
+        "tap": tap_products(model, x[rows], y[rows], ids[rows]),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"rank{rank}.json").write_text(json.dumps(record))

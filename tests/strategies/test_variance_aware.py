@@ -56,9 +56,7 @@ def test_salmani_analytic_shares(alpha: list[float], variance: list[float], targ
 
 
 def best_integer_allocation(a: list[float], total: int) -> float:
-    return min(
-        sum(x * x / b for x, b in zip(a, (b1, total - b1), strict=True)) for b1 in range(1, total)
-    )
+    return min(sum(x * x / b for x, b in zip(a, (b1, total - b1), strict=True)) for b1 in range(1, total))
 
 
 @settings(max_examples=200, deadline=None)

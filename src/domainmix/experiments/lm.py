@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -37,7 +38,7 @@ import torch
 from domainmix import WeightingController, domain_losses, strategies, weighted_loss
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.sampling import DomainBatchSampler
-from domainmix.stats import domain_gradient_products
+from domainmix.stats import GradientProductTap
 
 
 @dataclass(frozen=True)
@@ -131,8 +132,9 @@ def train(
 ) -> tuple[GPT, WeightingController, dict[str, Any]]:
     """The training loop shared by every stage; the strategy and the statistics it reads differ.
 
-    A strategy that reads ``grad_dot`` (DoGE) gets the products on :func:`doge_subset_names` of the
-    model; the names go into the returned info as ``doge_subset``.
+    A strategy that reads ``grad_dot`` (DoGE) gets the products on the last block and the final
+    LayerNorm (never the tied embedding), from a :class:`GradientProductTap` (one extra backward to the
+    subset); the parameter names go into the returned info as ``doge_subset``.
     """
     torch.manual_seed(cfg.seed)
     names, k = train_windows.names, len(train_windows.names)
@@ -142,22 +144,25 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cosine_decay(t, steps))
     info: dict[str, Any] = {}
+    tap = None
     if "grad_dot" in controller.requires:
-        info["doge_subset"] = doge_subset_names(model)
-        subset = [p for n, p in model.named_parameters() if n in info["doge_subset"]]
+        tap = GradientProductTap(model.blocks[-1], model.ln)
+        chosen = {id(p) for p in tap.parameters()}
+        info["doge_subset"] = [n for n, p in model.named_parameters() if id(p) in chosen]
     start, tokens = time.perf_counter(), 0
     for _, batch in zip(range(steps), sampler, strict=False):
         index = torch.as_tensor(batch)
         seq, ids = train_windows.tokens[index].long(), train_windows.domain[index]
-        per_token = per_token_loss(model(seq[:, :-1]), seq[:, 1:])
+        with tap.record() if tap is not None else nullcontext():
+            per_token = per_token_loss(model(seq[:, :-1]), seq[:, 1:])
         loss = weighted_loss(per_token, ids, controller.loss_multipliers())
         controller.collector.observe(domain_losses(per_token, ids, k))
         if "excess_loss" in controller.requires:
             ref = torch.from_numpy(reference[index.numpy()].astype(np.float32))
             excess = (per_token.detach() - ref).clamp_min(0.0)
             controller.collector.observe(domain_losses(excess, ids, k), source="excess")
-        if "grad_dot" in controller.requires:
-            products = domain_gradient_products(per_token, ids, k, subset, max_norm=cfg.doge_max_norm)
+        if tap is not None:
+            products = tap.products(per_token, ids, k, max_norm=cfg.doge_max_norm)
             controller.collector.observe_stat("grad_dot", products.grad_dot)
             controller.collector.observe_stat("grad_sq_norm", products.grad_sq_norm)
         if not torch.isfinite(loss.detach()):
@@ -175,12 +180,6 @@ def train(
 def cosine_decay(t: int, steps: int) -> float:
     """The multiplier of ``lr`` at step t of ``steps`` (cosine to 0), shared by AdamW and DoGE's η_t."""
     return 0.5 * (1 + math.cos(math.pi * t / steps))
-
-
-def doge_subset_names(model: GPT) -> list[str]:
-    """DoGE's parameter subset: the last block and the final LayerNorm (the tied embedding excluded)."""
-    last = f"blocks.{model.cfg.n_layer - 1}."
-    return [n for n, _ in model.untied_parameters() if n.startswith(last) or n.startswith("ln.")]
 
 
 def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Per-domain statistics over update windows, and gradient statistics for Variance-Aware sampling."""
+"""Per-domain statistics over update windows, and gradient statistics for Variance-Aware sampling and DoGE."""
 
 from domainmix.stats._collector import StatsCollector as StatsCollector
 from domainmix.stats._gradients import DomainGradients as DomainGradients
@@ -7,9 +7,11 @@ from domainmix.stats._gradients import micro_batch_gradients as micro_batch_grad
 from domainmix.stats._gradients import per_example_gradients as per_example_gradients
 from domainmix.stats._products import GradientProducts as GradientProducts
 from domainmix.stats._products import domain_gradient_products as domain_gradient_products
+from domainmix.stats._tap import GradientProductTap as GradientProductTap
 
 __all__ = [
     "DomainGradients",
+    "GradientProductTap",
     "GradientProducts",
     "StatsCollector",
     "domain_gradient_products",

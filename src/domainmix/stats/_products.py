@@ -78,33 +78,53 @@ def domain_gradient_products(
     sums = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(
         0, ids, masked_row_sums(losses, m)
     )
-    count = torch.zeros(k, dtype=torch.float64, device=losses.device).index_add(0, ids, row_sums(m).double())
     size = sum(p.numel() for p in params)
-    # One buffer for the (k + 1) gradient rows (the last for the target), the k counts and the target's
-    # count: filled in place, all-reduced once, normalised in place; no copy of the matrix is made.
-    packed = torch.zeros((k + 1) * size + k + 1, dtype=torch.float64, device=params[0].device)
-    matrix = packed[: (k + 1) * size].view(k + 1, size)
-    counts = packed[(k + 1) * size :]  # k domain counts, then the target's
-    counts[:k] = count
+    buffer = ProductBuffer(k, size, params[0].device)
+    buffer.counts[:k] = domain_counts(ids, m, k)
     for i in range(k):
-        if float(count[i]) > 0:
-            _write_flat_grad(sums[i], params, matrix[i])
+        if float(buffer.counts[i]) > 0:
+            _write_flat_grad(sums[i], params, buffer.matrix[i])
     if target_losses is not None:
         tm = torch.ones_like(target_losses) if target_mask is None else target_mask.to(target_losses.dtype)
-        _write_flat_grad(masked_row_sums(target_losses, tm).sum(), params, matrix[k])
-        counts[k] = float(tm.sum())
-    if reduce:
-        all_reduce_sum(packed)
-    matrix.div_(counts.clamp_min(1.0)[:, None])
-    if max_norm is not None:
-        matrix.mul_((max_norm / matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0))
-    grads = matrix[:k]
-    return GradientProducts(
-        grads @ grads.T,
-        (grads * grads).sum(1),
-        grads @ matrix[k] if target_losses is not None else None,
-        counts[:k].clone(),
-    )
+        _write_flat_grad(masked_row_sums(target_losses, tm).sum(), params, buffer.matrix[k])
+        buffer.counts[k] = float(tm.sum())
+    return buffer.finish(target=target_losses is not None, max_norm=max_norm, reduce=reduce)
+
+
+def domain_counts(ids: Tensor, mask: Tensor, k: int) -> Tensor:
+    """Elements (unmasked tokens) per domain, float64."""
+    return torch.zeros(k, dtype=torch.float64, device=ids.device).index_add(0, ids, row_sums(mask).double())
+
+
+class ProductBuffer:
+    """The (k + 1) × P float64 gradient-*sum* rows (the last for the target) and the k + 1 counts.
+
+    One allocation: filled in place by the caller, all-reduced once, normalised to means in place, so
+    no copy of the matrix is ever made (the k + 1 rows are what the products need at minimum).
+    """
+
+    def __init__(self, k: int, size: int, device: torch.device) -> None:
+        self.k = k
+        self.packed = torch.zeros((k + 1) * size + k + 1, dtype=torch.float64, device=device)
+        self.matrix = self.packed[: (k + 1) * size].view(k + 1, size)
+        self.counts = self.packed[(k + 1) * size :]  # k domain counts, then the target's
+
+    def finish(self, *, target: bool, max_norm: float | None, reduce: bool) -> GradientProducts:
+        """Pool across ranks, divide sums by counts, clip each row, and take the products."""
+        if reduce:
+            all_reduce_sum(self.packed)
+        self.matrix.div_(self.counts.clamp_min(1.0)[:, None])
+        if max_norm is not None:
+            self.matrix.mul_(
+                (max_norm / self.matrix.norm(dim=1, keepdim=True).clamp_min(1e-12)).clamp(max=1.0)
+            )
+        grads = self.matrix[: self.k]
+        return GradientProducts(
+            grads @ grads.T,
+            (grads * grads).sum(1),
+            grads @ self.matrix[self.k] if target else None,
+            self.counts[: self.k].clone(),
+        )
 
 
 def _write_flat_grad(value: Tensor, params: list[Tensor], out: Tensor) -> None:

@@ -1,0 +1,214 @@
+"""DoGE's per-domain gradient products from one backward, for subsets made of Linear and LayerNorm layers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from domainmix._validation import Interval, check_param, param_error
+from domainmix.losses._aggregate import check_inputs, masked_row_sums
+from domainmix.stats._products import GradientProducts, ProductBuffer, domain_counts
+
+_SUPPORTED = (nn.Linear, nn.LayerNorm)
+
+
+class GradientProductTap:
+    r"""Per-domain mean gradients of a Linear/LayerNorm parameter subset at the cost of about one backward.
+
+    :func:`domain_gradient_products` runs one ``autograd.grad`` per domain, each back through the loss
+    head and the subset over the whole batch: k partial backwards. The tap needs one. Forward hooks keep
+    each tapped layer's input X and output Y; one ``autograd.grad`` of Σ_rows ℓ gives Δ = ∂/∂Y, and since
+    rows (examples) do not interact, the rows of Δ belonging to domain i are domain i's own. The weight
+    gradients then follow in closed form, per domain:
+
+    * Linear: ∇W_i = Σ_{r ∈ i} Δ_rᵀ X_r, ∇b_i = Σ_{r ∈ i} Δ_r (summed over any middle axes, e.g. tokens);
+    * LayerNorm: ∇γ_i = Σ_{r ∈ i} Δ_r ⊙ x̂_r with x̂ the normalised input, ∇β_i = Σ_{r ∈ i} Δ_r;
+
+    k matmuls that together cost one weight gradient of the subset. The products, pooling across ranks
+    and clipping are those of :func:`domain_gradient_products`, which gives the same numbers (to
+    rounding) on any parameter subset and serves as this class's test oracle.
+
+    Requirements, checked where they can be: the first axis of every tapped layer's output is the row
+    axis of ``losses`` (no BatchNorm or other mixing of examples before the loss); a tapped output is not
+    modified in place afterwards; the forward whose losses are passed runs inside :meth:`record`.
+    A target batch (out-of-domain DoGE) runs in a forward of its own inside the same :meth:`record`
+    block (its rows are not ``losses``'s rows).
+
+    Example::
+
+        tap = GradientProductTap(model.blocks[-1], model.ln)  # the last block and the final LayerNorm
+        with tap.record():
+            per_token = per_token_loss(model(x), y)
+        products = tap.products(per_token, domain_ids, k, max_norm=5.0)
+        weighted_loss(per_token, domain_ids, multipliers).backward()  # the graph is kept
+
+    Args:
+        *modules: the subset: Linear or LayerNorm layers, or containers whose parameterised
+            submodules are all Linear or LayerNorm (their parameters are the subset; a layer reached
+            twice counts once).
+
+    References:
+        Fan, Pagliardini, Jaggi (2024), "DoGE: Domain Reweighting with Generalization Estimation", §3.
+    """
+
+    def __init__(self, *modules: nn.Module) -> None:
+        caller = "GradientProductTap"
+        layers: list[nn.Module] = []
+        for index, module in enumerate(modules):
+            if not isinstance(module, nn.Module):
+                raise param_error(caller, f"modules[{index}]", "an nn.Module", module)
+            for name, sub in module.named_modules():
+                own = list(sub.parameters(recurse=False))
+                if not own:
+                    continue
+                where = f"modules[{index}]" + (f".{name}" if name else "")
+                if not isinstance(sub, _SUPPORTED):
+                    raise param_error(caller, where, "Linear or LayerNorm layers only", type(sub).__name__)
+                if isinstance(sub, nn.LayerNorm) and len(sub.normalized_shape) != 1:
+                    raise param_error(
+                        caller,
+                        where,
+                        "a LayerNorm over the last axis only",
+                        f"normalized_shape {sub.normalized_shape}",
+                    )
+                if all(sub is not seen for seen in layers):
+                    layers.append(sub)
+        if not layers:
+            raise param_error(
+                caller, "modules", "at least one Linear or LayerNorm layer with parameters", modules
+            )
+        self._layers = layers
+        self._params = [p for layer in layers for p in layer.parameters(recurse=False)]
+        sizes = [sum(p.numel() for p in layer.parameters(recurse=False)) for layer in layers]
+        self._offsets = [sum(sizes[:j]) for j in range(len(layers))]  # layer j's slice of a gradient row
+        self._size = sum(sizes)
+        self._captures: list[list[tuple[Tensor, Tensor, int]]] = [[] for _ in layers]
+        self._recording = False
+        self._handles: list[RemovableHandle] = [
+            layer.register_forward_hook(self._hook(j)) for j, layer in enumerate(layers)
+        ]
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The subset, in the order of the gradient rows (weight then bias, layer by layer)."""
+        return list(self._params)
+
+    @contextmanager
+    def record(self) -> Iterator[None]:
+        """Keep the tapped layers' inputs and outputs of the forwards run inside this block."""
+        self._clear()
+        self._recording = True
+        try:
+            yield
+        finally:
+            self._recording = False
+
+    def remove(self) -> None:
+        """Detach the hooks from the model (the tap can no longer be used)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._clear()
+
+    def products(
+        self,
+        losses: Tensor,
+        domain_ids: Tensor,
+        num_domains: int,
+        *,
+        mask: Tensor | None = None,
+        target_losses: Tensor | None = None,
+        target_mask: Tensor | None = None,
+        max_norm: float | None = None,
+        reduce: bool = True,
+    ) -> GradientProducts:
+        """The products of :func:`domain_gradient_products` for the recorded forward(s).
+
+        Arguments as in :func:`domain_gradient_products`, without ``params`` (the subset is the tap's).
+        Consumes the recording: the next step records again.
+        """
+        caller = "GradientProductTap.products"
+        k = check_param(caller, "num_domains", num_domains, Interval(int, 1, None))
+        check_param(caller, "max_norm", max_norm, Interval(float, 0.0, None, closed="neither"), None)
+        m = check_inputs(caller, losses, domain_ids, k, mask)
+        if not losses.requires_grad:
+            raise param_error(caller, "losses", "an (N,) or (N, T) tensor attached to the graph", losses)
+        if not self._handles:
+            raise RuntimeError("GradientProductTap.products: the tap was removed.")
+        captures = [(j, x, y) for j, recorded in enumerate(self._captures) for x, y, _ in recorded]
+        if not captures:
+            raise RuntimeError(
+                "GradientProductTap.products: nothing was recorded; run the forward inside "
+                "`with tap.record():` with gradients enabled."
+            )
+        for j, recorded in enumerate(self._captures):
+            if any(y._version != version for _, y, version in recorded):
+                raise RuntimeError(
+                    f"GradientProductTap.products: the output of {type(self._layers[j]).__name__} layer {j} "
+                    "was modified in place after the forward; its gradient cannot be taken."
+                )
+        ids = domain_ids.long()
+        buffer = ProductBuffer(k, self._size, losses.device)
+        buffer.counts[:k] = domain_counts(ids, m, k)
+        outputs = [y for _, _, y in captures]
+        deltas = torch.autograd.grad(
+            masked_row_sums(losses, m).sum(), outputs, retain_graph=True, allow_unused=True
+        )
+        rows = [(ids == i).nonzero().squeeze(1) for i in range(k)]
+        for (j, x, _), delta in zip(captures, deltas, strict=True):
+            if delta is None:  # a forward that did not lead to ``losses`` (e.g. the target batch)
+                continue
+            if delta.shape[0] != len(ids):
+                raise param_error(
+                    caller,
+                    "losses",
+                    f"one row per row of the forward's tapped outputs ({type(self._layers[j]).__name__} "
+                    f"layer {j} output has {delta.shape[0]}; a target batch needs a forward of its own)",
+                    f"{len(ids)} rows",
+                )
+            for i, r in enumerate(rows):
+                if len(r):
+                    self._add_grad(j, delta.index_select(0, r), x.index_select(0, r), buffer.matrix[i])
+        if target_losses is not None:
+            tm = (
+                torch.ones_like(target_losses) if target_mask is None else target_mask.to(target_losses.dtype)
+            )
+            deltas = torch.autograd.grad(
+                masked_row_sums(target_losses, tm).sum(), outputs, retain_graph=True, allow_unused=True
+            )
+            for (j, x, _), delta in zip(captures, deltas, strict=True):
+                if delta is not None:
+                    self._add_grad(j, delta, x, buffer.matrix[k])
+            buffer.counts[k] = float(tm.sum())
+        self._clear()
+        return buffer.finish(target=target_losses is not None, max_norm=max_norm, reduce=reduce)
+
+    def _hook(self, j: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
+        def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            if self._recording and torch.is_grad_enabled():
+                self._captures[j].append((args[0].detach(), out, out._version))
+
+        return hook
+
+    def _add_grad(self, j: int, delta: Tensor, x: Tensor, out: Tensor) -> None:
+        """Add layer j's weight (and bias) gradient over these rows into its slice of the row ``out``."""
+        layer = self._layers[j]
+        delta = delta.reshape(-1, delta.shape[-1])
+        x = x.reshape(-1, x.shape[-1])
+        if isinstance(layer, nn.LayerNorm):
+            x = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
+            parts = {"weight": (delta * x).sum(0), "bias": delta.sum(0)}
+        else:
+            parts = {"weight": delta.T @ x, "bias": delta.sum(0)}
+        offset = self._offsets[j]
+        for name, p in layer.named_parameters(recurse=False):
+            out[offset : offset + p.numel()] += parts[name].reshape(-1)
+            offset += p.numel()
+
+    def _clear(self) -> None:
+        for recorded in self._captures:
+            recorded.clear()

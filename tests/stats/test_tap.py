@@ -1,0 +1,112 @@
+"""GradientProductTap (one backward) against domain_gradient_products (one autograd.grad per domain)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
+from domainmix.stats import GradientProductTap, domain_gradient_products
+
+
+def gpt() -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=8, n_layer=2, n_head=2, n_embd=16)).double()
+
+
+def batch(n: int = 10, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    seq = torch.randint(0, 256, (n, 9), generator=g)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def assert_same(a, b) -> None:
+    for field in a._fields:
+        x, y = getattr(a, field), getattr(b, field)
+        if x is None or y is None:
+            assert x is None and y is None, field
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-12, msg=field)
+
+
+def test_matches_the_autograd_oracle_on_a_gpt_block_with_mask_clip_and_an_absent_domain() -> None:
+    model = gpt()
+    tap = GradientProductTap(model.blocks[-1], model.ln)
+    assert len(tap.parameters()) == 12 + 2  # ln1, qkv, proj, ln2, mlp.0, mlp.2 (weight, bias) + ln
+    x, y = batch()
+    ids = torch.tensor([0, 1, 0, 1, 0, 0, 1, 1, 0, 3])  # domain 2 absent
+    mask = torch.ones(10, 8, dtype=torch.float64)
+    mask[:, 6:] = 0.0
+    for max_norm in (None, 1e-3):
+        with tap.record():
+            per_token = per_token_loss(model(x), y)
+        expected = domain_gradient_products(per_token, ids, 4, tap.parameters(), mask=mask, max_norm=max_norm)
+        got = tap.products(per_token, ids, 4, mask=mask, max_norm=max_norm)
+        assert_same(got, expected)
+    assert got.count.tolist() == [5 * 6.0, 4 * 6.0, 0.0, 6.0]
+    per_token.mean().backward()  # the forward graph survives for the training step
+    assert model.tok.weight.grad is not None
+
+
+def test_target_from_a_second_forward() -> None:
+    model = gpt()
+    tap = GradientProductTap(model.blocks[-1].mlp)
+    x, y = batch()
+    tx, ty = batch(4, seed=2)
+    ids = torch.tensor([0, 1, 2, 1, 0, 0, 1, 2, 0, 1])
+    with tap.record():
+        per_token = per_token_loss(model(x), y)
+        target = per_token_loss(model(tx), ty)
+    expected = domain_gradient_products(
+        per_token, ids, 3, tap.parameters(), target_losses=target, max_norm=0.05
+    )
+    assert_same(tap.products(per_token, ids, 3, target_losses=target, max_norm=0.05), expected)
+
+
+def test_a_layer_applied_twice_sums_both_uses_and_is_counted_once() -> None:
+    torch.manual_seed(0)
+    shared = nn.Linear(3, 3).double()
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    tap = GradientProductTap(model, shared)
+    assert len(tap.parameters()) == 2
+    x, ids = torch.randn(6, 3, dtype=torch.float64), torch.tensor([0, 1, 1, 0, 1, 1])
+    with tap.record():
+        losses = model(x).pow(2).sum(1)
+    expected = domain_gradient_products(losses, ids, 2, tap.parameters())
+    assert_same(tap.products(losses, ids, 2), expected)
+
+
+def test_misuse_is_reported() -> None:
+    model = gpt()
+    with pytest.raises(ValueError, match=r"'modules\[0\]\.tok' parameter.*Linear or LayerNorm.*Embedding"):
+        GradientProductTap(model)
+    with pytest.raises(ValueError, match="'modules' parameter"):
+        GradientProductTap(nn.GELU())
+    tap = GradientProductTap(model.ln)
+    x, y = batch()
+    ids = torch.zeros(10, dtype=torch.long)
+    per_token = per_token_loss(model(x), y)
+    with pytest.raises(RuntimeError, match="nothing was recorded"):
+        tap.products(per_token, ids, 1)
+    with tap.record(), torch.no_grad():
+        model(x)
+    with pytest.raises(RuntimeError, match="nothing was recorded"):
+        tap.products(per_token, ids, 1)
+    with tap.record():
+        per_token = per_token_loss(model(x), y)
+    with pytest.raises(ValueError, match="'max_norm' parameter"):
+        tap.products(per_token, ids, 1, max_norm=0.0)
+    with pytest.raises(ValueError, match="'losses' parameter.*forward of its own"):
+        tap.products(per_token[:5], ids[:5], 1)  # e.g. a target batch riding in the training forward
+
+    inplace = nn.Sequential(nn.Linear(3, 3), nn.ReLU(inplace=True))
+    tap = GradientProductTap(inplace)
+    with tap.record():
+        losses = inplace(torch.randn(4, 3)).sum(1)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        tap.products(losses, torch.zeros(4, dtype=torch.long), 1)
+
+    tap.remove()
+    with pytest.raises(RuntimeError, match="removed"):
+        tap.products(losses, torch.zeros(4, dtype=torch.long), 1)
