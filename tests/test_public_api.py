@@ -72,6 +72,7 @@ SAMPLING = [
 ]
 
 STATS = [
+    "CancellationScores",
     "DomainGradients",
     "GradientProductTap",
     "GradientProducts",

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from domainmix._validation import ConfigError
 from domainmix.experiments import lm
+from domainmix.experiments.config import load_config
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "corpus"
 TINY = lm.LmConfig(
@@ -38,6 +41,10 @@ def test_reference_proxy_base(tmp_path: Path) -> None:
         for key in ("final", "averaged"):
             assert math.isclose(sum(written[key].values()), 1.0, abs_tol=1e-9)
         assert written["averaged"] != dict.fromkeys(written["averaged"], 1 / 6)  # the weights moved
+        trajectory = written["trajectory"]
+        assert trajectory["step"][-1] == TINY.proxy_steps
+        assert {n: v[-1] for n, v in trajectory["mixture"].items()} == pytest.approx(written["final"])
+        assert (tmp_path / name / "weights.png").stat().st_size > 0
     assert "tok.weight" not in result["doge_subset"]  # DoGE's subset skips the tied embedding
     base = lm.stage_base(TINY, tmp_path / "base", str(tmp_path / "doge" / "weights.json"))
     metrics = json.loads((tmp_path / "base" / "metrics.json").read_text())
@@ -57,3 +64,30 @@ def test_doremi_without_reference_is_a_clear_error(tmp_path: Path) -> None:
         )
         == 2
     )
+
+
+def test_doge_with_cancellation_selection(tmp_path: Path) -> None:
+    cfg = replace(TINY, doge_selection=3, doge_selection_steps=3)
+    result = lm.stage_proxy(cfg, tmp_path, "doge", None)
+    selection = result["doge_selection"]
+    assert selection["steps"] == 3 and len(selection["selected"]) == 3
+    assert result["doge_subset"] == sorted(selection["selected"], key=list(selection["scores"]).index)
+    ranked = sorted(selection["scores"].values())
+    assert sorted(selection["scores"][n] for n in selection["selected"]) == ranked[:3]  # the smallest
+    assert all(n.startswith(("blocks.", "ln.")) for n in selection["scores"])  # never an embedding
+
+
+def test_config_file_and_overrides_with_every_error_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "lm.yaml"
+    path.write_text("proxy_steps: 7\nlr: 0.01\n")
+    cfg = load_config(lm.LmConfig, path, {"doge_selection": -2})
+    assert (cfg.proxy_steps, cfg.lr, cfg.doge_selection) == (7, 0.01, -2)
+    with pytest.raises(ConfigError) as error:
+        load_config(lm.LmConfig, None, {"base_width": 30, "lr": -1.0, "bogus": 1})
+    assert "bogus" in str(error.value)
+    with pytest.raises(ConfigError) as error:
+        load_config(lm.LmConfig, None, {"base_width": 30, "lr": -1.0})
+    message = str(error.value)
+    assert "'base_width' must be divisible by 4" in message and "'lr' must be a finite number > 0" in message
+    code = lm.main(["--stage", "base", "--weights", "uniform", "--out", str(tmp_path), "--set", "lr=-1"])
+    assert code == 2

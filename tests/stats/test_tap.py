@@ -110,3 +110,19 @@ def test_misuse_is_reported() -> None:
     tap.remove()
     with pytest.raises(RuntimeError, match="removed"):
         tap.products(losses, torch.zeros(4, dtype=torch.long), 1)
+
+
+def test_only_keeps_the_chosen_tensors() -> None:
+    model = gpt()
+    chosen = [model.blocks[-1].mlp[0].bias, model.blocks[-1].qkv.weight, model.ln.weight]
+    tap = GradientProductTap(model.blocks[-1], model.ln, only=chosen)
+    kept = {id(p) for p in tap.parameters()}
+    assert kept == {id(p) for p in chosen} and len(tap.parameters()) == 3
+    x, y = batch()
+    ids = torch.tensor([0, 1, 2, 1, 0, 0, 1, 2, 0, 1])
+    with tap.record():
+        per_token = per_token_loss(model(x), y)
+    expected = domain_gradient_products(per_token, ids, 3, tap.parameters())
+    assert_same(tap.products(per_token, ids, 3), expected)
+    with pytest.raises(ValueError, match="'only' parameter"):
+        GradientProductTap(model.ln, only=[model.head.weight])

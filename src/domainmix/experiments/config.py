@@ -2,8 +2,9 @@
 
 Every experiment is a frozen dataclass: :class:`TrainConfig` holds what the training loop reads (batch,
 schedule, weighting cadence, methods, seeds); :class:`LinearConfig`, :class:`LogisticConfig` and
-:class:`MlpConfig` add their data. :func:`load_config` checks every key and value, collects all the
-problems and raises them once as a :class:`~domainmix._validation.ConfigError`.
+:class:`MlpConfig` add their data; :class:`LmConfig` is the language-model pipeline's.
+:func:`load_config` checks every key and value, collects all the problems and raises them once as a
+:class:`~domainmix._validation.ConfigError`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from domainmix._validation import ConfigError
 
@@ -231,7 +232,86 @@ class MlpConfig(TrainConfig):
         return out
 
 
-C = TypeVar("C", bound=TrainConfig)
+@dataclass(frozen=True)
+class LmConfig:
+    """Settings of ``domainmix run lm`` (CPU-sized defaults: minutes per stage on 2 cores)."""
+
+    corpus: str = "runs/corpus"
+    """A folder written by ``domainmix data build-corpus``."""
+    block_size: int = 128
+    """Tokens per training window (byte-level tokens); a window is one example of its domain."""
+    batch_size: int = 32
+    """Windows per step, stratified over the domains (at least one each)."""
+    proxy_steps: int = 600
+    """Steps of the reference and proxy models."""
+    base_steps: int = 600
+    """Steps of every base model (the same token budget for every weighting)."""
+    proxy_layers: int = 2
+    """Transformer blocks of the reference and proxy models."""
+    proxy_width: int = 128
+    """Width of the reference and proxy models."""
+    base_layers: int = 4
+    """Transformer blocks of the base models."""
+    base_width: int = 192
+    """Width of the base models."""
+    lr: float = 2e-3
+    """AdamW's peak learning rate (cosine decay to 0); also DoGE's η_t."""
+    eval_windows: int = 64
+    """Validation and test windows per domain, evenly spaced through the split."""
+    doremi_step_size: float = 1.0
+    """DoReMi's exponentiated-gradient step η."""
+    doremi_smoothing: float = 1e-3
+    """DoReMi's mixing with the uniform distribution c."""
+    doge_mu: float = 0.01
+    """DoGE's µ (mirror-descent regulariser)."""
+    doge_max_norm: float = 5.0
+    """DoGE's clip of each domain's mean gradient before the products."""
+    doge_selection: int = 0
+    """0: DoGE's products on the last block and final LayerNorm. n > 0: on the n Linear/LayerNorm
+    tensors with the smallest cancellation scores (n < 0: the largest), scored over a uniform pre-run."""
+    doge_selection_steps: int = 200
+    """Steps of that pre-run (a fresh proxy, uniform sampling)."""
+    seed: int = 0
+    """Seed of the models' initialisation and of the sampler."""
+
+    def problems(self) -> list[str]:
+        """Every invalid setting, one message each."""
+        out: list[str] = []
+        positive_ints = (
+            "block_size",
+            "batch_size",
+            "proxy_steps",
+            "base_steps",
+            "proxy_layers",
+            "proxy_width",
+        )
+        _require(out, self, "be an int >= 1", lambda v: v >= 1, *positive_ints, "base_layers", "base_width")
+        _require(out, self, "be an int >= 1", lambda v: v >= 1, "eval_windows", "doge_selection_steps")
+        _require(
+            out,
+            self,
+            "be divisible by 4 (attention heads)",
+            lambda v: v % 4 == 0,
+            "proxy_width",
+            "base_width",
+        )
+        _require(
+            out, self, "be a finite number > 0", lambda v: math.isfinite(v) and v > 0, "lr", "doge_max_norm"
+        )
+        _require(
+            out, self, "be a finite number > 0", lambda v: math.isfinite(v) and v > 0, "doremi_step_size"
+        )
+        _require(out, self, "be in [0, 1)", lambda v: 0 <= v < 1, "doremi_smoothing")
+        _require(out, self, "be a finite number >= 0", lambda v: math.isfinite(v) and v >= 0, "doge_mu")
+        _require(out, self, "be an int >= 0", lambda v: v >= 0, "seed")
+        return out
+
+
+class _Checked(Protocol):
+    def problems(self) -> list[str]: ...
+
+
+C = TypeVar("C", bound=_Checked)
 
 
 def load_config(
@@ -280,7 +360,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return dict(loaded or {})
 
 
-def as_dict(config: TrainConfig) -> dict[str, Any]:
+def as_dict(config: Any) -> dict[str, Any]:
     """The config as plain JSON-able data (tuples become lists)."""
     return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
 
@@ -335,6 +415,7 @@ __all__ = [
     "LINEAR_SETTINGS",
     "LOGISTIC_SETTINGS",
     "LinearConfig",
+    "LmConfig",
     "LogisticConfig",
     "MlpConfig",
     "TrainConfig",

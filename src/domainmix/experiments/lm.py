@@ -27,7 +27,7 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -36,31 +36,12 @@ import numpy as np
 import torch
 
 from domainmix import WeightingController, domain_losses, strategies, weighted_loss
+from domainmix.experiments.config import LmConfig, load_config, parse_override
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.sampling import DomainBatchSampler
-from domainmix.stats import GradientProductTap
+from domainmix.stats import CancellationScores, GradientProductTap
 
-
-@dataclass(frozen=True)
-class LmConfig:
-    """Settings of the language-model pipeline (CPU-sized defaults: minutes per stage on 2 cores)."""
-
-    corpus: str = "runs/corpus"
-    block_size: int = 128
-    batch_size: int = 32
-    proxy_steps: int = 600
-    base_steps: int = 600
-    proxy_layers: int = 2
-    proxy_width: int = 128
-    base_layers: int = 4
-    base_width: int = 192
-    lr: float = 2e-3
-    eval_windows: int = 64
-    doremi_step_size: float = 1.0
-    doremi_smoothing: float = 1e-3
-    doge_mu: float = 0.01
-    doge_max_norm: float = 5.0
-    seed: int = 0
+TRAJECTORY_EVERY = 10  # steps between the recorded mixtures of the weights' trajectory
 
 
 @dataclass
@@ -129,12 +110,16 @@ def train(
     steps: int,
     *,
     reference: np.ndarray | None = None,
+    doge_tensors: list[str] | None = None,
+    score_cancellation: bool = False,
 ) -> tuple[GPT, WeightingController, dict[str, Any]]:
     """The training loop shared by every stage; the strategy and the statistics it reads differ.
 
-    A strategy that reads ``grad_dot`` (DoGE) gets the products on the last block and the final
-    LayerNorm (never the tied embedding), from a :class:`GradientProductTap` (one extra backward to the
-    subset); the parameter names go into the returned info as ``doge_subset``.
+    A strategy that reads ``grad_dot`` (DoGE) gets the products from a :class:`GradientProductTap`
+    (one extra backward to the subset) on ``doge_tensors`` by name, by default the last block and the
+    final LayerNorm (never the tied embedding); the names go into the returned info as ``doge_subset``.
+    ``score_cancellation`` tracks :class:`CancellationScores` of every block and final-LayerNorm tensor
+    (the candidates of DoGE's parameter selection) into ``info["cancellation"]``.
     """
     torch.manual_seed(cfg.seed)
     names, k = train_windows.names, len(train_windows.names)
@@ -146,11 +131,17 @@ def train(
     info: dict[str, Any] = {}
     tap = None
     if "grad_dot" in controller.requires:
-        tap = GradientProductTap(model.blocks[-1], model.ln)
+        if doge_tensors is None:
+            tap = GradientProductTap(model.blocks[-1], model.ln)
+        else:
+            params = dict(model.named_parameters())
+            tap = GradientProductTap(model.blocks, model.ln, only=[params[n] for n in doge_tensors])
         chosen = {id(p) for p in tap.parameters()}
         info["doge_subset"] = [n for n, p in model.named_parameters() if id(p) in chosen]
+    scores = CancellationScores(selection_candidates(model)) if score_cancellation else None
     start, tokens = time.perf_counter(), 0
-    for _, batch in zip(range(steps), sampler, strict=False):
+    trajectory: dict[str, Any] = {"step": [], "mixture": {n: [] for n in names}}
+    for step, batch in zip(range(steps), sampler, strict=False):
         index = torch.as_tensor(batch)
         seq, ids = train_windows.tokens[index].long(), train_windows.domain[index]
         with tap.record() if tap is not None else nullcontext():
@@ -170,11 +161,28 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if scores is not None:
+            scores.update()
         schedule.step()
         controller.step()
         tokens += seq[:, 1:].numel()
-    info.update(tokens_seen=tokens, train_seconds=time.perf_counter() - start)
+        if (step + 1) % TRAJECTORY_EVERY == 0 or step + 1 == steps:
+            trajectory["step"].append(step + 1)
+            for name, value in zip(names, controller.weights.mixture.tolist(), strict=True):
+                trajectory["mixture"][name].append(value)
+    info.update(tokens_seen=tokens, train_seconds=time.perf_counter() - start, trajectory=trajectory)
+    if scores is not None:
+        info["cancellation"] = scores
     return model, controller, info
+
+
+def selection_candidates(model: GPT) -> list[tuple[str, torch.nn.Parameter]]:
+    """The tensors DoGE's parameter selection chooses from: every block's and the final LayerNorm's.
+
+    The reference code scores every tensor; the embeddings are left out here because the tied one mixes
+    the input and output roles and :class:`GradientProductTap` takes Linear/LayerNorm layers only.
+    """
+    return [(n, p) for n, p in model.named_parameters() if n.startswith(("blocks.", "ln."))]
 
 
 def cosine_decay(t: int, steps: int) -> float:
@@ -188,6 +196,7 @@ def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
     sizes = {n: len(r) for n, r in windows.ranges.items()}
     strategy = strategies.fixed(sizes, sizes)
     model, _, info = train(cfg, "reference", strategy, windows, cfg.proxy_steps)
+    del info["trajectory"]  # fixed weights
     model.eval()
     cache = np.zeros((len(windows.domain), cfg.block_size), dtype=np.float16)
     with torch.no_grad():
@@ -218,8 +227,29 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
         loss_rule = strategies.doge(lambda step: cfg.lr * cosine_decay(step, cfg.proxy_steps), mu=cfg.doge_mu)
     else:
         raise ValueError(f"Unknown --strategy {strategy_name!r}; choose 'doremi' or 'doge'.")
+    selection = None
+    if strategy_name == "doge" and cfg.doge_selection != 0:
+        _, _, pre = train(
+            cfg, "proxy", strategies.uniform(), windows, cfg.doge_selection_steps, score_cancellation=True
+        )
+        scores = pre["cancellation"]
+        chosen = scores.select(cfg.doge_selection)
+        selection = {
+            "count": cfg.doge_selection,
+            "steps": scores.steps,
+            "selected": chosen,
+            "scores": scores.scores(),
+        }
     strategy = strategies.combine(loss=loss_rule, sampling=strategies.uniform())
-    _, controller, info = train(cfg, "proxy", strategy, windows, cfg.proxy_steps, reference=reference)
+    _, controller, info = train(
+        cfg,
+        "proxy",
+        strategy,
+        windows,
+        cfg.proxy_steps,
+        reference=reference,
+        doge_tensors=None if selection is None else selection["selected"],
+    )
     averaged = controller.averaged_weights()
     names = windows.names
     result = {
@@ -228,11 +258,13 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
         "final": dict(zip(names, controller.weights.mixture.tolist(), strict=True)),
         "averaged": dict(zip(names, averaged.mixture.tolist(), strict=True)),
         "doge_subset": info.pop("doge_subset", None),
+        "doge_selection": selection,
         "config": asdict(cfg),
         **info,
     }
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "weights.json", result)
+    plot_trajectories({strategy_name: result}, out / "weights.png")
     return result
 
 
@@ -247,6 +279,7 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
     else:
         alpha = json.loads(Path(weights).read_text(encoding="utf-8"))["averaged"]
     model, _, info = train(cfg, "base", strategies.fixed(alpha, alpha), windows, cfg.base_steps)
+    del info["trajectory"]  # fixed weights
     validation = evaluate(model, load_windows(cfg, "validation", cfg.eval_windows))
     test = evaluate(model, load_windows(cfg, "test", cfg.eval_windows))
     result = {
@@ -291,6 +324,13 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
         for label, r in rows.items()
     }
     _write_json(out / "comparison.json", table)
+    plot_trajectories(
+        {
+            n: json.loads((out / f"proxy-{n}" / "weights.json").read_text(encoding="utf-8"))
+            for n in ("doremi", "doge")
+        },
+        out / "weights.png",
+    )
     return table
 
 
@@ -307,6 +347,28 @@ def format_comparison(table: dict[str, Any]) -> str:
     for label, row in table.items():
         lines.append(f"{label:<14}" + "".join(f"{row['sampling'][n]:>10.3f}" for n in names))
     return "\n".join(lines)
+
+
+def plot_trajectories(proxies: dict[str, dict[str, Any]], path: Path) -> None:
+    """One panel per proxy run: every domain's weight α over the steps, its time average dashed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5 * len(proxies), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(proxies), squeeze=False)[0]
+    for ax, (label, result) in zip(axes, proxies.items(), strict=True):
+        trajectory = result["trajectory"]
+        for index, (name, values) in enumerate(trajectory["mixture"].items()):
+            colour = f"C{index}"
+            ax.plot(trajectory["step"], values, color=colour, label=name)
+            ax.axhline(result["averaged"][name], color=colour, linestyle="--", linewidth=0.8)
+        ax.set(title=f"{label}: domain weights α (dashed: time average)", xlabel="proxy step", ylabel="α")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize="small", ncol=2)
+    FigureCanvasAgg(fig)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    os.replace(tmp, path)
 
 
 def _write_json(path: Path, data: Any) -> None:
@@ -332,22 +394,24 @@ def main(argv: list[str] | None = None) -> int:
         "--weights", default=None, help="base stage: weights.json, 'uniform' or 'proportional'"
     )
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--corpus", default=LmConfig.corpus, help="a folder from domainmix data build-corpus")
-    parser.add_argument("--proxy-steps", type=int, default=LmConfig.proxy_steps)
-    parser.add_argument("--base-steps", type=int, default=LmConfig.base_steps)
-    parser.add_argument("--seed", type=int, default=LmConfig.seed)
+    parser.add_argument("--config", default=None, help="YAML file of LmConfig settings")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a setting (YAML value)"
+    )
+    parser.add_argument("--corpus", help="a folder from domainmix data build-corpus (default runs/corpus)")
+    parser.add_argument("--proxy-steps", type=int, help="shortcut for --set proxy_steps=N")
+    parser.add_argument("--base-steps", type=int, help="shortcut for --set base_steps=N")
+    parser.add_argument("--seed", type=int, help="shortcut for --set seed=N")
     args = parser.parse_args(argv)
     if args.compare == (args.stage is not None):
         parser.error("give exactly one of --stage and --compare")
-    cfg = replace(
-        LmConfig(),
-        corpus=args.corpus,
-        proxy_steps=args.proxy_steps,
-        base_steps=args.base_steps,
-        seed=args.seed,
-    )
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     try:
+        overrides = dict(parse_override(text) for text in args.set)
+        for key in ("corpus", "proxy_steps", "base_steps", "seed"):
+            if getattr(args, key) is not None:
+                overrides[key] = getattr(args, key)
+        cfg = load_config(LmConfig, args.config, overrides)
         if args.compare:
             table = compare(cfg, args.out)
             print(format_comparison(table))
@@ -365,7 +429,7 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 json.dumps({k: result[k] for k in ("test_perplexity", "average_test_perplexity")}, indent=1)
             )
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, FileNotFoundError) as error:  # ConfigError is a ValueError
         print(f"domainmix run lm: {error}", file=sys.stderr)
         return 2
     return 0

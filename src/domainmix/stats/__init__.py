@@ -1,5 +1,6 @@
 """Per-domain statistics over update windows, and gradient statistics for Variance-Aware sampling and DoGE."""
 
+from domainmix.stats._cancellation import CancellationScores as CancellationScores
 from domainmix.stats._collector import StatsCollector as StatsCollector
 from domainmix.stats._gradients import DomainGradients as DomainGradients
 from domainmix.stats._gradients import gradient_variance as gradient_variance
@@ -10,6 +11,7 @@ from domainmix.stats._products import domain_gradient_products as domain_gradien
 from domainmix.stats._tap import GradientProductTap as GradientProductTap
 
 __all__ = [
+    "CancellationScores",
     "DomainGradients",
     "GradientProductTap",
     "GradientProducts",

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -51,13 +51,16 @@ class GradientProductTap:
         *modules: the subset: Linear or LayerNorm layers, or containers whose parameterised
             submodules are all Linear or LayerNorm (their parameters are the subset; a layer reached
             twice counts once).
+        only: optional parameters of those layers to keep (e.g. a cancellation-effect selection,
+            :class:`CancellationScores`); the rest of the layers' parameters are left out.
 
     References:
         Fan, Pagliardini, Jaggi (2024), "DoGE: Domain Reweighting with Generalization Estimation", §3.
     """
 
-    def __init__(self, *modules: nn.Module) -> None:
+    def __init__(self, *modules: nn.Module, only: Iterable[Tensor] | None = None) -> None:
         caller = "GradientProductTap"
+        keep = None if only is None else {id(p) for p in only}
         layers: list[nn.Module] = []
         for index, module in enumerate(modules):
             if not isinstance(module, nn.Module):
@@ -76,15 +79,24 @@ class GradientProductTap:
                         "a LayerNorm over the last axis only",
                         f"normalized_shape {sub.normalized_shape}",
                     )
-                if all(sub is not seen for seen in layers):
+                if all(sub is not seen for seen in layers) and (
+                    keep is None or any(id(p) in keep for p in own)
+                ):
                     layers.append(sub)
+        # Layer j's kept parameters by name ("weight", "bias"), in the order of the gradient rows.
+        self._kept = [
+            {n: p for n, p in layer.named_parameters(recurse=False) if keep is None or id(p) in keep}
+            for layer in layers
+        ]
+        self._params = [p for kept in self._kept for p in kept.values()]
+        if keep is not None and len(self._params) != len(keep):
+            raise param_error(caller, "only", "parameters of the tapped layers", f"{len(keep)} tensors")
         if not layers:
             raise param_error(
                 caller, "modules", "at least one Linear or LayerNorm layer with parameters", modules
             )
         self._layers = layers
-        self._params = [p for layer in layers for p in layer.parameters(recurse=False)]
-        sizes = [sum(p.numel() for p in layer.parameters(recurse=False)) for layer in layers]
+        sizes = [sum(p.numel() for p in kept.values()) for kept in self._kept]
         self._offsets = [sum(sizes[:j]) for j in range(len(layers))]  # layer j's slice of a gradient row
         self._size = sum(sizes)
         self._captures: list[list[tuple[Tensor, Tensor, int]]] = [[] for _ in layers]
@@ -198,15 +210,16 @@ class GradientProductTap:
         """Add layer j's weight (and bias) gradient over these rows into its slice of the row ``out``."""
         layer = self._layers[j]
         delta = delta.reshape(-1, delta.shape[-1])
-        x = x.reshape(-1, x.shape[-1])
-        if isinstance(layer, nn.LayerNorm):
-            x = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
-            parts = {"weight": (delta * x).sum(0), "bias": delta.sum(0)}
-        else:
-            parts = {"weight": delta.T @ x, "bias": delta.sum(0)}
         offset = self._offsets[j]
-        for name, p in layer.named_parameters(recurse=False):
-            out[offset : offset + p.numel()] += parts[name].reshape(-1)
+        for name, p in self._kept[j].items():
+            if name == "bias":
+                grad = delta.sum(0)
+            elif isinstance(layer, nn.LayerNorm):
+                x_hat = F.layer_norm(x.reshape(-1, x.shape[-1]), layer.normalized_shape, eps=layer.eps)
+                grad = (delta * x_hat).sum(0)
+            else:
+                grad = delta.T @ x.reshape(-1, x.shape[-1])
+            out[offset : offset + p.numel()] += grad.reshape(-1)
             offset += p.numel()
 
     def _clear(self) -> None:
