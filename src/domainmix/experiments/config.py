@@ -302,7 +302,6 @@ class LmConfig:
             out, self, "be a finite number > 0", lambda v: math.isfinite(v) and v > 0, "doremi_step_size"
         )
         _require(out, self, "be in [0, 1)", lambda v: 0 <= v < 1, "doremi_smoothing")
-        _require(out, self, "be a finite number >= 0", lambda v: math.isfinite(v) and v >= 0, "doge_mu")
         _require(out, self, "be an int >= 0", lambda v: v >= 0, "seed")
         return out
 

@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from domainmix import WeightingController, domain_losses, strategies, weighted_loss
 from domainmix.experiments.config import LmConfig, load_config, parse_override
@@ -141,6 +142,7 @@ def train(
     scores = CancellationScores(selection_candidates(model)) if score_cancellation else None
     start, tokens = time.perf_counter(), 0
     trajectory: dict[str, Any] = {"step": [], "mixture": {n: [] for n in names}}
+    bar = tqdm(total=steps, desc=stage, unit="step", file=sys.stderr, disable=None)  # off when not a TTY
     for step, batch in zip(range(steps), sampler, strict=False):
         index = torch.as_tensor(batch)
         seq, ids = train_windows.tokens[index].long(), train_windows.domain[index]
@@ -166,10 +168,12 @@ def train(
         schedule.step()
         controller.step()
         tokens += seq[:, 1:].numel()
+        bar.update()
         if (step + 1) % TRAJECTORY_EVERY == 0 or step + 1 == steps:
             trajectory["step"].append(step + 1)
             for name, value in zip(names, controller.weights.mixture.tolist(), strict=True):
                 trajectory["mixture"][name].append(value)
+    bar.close()
     info.update(tokens_seen=tokens, train_seconds=time.perf_counter() - start, trajectory=trajectory)
     if scores is not None:
         info["cancellation"] = scores
@@ -301,9 +305,11 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
 
 def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
     """Reference, both proxies, and four base runs on the same token budget; a table."""
-    stage_reference(cfg, out / "reference")
+    done = stage_reference(cfg, out / "reference")
+    _log(f"reference: {done['train_seconds']:.0f} s")
     for name in ("doremi", "doge"):
-        stage_proxy(cfg, out / f"proxy-{name}", name, out / "reference")
+        done = stage_proxy(cfg, out / f"proxy-{name}", name, out / "reference")
+        _log(f"proxy {name}: {done['train_seconds']:.0f} s, averaged α {_rounded(done['averaged'])}")
     rows = {}
     for label, weights in (
         ("uniform", "uniform"),
@@ -311,7 +317,10 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
         ("doremi", str(out / "proxy-doremi" / "weights.json")),
         ("doge", str(out / "proxy-doge" / "weights.json")),
     ):
-        rows[label] = stage_base(cfg, out / f"base-{label}", weights)
+        row = rows[label] = stage_base(cfg, out / f"base-{label}", weights)
+        _log(
+            f"base {label}: {row['train_seconds']:.0f} s, mean test ppl {row['average_test_perplexity']:.3f}"
+        )
     table = {
         label: {
             "sampling": r["sampling"],
@@ -369,6 +378,14 @@ def plot_trajectories(proxies: dict[str, dict[str, Any]], path: Path) -> None:
     tmp = path.with_name(path.stem + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     os.replace(tmp, path)
+
+
+def _log(line: str) -> None:
+    print(f"domainmix run lm: {line}", file=sys.stderr, flush=True)
+
+
+def _rounded(weights: dict[str, float]) -> dict[str, float]:
+    return {n: round(v, 3) for n, v in weights.items()}
 
 
 def _write_json(path: Path, data: Any) -> None:

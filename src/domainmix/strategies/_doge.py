@@ -43,7 +43,8 @@ def doge(
     then mixed with the uniform distribution (ε = ``smoothing``, 0 in the reference code) and averaged
     over time (``WeightingController.averaged_weights``: the deliverable). g_i are the window's mean
     per-domain gradients, clipped per domain before the products if you follow the reference code
-    (``domain_gradient_products(..., max_norm=...)``); ‖g_i‖ comes from ``grad_sq_norm``. A domain absent
+    (``GradientProductTap.products(..., max_norm=...)`` or ``domain_gradient_products``); ‖g_i‖ comes
+    from ``grad_sq_norm``. A domain absent
     from the window keeps its last score.
 
     Deviations from the reference code, on purpose: the universal target is the j ≠ i sum over the
