@@ -256,6 +256,9 @@ class LmConfig:
     """Width of the base models."""
     lr: float = 2e-3
     """AdamW's peak learning rate (cosine decay to 0); also DoGE's η_t."""
+    train_windows: int = 4096
+    """Training windows per domain, evenly spaced through the split (0: all). Every stage draws from
+    this pool, and the reference stage caches its losses on all of it."""
     eval_windows: int = 64
     """Validation and test windows per domain, evenly spaced through the split."""
     doremi_step_size: float = 1.0
@@ -302,7 +305,7 @@ class LmConfig:
             out, self, "be a finite number > 0", lambda v: math.isfinite(v) and v > 0, "doremi_step_size"
         )
         _require(out, self, "be in [0, 1)", lambda v: 0 <= v < 1, "doremi_smoothing")
-        _require(out, self, "be an int >= 0", lambda v: v >= 0, "seed")
+        _require(out, self, "be an int >= 0", lambda v: v >= 0, "seed", "train_windows")
         return out
 
 

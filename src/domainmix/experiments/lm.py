@@ -15,7 +15,8 @@ Stages (each writes into ``--out``):
   the same token budget) in ``comparison.json``.
 
 Data: a corpus from ``domainmix data build-corpus`` (``--corpus DIR``), byte-level tokens, cut into
-non-overlapping windows of ``block_size + 1`` tokens; a window is one example of its domain.
+non-overlapping windows of ``block_size + 1`` tokens; a window is one example of its domain. Training
+draws from ``train_windows`` evenly spaced windows per domain (the reference's loss cache covers them).
 """
 
 from __future__ import annotations
@@ -196,7 +197,7 @@ def cosine_decay(t: int, steps: int) -> float:
 
 def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
     """Train the reference model (size-proportional sampling) and cache its per-token training losses."""
-    windows = load_windows(cfg, "train")
+    windows = load_windows(cfg, "train", cfg.train_windows or None)
     sizes = {n: len(r) for n, r in windows.ranges.items()}
     strategy = strategies.fixed(sizes, sizes)
     model, _, info = train(cfg, "reference", strategy, windows, cfg.proxy_steps)
@@ -216,7 +217,7 @@ def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
 
 def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Path | None) -> dict[str, Any]:
     """Train the proxy with DoReMi or DoGE; write the learned weights."""
-    windows = load_windows(cfg, "train")
+    windows = load_windows(cfg, "train", cfg.train_windows or None)
     reference = None
     if strategy_name == "doremi":
         if reference_dir is None or not (reference_dir / "reference_losses.npy").exists():
@@ -274,7 +275,7 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
 
 def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
     """Train the base model by sampling with ``weights``; evaluate every domain."""
-    windows = load_windows(cfg, "train")
+    windows = load_windows(cfg, "train", cfg.train_windows or None)
     sizes = {n: float(len(r)) for n, r in windows.ranges.items()}
     if weights == "uniform":
         alpha = dict.fromkeys(sizes, 1.0)
@@ -419,10 +420,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxy-steps", type=int, help="shortcut for --set proxy_steps=N")
     parser.add_argument("--base-steps", type=int, help="shortcut for --set base_steps=N")
     parser.add_argument("--seed", type=int, help="shortcut for --set seed=N")
+    parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     args = parser.parse_args(argv)
     if args.compare == (args.stage is not None):
         parser.error("give exactly one of --stage and --compare")
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    torch.set_num_threads(args.threads)
     try:
         overrides = dict(parse_override(text) for text in args.set)
         for key in ("corpus", "proxy_steps", "base_steps", "seed"):
