@@ -28,6 +28,9 @@ def test_windows_cover_every_domain() -> None:
     for i, name in enumerate(windows.names):
         r = windows.ranges[name]
         assert len(r) > 0 and bool((windows.domain[r.start : r.stop] == i).all())
+    pool = lm.load_windows(replace(TINY, train_windows=3), "train", 3)
+    assert [len(r) for r in pool.ranges.values()] == [3] * 6
+    assert pool.tokens[0].tolist() == windows.tokens[0].tolist()  # evenly spaced from the first window
 
 
 def test_reference_proxy_base(tmp_path: Path) -> None:

@@ -94,6 +94,10 @@ def test_misuse_is_reported() -> None:
     with pytest.raises(RuntimeError, match="nothing was recorded"):
         tap.products(per_token, ids, 1)
     with tap.record():
+        model(x)
+    with pytest.raises(RuntimeError, match="no recorded forward leads to `losses`"):
+        tap.products(per_token, ids, 1)  # losses of a forward outside the recording
+    with tap.record():
         per_token = per_token_loss(model(x), y)
     with pytest.raises(ValueError, match="'max_norm' parameter"):
         tap.products(per_token, ids, 1, max_norm=0.0)

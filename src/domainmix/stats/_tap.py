@@ -170,6 +170,11 @@ class GradientProductTap:
         deltas = torch.autograd.grad(
             masked_row_sums(losses, m).sum(), outputs, retain_graph=True, allow_unused=True
         )
+        if all(delta is None for delta in deltas):
+            raise RuntimeError(
+                "GradientProductTap.products: no recorded forward leads to `losses`; run the forward that "
+                "computes them inside `with tap.record():`."
+            )
         rows = [(ids == i).nonzero().squeeze(1) for i in range(k)]
         for (j, x, _), delta in zip(captures, deltas, strict=True):
             if delta is None:  # a forward that did not lead to ``losses`` (e.g. the target batch)
