@@ -149,7 +149,6 @@ def train(
         seq, ids = train_windows.tokens[index].long(), train_windows.domain[index]
         with tap.record() if tap is not None else nullcontext():
             per_token = per_token_loss(model(seq[:, :-1]), seq[:, 1:])
-        loss = weighted_loss(per_token, ids, controller.loss_multipliers())
         controller.collector.observe(domain_losses(per_token, ids, k))
         if "excess_loss" in controller.requires:
             ref = torch.from_numpy(reference[index.numpy()].astype(np.float32))
@@ -159,6 +158,9 @@ def train(
             products = tap.products(per_token, ids, k, max_norm=cfg.doge_max_norm)
             controller.collector.observe_stat("grad_dot", products.grad_dot)
             controller.collector.observe_stat("grad_sq_norm", products.grad_sq_norm)
+        # α_t from this step's statistics weights this step's update (both reference codes).
+        controller.step()
+        loss = weighted_loss(per_token, ids, controller.loss_multipliers())
         if not torch.isfinite(loss.detach()):
             raise RuntimeError(f"{stage}: the loss is {loss.item()} at step {controller.step_count}.")
         optimizer.zero_grad(set_to_none=True)
@@ -167,7 +169,6 @@ def train(
         if scores is not None:
             scores.update()
         schedule.step()
-        controller.step()
         tokens += seq[:, 1:].numel()
         bar.update()
         if (step + 1) % TRAJECTORY_EVERY == 0 or step + 1 == steps:
