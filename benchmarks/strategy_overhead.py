@@ -205,13 +205,11 @@ class Runner:
                 dot, sq = self.products(tok, ids)
                 collector.observe_stat("grad_dot", dot)
                 collector.observe_stat("grad_sq_norm", sq)
-                ctl.step()  # DoGE: the update uses this step's α (reference code), so step before backward
+            ctl.step()  # the update uses this step's α (both reference codes), so step before backward
             loss = weighted_loss(tok, ids, ctl.loss_multipliers())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        if ctl is not None and self.name not in DOGE_VARIANTS:
-            ctl.step()
 
     def products(self, tok: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
         if self.tap is not None:
