@@ -85,10 +85,15 @@ def domain_gradient_products(
         if float(buffer.counts[i]) > 0:
             _write_flat_grad(sums[i], params, buffer.matrix[i])
     if target_losses is not None:
-        tm = torch.ones_like(target_losses) if target_mask is None else target_mask.to(target_losses.dtype)
+        tm = target_elements(target_losses, target_mask)
         _write_flat_grad(masked_row_sums(target_losses, tm).sum(), params, buffer.matrix[k])
         buffer.counts[k] = float(tm.sum())
     return buffer.finish(target=target_losses is not None, max_norm=max_norm, reduce=reduce)
+
+
+def target_elements(target_losses: Tensor, target_mask: Tensor | None) -> Tensor:
+    """The target's 0/1 element mask as the losses' dtype (all ones without a mask)."""
+    return torch.ones_like(target_losses) if target_mask is None else target_mask.to(target_losses.dtype)
 
 
 def domain_counts(ids: Tensor, mask: Tensor, k: int) -> Tensor:

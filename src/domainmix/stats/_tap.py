@@ -12,7 +12,7 @@ from torch.utils.hooks import RemovableHandle
 
 from domainmix._validation import Interval, check_param, param_error
 from domainmix.losses._aggregate import check_inputs, masked_row_sums
-from domainmix.stats._products import GradientProducts, ProductBuffer, domain_counts
+from domainmix.stats._products import GradientProducts, ProductBuffer, domain_counts, target_elements
 
 _SUPPORTED = (nn.Linear, nn.LayerNorm)
 
@@ -191,9 +191,7 @@ class GradientProductTap:
                 if len(r):
                     self._add_grad(j, delta.index_select(0, r), x.index_select(0, r), buffer.matrix[i])
         if target_losses is not None:
-            tm = (
-                torch.ones_like(target_losses) if target_mask is None else target_mask.to(target_losses.dtype)
-            )
+            tm = target_elements(target_losses, target_mask)
             deltas = torch.autograd.grad(
                 masked_row_sums(target_losses, tm).sum(), outputs, retain_graph=True, allow_unused=True
             )
