@@ -30,6 +30,7 @@ def test_windows_cover_every_domain() -> None:
         assert len(r) > 0 and bool((windows.domain[r.start : r.stop] == i).all())
     pool = lm.load_windows(replace(TINY, train_windows=3), "train", 3)
     assert [len(r) for r in pool.ranges.values()] == [3] * 6
+    assert pool.sizes == {n: len(r) for n, r in windows.ranges.items()}  # proportional uses the real sizes
     assert pool.tokens[0].tolist() == windows.tokens[0].tolist()  # evenly spaced from the first window
 
 

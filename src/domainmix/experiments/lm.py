@@ -54,6 +54,7 @@ class Windows:
     tokens: torch.Tensor  # (N, block_size + 1) uint8
     domain: torch.Tensor  # (N,) int64
     ranges: dict[str, range]
+    sizes: dict[str, int]  # windows in each domain's whole split (the pool may hold fewer)
 
 
 @lru_cache(maxsize=8)  # --compare's seven stages read the same splits: verify and cut them once
@@ -63,7 +64,7 @@ def load_windows(cfg: LmConfig, split: str, limit: int | None = None) -> Windows
 
     corpus = load_corpus(cfg.corpus)
     width = cfg.block_size + 1
-    parts, ranges, start = [], {}, 0
+    parts, ranges, sizes, start = [], {}, {}, 0
     for name in corpus.domains:
         data = corpus.tokens(name, split)
         n = len(data) // width
@@ -74,9 +75,10 @@ def load_windows(cfg: LmConfig, split: str, limit: int | None = None) -> Windows
             rows = rows[torch.linspace(0, n - 1, limit).long()]
         parts.append(rows)
         ranges[name] = range(start, start + len(rows))
+        sizes[name] = n
         start += len(rows)
     domain = torch.cat([torch.full((len(p),), i) for i, p in enumerate(parts)])
-    return Windows(corpus.domains, torch.cat(parts), domain, ranges)
+    return Windows(corpus.domains, torch.cat(parts), domain, ranges, sizes)
 
 
 def model_for(cfg: LmConfig, stage: str) -> GPT:
@@ -199,7 +201,7 @@ def cosine_decay(t: int, steps: int) -> float:
 def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
     """Train the reference model (size-proportional sampling) and cache its per-token training losses."""
     windows = load_windows(cfg, "train", cfg.train_windows or None)
-    sizes = {n: len(r) for n, r in windows.ranges.items()}
+    sizes = windows.sizes  # the domains' real sizes, not the pool's
     strategy = strategies.fixed(sizes, sizes)
     model, _, info = train(cfg, "reference", strategy, windows, cfg.proxy_steps)
     del info["trajectory"]  # fixed weights
@@ -277,7 +279,7 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
 def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
     """Train the base model by sampling with ``weights``; evaluate every domain."""
     windows = load_windows(cfg, "train", cfg.train_windows or None)
-    sizes = {n: float(len(r)) for n, r in windows.ranges.items()}
+    sizes = {n: float(v) for n, v in windows.sizes.items()}  # the domains' real sizes, not the pool's
     if weights == "uniform":
         alpha = dict.fromkeys(sizes, 1.0)
     elif weights == "proportional":
