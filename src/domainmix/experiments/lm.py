@@ -229,7 +229,9 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
             )
         reference = np.load(reference_dir / "reference_losses.npy", mmap_mode="r")
         if reference.shape != (len(windows.domain), cfg.block_size):
-            raise ValueError("The cached reference losses were made from another corpus or block size.")
+            raise ValueError(
+                "The cached reference losses were made from another corpus, block_size or train_windows."
+            )
         loss_rule = strategies.doremi(cfg.doremi_step_size, cfg.doremi_smoothing)
     elif strategy_name == "doge":
         loss_rule = strategies.doge(lambda step: cfg.lr * cosine_decay(step, cfg.proxy_steps), mu=cfg.doge_mu)
