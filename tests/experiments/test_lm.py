@@ -84,14 +84,19 @@ def test_doge_with_cancellation_selection(tmp_path: Path) -> None:
 def test_config_file_and_overrides_with_every_error_at_once(tmp_path: Path) -> None:
     path = tmp_path / "lm.yaml"
     path.write_text("proxy_steps: 7\nlr: 0.01\n")
-    cfg = load_config(lm.LmConfig, path, {"doge_selection": -2})
+    cfg = load_config(lm.LmConfig, path, {"doge_selection": -2, "doge_selection_steps": 5})
     assert (cfg.proxy_steps, cfg.lr, cfg.doge_selection) == (7, 0.01, -2)
     with pytest.raises(ConfigError) as error:
         load_config(lm.LmConfig, None, {"base_width": 30, "lr": -1.0, "bogus": 1})
     assert "bogus" in str(error.value)
     with pytest.raises(ConfigError) as error:
-        load_config(lm.LmConfig, None, {"base_width": 30, "lr": -1.0})
+        load_config(
+            lm.LmConfig,
+            None,
+            {"base_width": 30, "lr": -1.0, "doge_selection": 5, "doge_selection_steps": 700},
+        )
     message = str(error.value)
     assert "'base_width' must be divisible by 4" in message and "'lr' must be a finite number > 0" in message
+    assert "'doge_selection_steps' must be <= proxy_steps (600)" in message
     code = lm.main(["--stage", "base", "--weights", "uniform", "--out", str(tmp_path), "--set", "lr=-1"])
     assert code == 2

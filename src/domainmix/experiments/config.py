@@ -273,7 +273,7 @@ class LmConfig:
     """0: DoGE's products on the last block and final LayerNorm. n > 0: on the n Linear/LayerNorm
     tensors with the smallest cancellation scores (n < 0: the largest), scored over a uniform pre-run."""
     doge_selection_steps: int = 200
-    """Steps of that pre-run (a fresh proxy, uniform sampling)."""
+    """Steps of that pre-run: a fresh proxy, uniform sampling, the first steps of the proxy's schedule."""
     seed: int = 0
     """Seed of the models' initialisation and of the sampler."""
 
@@ -306,6 +306,13 @@ class LmConfig:
         )
         _require(out, self, "be in [0, 1)", lambda v: 0 <= v < 1, "doremi_smoothing")
         _require(out, self, "be an int >= 0", lambda v: v >= 0, "seed", "train_windows")
+        _require(
+            out,
+            self,
+            f"be <= proxy_steps ({self.proxy_steps})",
+            lambda v: self.doge_selection == 0 or v <= self.proxy_steps,
+            "doge_selection_steps",
+        )
         return out
 
 

@@ -116,6 +116,7 @@ def train(
     reference: np.ndarray | None = None,
     doge_tensors: list[str] | None = None,
     score_cancellation: bool = False,
+    horizon: int | None = None,
 ) -> tuple[GPT, WeightingController, dict[str, Any]]:
     """The training loop shared by every stage; the strategy and the statistics it reads differ.
 
@@ -123,7 +124,8 @@ def train(
     (one extra backward to the subset) on ``doge_tensors`` by name, by default the last block and the
     final LayerNorm (never the tied embedding); the names go into the returned info as ``doge_subset``.
     ``score_cancellation`` tracks :class:`CancellationScores` of every block and final-LayerNorm tensor
-    (the candidates of DoGE's parameter selection) into ``info["cancellation"]``.
+    (the candidates of DoGE's parameter selection) into ``info["cancellation"]``. The learning rate
+    decays over ``horizon`` steps (default ``steps``; a pre-run takes the first steps of a longer run).
     """
     torch.manual_seed(cfg.seed)
     names, k = train_windows.names, len(train_windows.names)
@@ -131,7 +133,7 @@ def train(
     sampler = DomainBatchSampler(train_windows.ranges, cfg.batch_size, min_count=1, seed=cfg.seed)
     controller = WeightingController(strategy, names, update_every=1, sampler=sampler)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cosine_decay(t, steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cosine_decay(t, horizon or steps))
     info: dict[str, Any] = {}
     tap = None
     if "grad_dot" in controller.requires:
@@ -239,16 +241,23 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
         raise ValueError(f"Unknown --strategy {strategy_name!r}; choose 'doremi' or 'doge'.")
     selection = None
     if strategy_name == "doge" and cfg.doge_selection != 0:
+        # "Train a fresh proxy normally" (reference code): the first steps of the proxy's own schedule.
         _, _, pre = train(
-            cfg, "proxy", strategies.uniform(), windows, cfg.doge_selection_steps, score_cancellation=True
+            cfg,
+            "proxy",
+            strategies.uniform(),
+            windows,
+            cfg.doge_selection_steps,
+            score_cancellation=True,
+            horizon=cfg.proxy_steps,
         )
         scores = pre["cancellation"]
-        chosen = scores.select(cfg.doge_selection)
         selection = {
             "count": cfg.doge_selection,
             "steps": scores.steps,
-            "selected": chosen,
-            "scores": scores.scores(),
+            "selected": scores.select(cfg.doge_selection),
+            # +inf (a gradient but no move) is not JSON: written as null
+            "scores": {n: v if math.isfinite(v) else None for n, v in scores.scores().items()},
         }
     strategy = strategies.combine(loss=loss_rule, sampling=strategies.uniform())
     _, controller, info = train(
