@@ -109,7 +109,7 @@ class GPT(nn.Module):
         return self.head(self.ln(x))
 
     def untied_parameters(self) -> list[tuple[str, nn.Parameter]]:
-        """Named parameters other than the tied embedding (DoGE's default parameter subset)."""
+        """Named parameters other than the tied embedding (a DoGE subset must leave that one out)."""
         tied = {id(self.tok.weight)}
         return [(n, p) for n, p in self.named_parameters() if id(p) not in tied]
 
