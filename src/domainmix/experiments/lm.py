@@ -27,6 +27,7 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -89,19 +90,30 @@ def model_for(cfg: LmConfig, stage: str) -> GPT:
     return GPT(GPTConfig(block_size=cfg.block_size, n_layer=layers, n_head=4, n_embd=width))
 
 
+def training_pool(cfg: LmConfig) -> Windows:
+    """The training windows every stage draws from (``train_windows`` per domain)."""
+    return load_windows(cfg, "train", cfg.train_windows or None)
+
+
+def window_losses(
+    model: GPT, windows: Windows, chunk_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(window indices, their (n, block_size) per-token losses) over all ``windows``, without gradients."""
+    with torch.no_grad():
+        for chunk in torch.arange(len(windows.domain)).split(chunk_size):
+            seq = windows.tokens[chunk].long()
+            yield chunk, per_token_loss(model(seq[:, :-1]), seq[:, 1:])
+
+
 def evaluate(model: GPT, windows: Windows) -> dict[str, float]:
     """Per-domain perplexity exp(mean per-token loss) over ``windows``."""
     model.eval()
     losses = torch.zeros(len(windows.names), dtype=torch.float64)
     counts = torch.zeros_like(losses)
-    with torch.no_grad():
-        for chunk in torch.arange(len(windows.domain)).split(64):
-            seq = windows.tokens[chunk].long()
-            reduced = domain_losses(
-                per_token_loss(model(seq[:, :-1]), seq[:, 1:]), windows.domain[chunk], len(losses)
-            )
-            losses += reduced.sum
-            counts += reduced.count
+    for chunk, per_token in window_losses(model, windows, 64):
+        reduced = domain_losses(per_token, windows.domain[chunk], len(losses))
+        losses += reduced.sum
+        counts += reduced.count
     model.train()
     return {name: math.exp(float(s / c)) for name, s, c in zip(windows.names, losses, counts, strict=True)}
 
@@ -202,17 +214,15 @@ def cosine_decay(t: int, steps: int) -> float:
 
 def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
     """Train the reference model (size-proportional sampling) and cache its per-token training losses."""
-    windows = load_windows(cfg, "train", cfg.train_windows or None)
+    windows = training_pool(cfg)
     sizes = windows.sizes  # the domains' real sizes, not the pool's
     strategy = strategies.fixed(sizes, sizes)
     model, _, info = train(cfg, "reference", strategy, windows, cfg.proxy_steps)
     del info["trajectory"]  # fixed weights
     model.eval()
     cache = np.zeros((len(windows.domain), cfg.block_size), dtype=np.float16)
-    with torch.no_grad():
-        for chunk in torch.arange(len(windows.domain)).split(128):
-            seq = windows.tokens[chunk].long()
-            cache[chunk.numpy()] = per_token_loss(model(seq[:, :-1]), seq[:, 1:]).numpy().astype(np.float16)
+    for chunk, per_token in window_losses(model, windows, 128):
+        cache[chunk.numpy()] = per_token.numpy().astype(np.float16)
     out.mkdir(parents=True, exist_ok=True)
     _atomic_save(out / "reference_losses.npy", cache)
     result = {"stage": "reference", "config": asdict(cfg), "weights": sizes, **info}
@@ -222,7 +232,7 @@ def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
 
 def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Path | None) -> dict[str, Any]:
     """Train the proxy with DoReMi or DoGE; write the learned weights."""
-    windows = load_windows(cfg, "train", cfg.train_windows or None)
+    windows = training_pool(cfg)
     reference = None
     if strategy_name == "doremi":
         if reference_dir is None or not (reference_dir / "reference_losses.npy").exists():
@@ -289,7 +299,7 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
 
 def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
     """Train the base model by sampling with ``weights``; evaluate every domain."""
-    windows = load_windows(cfg, "train", cfg.train_windows or None)
+    windows = training_pool(cfg)
     sizes = {n: float(v) for n, v in windows.sizes.items()}  # the domains' real sizes, not the pool's
     if weights == "uniform":
         alpha = dict.fromkeys(sizes, 1.0)
