@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from domainmix.types import STAT_NAMES, DomainStats
+from domainmix.stats import statistics
+from domainmix.types import DomainStats
 
 
 def torch_roundtrip(obj: Any, *, weights_only: bool = True) -> Any:
@@ -27,6 +28,9 @@ def torch_roundtrip(obj: Any, *, weights_only: bool = True) -> Any:
 
 def assert_same(actual: Any, expected: Any, path: str = "output") -> None:
     """Recursive exact equality: tensors bit for bit (dtype and shape too), floats by value (NaN == NaN)."""
+    if isinstance(expected, DomainStats):
+        assert isinstance(actual, DomainStats), f"{path}: expected DomainStats, got {type(actual).__name__}"
+        actual, expected = actual.as_dict(), expected.as_dict()
     if isinstance(expected, Tensor):
         assert isinstance(actual, Tensor), f"{path}: expected a tensor, got {type(actual).__name__}"
         assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
@@ -112,7 +116,7 @@ def make_stats(
     ``loss`` defaults to zeros and ``count`` to 10 per domain (every domain present); any other field of
     ``DomainStats`` (``ref_loss``, ``grad_dot`` ...) may be given by keyword.
     """
-    unknown = set(fields) - set(STAT_NAMES)
+    unknown = set(fields) - set(statistics())
     assert not unknown, f"make_stats: unknown statistics {sorted(unknown)}"
 
     def as_tensor(value: Any) -> Tensor | None:
@@ -127,28 +131,22 @@ def make_stats(
 
 
 def full_stats(k: int, step: int, seed: int = 0) -> DomainStats:
-    """Every statistic of :data:`STAT_NAMES` filled with deterministic, plausible values (all present)."""
+    """Every declared statistic filled with deterministic, plausible values (all present).
+
+    Derived from the statistics table: counts are positive integers, (k, k) statistics are Gram
+    matrices of random gradients, everything else is positive.
+    """
     g = torch.Generator().manual_seed(1000 * seed + step)
-
-    def pos(scale: float = 1.0) -> Tensor:
-        return (0.5 + torch.rand(k, generator=g, dtype=torch.float64)) * scale
-
-    grads = torch.randn(k, 4, generator=g, dtype=torch.float64)
-    return DomainStats(
-        step=step,
-        loss=pos(2.0),
-        count=torch.randint(1, 20, (k,), generator=g).to(torch.float64),
-        loss_var=pos(),
-        ref_loss=pos(1.5),
-        heldout_loss=pos(2.0),
-        heldout_loss_var=pos(),
-        heldout_count=torch.randint(2, 50, (k,), generator=g).to(torch.float64),
-        grad_var=pos(),
-        grad_sq_norm=(grads**2).sum(1),
-        grad_dot=grads @ grads.T,
-        target_grad_dot=grads @ torch.randn(4, generator=g, dtype=torch.float64),
-        excess_loss=pos(0.5),
-    )
+    values: dict[str, Tensor] = {}
+    for name, row in statistics().items():
+        if row.reduction == "count":
+            values[name] = torch.randint(1, 50, (k,), generator=g).to(torch.float64)
+        elif row.shape == ("k", "k"):
+            grads = torch.randn(k, 4, generator=g, dtype=torch.float64)
+            values[name] = grads @ grads.T
+        else:
+            values[name] = (0.5 + torch.rand(k, generator=g, dtype=torch.float64)) * 2.0
+    return DomainStats(step=step, **values)  # type: ignore[arg-type]
 
 
 def run_torchrun(

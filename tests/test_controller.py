@@ -82,7 +82,12 @@ def test_warmup_windows_are_discarded(warmup, every, first_update, window_steps)
     # only the steps of the closing window reach the strategy; earlier (warm-up) windows were dropped
     assert seen[0].count.tolist() == [len(window_steps), 0.0, 0.0]
     assert seen[0].loss[0].item() == pytest.approx(sum(window_steps) / len(window_steps))
-    assert all(c.should_update(t) == (t % every == 0 and t >= warmup) for t in range(1, 20))
+    fresh = WeightingController(recording([]), NAMES, update_every=every, warmup_steps=warmup)
+    for t in range(1, 20):  # closes_window announces the step t that will update
+        announced = fresh.closes_window
+        assert announced == (t % every == 0 and t >= warmup)
+        assert fresh.step() == announced
+
 
 
 def test_update_period() -> None:

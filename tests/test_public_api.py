@@ -27,7 +27,6 @@ STRATEGIES = [
     "AverageState",
     "ChainState",
     "CombineState",
-    "DogeState",
     "EmaState",
     "EmptyState",
     "ErmaState",
@@ -74,13 +73,22 @@ SAMPLING = [
 STATS = [
     "CancellationScores",
     "DomainGradients",
+    "GradientProductProbe",
     "GradientProductTap",
     "GradientProducts",
+    "GradientVarianceProbe",
+    "HeldoutLossProbe",
+    "Probe",
+    "ReferenceLossProbe",
+    "Statistic",
     "StatsCollector",
+    "StepLosses",
     "domain_gradient_products",
     "gradient_variance",
     "micro_batch_gradients",
     "per_example_gradients",
+    "register_statistic",
+    "statistics",
 ]
 
 MODULES = [

@@ -7,6 +7,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,7 +17,9 @@ from torch import Tensor
 from domainmix import _tree
 from domainmix._distributed import assert_same_on_all_ranks, is_distributed
 from domainmix._validation import Interval, check_param, param_error
-from domainmix.stats import StatsCollector
+from domainmix._statistics import provided_by, statistic
+from domainmix.losses import domain_losses
+from domainmix.stats import Probe, StatsCollector, StepLosses
 from domainmix.strategies import AverageState, Strategy
 from domainmix.types import DomainStats, DomainWeights
 
@@ -33,9 +36,20 @@ class WeightSink(Protocol):
 class WeightingController:
     """Runs a strategy on a schedule, keeps the current weights and pushes q to the sampler.
 
-    Call :meth:`step` once per optimizer step, after the step's losses went into :attr:`collector`.
-    Windows of ``update_every`` steps close at steps ``update_every, 2·update_every, ...``; windows that
-    close before ``warmup_steps`` are discarded, later ones call the strategy. A strategy that reads no
+    One training step, in this order (docs/design.md, "One step")::
+
+        with controller.record():                       # probes that hook the forward
+            losses = loss_fn(model(x), y)               # per-example (or per-token) losses
+        controller.step(losses, domain_ids)             # observe; update α, q when a window closes
+        loss = weighted_loss(losses, domain_ids, controller.loss_multipliers())
+        loss.backward(); optimizer.step()
+
+    so the weights a window's statistics produce weight that same step's update. :meth:`step` feeds the
+    training losses to the collector, lets each probe observe the step, and when a window closes runs
+    the probes' window observations and then the strategy. Windows of ``update_every`` steps close at
+    steps ``update_every, 2·update_every, ...`` (1-based counts of :meth:`step` calls); windows that
+    close before ``warmup_steps`` are discarded, later ones call the strategy. ``step()`` without
+    losses is for loops that feed :attr:`collector` themselves. A strategy that reads no
     statistics (``requires`` empty: static weights, schedules) is evaluated at construction and at every
     step instead. Each update is logged as one JSON line: step, names, α, q, loss multipliers and the
     window's statistics.
@@ -63,6 +77,10 @@ class WeightingController:
         ema: moving-average factor for a collector made here; ignored when ``collector`` is given.
         log: a JSON-lines file path, or a callable receiving each record.
         check_sync: compare the weights across ranks after each update.
+        probes: the :class:`~domainmix.stats.Probe` objects the loop can offer; the controller keeps
+            those that provide a statistic the strategy reads (:attr:`probes`) and, when ``probes`` is
+            given, raises at construction if a statistic the strategy reads has no probe (the training
+            losses, source ``train``, come from :meth:`step`).
     """
 
     STEP_KEY = "step"
@@ -86,6 +104,7 @@ class WeightingController:
         ema: float | None = None,
         log: LogSink | None = None,
         check_sync: bool = False,
+        probes: Sequence[Probe] | None = None,
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise param_error("WeightingController", "strategy", "a Strategy", strategy)
@@ -119,6 +138,7 @@ class WeightingController:
                 )
         if log is not None and not (callable(log) or isinstance(log, (str, os.PathLike))):
             raise param_error("WeightingController", "log", "a file path or a callable", log)
+        self._probes = _choose_probes(strategy, probes)
         self._strategy = strategy
         self._collector = collector
         self._sampler = sampler
@@ -152,6 +172,11 @@ class WeightingController:
     def stat_free(self) -> bool:
         """True for strategies that read no statistics (evaluated every step)."""
         return not self._strategy.requires
+
+    @property
+    def probes(self) -> tuple[Probe, ...]:
+        """The probes chosen for the strategy's statistics (empty for a statistic-free strategy)."""
+        return self._probes
 
     @property
     def collector(self) -> StatsCollector:
@@ -193,13 +218,46 @@ class WeightingController:
             return None
         return self._weights._replace(mixture=average[0], sampling=average[1])
 
-    def should_update(self, step: int) -> bool:
-        """Whether the window closing at ``step`` (1-based count of steps) runs the strategy."""
-        return step % self._update_every == 0 and step >= self._warmup
+    @property
+    def closes_window(self) -> bool:
+        """Whether the next :meth:`step` closes a window and runs the strategy."""
+        nxt = self._step + 1
+        return not self.stat_free and nxt % self._update_every == 0 and nxt >= self._warmup
 
     # ----------------------------------------------------------------------------------------------
-    def step(self) -> bool:
-        """Mark one optimizer step done; update the weights if due. Returns whether they were updated."""
+    def record(self) -> AbstractContextManager[None]:
+        """A context for the training forward: the probes that hook it (gradient taps) record in it."""
+        stack = ExitStack()
+        for probe in self._probes:
+            stack.enter_context(probe.record())
+        return stack
+
+    def step(
+        self,
+        losses: Tensor | None = None,
+        domain_ids: Tensor | None = None,
+        *,
+        mask: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> bool:
+        """Mark one training step done; update the weights if a window closes. Returns whether they were.
+
+        Args:
+            losses: the step's (N,) per-example or (N, T) per-token losses (before weighting), or None
+                when the loop feeds :attr:`collector` itself. Gradient probes differentiate them, so
+                pass them before the backward.
+            domain_ids: (N,) domain of each example; required with ``losses``.
+            mask: optional 0/1 mask with the shape of ``losses`` (padding = 0).
+            indices: optional (N,) dataset indices of the batch, for probes that read per-example caches.
+        """
+        if losses is not None and not self.stat_free:
+            if domain_ids is None:
+                raise param_error("WeightingController.step", "domain_ids", "a tensor with losses", None)
+            k = self._collector.num_domains
+            self._collector.observe(domain_losses(losses.detach(), domain_ids, k, mask))
+            seen = StepLosses(losses, domain_ids, mask, indices)
+            for probe in self._probes:
+                probe.observe_step(self._collector, seen)
         self._step += 1
         if self.stat_free:
             return self._apply(self._empty_stats(self._step))
@@ -208,6 +266,8 @@ class WeightingController:
         if self._step < self._warmup:
             self._collector.reset()
             return False
+        for probe in self._probes:
+            probe.observe_window(self._collector, self._step)
         return self.update(self._collector.summarize(self._step))
 
     def update(self, stats: DomainStats) -> bool:
@@ -215,11 +275,7 @@ class WeightingController:
         if not isinstance(stats, DomainStats):
             raise param_error("WeightingController.update", "stats", "a DomainStats", stats)
         if not stats.is_finite():
-            bad = [
-                f
-                for f, v in zip(stats._fields, stats, strict=True)
-                if isinstance(v, Tensor) and not bool(torch.isfinite(v).all())
-            ]
+            bad = [f for f, v in stats.items() if not bool(torch.isfinite(v).all())]
             warnings.warn(
                 f"WeightingController: skipping the weight update at step {stats.step}: non-finite "
                 f"statistics in {bad}. The weights stay as they were.",
@@ -306,11 +362,7 @@ class WeightingController:
             "sampling": self._weights.sampling.tolist(),
             "loss_multipliers": self.loss_multipliers().tolist(),
             "skipped": skipped,
-            "stats": {
-                f: _finite_or_str(v.tolist())
-                for f, v in zip(stats._fields[1:], stats[1:], strict=True)
-                if isinstance(v, Tensor)
-            },
+            "stats": {f: _finite_or_str(v.tolist()) for f, v in stats.items()},
         }
         if callable(self._log):
             self._log(record)
@@ -389,3 +441,23 @@ def _finite_or_str(values: Any) -> Any:
     if isinstance(values, list):
         return [_finite_or_str(v) for v in values]
     return values if math.isfinite(values) else str(values)
+
+
+def _choose_probes(strategy: Strategy, probes: Sequence[Probe] | None) -> tuple[Probe, ...]:
+    """The probes providing a statistic ``strategy`` reads; with ``probes`` given, all must be covered."""
+    if probes is None:
+        return ()
+    if isinstance(probes, Probe) or not all(isinstance(p, Probe) for p in probes):
+        raise param_error("WeightingController", "probes", "a sequence of domainmix.stats.Probe", probes)
+    chosen = tuple(p for p in probes if p.provides & strategy.requires)
+    covered = provided_by(("train",)).union(*(p.provides for p in chosen))
+    missing = sorted(strategy.requires - covered)
+    if missing:
+        wanted = {name: statistic(name).source for name in missing}
+        raise param_error(
+            "WeightingController",
+            "probes",
+            f"probes providing every statistic {strategy.name!r} reads (missing, with their sources: {wanted})",
+            [type(p).__name__ for p in probes],
+        )
+    return chosen

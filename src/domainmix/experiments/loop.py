@@ -1,10 +1,10 @@
 """The training loop of every ``domainmix run`` experiment, written on the public API only.
 
-One run = one task (data, model, loss, metric), one method (a loss-weight rule and a sampling rule) and
-one seed. The loop is an ordinary PyTorch SGD loop; domainmix adds four lines to it: the sampler draws
-the batch, ``weighted_loss`` applies the loss multipliers α/q, the held-out losses and gradient
-variances go into the controller's collector when a window closes, and ``controller.step()`` moves
-the weights.
+One run = one task (data, model, loss, metric), one method (a loss-weight rule and a sampling rule,
+``experiments/methods.py``) and one seed. The loop is an ordinary PyTorch SGD loop in the one order of
+docs/design.md ("One step"): the sampler draws the batch, ``controller.step(losses, ids)`` observes it
+and moves the weights when a window closes (its probes add the held-out losses and the gradient
+variances the method reads), and ``weighted_loss`` applies the loss multipliers α/q.
 """
 
 from __future__ import annotations
@@ -19,12 +19,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from domainmix import WeightingController, domain_losses, strategies, weighted_loss
-from domainmix.experiments.config import TrainConfig, parse_method
+from domainmix import WeightingController, strategies, weighted_loss
+from domainmix.experiments.config import TrainConfig
+from domainmix.experiments.methods import MethodContext, build_method
 from domainmix.sampling import DomainBatchSampler, HeldoutSplit
-from domainmix.stats import gradient_variance
-
-HELDOUT_STATS = frozenset({"heldout_loss", "heldout_loss_var", "heldout_count"})
+from domainmix.stats import GradientVarianceProbe, HeldoutLossProbe, Probe
 
 
 @dataclass
@@ -52,29 +51,31 @@ class Task:
 
 
 def make_method(method: str, cfg: TrainConfig, task: Task) -> strategies.Strategy:
-    """A method name (``fgls+va``) as ``combine(loss=<rule>, sampling=<rule>)``."""
-    loss_rule, sampling_rule = parse_method(method)
-    sizes = [len(task.split.train[name]) for name in task.names]
-    if loss_rule == "oracle_gls":
-        if task.noise_variances is None:
-            raise ValueError(f"Method {method!r} needs the true noise variances; this task has none.")
-        loss = strategies.oracle_gls(task.noise_variances, domain_sizes=sizes)
-    elif loss_rule == "fgls":
-        loss = strategies.delay(
-            strategies.fgls(domain_sizes=sizes, smoothing=cfg.fgls_smoothing), cfg.warmup_steps
+    """A method name (``fgls+va``) as ``combine(loss=<rule>, sampling=<rule>)`` for this task."""
+    sizes = tuple(len(task.split.train[name]) for name in task.names)
+    return build_method(method, cfg, MethodContext(sizes, task.noise_variances))
+
+
+def make_probes(task: Task, cfg: TrainConfig, seed: int) -> list[Probe]:
+    """What the task can observe: held-out losses, and gradient variances on random training examples."""
+    names, model = task.names, task.model
+    heldout = torch.as_tensor(np.concatenate([task.split.heldout[n] for n in names]))
+
+    def heldout_losses() -> tuple[Tensor, Tensor]:
+        return task.loss_fn(model(task.inputs[heldout]), task.targets[heldout]), task.domains[heldout]
+
+    def draw(step: int) -> tuple[Tensor, Tensor, Tensor]:
+        # Keyed by the step: independent of the batches, and nothing to checkpoint.
+        rng = np.random.default_rng([seed, 17, step])
+        probe = torch.as_tensor(
+            np.concatenate([rng.choice(task.split.train[n], cfg.va_samples) for n in names])
         )
-    elif loss_rule == "erma":
-        loss = strategies.delay(
-            strategies.erma(domain_sizes=sizes, step_size=cfg.erma_step_size), cfg.warmup_steps
-        )
-    else:
-        loss = strategies.uniform()
-    sampling = (
-        strategies.variance_aware(cfg.batch_size, min_count=1)
-        if sampling_rule == "va"
-        else strategies.uniform()
-    )
-    return strategies.combine(loss=loss, sampling=sampling)
+        return task.inputs[probe], task.targets[probe], task.domains[probe]
+
+    return [
+        HeldoutLossProbe(heldout_losses),
+        GradientVarianceProbe(model, task.loss_fn, draw, method=cfg.va_estimator),
+    ]
 
 
 def learning_rate(cfg: TrainConfig) -> Callable[[int], float]:
@@ -93,12 +94,14 @@ def train(task: Task, method: str, cfg: TrainConfig, seed: int) -> dict[str, Any
         task.split.train, cfg.batch_size, seed=seed, min_count=1, replacement=cfg.replacement
     )
     controller = WeightingController(
-        make_method(method, cfg, task), names, update_every=cfg.update_every, sampler=sampler
+        make_method(method, cfg, task),
+        names,
+        update_every=cfg.update_every,
+        sampler=sampler,
+        probes=make_probes(task, cfg, seed),
     )
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate(cfg))
-    heldout = torch.as_tensor(np.concatenate([task.split.heldout[n] for n in names]))
-    probe_rng = np.random.default_rng([seed, 17])  # VA's gradient samples; independent of the batches
     curves: dict[str, list[float]] = {}
     trajectory: dict[str, list[Any]] = {"steps": [], "loss_share": [], "sampling_share": []}
 
@@ -112,29 +115,16 @@ def train(task: Task, method: str, cfg: TrainConfig, seed: int) -> dict[str, Any
         trajectory["loss_share"].append(controller.weights.mixture.tolist())
         trajectory["sampling_share"].append(sampler.effective_sampling.tolist())
 
-    def observe_window() -> None:
-        """The statistics the method reads, on data it never trains on (held-out) or at random (VA)."""
-        if controller.requires & HELDOUT_STATS:
-            with torch.no_grad():
-                losses = task.loss_fn(model(task.inputs[heldout]), task.targets[heldout])
-            controller.collector.observe(domain_losses(losses, task.domains[heldout], k), source="heldout")
-        if "grad_var" in controller.requires:
-            probe = torch.as_tensor(
-                np.concatenate([probe_rng.choice(task.split.train[n], cfg.va_samples) for n in names])
-            )
-            variance = gradient_variance(
-                model, task.loss_fn, task.inputs[probe], task.targets[probe], task.domains[probe], k,
-                method=cfg.va_estimator,
-            )  # fmt: skip
-            controller.collector.observe_stat("grad_var", variance)
-
     batches = iter(sampler)
     for step in range(cfg.steps):
         if step % cfg.eval_every == 0:
             record(step)
         batch = torch.as_tensor(next(batches))
-        per_example = task.loss_fn(model(task.inputs[batch]), task.targets[batch])
-        loss = weighted_loss(per_example, task.domains[batch], controller.loss_multipliers())
+        ids = task.domains[batch]
+        with controller.record():
+            per_example = task.loss_fn(model(task.inputs[batch]), task.targets[batch])
+        controller.step(per_example, ids)
+        loss = weighted_loss(per_example, ids, controller.loss_multipliers())
         if not torch.isfinite(loss.detach()):
             raise RuntimeError(
                 f"{method} (seed {seed}) diverged at step {step}: loss {loss.detach().item()}."
@@ -143,9 +133,6 @@ def train(task: Task, method: str, cfg: TrainConfig, seed: int) -> dict[str, Any
         loss.backward()
         optimizer.step()
         schedule.step()
-        if controller.should_update(step + 1):
-            observe_window()
-        controller.step()
     record(cfg.steps)
 
     by_name = dict.fromkeys(names)

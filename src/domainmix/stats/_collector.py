@@ -3,33 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from domainmix._distributed import all_reduce_sum
+from domainmix._statistics import LOSS_REDUCTIONS, Statistic, sources, statistics
 from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import DomainLosses
 from domainmix.types import DomainStats
-
-Source = Literal["train", "heldout", "reference", "excess"]
-_SOURCES: tuple[str, ...] = ("train", "heldout", "reference", "excess")
-# Statistics that arrive as finished estimates (e.g. from a gradient probe) and are averaged.
-_ESTIMATES: dict[str, tuple[str, ...]] = {
-    "grad_var": ("k",),
-    "grad_sq_norm": ("k",),
-    "grad_dot": ("k", "k"),
-    "target_grad_dot": ("k",),
-}
-
 
 class StatsCollector:
     """Per-domain statistics of an update window: loss sums, counts, squares and gradient estimates.
 
     Feed it :func:`~domainmix.losses.domain_losses` reductions of every micro-batch (``observe``) and any
     gradient estimates (``observe_stat``); ``summarize`` closes the window and returns a
-    :class:`~domainmix.types.DomainStats`. Under an initialised ``torch.distributed`` process group,
+    :class:`~domainmix.types.DomainStats`. What it keeps and how each statistic reduces is the table of
+    ``domainmix/_statistics.py``, read when the collector is made: a loss stream (``sum``, ``count``,
+    ``sum_sq`` per domain) for every source of a ``mean``/``variance``/``count`` statistic, and a
+    running sum of estimates for every ``estimate`` statistic. Under an initialised ``torch.distributed`` process group,
     ``summarize`` all-reduces the window's sums once (one packed tensor), so every rank returns the same
     statistics; it is then a collective and every rank must call it.
 
@@ -54,6 +47,9 @@ class StatsCollector:
         self._k = check_param("StatsCollector", "num_domains", num_domains, Interval(int, 1, None))
         self._ema = check_param("StatsCollector", "ema", ema, Interval(float, 0.0, 1.0, closed="left"), None)
         self._averages: dict[str, Tensor] = {}
+        self._table = statistics()
+        self._sources = sources(self._table, LOSS_REDUCTIONS)
+        self._estimates = {n: row for n, row in self._table.items() if row.reduction == "estimate"}
         self.reset()
 
     @property
@@ -61,45 +57,56 @@ class StatsCollector:
         """K."""
         return self._k
 
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The loss streams :meth:`observe` accepts (``train``, ``heldout``, ``reference``, ``excess``...)."""
+        return self._sources
+
+    @property
+    def estimates(self) -> tuple[str, ...]:
+        """The statistics :meth:`observe_stat` accepts (``grad_var``, ``grad_dot``, ...)."""
+        return tuple(self._estimates)
+
     def reset(self) -> None:
         """Discard the current window (moving averages are kept)."""
         zeros = torch.zeros(self._k, dtype=torch.float64)
         self._window: dict[str, Tensor] = {}
-        for source in _SOURCES:
-            for part in ("sum", "count", "sum_sq"):
+        for source in self._sources:
+            for part in _PARTS:
                 self._window[f"{source}.{part}"] = zeros.clone()
-        for name, shape in _ESTIMATES.items():
-            self._window[f"{name}.sum"] = torch.zeros(*(self._k for _ in shape), dtype=torch.float64)
+        for name, row in self._estimates.items():
+            self._window[f"{name}.sum"] = torch.zeros(row.dims(self._k), dtype=torch.float64)
             self._window[f"{name}.n"] = torch.zeros(1, dtype=torch.float64)
 
-    def observe(self, losses: DomainLosses, *, source: Source = "train") -> None:
+    def observe(self, losses: DomainLosses, *, source: str = "train") -> None:
         """Add one reduction (a micro-batch) to the window.
 
         Args:
             losses: output of :func:`~domainmix.losses.domain_losses`.
-            source: ``"train"`` (training batches), ``"heldout"`` (an estimation split, FGLS/ERMA),
-                ``"reference"`` (a reference model's losses on the training batch) or ``"excess"``
-                (the per-token clipped excess ``(loss - ref_loss).clamp_min(0)`` on the training batch,
-                DoReMi's statistic: clip per token first, then reduce).
+            source: the loss stream, one of :attr:`sources`: ``"train"`` (training batches),
+                ``"heldout"`` (an estimation split, FGLS/ERMA), ``"reference"`` (a reference model's
+                losses on the training batch) or ``"excess"`` (the per-token clipped excess
+                ``(loss - ref_loss).clamp_min(0)`` on the training batch, DoReMi's statistic: clip per
+                token first, then reduce).
         """
-        check_param("StatsCollector.observe", "source", source, Options(_SOURCES))
+        check_param("StatsCollector.observe", "source", source, Options(self._sources))
         if not isinstance(losses, DomainLosses) or losses.sum.shape != (self._k,):
             raise param_error(
                 "StatsCollector.observe", "losses", f"a DomainLosses over {self._k} domains", losses
             )
-        for part, value in zip(("sum", "count", "sum_sq"), losses, strict=True):
+        for part, value in zip(_PARTS, losses, strict=True):
             self._window[f"{source}.{part}"] += value.detach().to("cpu", torch.float64)
 
     def observe_stat(self, name: str, value: Tensor) -> None:
-        """Add an estimate of a gradient statistic; the window reports the mean of its estimates.
+        """Add an estimate of a statistic; the window reports the mean of its estimates.
 
         Args:
-            name: one of ``grad_var``, ``grad_sq_norm``, ``target_grad_dot`` (shape (k,)) or ``grad_dot``
-                (shape (k, k)).
+            name: one of :attr:`estimates`, e.g. ``grad_var``, ``grad_sq_norm``, ``target_grad_dot``
+                (shape (k,)) or ``grad_dot`` (shape (k, k)).
             value: the estimate.
         """
-        check_param("StatsCollector.observe_stat", "name", name, Options(tuple(_ESTIMATES)))
-        shape = tuple(self._k for _ in _ESTIMATES[name])
+        check_param("StatsCollector.observe_stat", "name", name, Options(self.estimates))
+        shape = self._estimates[name].dims(self._k)
         if not isinstance(value, Tensor) or tuple(value.shape) != shape:
             raise param_error(
                 "StatsCollector.observe_stat", "value", f"a tensor of shape {shape} for {name!r}", value
@@ -118,58 +125,30 @@ class StatsCollector:
             n = self._window[key].numel()
             totals[key] = packed[offset : offset + n].view_as(self._window[key])
             offset += n
-        # (name, window value, domains it observes) for every statistic present in this window.
-        window: list[tuple[str, Tensor, Tensor]] = []
-        absent: list[str] = []
-        for source, mean_name, var_name in (
-            ("train", "loss", "loss_var"),
-            ("heldout", "heldout_loss", "heldout_loss_var"),
-            ("reference", "ref_loss", None),
-            ("excess", "excess_loss", None),
-        ):
-            reduced = DomainLosses(
-                totals[f"{source}.sum"], totals[f"{source}.count"], totals[f"{source}.sum_sq"]
-            )
-            seen = reduced.count > 0
-            names = [mean_name] if var_name is None else [mean_name, var_name]
-            if not bool(seen.any()):
-                absent.extend(names)
-                continue
-            window.append((mean_name, reduced.mean, seen))
-            if var_name is not None:
-                # A variance needs two elements; one element is no observation of it.
-                window.append((var_name, reduced.var, reduced.count > 1))
-        for name in _ESTIMATES:
-            n = float(totals[f"{name}.n"])
-            if n > 0:
-                window.append((name, totals[f"{name}.sum"] / n, torch.ones(self._k, dtype=torch.bool)))
+        # (row, window value, entries it observes) for every statistic present in this window.
+        window: list[tuple[Statistic, Tensor, Tensor]] = []
+        fields: dict[str, Tensor | None] = {}
+        for row in self._table.values():
+            observed = _reduce(row, totals, self._k)
+            if observed is None:
+                fields[row.name] = torch.zeros(self._k, dtype=torch.float64) if row.always else None
+            elif row.reduction == "count":  # counts are the window's own, never averaged
+                fields[row.name] = observed[0].clone()
             else:
-                absent.append(name)
+                window.append((row, *observed))
         # One non-finite statistic makes the whole window unusable (the controller skips it): fold none of
         # its statistics into the moving averages, not only the broken one.
         clean = all(bool(torch.isfinite(value[seen]).all()) for _, value, seen in window)
-        fields: dict[str, Tensor | None] = dict.fromkeys(absent)
-        for name, value, seen in window:
-            fields[name] = self._average(name, value, seen) if clean else value
-        held = totals["heldout.count"]
-        fields["heldout_count"] = held.clone() if bool((held > 0).any()) else None
-        count = totals["train.count"].clone()
-        loss = fields.pop("loss")
+        for row, value, seen in window:
+            fields[row.name] = self._average(row.name, value, seen) if clean else value
         self.reset()
-        return DomainStats(
-            step=int(step),
-            loss=loss if loss is not None else torch.zeros(self._k, dtype=torch.float64),
-            count=count,
-            **fields,
-        )
+        return DomainStats(step=int(step), **fields)  # type: ignore[arg-type]  # loss, count: always
 
     def _average(self, name: str, value: Tensor, seen: Tensor) -> Tensor:
         """Fold a window value into its moving average (if enabled) for the domains seen."""
         if self._ema is None:
             return value
         previous = self._averages.get(name)
-        if value.ndim == 2:  # grad_dot: the whole matrix is one estimate
-            seen = torch.ones_like(value, dtype=torch.bool)
         if previous is None:
             updated = torch.where(seen, value, torch.zeros_like(value))
             known = seen.clone()
@@ -206,10 +185,9 @@ class StatsCollector:
                 f"this collector has num_domains={self._k}, ema={self._ema}."
             )
         window = dict(state_dict[self.WINDOW_KEY])
-        # States saved before the "excess" source existed resume with an empty excess window.
+        # A state saved before a source or statistic was declared resumes with an empty window for it.
         for key in set(self._window) - set(window):
-            if key.startswith("excess."):
-                window[key] = torch.zeros_like(self._window[key])
+            window[key] = torch.zeros_like(self._window[key])
         if set(window) != set(self._window):
             raise ValueError("StatsCollector.load_state_dict: window keys differ from this version's.")
         self._window = {
@@ -219,3 +197,30 @@ class StatsCollector:
             key: torch.as_tensor(value, dtype=torch.float64).clone()
             for key, value in state_dict[self.AVERAGES_KEY].items()
         }
+
+
+_PARTS = ("sum", "count", "sum_sq")  # a loss stream's window, in DomainLosses' field order
+
+
+def _reduce(row: Statistic, totals: Mapping[str, Tensor], k: int) -> tuple[Tensor, Tensor] | None:
+    """A statistic's window value and the entries it observed, or None when the window has none.
+
+    The reduction rules of the statistics table (``domainmix/_statistics.py``): a loss stream's pooled
+    mean, unbiased variance (an entry needs two elements) or count; an estimate's mean over the
+    estimates handed in (the whole tensor is one observation).
+    """
+    if row.reduction == "estimate":
+        n = float(totals[f"{row.name}.n"])
+        if n == 0:
+            return None
+        value = totals[f"{row.name}.sum"] / n
+        return value, torch.ones_like(value, dtype=torch.bool)
+    src = row.source
+    reduced = DomainLosses(totals[f"{src}.sum"], totals[f"{src}.count"], totals[f"{src}.sum_sq"])
+    if not bool((reduced.count > 0).any()):
+        return None
+    if row.reduction == "mean":
+        return reduced.mean, reduced.count > 0
+    if row.reduction == "variance":
+        return reduced.var, reduced.count > 1
+    return reduced.count, reduced.count > 0

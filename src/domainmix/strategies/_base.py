@@ -12,7 +12,8 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from domainmix.types import STAT_NAMES, DomainStats, DomainWeights
+from domainmix._statistics import statistic, statistics
+from domainmix.types import DomainStats, DomainWeights
 
 StrategyState = Any  # a NamedTuple (possibly nested) of tensors and Python scalars
 
@@ -62,9 +63,10 @@ def make_strategy(
             domains in ``stats`` and ``weights`` differ.
     """
     requires = frozenset(requires)
-    unknown = sorted(requires - set(STAT_NAMES))
+    table = statistics()
+    unknown = sorted(requires - set(table))
     if unknown:
-        raise ValueError(f"Strategy {name!r} requires unknown statistics {unknown}; known: {STAT_NAMES}.")
+        raise ValueError(f"Strategy {name!r} requires unknown statistics {unknown}; known: {list(table)}.")
 
     def checked_update(
         weights: DomainWeights, state: StrategyState, stats: DomainStats
@@ -86,13 +88,15 @@ def check_stats(name: str, requires: frozenset[str], weights: DomainWeights, sta
             f"{k} ({list(weights.names)})."
         )
     for field in sorted(requires):
-        value = getattr(stats, field)
+        value = stats.get(field)
+        declared = statistic(field)
         if value is None:
             raise ValueError(
                 f"Strategy {name!r} requires the statistic {field!r}, but the DomainStats has none. "
-                f"Collect it (e.g. StatsCollector.observe_stat({field!r}, ...)) before updating."
+                f"Give the controller a probe of source {declared.source!r} (or feed its "
+                "StatsCollector) before updating."
             )
-        expected = (k, k) if field == "grad_dot" else (k,)
+        expected = declared.dims(k)
         if tuple(value.shape) != expected:
             raise ValueError(
                 f"Strategy {name!r}: statistic {field!r} must have shape {expected}, "

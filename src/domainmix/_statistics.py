@@ -1,0 +1,150 @@
+"""The table of per-domain statistics: one declaration per statistic, everything else derives from it.
+
+A row says what a statistic is called, its shape over the k domains, where its observations come from
+(a *source*: a stream of per-domain loss reductions, or a probe that estimates it) and how the
+observations of a window reduce across micro-batches and ranks. :class:`~domainmix.types.DomainStats`,
+the :class:`~domainmix.stats.StatsCollector`, the strategies' shape checks, the probes'
+``provides`` and the README's table all read this one table. Adding a statistic is one
+:func:`register_statistic` call (or one row in ``_BUILTIN`` below) plus the code that observes it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal
+
+Reduction = Literal["mean", "variance", "count", "estimate"]
+REDUCTIONS: tuple[str, ...] = ("mean", "variance", "count", "estimate")
+# Reductions computed from a loss stream's (sum, count, sum of squares); "estimate" rows average the
+# finished estimates a probe hands in (one per micro-batch or window).
+LOSS_REDUCTIONS: frozenset[str] = frozenset({"mean", "variance", "count"})
+SHAPES: tuple[tuple[str, ...], ...] = (("k",), ("k", "k"))
+
+
+@dataclass(frozen=True)
+class Statistic:
+    """One per-domain statistic a strategy can read.
+
+    Attributes:
+        name: the field name in :class:`~domainmix.types.DomainStats` (a Python identifier).
+        shape: ``("k",)`` for one value per domain or ``("k", "k")`` for a matrix over domain pairs.
+        source: where the observations come from. For the loss reductions (``mean``, ``variance``,
+            ``count``) it names a loss stream fed by ``StatsCollector.observe(losses, source=...)``;
+            for ``estimate`` it names the probe kind that hands the estimates in.
+        reduction: how a window's observations combine, across micro-batches and ranks alike:
+            ``mean`` Σ sum / Σ count per domain (0 where the count is 0); ``variance`` the unbiased
+            per-example variance from the pooled sums of values and squares (0 where the count is < 2);
+            ``count`` Σ count; ``estimate`` the mean of the estimates handed in.
+        doc: one line for the README table and the docs.
+        always: present in every window (zeros when nothing was observed) instead of ``None``.
+    """
+
+    name: str
+    shape: tuple[str, ...]
+    source: str
+    reduction: Reduction
+    doc: str
+    always: bool = False
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not self.name.isidentifier() or self.name.startswith("_") or self.name == "step":
+            problems.append(f"'name' must be a public identifier other than 'step'. Got {self.name!r} instead.")
+        if self.shape not in SHAPES:
+            problems.append(f"'shape' must be one of {list(SHAPES)}. Got {self.shape!r} instead.")
+        if not self.source.isidentifier():
+            problems.append(f"'source' must be an identifier. Got {self.source!r} instead.")
+        if self.reduction not in REDUCTIONS:
+            problems.append(f"'reduction' must be one of {list(REDUCTIONS)}. Got {self.reduction!r} instead.")
+        elif self.reduction in LOSS_REDUCTIONS and self.shape != ("k",):
+            problems.append(f"a {self.reduction!r} statistic has shape ('k',). Got {self.shape!r} instead.")
+        if problems:
+            raise ValueError("Statistic: " + " ".join(problems))
+
+    def dims(self, k: int) -> tuple[int, ...]:
+        """The tensor shape for k domains, e.g. (k,) or (k, k)."""
+        return tuple(k for _ in self.shape)
+
+
+_BUILTIN: tuple[Statistic, ...] = (
+    Statistic("loss", ("k",), "train", "mean", "mean training loss per domain over the window", always=True),
+    Statistic("count", ("k",), "train", "count", "training examples (or tokens) per domain", always=True),
+    Statistic("loss_var", ("k",), "train", "variance", "unbiased variance of the per-example training loss"),
+    Statistic("ref_loss", ("k",), "reference", "mean", "a reference model's mean loss on the same examples"),
+    Statistic("heldout_loss", ("k",), "heldout", "mean", "mean loss on a held-out estimation split"),
+    Statistic("heldout_loss_var", ("k",), "heldout", "variance", "variance of the per-example held-out loss"),
+    Statistic("heldout_count", ("k",), "heldout", "count", "held-out examples (or tokens) per domain"),
+    Statistic(
+        "grad_var", ("k",), "gradient_variance", "estimate", "within-domain gradient variance tr Cov_i[∇ℓ]"
+    ),
+    Statistic(
+        "grad_sq_norm", ("k",), "gradient_products", "estimate", "squared norm of each domain's mean gradient"
+    ),
+    Statistic("grad_dot", ("k", "k"), "gradient_products", "estimate", "inner products ⟨g_i, g_j⟩"),
+    Statistic(
+        "target_grad_dot", ("k",), "target_gradient_products", "estimate", "⟨g_i, g_target⟩ against a target gradient"
+    ),
+    Statistic(
+        "excess_loss", ("k",), "excess", "mean", "mean per-token clipped excess max(ℓ − ℓ_ref, 0)"
+    ),
+)
+
+_REGISTRY: dict[str, Statistic] = {s.name: s for s in _BUILTIN}
+
+
+def register_statistic(statistic: Statistic) -> Statistic:
+    """Add a statistic to the table (idempotent for an identical row); returns it.
+
+    Register before building the collectors and strategies that use it: a collector lays out its
+    window from the table as it is when the collector is made.
+
+    Raises:
+        ValueError: when another statistic of that name is already declared.
+    """
+    if not isinstance(statistic, Statistic):
+        raise ValueError(f"register_statistic expects a Statistic. Got {statistic!r} instead.")
+    known = _REGISTRY.get(statistic.name)
+    if known is not None and known != statistic:
+        raise ValueError(
+            f"register_statistic: a different statistic {statistic.name!r} is already declared: {known}."
+        )
+    _REGISTRY[statistic.name] = statistic
+    return statistic
+
+
+def statistics() -> Mapping[str, Statistic]:
+    """The table as it is now, by name, in declaration order (a copy)."""
+    return dict(_REGISTRY)
+
+
+def statistic(name: str) -> Statistic:
+    """The row for ``name``.
+
+    Raises:
+        ValueError: for an undeclared name, listing the declared ones.
+    """
+    found = _REGISTRY.get(name)
+    if found is None:
+        raise ValueError(f"Unknown statistic {name!r}; declared: {list(_REGISTRY)}.")
+    return found
+
+
+def sources(table: Mapping[str, Statistic], reductions: frozenset[str]) -> tuple[str, ...]:
+    """The distinct sources of the rows with one of ``reductions``, in declaration order."""
+    return tuple(dict.fromkeys(s.source for s in table.values() if s.reduction in reductions))
+
+
+def provided_by(source_names: tuple[str, ...] | frozenset[str]) -> frozenset[str]:
+    """Names of the statistics whose source is one of ``source_names``."""
+    return frozenset(s.name for s in _REGISTRY.values() if s.source in source_names)
+
+
+def markdown_table() -> str:
+    """The README's table of statistics, generated from the declarations."""
+    lines = ["| statistic | shape | source | reduction | meaning |", "|---|---|---|---|---|"]
+    for s in _REGISTRY.values():
+        shape = "(" + ", ".join(s.shape) + (",)" if len(s.shape) == 1 else ")")
+        lines.append(f"| `{s.name}` | {shape} | {s.source} | {s.reduction} | {s.doc} |")
+    return "\n".join(lines)
+
