@@ -35,9 +35,10 @@ reproduce: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples
 	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/mypy  # strict, on src/domainmix except experiments/ ([tool.mypy] in pyproject.toml)
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler_throughput.py --json
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache

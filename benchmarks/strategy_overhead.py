@@ -11,9 +11,9 @@ same fixed pool of batches:
   loss multipliers, ``domain_losses`` into the collector, ``controller.step()``).
 * ``doremi_cached``: DoReMi's proxy step (``combine(loss=doremi(), sampling=uniform())``,
   ``update_every=1``) with the reference model's per-token losses read from a precomputed fp16 cache
-  indexed by the batch's example ids (methods.md §5.2): no reference forward.
+  indexed by the batch's example ids (docs/algorithms.md §1.4): no reference forward.
 * ``doremi_reference_forward`` (informative): the same, with a frozen reference GPT's forward under
-  ``torch.inference_mode()`` every step instead of the cache: what the cache saves (methods.md §1.4).
+  ``torch.inference_mode()`` every step instead of the cache: what the cache saves (docs/algorithms.md §1.4).
 * ``doge_subset``: DoGE updating every step (``combine(loss=doge(lr), sampling=uniform())``): the
   products of the per-domain mean gradients on the last transformer block + final LayerNorm from a
   ``GradientProductTap`` (one backward to the subset's layer outputs, then per-domain weight gradients
@@ -23,7 +23,7 @@ same fixed pool of batches:
 * ``doge_all_blocks`` (informative): the tap on every block and the final LayerNorm (every parameter
   but the token and position embeddings).
 * ``doge_subset_autograd`` (informative): the ``doge_subset`` products from
-  ``domain_gradient_products`` (one ``autograd.grad`` per domain on the subset, methods.md §5.3 A),
+  ``domain_gradient_products`` (one ``autograd.grad`` per domain on the subset, docs/algorithms.md §2.4),
   the general path for subsets that are not Linear/LayerNorm layers. The two paths' agreement on one
   batch is reported.
 
@@ -84,7 +84,7 @@ DOGE_VARIANTS = (
     "doge_subset_autograd",
 )
 TARGETS = {"doge_subset_max_ratio": 1.5, "doremi_cached_max_ratio": 1.05}
-LR, WEIGHT_DECAY, MAX_NORM, DOGE_MU = 5e-4, 0.01, 5.0, 0.01  # DoGE reference config (methods.md §2.3)
+LR, WEIGHT_DECAY, MAX_NORM, DOGE_MU = 5e-4, 0.01, 5.0, 0.01  # DoGE reference config (docs/algorithms.md §2.3)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from domainmix import WeightingController, domain_losses, strategies, weighted_loss
+from domainmix import WeightingController, strategies, weighted_loss
 from domainmix.sampling import DomainBatchSampler
 
 NAMES = ("web", "code", "books")
@@ -72,13 +72,13 @@ def main() -> None:
         idx = next(batches)
         record["batches"].append(list(idx))
         ids = domain[idx]
-        per_example = ((model(x[idx]) - y[idx]) ** 2).squeeze(1)
+        with controller.record():  # the one order of a step: docs/design.md, "One step"
+            per_example = ((model(x[idx]) - y[idx]) ** 2).squeeze(1)
+        controller.step(per_example, ids)  # observes the losses; updates the weights when a window closes
         loss = weighted_loss(per_example, ids, controller.loss_multipliers())
-        controller.collector.observe(domain_losses(per_example, ids, len(NAMES)))
         opt.zero_grad()
         loss.backward()
         opt.step()
-        controller.step()
         record["mixture"].append(controller.weights.mixture.tolist())
         record["sampling"].append(controller.weights.sampling.tolist())
 

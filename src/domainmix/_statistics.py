@@ -50,7 +50,9 @@ class Statistic:
     def __post_init__(self) -> None:
         problems = []
         if not self.name.isidentifier() or self.name.startswith("_") or self.name == "step":
-            problems.append(f"'name' must be a public identifier other than 'step'. Got {self.name!r} instead.")
+            problems.append(
+                f"'name' must be a public identifier other than 'step'. Got {self.name!r} instead."
+            )
         if self.shape not in SHAPES:
             problems.append(f"'shape' must be one of {list(SHAPES)}. Got {self.shape!r} instead.")
         if not self.source.isidentifier():
@@ -83,11 +85,13 @@ _BUILTIN: tuple[Statistic, ...] = (
     ),
     Statistic("grad_dot", ("k", "k"), "gradient_products", "estimate", "inner products ⟨g_i, g_j⟩"),
     Statistic(
-        "target_grad_dot", ("k",), "target_gradient_products", "estimate", "⟨g_i, g_target⟩ against a target gradient"
+        "target_grad_dot",
+        ("k",),
+        "target_gradient_products",
+        "estimate",
+        "⟨g_i, g_target⟩ against a target gradient",
     ),
-    Statistic(
-        "excess_loss", ("k",), "excess", "mean", "mean per-token clipped excess max(ℓ − ℓ_ref, 0)"
-    ),
+    Statistic("excess_loss", ("k",), "excess", "mean", "mean per-token clipped excess max(ℓ − ℓ_ref, 0)"),
 )
 
 _REGISTRY: dict[str, Statistic] = {s.name: s for s in _BUILTIN}
@@ -147,4 +151,3 @@ def markdown_table() -> str:
         shape = "(" + ", ".join(s.shape) + (",)" if len(s.shape) == 1 else ")")
         lines.append(f"| `{s.name}` | {shape} | {s.source} | {s.reduction} | {s.doc} |")
     return "\n".join(lines)
-

@@ -6,8 +6,8 @@ import json
 import math
 import os
 import warnings
-from collections.abc import Callable, Mapping, Sequence
-from contextlib import AbstractContextManager, ExitStack
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -16,8 +16,8 @@ from torch import Tensor
 
 from domainmix import _tree
 from domainmix._distributed import assert_same_on_all_ranks, is_distributed
-from domainmix._validation import Interval, check_param, param_error
 from domainmix._statistics import provided_by, statistic
+from domainmix._validation import Interval, check_param, param_error
 from domainmix.losses import domain_losses
 from domainmix.stats import Probe, StatsCollector, StepLosses
 from domainmix.strategies import AverageState, Strategy
@@ -225,12 +225,13 @@ class WeightingController:
         return not self.stat_free and nxt % self._update_every == 0 and nxt >= self._warmup
 
     # ----------------------------------------------------------------------------------------------
-    def record(self) -> AbstractContextManager[None]:
+    @contextmanager
+    def record(self) -> Iterator[None]:
         """A context for the training forward: the probes that hook it (gradient taps) record in it."""
-        stack = ExitStack()
-        for probe in self._probes:
-            stack.enter_context(probe.record())
-        return stack
+        with ExitStack() as stack:
+            for probe in self._probes:
+                stack.enter_context(probe.record())
+            yield
 
     def step(
         self,
@@ -457,7 +458,7 @@ def _choose_probes(strategy: Strategy, probes: Sequence[Probe] | None) -> tuple[
         raise param_error(
             "WeightingController",
             "probes",
-            f"probes providing every statistic {strategy.name!r} reads (missing, with their sources: {wanted})",
+            f"probes providing every statistic {strategy.name!r} reads (missing, by source: {wanted})",
             [type(p).__name__ for p in probes],
         )
     return chosen

@@ -178,9 +178,9 @@ class DomainStats:
 
     def __getattr__(self, name: str) -> Tensor | None:
         # Only reached for names that are not slots: the declared statistics.
-        values = object.__getattribute__(self, "_values")
+        values: dict[str, Tensor | None] = object.__getattribute__(self, "_values")
         if name in values:
-            return values[name]  # type: ignore[no-any-return]
+            return values[name]
         raise AttributeError(f"DomainStats has no statistic {name!r}; declared: {list(values)}.")
 
     def __setattr__(self, name: str, value: object) -> None:

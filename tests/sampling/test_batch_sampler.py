@@ -270,7 +270,9 @@ def test_fingerprint_mismatch_and_elastic_escape_hatch() -> None:
 def test_load_state_dict_missing_keys() -> None:
     state = make().state_dict()
     del state[DomainBatchSampler.HISTORY_KEY]
-    with pytest.raises(ValueError, match=r"'state_dict' parameter .*missing: \['weight_history'\]"):
+    with pytest.raises(
+        ValueError, match=r"DomainBatchSampler.load_state_dict: .*missing keys \['weight_history'\]"
+    ):
         make().load_state_dict(state)
 
 

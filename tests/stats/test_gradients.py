@@ -241,7 +241,7 @@ def test_micro_batch_matches_hand_built_means_and_drops_the_partial_tail() -> No
         assert stats.count[d] == expected_batches and stats.examples[d] == expected_batches * m_b
         np.testing.assert_allclose(stats.sum[d].numpy(), means.sum(0), rtol=0, atol=1e-12)
         np.testing.assert_allclose(float(stats.sq_norm[d]), (means**2).sum(), rtol=1e-12)
-        # v̂² = m_b · Σ_coords var(micro-batch means, ddof=1): the micro-batch form of salmani.md §5.
+        # v̂² = m_b · Σ_coords var(micro-batch means, ddof=1): the micro-batch form (docs/algorithms.md §3.5).
         expected = m_b * np.var(means, axis=0, ddof=1).sum()
         np.testing.assert_allclose(float(stats.variance()[d]), expected, rtol=1e-12)
 

@@ -1,4 +1,4 @@
-"""FGLS, ERMA and oracle GLS: hand-computed steps and the invariants of salmani.md §9A.5."""
+"""FGLS, ERMA and oracle GLS: hand-computed steps and the invariants of check A.5 in docs/reproduction.md."""
 
 from __future__ import annotations
 

@@ -39,7 +39,7 @@ def test_integer_allocation_is_largest_remainder_with_minimum() -> None:
 @pytest.mark.parametrize(
     ("alpha", "variance", "target"),
     [
-        # salmani.md §9B.3 with v_i² ∝ C_i σ_i² (d cancels): the analytic VA shares of domain 1.
+        # docs/reproduction.md check B.3 with v_i² ∝ C_i σ_i² (d cancels): the analytic VA shares of domain 1.
         ([0.5, 0.5], [100 * 1, 1 * 20], 0.69),  # fig1abc, w = 1
         ([20 / 21, 1 / 21], [100 * 1, 1 * 20], 0.978),  # fig1abc, FGLS
         ([20 / 21, 1 / 21], [1 * 1, 100 * 20], 0.309),  # fig1def, FGLS

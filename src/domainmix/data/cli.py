@@ -32,11 +32,12 @@ _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*?)B?\s*$")
 def parse_size(text: str) -> int:
     """A byte count from ``3000000``, ``500K``, ``3M``, ``3MB`` or ``2MiB`` (K, M, G are powers of 1000)."""
     match = _SIZE.match(text)
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS and unit + "B" not in _UNITS:
-        raise argparse.ArgumentTypeError(f"expected a byte count such as 3000000, 500K or 3M; got {text!r}")
-    factor = _UNITS.get(unit) or _UNITS[unit + "B"]
-    return int(float(match.group(1)) * factor)
+    if match is not None:
+        unit = match.group(2).upper()
+        factor = _UNITS.get(unit) or _UNITS.get(unit + "B")
+        if factor is not None:
+            return int(float(match.group(1)) * factor)
+    raise argparse.ArgumentTypeError(f"expected a byte count such as 3000000, 500K or 3M; got {text!r}")
 
 
 def _names(text: str) -> list[str]:

@@ -34,15 +34,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
+from domainmix._atomic import atomic_path, atomic_write_text
 from domainmix._validation import ConfigError
 
 __all__ = [
@@ -144,11 +143,11 @@ def write_outputs(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     text = _dumps_document(document)
-    _atomic_write(out_dir / METRICS_FILE, lambda f: f.write(text.encode()))
+    atomic_write_text(out_dir / METRICS_FILE, text)
     lines = [
         json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in _weight_rows(ordered, domains)
     ]
-    _atomic_write(out_dir / WEIGHTS_FILE, lambda f: f.write("".join(lines).encode()))
+    atomic_write_text(out_dir / WEIGHTS_FILE, "".join(lines))
     return summary
 
 
@@ -314,24 +313,6 @@ def _to_json(obj: Any) -> Any:
     if hasattr(obj, "tolist"):  # torch tensors, without importing torch here
         return _to_json(obj.tolist())
     raise TypeError(f"cannot write a {type(obj).__name__} to JSON: {obj!r}")
-
-
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
-    """Write through a temporary file in the same folder, then rename it over ``path``.
-
-    A reader never sees a half-written file, and a crash leaves the previous version: ``os.replace`` is
-    atomic within one file system, which is why the temporary file lives next to its target.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------------------------- reading
@@ -514,7 +495,8 @@ def plot_figure(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / FIGURE_FILE
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=120))
+    with atomic_path(path) as temporary:
+        fig.savefig(temporary, format="png", dpi=120)
     return path
 
 

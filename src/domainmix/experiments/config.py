@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from domainmix._validation import ConfigError
-from domainmix.experiments.methods import LOSS_RULES, SAMPLING_RULES, parse_method
+from domainmix.experiments.methods import parse_method
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -116,7 +117,7 @@ LINEAR_SETTINGS: dict[str, dict[str, tuple[float, ...]]] = {
 
 @dataclass(frozen=True)
 class LinearConfig(TrainConfig):
-    """Linear regression y = θ_gtᵀx + ε with x ~ N(0, C_i I_d), ε ~ N(0, σ_i²) (arXiv:2511.06913, Figs. 1, 4)."""
+    """Linear regression y = θ_gtᵀx + ε, x ~ N(0, C_i I_d), ε ~ N(0, σ_i²) (arXiv:2511.06913, Figs. 1, 4)."""
 
     input_scales: tuple[float, ...] = LINEAR_SETTINGS["fig1def"]["input_scales"]
     """C_i per domain (any K); the input covariance is C_i I."""

@@ -26,7 +26,6 @@ from domainmix import (
     DomainStats,
     DomainWeights,
     WeightingController,
-    domain_losses,
     strategies,
     weighted_loss,
 )
@@ -117,13 +116,13 @@ def train(cfg: DemoConfig, strategy: strategies.Strategy) -> dict[str, object]:
     batches = iter(sampler)
     for step in range(cfg.steps):
         idx = torch.as_tensor(next(batches))
-        per_example = 0.5 * (x[idx] @ theta - y[idx]) ** 2
+        with controller.record():
+            per_example = 0.5 * (x[idx] @ theta - y[idx]) ** 2
+        controller.step(per_example, domain[idx])
         loss = weighted_loss(per_example, domain[idx], controller.loss_multipliers())
-        controller.collector.observe(domain_losses(per_example, domain[idx], len(NAMES)))
         (grad,) = torch.autograd.grad(loss, theta)
         with torch.no_grad():
             theta -= cfg.lr / (1 + step / 300) * grad
-        controller.step()
     return {
         "error": float((theta.detach() - theta_star).norm()),
         "mixture": controller.weights.mixture.tolist(),

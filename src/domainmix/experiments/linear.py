@@ -1,4 +1,4 @@
-"""Linear regression across domains that differ in input scale C_i and noise σ_i² (salmani.md §7.1).
+"""Linear regression across domains that differ in input scale C_i and noise σ_i² (arXiv:2511.06913, Fig. 1).
 
 y = θ_gtᵀx + ε with x ~ N(0, C_i I_d), ε ~ N(0, σ_i²), θ_gt uniform on the unit sphere, loss
 ℓ = ½ (xᵀθ − y)², SGD from θ = 0. The metric is ‖θ − θ_gt‖. Loss weights set the error floor

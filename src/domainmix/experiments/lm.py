@@ -28,7 +28,6 @@ import os
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -41,8 +40,16 @@ from tqdm import tqdm
 from domainmix import WeightingController, domain_losses, strategies, weighted_loss
 from domainmix.experiments.config import LmConfig, load_config, parse_override
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
+from domainmix.experiments.methods import PROXY_METHODS, MethodContext, build_proxy, describe
 from domainmix.sampling import DomainBatchSampler
-from domainmix.stats import CancellationScores, GradientProductTap
+from domainmix.stats import (
+    CancellationScores,
+    GradientProductProbe,
+    GradientProductTap,
+    Probe,
+    ReferenceLossProbe,
+    StepLosses,
+)
 
 TRAJECTORY_EVERY = 10  # steps between the recorded mixtures of the weights' trajectory
 
@@ -118,6 +125,35 @@ def evaluate(model: GPT, windows: Windows) -> dict[str, float]:
     return {name: math.exp(float(s / c)) for name, s, c in zip(windows.names, losses, counts, strict=True)}
 
 
+def probes_for(
+    model: GPT, cfg: LmConfig, reference: np.ndarray | None, doge_tensors: list[str] | None
+) -> tuple[list[Probe], GradientProductProbe]:
+    """What a stage can observe: the cached reference losses (if any) and DoGE's gradient products.
+
+    The products come from a :class:`GradientProductTap` on ``doge_tensors`` by name, by default the
+    last block and the final LayerNorm (never the tied embedding); the tap is made only if the
+    controller chooses the probe.
+    """
+
+    def make_tap() -> GradientProductTap:
+        if doge_tensors is None:
+            return GradientProductTap(model.blocks[-1], model.ln)
+        params = dict(model.named_parameters())
+        return GradientProductTap(model.blocks, model.ln, only=[params[n] for n in doge_tensors])
+
+    products = GradientProductProbe(make_tap, max_norm=cfg.doge_max_norm)
+    probes: list[Probe] = [products]
+    if reference is not None:
+        cache = reference
+
+        def reference_losses(step: StepLosses) -> torch.Tensor:
+            assert step.indices is not None  # the loop passes the batch's window indices
+            return torch.from_numpy(cache[step.indices.numpy()].astype(np.float32))
+
+        probes.append(ReferenceLossProbe(reference_losses))
+    return probes, products
+
+
 def train(
     cfg: LmConfig,
     stage: str,
@@ -132,30 +168,21 @@ def train(
 ) -> tuple[GPT, WeightingController, dict[str, Any]]:
     """The training loop shared by every stage; the strategy and the statistics it reads differ.
 
-    A strategy that reads ``grad_dot`` (DoGE) gets the products from a :class:`GradientProductTap`
-    (one extra backward to the subset) on ``doge_tensors`` by name, by default the last block and the
-    final LayerNorm (never the tied embedding); the names go into the returned info as ``doge_subset``.
-    ``score_cancellation`` tracks :class:`CancellationScores` of every block and final-LayerNorm tensor
-    (the candidates of DoGE's parameter selection) into ``info["cancellation"]``. The learning rate
-    decays over ``horizon`` steps (default ``steps``; a pre-run takes the first steps of a longer run).
+    The controller chooses among :func:`probes_for`'s probes what the strategy reads (the reference
+    losses for DoReMi, the gradient products for DoGE); the names of the tapped tensors go into the
+    returned info as ``doge_subset``. ``score_cancellation`` tracks :class:`CancellationScores` of
+    every block and final-LayerNorm tensor (the candidates of DoGE's parameter selection) into
+    ``info["cancellation"]``. The learning rate decays over ``horizon`` steps (default ``steps``; a
+    pre-run takes the first steps of a longer run).
     """
     torch.manual_seed(cfg.seed)
-    names, k = train_windows.names, len(train_windows.names)
+    names = train_windows.names
     model = model_for(cfg, stage)
     sampler = DomainBatchSampler(train_windows.ranges, cfg.batch_size, min_count=1, seed=cfg.seed)
-    controller = WeightingController(strategy, names, update_every=1, sampler=sampler)
+    probes, products = probes_for(model, cfg, reference, doge_tensors)
+    controller = WeightingController(strategy, names, update_every=1, sampler=sampler, probes=probes)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cosine_decay(t, horizon or steps))
-    info: dict[str, Any] = {}
-    tap = None
-    if "grad_dot" in controller.requires:
-        if doge_tensors is None:
-            tap = GradientProductTap(model.blocks[-1], model.ln)
-        else:
-            params = dict(model.named_parameters())
-            tap = GradientProductTap(model.blocks, model.ln, only=[params[n] for n in doge_tensors])
-        chosen = {id(p) for p in tap.parameters()}
-        info["doge_subset"] = [n for n, p in model.named_parameters() if id(p) in chosen]
     scores = CancellationScores(selection_candidates(model)) if score_cancellation else None
     start, tokens = time.perf_counter(), 0
     trajectory: dict[str, Any] = {"step": [], "mixture": {n: [] for n in names}}
@@ -163,19 +190,10 @@ def train(
     for step, batch in zip(range(steps), sampler, strict=False):
         index = torch.as_tensor(batch)
         seq, ids = train_windows.tokens[index].long(), train_windows.domain[index]
-        with tap.record() if tap is not None else nullcontext():
+        with controller.record():
             per_token = per_token_loss(model(seq[:, :-1]), seq[:, 1:])
-        controller.collector.observe(domain_losses(per_token, ids, k))
-        if "excess_loss" in controller.requires:
-            ref = torch.from_numpy(reference[index.numpy()].astype(np.float32))
-            excess = (per_token.detach() - ref).clamp_min(0.0)
-            controller.collector.observe(domain_losses(excess, ids, k), source="excess")
-        if tap is not None:
-            products = tap.products(per_token, ids, k, max_norm=cfg.doge_max_norm)
-            controller.collector.observe_stat("grad_dot", products.grad_dot)
-            controller.collector.observe_stat("grad_sq_norm", products.grad_sq_norm)
         # α_t from this step's statistics weights this step's update (both reference codes).
-        controller.step()
+        controller.step(per_token, ids, indices=index)
         loss = weighted_loss(per_token, ids, controller.loss_multipliers())
         if not torch.isfinite(loss.detach()):
             raise RuntimeError(f"{stage}: the loss is {loss.item()} at step {controller.step_count}.")
@@ -192,6 +210,10 @@ def train(
             for name, value in zip(names, controller.weights.mixture.tolist(), strict=True):
                 trajectory["mixture"][name].append(value)
     bar.close()
+    info: dict[str, Any] = {}
+    if products.tap is not None:
+        chosen = {id(p) for p in products.tap.parameters()}
+        info["doge_subset"] = [n for n, p in model.named_parameters() if id(p) in chosen]
     info.update(tokens_seen=tokens, train_seconds=time.perf_counter() - start, trajectory=trajectory)
     if scores is not None:
         info["cancellation"] = scores
@@ -231,26 +253,30 @@ def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
 
 
 def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Path | None) -> dict[str, Any]:
-    """Train the proxy with DoReMi or DoGE; write the learned weights."""
+    """Train the proxy with a method of ``methods.PROXY_METHODS`` (DoReMi, DoGE); write its weights."""
     windows = training_pool(cfg)
+    strategy = build_proxy(
+        strategy_name,
+        cfg,
+        MethodContext(
+            tuple(windows.sizes[n] for n in windows.names),
+            learning_rate=lambda step: cfg.lr * cosine_decay(step, cfg.proxy_steps),
+        ),
+    )
     reference = None
-    if strategy_name == "doremi":
+    if "excess_loss" in strategy.requires:
         if reference_dir is None or not (reference_dir / "reference_losses.npy").exists():
             raise ValueError(
-                "--strategy doremi needs --reference DIR with a reference stage's reference_losses.npy."
+                f"--strategy {strategy_name} needs --reference DIR with a reference stage's "
+                "reference_losses.npy."
             )
         reference = np.load(reference_dir / "reference_losses.npy", mmap_mode="r")
         if reference.shape != (len(windows.domain), cfg.block_size):
             raise ValueError(
                 "The cached reference losses were made from another corpus, block_size or train_windows."
             )
-        loss_rule = strategies.doremi(cfg.doremi_step_size, cfg.doremi_smoothing)
-    elif strategy_name == "doge":
-        loss_rule = strategies.doge(lambda step: cfg.lr * cosine_decay(step, cfg.proxy_steps), mu=cfg.doge_mu)
-    else:
-        raise ValueError(f"Unknown --strategy {strategy_name!r}; choose 'doremi' or 'doge'.")
     selection = None
-    if strategy_name == "doge" and cfg.doge_selection != 0:
+    if "grad_dot" in strategy.requires and cfg.doge_selection != 0:
         # "Train a fresh proxy normally" (reference code): the first steps of the proxy's own schedule.
         _, _, pre = train(
             cfg,
@@ -269,7 +295,6 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
             # +inf (a gradient but no move) is not JSON: written as null
             "scores": {n: v if math.isfinite(v) else None for n, v in scores.scores().items()},
         }
-    strategy = strategies.combine(loss=loss_rule, sampling=strategies.uniform())
     _, controller, info = train(
         cfg,
         "proxy",
@@ -329,19 +354,16 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
 
 
 def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
-    """Reference, both proxies, and four base runs on the same token budget; a table."""
+    """Reference, every proxy method, and a base run per weighting on the same token budget; a table."""
     done = stage_reference(cfg, out / "reference")
     _log(f"reference: {done['train_seconds']:.0f} s")
-    for name in ("doremi", "doge"):
-        done = stage_proxy(cfg, out / f"proxy-{name}", name, out / "reference")
+    proxies = {}
+    for name in PROXY_METHODS:
+        done = proxies[name] = stage_proxy(cfg, out / f"proxy-{name}", name, out / "reference")
         _log(f"proxy {name}: {done['train_seconds']:.0f} s, averaged α {_rounded(done['averaged'])}")
     rows = {}
-    for label, weights in (
-        ("uniform", "uniform"),
-        ("proportional", "proportional"),
-        ("doremi", str(out / "proxy-doremi" / "weights.json")),
-        ("doge", str(out / "proxy-doge" / "weights.json")),
-    ):
+    learned = {name: str(out / f"proxy-{name}" / "weights.json") for name in PROXY_METHODS}
+    for label, weights in {"uniform": "uniform", "proportional": "proportional", **learned}.items():
         row = rows[label] = stage_base(cfg, out / f"base-{label}", weights)
         _log(
             f"base {label}: {row['train_seconds']:.0f} s, mean test ppl {row['average_test_perplexity']:.3f}"
@@ -358,13 +380,7 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
         for label, r in rows.items()
     }
     _write_json(out / "comparison.json", table)
-    plot_trajectories(
-        {
-            n: json.loads((out / f"proxy-{n}" / "weights.json").read_text(encoding="utf-8"))
-            for n in ("doremi", "doge")
-        },
-        out / "weights.png",
-    )
+    plot_trajectories(proxies, out / "weights.png")
     return table
 
 
@@ -430,7 +446,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="domainmix run lm", description=__doc__.splitlines()[0])
     parser.add_argument("--stage", choices=["reference", "proxy", "base"])
     parser.add_argument("--compare", action="store_true", help="run every stage and print the table")
-    parser.add_argument("--strategy", choices=["doremi", "doge"], help="proxy stage: the method")
+    parser.add_argument(
+        "--strategy", choices=list(PROXY_METHODS), help=f"proxy stage: the method ({describe(PROXY_METHODS)})"
+    )
     parser.add_argument("--reference", type=Path, help="proxy stage with doremi: a reference stage's --out")
     parser.add_argument(
         "--weights", default=None, help="base stage: weights.json, 'uniform' or 'proportional'"

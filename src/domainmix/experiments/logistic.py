@@ -1,4 +1,4 @@
-"""Logistic regression across domains that differ in input scale and label noise (salmani.md §7.2).
+"""Logistic regression across domains that differ in input scale and label noise (arXiv:2511.06913, Fig. 2).
 
 x ~ N(0, C_i I_d), y ~ Bernoulli(sigmoid(θ_gtᵀx)), and each training or held-out label of domain i is
 flipped with probability ρ_i. The metrics are 1 − cos(θ, θ_gt) (the curve) and the accuracy on fresh

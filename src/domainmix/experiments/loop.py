@@ -89,7 +89,7 @@ def train(task: Task, method: str, cfg: TrainConfig, seed: int) -> dict[str, Any
     """Train ``task.model`` with ``method``; return the run's curves, final weights and wall time."""
     start = time.perf_counter()
     torch.manual_seed(seed)
-    k, model, names = len(task.names), task.model, task.names
+    model, names = task.model, task.names
     sampler = DomainBatchSampler(
         task.split.train, cfg.batch_size, seed=seed, min_count=1, replacement=cfg.replacement
     )

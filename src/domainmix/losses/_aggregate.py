@@ -8,7 +8,8 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from domainmix._validation import Interval, Options, check_param, param_error
+from domainmix._rows import check_inputs, masked_row_sums, row_sums
+from domainmix._validation import Options, check_param, param_error
 from domainmix.types import DomainWeights
 
 
@@ -25,7 +26,8 @@ class DomainLosses(NamedTuple):
     """
 
     sum: Tensor  # (k,)
-    count: Tensor  # (k,)
+    # A field named like tuple.count: public API since the first release, so keep it and silence mypy.
+    count: Tensor  # type: ignore[assignment]  # (k,)
     sum_sq: Tensor  # (k,)
 
     @property
@@ -43,61 +45,6 @@ class DomainLosses(NamedTuple):
     def merged(self, other: DomainLosses) -> DomainLosses:
         """Element-wise sum of two reductions (e.g. two micro-batches)."""
         return DomainLosses(self.sum + other.sum, self.count + other.count, self.sum_sq + other.sum_sq)
-
-
-def check_inputs(
-    caller: str, losses: Tensor, domain_ids: Tensor, num_domains: int, mask: Tensor | None
-) -> Tensor:
-    """Validate shapes and dtypes; return the element mask as float (ones when ``mask`` is None)."""
-    check_param(caller, "num_domains", num_domains, Interval(int, 1, None))
-    if not isinstance(losses, Tensor) or not losses.is_floating_point():
-        raise param_error(caller, "losses", "a floating-point tensor of shape (N,) or (N, T)", losses)
-    if losses.ndim not in (1, 2):
-        raise param_error(caller, "losses", "of shape (N,) or (N, T)", f"shape {tuple(losses.shape)}")
-    if not isinstance(domain_ids, Tensor) or domain_ids.dtype not in (
-        torch.int64,
-        torch.int32,
-        torch.int16,
-        torch.int8,
-        torch.uint8,
-    ):
-        raise param_error(caller, "domain_ids", "an integer tensor of shape (N,)", domain_ids)
-    if domain_ids.shape != losses.shape[:1]:
-        raise param_error(
-            caller,
-            "domain_ids",
-            f"of shape ({losses.shape[0]},), one id per row of losses",
-            f"shape {tuple(domain_ids.shape)}",
-        )
-    # A range check costs a device sync on accelerators, where index_add_ asserts on its own.
-    if domain_ids.device.type == "cpu" and domain_ids.numel():
-        lo, hi = int(domain_ids.min()), int(domain_ids.max())
-        if lo < 0 or hi >= num_domains:
-            raise param_error(
-                caller, "domain_ids", f"ids in the range [0, {num_domains - 1}]", f"ids from {lo} to {hi}"
-            )
-    if mask is None:
-        return torch.ones_like(losses)  # callers with a fast path for no mask ignore it
-    if not isinstance(mask, Tensor) or mask.shape != losses.shape:
-        raise param_error(
-            caller,
-            "mask",
-            f"a tensor with the shape of losses {tuple(losses.shape)}",
-            mask if not isinstance(mask, Tensor) else f"shape {tuple(mask.shape)}",
-        )
-    return mask.to(losses.dtype)
-
-
-def row_sums(x: Tensor) -> Tensor:
-    return x if x.ndim == 1 else x.sum(dim=1)
-
-
-def masked_row_sums(losses: Tensor, m: Tensor) -> Tensor:
-    """Per-row sums of ``losses`` under the element mask ``m``.
-
-    where(), not a product alone, so that a NaN or inf on a masked-out (padding) element cannot leak in.
-    """
-    return row_sums(torch.where(m > 0, losses, torch.zeros_like(losses)) * m)
 
 
 def domain_losses(
@@ -220,6 +167,7 @@ def weighted_loss(
         )
     sums = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, rows)
     counts = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, row_sums(m))
+    assert isinstance(weights, DomainWeights)  # checked above: per_domain rejects a plain tensor
     alpha = weights.mixture.to(losses.device, losses.dtype)
     present = counts > 0
     alpha = torch.where(present, alpha, torch.zeros_like(alpha))

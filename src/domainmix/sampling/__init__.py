@@ -1,6 +1,6 @@
 """Samplers that draw batches with a controllable, exactly resumable mix of domains."""
 
-from domainmix.sampling._allocation import allocate_counts
+from domainmix._apportion import allocate_counts
 from domainmix.sampling._batch_sampler import DomainBatchSampler
 from domainmix.sampling._heldout import HeldoutSplit, split_heldout
 from domainmix.sampling._iterable import DomainMixingIterable

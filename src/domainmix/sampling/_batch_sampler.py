@@ -2,113 +2,46 @@
 
 from __future__ import annotations
 
-from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal, NamedTuple
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
-from domainmix._distributed import resolve_rank_world
 from domainmix._validation import Interval, Options, check_param, param_error
-from domainmix.sampling._plan import BLOCK, Mode, SlotPlan, StopRule, check_mix_options, plan_block
-from domainmix.sampling._streams import IndexStream, as_domain_index
-from domainmix.sampling._weights import WeightSchedule, WeightsLike, check_names
+from domainmix.sampling._mixer import Counters, DomainMixer
+from domainmix.sampling._plan import Mode, StopRule, check_mix_options, rows_before_stop
+from domainmix.sampling._snapshots import Block, Snap, SnapshotRing
+from domainmix.sampling._streams import IndexStream, as_domain_index, take_planned
+from domainmix.sampling._weights import WeightsLike, check_names
 
 __all__ = ["DomainBatchSampler"]
 
 _PERMUTATION_TAG = 1  # seeds of per-pass permutations: (seed, 1, domain, epoch_key, pass)
 # tag 2: the block generators of _plan
 _REPLACEMENT_TAG = 3  # seeds of with-replacement draws: (seed, 3, domain, epoch_key, position // DRAW_BLOCK)
-_FINGERPRINT_DEFAULTS = {"replacement": False}  # for states saved before the key existed
 
 
-class _Snap(NamedTuple):
-    """The whole mutable state after ``total`` batches: a few ints per domain."""
-
-    total: int  # global batches yielded since construction (the clock of the weight history)
-    epoch: int
-    batch: int  # batches yielded in the current epoch
-    positions: np.ndarray  # (k,) draws from each domain's stream (see DomainBatchSampler, "Streams")
-    ld_counts: np.ndarray  # (k,) low-discrepancy counts since the weight change at ld_from
-    ld_from: int
-
-
-class _Block(NamedTuple):
-    values: np.ndarray  # (nb, batch_size) dataset indices for this rank
-    base: _Snap  # state before the first row
-    positions: np.ndarray  # (nb, k) stream positions after each row
-    ld_after: np.ndarray  # (nb, k) low-discrepancy counts after each row
-    ld_from: int
-
-    def snap(self, j: int) -> _Snap:
-        """State after row ``j``, built on demand (a snapshot per batch would cost more than the batch)."""
-        b = self.base
-        return _Snap(
-            b.total + j + 1, b.epoch, b.batch + j + 1, self.positions[j], self.ld_after[j], self.ld_from
-        )
-
-
-_Entry = _Snap | tuple[_Block, int]  # a ring-buffer entry: a snapshot, or row j of a block
-
-
-class DomainBatchSampler(Sampler[list[int]]):
+class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     """Yield per-rank batches of dataset indices whose global composition follows domain weights ``q``.
 
     ``domains`` maps each domain name to its indices in ONE map-style dataset; use it as
-    ``DataLoader(dataset, batch_sampler=sampler)``. Every rank computes the same global plan for each global
-    batch of ``batch_size * world_size`` slots (no communication) and takes its share, so the global batch
-    has the target composition exactly (pytorch#77154).
+    ``DataLoader(dataset, batch_sampler=sampler)``. Every rank computes the same plan for each global
+    batch of ``batch_size * world_size`` slots and takes its share, so the global batch has the target
+    composition exactly, with no communication. Within a domain, examples come from seeded random
+    permutation passes (or uniform draws with ``replacement=True``); the state is a few integers per
+    domain, so a resume reproduces the uninterrupted run batch for batch. Weights change with
+    :meth:`set_weights` from the next batch; with a prefetching ``DataLoader``, checkpoint with
+    ``state_dict(consumed=step)``. The design (streams, modes, stop rules, replacement, prefetch lag,
+    resume, distributed use, fingerprint) is explained in ``docs/design.md``, "The domain batch sampler".
 
-    Modes (see :class:`Mode`): ``"stratified"`` puts exactly ``allocate_counts(q, batch_size * world_size,
-    min_count)`` examples of each domain in every global batch, dealt round-robin so each rank holds
-    within one of its share, then interleaved so each domain's slots are spread evenly over the rank's
-    batch (every prefix, e.g. a micro-batch, is balanced too; the examples in the slots are random).
-    ``"low_discrepancy"`` follows a
-    deterministic domain sequence whose per-domain counts never drift one example from ``q_i t`` (t
-    counted since the last weight change); rank r takes global slots r, r + W, .... ``"iid"`` draws each
-    slot's domain independently.
-
-    Streams: within a domain, examples come from a fresh pseudo-random permutation per pass, seeded by
-    ``(seed, domain, epoch_key, pass)``, so the state of a domain is one integer, its position in the
-    stream. In ``cycle_forever`` the streams run on across ``__iter__`` calls and epochs (epoch_key 0);
-    with ``first_exhausted`` / ``all_exhausted`` every epoch restarts every stream (epoch_key = epoch).
-    Batch randomness (the stratified shuffle, the iid draws) comes from generators keyed by
-    ``(seed, epoch_key, batch number // 256)``, never from global RNG.
-
-    Sampling with replacement (``replacement=True``): the domain of every slot is chosen exactly as above
-    (same counts per batch, same low-discrepancy sequence, same iid domain draws), but the example in a
-    slot of domain i is drawn uniformly from domain i's indices, independently of every other slot. Draw
-    ``j`` of domain i (its stream position) is element ``j % 8192`` of the draws generated by
-    ``default_rng((seed, 3, i, epoch_key, j // 8192))``, so the state is still one position per domain
-    and a resume (or ``state_dict(consumed=...)``) reproduces the same examples. This is the estimator
-    that stratified-SGD analyses assume (Salmani et al., 2025): a batch with ``b_i`` examples of domain i
-    and loss weight ``alpha_i / b_i`` per example is unbiased with variance exactly
-    ``sum_i alpha_i**2 v_i**2 / b_i`` (``v_i**2``: the per-example gradient variance of domain i). The
-    default permutation passes are the lower-variance choice for training: no example repeats within a
-    pass, so a batch inside one pass has that variance times ``(n_i - b_i) / (n_i - 1)`` per domain and
-    small domains are covered evenly; use ``replacement=True`` to match the analysis exactly (e.g. to
-    check its variance predictions). Without passes the exhaustion stop rules have no meaning, so
-    ``replacement=True`` requires ``stop="cycle_forever"``; epochs then come from ``num_batches``. The
-    draws are cheap for domains of any size (no permutation is built).
-
-    Weights change with :meth:`set_weights`, effective from the next batch the sampler yields.
-    **Prefetch lag:** a ``DataLoader`` with workers runs the sampler up to ``num_workers *
-    prefetch_factor`` batches ahead of the training loop, so a weight change reaches the loop that many
-    batches later. :attr:`weight_history` records the exact batch. To checkpoint, pass the number of
-    batches the loop has consumed, ``state_dict(consumed=step)``: the state is rebuilt from a ring buffer
-    of per-batch snapshots and includes the weight changes already applied beyond ``step``, so the resumed
-    run sees exactly the batches the original loop saw.
-
-    State keys (``state_dict``): ``EPOCH_KEY``, ``BATCH_KEY`` (batches in this epoch), ``TOTAL_KEY``
-    (batches since construction), ``PASS_KEY`` / ``CURSOR_KEY`` / ``EXHAUSTED_KEY`` (per domain),
-    ``LD_COUNTS_KEY`` / ``LD_FROM_KEY`` (low-discrepancy counts since the change at batch LD_FROM),
-    ``WEIGHTS_KEY``, ``HISTORY_KEY``, ``CONFIG_KEY``, ``FINGERPRINT_KEY``. The state is the same on every
-    rank and holds only ints, floats, bools, strings and lists (JSON-able). With replacement the per-domain
-    keys keep the same meaning for the draw counter: ``passes * n_i + cursor`` draws so far (a "pass" is
-    ``n_i`` draws, and "exhausted" means at least ``n_i`` draws, not that every example was seen).
+    State keys (``state_dict``, JSON-able, the same on every rank): ``EPOCH_KEY``, ``BATCH_KEY`` (batches
+    in this epoch), ``TOTAL_KEY`` (batches since construction), ``PASS_KEY`` / ``CURSOR_KEY`` /
+    ``EXHAUSTED_KEY`` (per domain), ``LD_COUNTS_KEY`` / ``LD_FROM_KEY`` (low-discrepancy counts since the
+    weight change at batch ``LD_FROM``), ``WEIGHTS_KEY``, ``HISTORY_KEY``, ``CONFIG_KEY``,
+    ``FINGERPRINT_KEY``.
 
     Args:
         domains: domain name -> indices (``range``, sequence, numpy array or tensor of non-negative ints).
@@ -118,7 +51,7 @@ class DomainBatchSampler(Sampler[list[int]]):
             ``batch_size * world_size``.
         weights: domain weights ``q`` (mapping by name, sequence or tensor); ``None`` (default): in
             proportion to domain sizes. Zero weights are allowed; they are normalised to sum to 1.
-        mode: ``"stratified"`` (default), ``"low_discrepancy"`` or ``"iid"``.
+        mode: ``"stratified"`` (default), ``"low_discrepancy"`` or ``"iid"`` (see :class:`Mode`).
         min_count: stratified only: at least this many examples of every positive-weight domain per global
             batch (default 0).
         stop: ``"cycle_forever"`` (default), ``"first_exhausted"`` or ``"all_exhausted"``
@@ -132,8 +65,7 @@ class DomainBatchSampler(Sampler[list[int]]):
             (default 1024; must exceed the prefetch depth).
         replacement: ``False`` (default): each domain is read in random permutation passes (without
             replacement); ``True``: each slot draws its example uniformly and independently from its
-            domain (with replacement; only with ``stop="cycle_forever"``). See "Sampling with
-            replacement" above.
+            domain (only with ``stop="cycle_forever"``).
 
     Raises:
         ValueError: for any invalid argument, naming it.
@@ -145,22 +77,18 @@ class DomainBatchSampler(Sampler[list[int]]):
         [2, 2]
     """
 
-    EPOCH_KEY = "epoch"
-    BATCH_KEY = "batches_in_epoch"
-    TOTAL_KEY = "total_batches"
     PASS_KEY = "domain_passes"
     CURSOR_KEY = "domain_cursors"
     EXHAUSTED_KEY = "domains_exhausted"
-    LD_COUNTS_KEY = "low_discrepancy_counts"
-    LD_FROM_KEY = "low_discrepancy_from"
     WEIGHTS_KEY = "weights"
-    HISTORY_KEY = "weight_history"
     CONFIG_KEY = "config"
-    FINGERPRINT_KEY = "fingerprint"
     _STATE_KEYS = (
-        EPOCH_KEY, BATCH_KEY, TOTAL_KEY, PASS_KEY, CURSOR_KEY, EXHAUSTED_KEY, LD_COUNTS_KEY, LD_FROM_KEY,
-        WEIGHTS_KEY, HISTORY_KEY, CONFIG_KEY, FINGERPRINT_KEY,
+        DomainMixer.EPOCH_KEY, DomainMixer.BATCH_KEY, DomainMixer.TOTAL_KEY, PASS_KEY, CURSOR_KEY,
+        EXHAUSTED_KEY, DomainMixer.LD_COUNTS_KEY, DomainMixer.LD_FROM_KEY, WEIGHTS_KEY,
+        DomainMixer.HISTORY_KEY, CONFIG_KEY, DomainMixer.FINGERPRINT_KEY,
     )  # fmt: skip
+    _FINGERPRINT_DEFAULTS: ClassVar[Mapping[str, Any]] = {"replacement": False}  # saved before it existed
+    _FINGERPRINT_HINT: ClassVar[str] = " (pass ignore_fingerprint=True to accept it)"
 
     def __init__(
         self,
@@ -173,11 +101,10 @@ class DomainBatchSampler(Sampler[list[int]]):
         stop: Literal["cycle_forever", "first_exhausted", "all_exhausted"] = "cycle_forever",
         num_batches: int | None = None,
         seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
+        rank: int | None = None, world_size: int | None = None,  # None: from torch.distributed or env
         snapshot_history: int = 1024,
         replacement: bool = False,
-    ) -> None:
+    ) -> None:  # fmt: skip
         caller = "DomainBatchSampler"
         names = check_names(caller, "domains", domains)
         index = [as_domain_index(caller, n, domains[n]) for n in names]
@@ -188,23 +115,20 @@ class DomainBatchSampler(Sampler[list[int]]):
             raise param_error(
                 caller, "domains", "a mapping with at least one non-empty domain", dict(domains)
             )
-        self._rank, self._world = resolve_rank_world(caller, rank, world_size)
-        self._names = names
         self._sizes = np.array([len(ix) for ix in index], dtype=np.int64)
-        self._batch_size, self._mode, self._stop = batch_size, mode, stop
-        self._min_count, self._num_batches, self._seed = min_count, num_batches, seed
+        super().__init__(
+            caller, names, self._sizes.tolist(), weights, mode=mode, batch_size=batch_size,
+            min_count=min_count, stop=stop, num_batches=num_batches, seed=seed, rank=rank,
+            world_size=world_size,
+        )  # fmt: skip
         self._replacement = replacement
         tag = _REPLACEMENT_TAG if replacement else _PERMUTATION_TAG
         self._streams = [
             IndexStream(ix, (seed, tag, i), replacement=replacement) for i, ix in enumerate(index)
         ]
-        self._schedule = WeightSchedule(names, self._sizes, mode, batch_size * self._world, min_count)
-        self._schedule.set(0, self._schedule.check(caller, "weights", weights))
-        k = len(names)
-        zeros = np.zeros(k, dtype=np.int64)
-        self._snaps: deque[_Entry] = deque(maxlen=snapshot_history + 1)
-        self._commit(_Snap(0, 0, 0, zeros, zeros, 0))
-        self._block: _Block | None = None
+        zeros = np.zeros(len(names), dtype=np.int64)
+        self._snaps = SnapshotRing(snapshot_history, Snap(0, 0, 0, zeros, zeros, 0))
+        self._block: Block | None = None
         self._row = 0
 
     @staticmethod
@@ -222,16 +146,6 @@ class DomainBatchSampler(Sampler[list[int]]):
             )  # fmt: skip
 
     # ------------------------------------------------------------------ properties
-
-    @property
-    def domains(self) -> tuple[str, ...]:
-        """Domain names, in the order of every per-domain vector."""
-        return self._names
-
-    @property
-    def weights(self) -> Tensor:
-        """(k,) float64: the sampling distribution q for the next batch."""
-        return torch.tensor(self._schedule.at(self._snap.total)[1], dtype=torch.float64)
 
     @property
     def batch_counts(self) -> Tensor:
@@ -254,31 +168,21 @@ class DomainBatchSampler(Sampler[list[int]]):
         return self.weights
 
     @property
-    def weight_history(self) -> list[tuple[int, list[float]]]:
-        """``[(from_batch, q)]``: q was used from global batch ``from_batch`` (counted since construction)."""
-        return [(b, list(q)) for b, q in self._schedule.entries]
-
-    @property
     def epoch(self) -> int:
         """The current epoch."""
         return self._snap.epoch
 
     @property
-    def _snap(self) -> _Snap:
-        return _resolve(self._snaps[-1])
+    def _snap(self) -> Snap:
+        return self._snaps.current
+
+    def _clock(self) -> int:
+        return self._snap.total
+
+    def _replan(self) -> None:
+        self._block = None  # planned batches used the old weights or epoch; replan from the committed state
 
     # ------------------------------------------------------------------ control
-
-    def set_weights(self, weights: WeightsLike) -> None:
-        """Use ``weights`` from the next batch the sampler yields (see the prefetch note above).
-
-        Raises:
-            ValueError: for negative, NaN, inf, all-zero, unknown or missing weights, or a positive weight
-                on an empty domain.
-        """
-        q = self._schedule.check("DomainBatchSampler.set_weights", "weights", weights)
-        self._schedule.set(self._snap.total, q)
-        self._block = None  # planned batches used the old weights; replan from the committed state
 
     def set_epoch(self, epoch: int) -> None:
         """Jump to the start of ``epoch``; a no-op when it is the current epoch (so a resume is kept).
@@ -288,11 +192,8 @@ class DomainBatchSampler(Sampler[list[int]]):
         ``num_batches`` count) restarts.
         """
         epoch = check_param("DomainBatchSampler.set_epoch", "epoch", epoch, Interval(int, 0, None))
-        s = self._snap
-        if epoch != s.epoch:
-            positions = s.positions if self._stop == StopRule.CYCLE_FOREVER else np.zeros_like(s.positions)
-            self._commit(s._replace(epoch=epoch, batch=0, positions=positions))
-            self._block = None
+        if epoch != self._snap.epoch:
+            self._start_epoch(epoch)
 
     def __len__(self) -> int:
         """Batches per epoch when known: ``num_batches``, or stratified ``first_exhausted`` arithmetic.
@@ -324,7 +225,7 @@ class DomainBatchSampler(Sampler[list[int]]):
                 block, self._row = self._make_block(), 0
                 self._block = block
                 if block is None:
-                    self._end_epoch()
+                    self._start_epoch(epoch + 1)
                     return
             values, append = block.values, self._snaps.append
             for j in range(self._row, len(values)):
@@ -334,88 +235,36 @@ class DomainBatchSampler(Sampler[list[int]]):
                 if self._block is not block:  # set_weights / set_epoch / load_state_dict replanned
                     break
 
-    def _end_epoch(self) -> None:
+    def _start_epoch(self, epoch: int) -> None:
         s = self._snap
+        # Only the exhaustion stop rules restart the streams; cycle_forever's run on across epochs.
         positions = s.positions if self._stop == StopRule.CYCLE_FOREVER else np.zeros_like(s.positions)
-        self._commit(s._replace(epoch=s.epoch + 1, batch=0, positions=positions))
+        self._snaps.commit(s._replace(epoch=epoch, batch=0, positions=positions))
         self._block = None
 
-    def _commit(self, snap: _Snap) -> None:
-        if self._snaps and self._snap.total == snap.total:
-            # an epoch change at the same batch count supersedes the earlier snapshot
-            self._snaps.pop()
-        self._snaps.append(snap)
-
-    def _make_block(self) -> _Block | None:
+    def _make_block(self) -> Block | None:
         s = self._snap
-        from_batch, q = self._schedule.at(s.total)
-        ld_counts = s.ld_counts if s.ld_from == from_batch else np.zeros_like(s.ld_counts)
-        cycling = self._stop == StopRule.CYCLE_FOREVER
-        epoch_key, batch_key = (0, s.total) if cycling else (s.epoch, s.batch)
-        nb = BLOCK - batch_key % BLOCK
-        change = self._schedule.next_change(s.total)
-        if change is not None:
-            nb = min(nb, change - s.total)
-        if self._num_batches is not None:
-            nb = min(nb, self._num_batches - s.batch)
-        if nb <= 0:
+        at = Counters(s.epoch, s.batch, s.total, s.ld_counts, s.ld_from)
+        planned = self._plan_next(at, self._rank, self._world)
+        if planned is None:
             return None
-        qa = np.asarray(q)
-        alloc = self._schedule.alloc(q) if self._mode == Mode.STRATIFIED else np.zeros(len(q), np.int64)
-        plan = plan_block(
-            self._mode, qa, alloc, ld_counts, seed=self._seed, epoch_key=epoch_key, batch_key=batch_key,
-            nb=nb, batch_size=self._batch_size, world_size=self._world, rank=self._rank,
-        )  # fmt: skip
+        plan = planned.plan
         after = s.positions + np.cumsum(plan.counts, axis=0)  # (nb, k)
-        nb = self._rows_before_stop(s.positions, after, self._schedule.active(q), nb)
+        active = self._schedule.active(planned.q)
+        nb = rows_before_stop(self._stop, self._sizes, s.positions, after, active, len(plan.counts))
         if nb == 0:
             return None
-        values = self._gather(plan, nb, epoch_key, s.positions)
-        return _Block(values, s, after[:nb], plan.ld_after[:nb], from_batch)
-
-    def _gather(self, plan: SlotPlan, nb: int, epoch_key: int, positions: np.ndarray) -> np.ndarray:
-        ids, occ = plan.ids[:nb], plan.occ[:nb]
-        if plan.order is not None:
-            # stratified: every row lists the same domains in the same sorted columns
-            values = np.empty(occ.shape, dtype=np.int64)
-            bounds = np.flatnonzero(np.diff(ids[0], prepend=-1, append=-1))
-            for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-                i = int(ids[0, a])
-                values[:, a:b] = self._streams[i].take(epoch_key, int(positions[i]), occ[:, a:b])
-            return values[:, plan.order]
-        flat_ids, flat_occ = ids.ravel(), occ.ravel()
-        order = np.argsort(flat_ids, kind="stable")
-        counts = np.bincount(flat_ids, minlength=len(self._streams))
-        ends = np.cumsum(counts)
-        values = np.empty(flat_ids.size, dtype=np.int64)
-        for i in np.flatnonzero(counts):
-            sel = order[ends[i] - counts[i] : ends[i]]
-            values[sel] = self._streams[i].take(epoch_key, int(positions[i]), flat_occ[sel])
-        return values.reshape(ids.shape)
-
-    def _rows_before_stop(self, start: np.ndarray, after: np.ndarray, active: np.ndarray, nb: int) -> int:
-        if self._stop == StopRule.CYCLE_FOREVER:
-            return nb
-        sizes = self._sizes[active]
-        if self._stop == StopRule.FIRST_EXHAUSTED:
-            fits = (after[:, active] <= sizes).all(axis=1)
-            return nb if fits.all() else int(np.argmin(fits))
-        if (start[active] >= sizes).all():
-            return 0
-        done = (after[:, active] >= sizes).all(axis=1)
-        return int(np.argmax(done)) + 1 if done.any() else nb
+        values = take_planned(self._streams, plan, nb, planned.epoch_key, s.positions)
+        return Block(values, s, after[:nb], plan.ld_after[:nb], planned.from_batch)
 
     # ------------------------------------------------------------------ state
 
     def _fingerprint(self) -> dict[str, Any]:
+        common = super()._fingerprint()
         return {
-            "domains": list(self._names),
+            "domains": common.pop("domains"),
             "sizes": self._sizes.tolist(),
-            "mode": self._mode,
-            "stop": self._stop,
-            "batch_size": self._batch_size,
-            "world_size": self._world,
-            "seed": self._seed,
+            **common,
             "replacement": self._replacement,
         }
 
@@ -431,17 +280,11 @@ class DomainBatchSampler(Sampler[list[int]]):
         """
         snap = self._snap if consumed is None else self._find(consumed)
         n = np.maximum(self._sizes, 1)
-        return {
-            self.EPOCH_KEY: snap.epoch,
-            self.BATCH_KEY: snap.batch,
-            self.TOTAL_KEY: snap.total,
+        own = {
             self.PASS_KEY: (snap.positions // n).tolist(),
             self.CURSOR_KEY: (snap.positions % n).tolist(),
             self.EXHAUSTED_KEY: ((snap.positions >= self._sizes) & (self._sizes > 0)).tolist(),
-            self.LD_COUNTS_KEY: np.asarray(snap.ld_counts).tolist(),
-            self.LD_FROM_KEY: snap.ld_from,
             self.WEIGHTS_KEY: list(self._schedule.at(snap.total)[1]),
-            self.HISTORY_KEY: self._schedule.as_state(),
             self.CONFIG_KEY: {
                 "mode": self._mode,
                 "stop": self._stop,
@@ -451,21 +294,20 @@ class DomainBatchSampler(Sampler[list[int]]):
                 "world_size": self._world,
                 "seed": self._seed,
                 "replacement": self._replacement,
-            },  # fmt: skip
-            self.FINGERPRINT_KEY: self._fingerprint(),
+            },
         }
+        return self._state(Counters(snap.epoch, snap.batch, snap.total, snap.ld_counts, snap.ld_from), own)
 
-    def _find(self, consumed: int) -> _Snap:
+    def _find(self, consumed: int) -> Snap:
         check_param("DomainBatchSampler.state_dict", "consumed", consumed, Interval(int, 0, None), None)
-        for entry in reversed(self._snaps):
-            snap = _resolve(entry)
-            if snap.total == consumed:
-                return snap
-        lo, hi = _resolve(self._snaps[0]).total, self._snap.total
-        raise param_error(
-            "DomainBatchSampler.state_dict", "consumed", f"a batch count in the snapshot buffer [{lo}, {hi}]",
-            consumed,
-        )  # fmt: skip
+        snap = self._snaps.find(consumed)
+        if snap is None:
+            lo, hi = self._snaps.span()
+            raise param_error(
+                "DomainBatchSampler.state_dict", "consumed",
+                f"a batch count in the snapshot buffer [{lo}, {hi}]", consumed,
+            )  # fmt: skip
+        return snap
 
     def load_state_dict(self, state_dict: Mapping[str, Any], *, ignore_fingerprint: bool = False) -> None:
         """Restore a state saved by :meth:`state_dict` (from any rank: the state is global).
@@ -479,47 +321,13 @@ class DomainBatchSampler(Sampler[list[int]]):
         Raises:
             ValueError: for missing keys or a fingerprint that differs from this sampler's.
         """
-        caller = "DomainBatchSampler.load_state_dict"
-        if not isinstance(state_dict, Mapping):
-            raise param_error(
-                caller, "state_dict", "a mapping from DomainBatchSampler.state_dict()", state_dict
-            )
-        missing = [key for key in self._STATE_KEYS if key not in state_dict]
-        if missing:
-            raise param_error(
-                caller,
-                "state_dict",
-                f"a mapping with every state key (missing: {missing})",
-                sorted(state_dict),
-            )
-        self._check_fingerprint(caller, state_dict[self.FINGERPRINT_KEY], ignore_fingerprint)
-        self._schedule.load(caller, "state_dict", state_dict[self.HISTORY_KEY])
+        at = self._load(state_dict, ignore_fingerprint=ignore_fingerprint)
         k = len(self._names)
         passes = np.asarray(state_dict[self.PASS_KEY], dtype=np.int64).reshape(k)
         cursors = np.asarray(state_dict[self.CURSOR_KEY], dtype=np.int64).reshape(k)
-        ld = np.asarray(state_dict[self.LD_COUNTS_KEY], dtype=np.int64).reshape(k)
-        snap = _Snap(
-            int(state_dict[self.TOTAL_KEY]), int(state_dict[self.EPOCH_KEY]), int(state_dict[self.BATCH_KEY]),
-            passes * self._sizes + np.minimum(cursors, self._sizes), ld, int(state_dict[self.LD_FROM_KEY]),
-        )  # fmt: skip
-        self._snaps.clear()
-        self._commit(snap)
+        positions = passes * self._sizes + np.minimum(cursors, self._sizes)
+        self._snaps.reset(Snap(at.total, at.epoch, at.batch, positions, at.ld_counts, at.ld_from))
         self._block = None
-
-    def _check_fingerprint(self, caller: str, saved: Any, ignore: bool) -> None:
-        mine = self._fingerprint()
-        if not isinstance(saved, Mapping):
-            raise param_error(caller, "state_dict", "a state with a fingerprint mapping", saved)
-        keys = ["domains"] if ignore else list(mine)
-        was = {key: saved.get(key, _FINGERPRINT_DEFAULTS.get(key)) for key in keys}
-        diff = {key: (was[key], mine[key]) for key in keys if was[key] != mine[key]}
-        if diff:
-            detail = "; ".join(f"{key}: saved {a!r}, now {b!r}" for key, (a, b) in diff.items())
-            hint = "" if ignore or "domains" in diff else " (pass ignore_fingerprint=True to accept it)"
-            raise param_error(
-                caller, "state_dict", f"from a sampler with the same fingerprint{hint}; differs in {detail}",
-                "a mismatching state",
-            )  # fmt: skip
 
     def __repr__(self) -> str:
         q = ", ".join(f"{n}={w:.4g}" for n, w in zip(self._names, self.weights.tolist(), strict=True))
@@ -529,7 +337,3 @@ class DomainBatchSampler(Sampler[list[int]]):
             f"{'replacement=True, ' if self._replacement else ''}epoch={self._snap.epoch}, "
             f"total_batches={self._snap.total})"
         )
-
-
-def _resolve(entry: _Entry) -> _Snap:
-    return entry if isinstance(entry, _Snap) else entry[0].snap(entry[1])

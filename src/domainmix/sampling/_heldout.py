@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import numpy as np
 
@@ -38,11 +38,11 @@ def split_heldout(
     """Split each domain's indices into a training part and a held-out estimation part.
 
     One-shot FGLS and ERMA estimate each domain's loss statistics on data the model has not been
-    trained on: residuals on training examples are biased low (by about 1 − d/n for a converged least
-    squares fit), and residuals on the current batch are correlated with θ_t (salmani.md §3). Give
-    ``split.train`` to the :class:`DomainBatchSampler` and evaluate ``split.heldout`` for
-    ``StatsCollector.observe(..., source="heldout")``; no held-out index can then appear in a training
-    batch.
+    trained on (Salmani et al. 2025, arXiv:2511.06913, §3): residuals on training examples are biased
+    low (by about 1 − d/n for a converged least squares fit), and residuals on the current batch are
+    correlated with θ_t (``docs/design.md``, "Held-out estimates"). Give ``split.train`` to the
+    :class:`DomainBatchSampler` and evaluate ``split.heldout`` for ``StatsCollector.observe(...,
+    source="heldout")``; no held-out index can then appear in a training batch.
 
     The held-out part of domain i is ``round(fraction · n_i)`` (or ``count``) indices chosen uniformly
     at random by a permutation seeded with ``(seed, i)``, so the split is a pure function of its
@@ -87,7 +87,7 @@ def split_heldout(
                     f"{name!r}. Got {value!r} instead."
                 )
                 continue
-            m = int(math.floor(value * n + 0.5))
+            m = int(math.floor(cast(float, value) * n + 0.5))
         else:
             if not Interval(int, 0, None).accepts(value):
                 errors.append(
@@ -95,7 +95,7 @@ def split_heldout(
                     f"{name!r}. Got {value!r} instead."
                 )
                 continue
-            m = int(value)
+            m = int(cast(int, value))
         if m > 0 and m >= n:
             errors.append(
                 f"split_heldout: domain {name!r} has {n} examples; holding out {m} would leave none to "

@@ -4,18 +4,15 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
-import torch
-from torch import Tensor
 from torch.utils.data import IterableDataset, get_worker_info
 
-from domainmix._distributed import resolve_rank_world
 from domainmix._validation import Interval, check_param, param_error
-from domainmix.sampling._allocation import allocate_counts
-from domainmix.sampling._plan import BLOCK, Mode, StopRule, check_mix_options, plan_block
-from domainmix.sampling._weights import WeightSchedule, WeightsLike, check_names
+from domainmix.sampling._mixer import Counters, DomainMixer
+from domainmix.sampling._plan import StopRule, check_mix_options
+from domainmix.sampling._weights import WeightsLike, check_names
 
 __all__ = ["DomainMixingIterable"]
 
@@ -24,45 +21,36 @@ class _EpochEnd(Exception):
     """A positive-weight source ran dry under ``first_exhausted``."""
 
 
-class DomainMixingIterable(IterableDataset):
+class _Rows(NamedTuple):
+    """The planned domain ids of a block of batches, for one (rank, world) pair."""
+
+    first: int  # the global batch of row 0
+    ids: np.ndarray  # (nb, batch_size) domain ids in yield order
+    ld_after: np.ndarray  # (nb, k) low-discrepancy counts after each row
+    from_batch: int  # the weight-history entry the block was planned with
+    where: tuple[int, int]  # (rank, world), with DataLoader workers counted as ranks
+
+
+class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
     """Interleave iterable sources (e.g. streaming datasets) by domain weights; yield ``(name, item)``.
 
-    Every item comes tagged with its domain as a ``(domain_name, item)`` tuple, so the per-domain loss can
-    be computed downstream. The domain of each slot follows the same global plan as
-    :class:`DomainBatchSampler`: ``"stratified"`` makes every consecutive group of ``batch_size`` items
-    (per rank) one share of an exactly composed global batch of ``batch_size * world_size`` items,
-    ``"low_discrepancy"`` keeps each domain's count within one item of ``q_i t``, ``"iid"`` draws domains
-    independently.
+    Every item comes tagged with its domain name, so the per-domain loss can be computed downstream. The
+    domain of each slot follows the same global plan as :class:`DomainBatchSampler` (modes, weight
+    changes from the next planned batch of ``batch_size`` items, stop rules), but items come from the
+    sources in their own order. Each rank, and each DataLoader worker, must be given its own shard of
+    every source; this class splits the domain plan, not the sources. Sources with ``state_dict()`` /
+    ``load_state_dict()`` are restored on resume, others are replayed from their start. The details
+    (workers, stop rules on sources, resume) are in ``docs/design.md``, "The domain batch sampler".
 
-    Distribution: each rank (and each DataLoader worker, see below) must be given its OWN shard of every
-    source, as streaming datasets usually are (``split_dataset_by_node``, a source that shards itself with
-    ``get_worker_info``); this class does not split sources. It splits the global domain plan: rank r of W
-    takes global slots r, r + W, ... (dealt by domain in stratified mode), so all ranks together follow
-    the target mix exactly. Inside a DataLoader with ``num_workers = m``, worker w of rank r acts as rank
-    ``r * m + w`` of ``W * m``; the DataLoader's ``batch_size`` should equal ``batch_size`` so a collated
-    batch is one planned batch.
-
-    Weights: :meth:`set_weights` takes effect from the next planned batch of ``batch_size`` items.
-    ``weights=None`` means uniform (source lengths are unknown).
-
-    Stop rules (:class:`StopRule`): ``cycle_forever`` re-iterates a finished source (``iter(source)``
-    again) and never ends unless ``num_batches`` is set; ``first_exhausted`` ends the epoch as soon as a
-    positive-weight source runs out (the last batch may be partial); ``all_exhausted`` re-iterates
-    finished sources and ends after the batch in which the last positive-weight source is found
-    exhausted. Zero-weight sources are never pulled, so they never block. In the exhaustion modes every
-    epoch starts every source afresh.
-
-    State (``state_dict``): this object's counters, the weight history, and per source the pass number,
-    the items consumed in that pass, the exhausted flag and, when the source has ``state_dict()``, its
-    state. On resume a source with ``load_state_dict`` gets its state back before ``iter(source)``;
-    any other source is re-iterated from the start and the consumed items are skipped (replayed), which
-    is exact for deterministic sources and costs the time to read them. The state describes the object
-    in the calling process, so checkpoint with ``num_workers=0`` or a loader that collects worker
-    states (torchdata ``StatefulDataLoader``).
+    State keys (``state_dict``): ``EPOCH_KEY``, ``BATCH_KEY``, ``TOTAL_KEY``, ``OFFSET_KEY`` (items of the
+    current batch already yielded), ``LD_COUNTS_KEY`` / ``LD_FROM_KEY``, and per source ``PASS_KEY``,
+    ``CONSUMED_KEY`` (items read in the current pass), ``EXHAUSTED_KEY``, ``SOURCE_STATES_KEY``; then
+    ``HISTORY_KEY`` and ``FINGERPRINT_KEY``. The state describes the object in the calling process:
+    checkpoint with ``num_workers=0`` or a loader that collects worker states.
 
     Args:
-        sources: domain name -> iterable (an ``IterableDataset``, a generator factory's product is NOT
-            enough for cycling: it must be re-iterable).
+        sources: domain name -> re-iterable source (an ``IterableDataset`` or a list, not a generator:
+            cycling calls ``iter(source)`` again).
         weights: domain weights (mapping, sequence or tensor); ``None``: uniform.
         mode: ``"low_discrepancy"`` (default), ``"stratified"`` or ``"iid"``.
         batch_size: items per planned batch on each rank, an int >= 1 (default 1); set it to the
@@ -78,21 +66,15 @@ class DomainMixingIterable(IterableDataset):
         ValueError: for any invalid argument, naming it.
     """
 
-    EPOCH_KEY = "epoch"
-    BATCH_KEY = "batches_in_epoch"
-    TOTAL_KEY = "total_batches"
     OFFSET_KEY = "offset_in_batch"
-    LD_COUNTS_KEY = "low_discrepancy_counts"
-    LD_FROM_KEY = "low_discrepancy_from"
     PASS_KEY = "source_passes"
     CONSUMED_KEY = "source_consumed"
     EXHAUSTED_KEY = "sources_exhausted"
     SOURCE_STATES_KEY = "source_states"
-    HISTORY_KEY = "weight_history"
-    FINGERPRINT_KEY = "fingerprint"
     _STATE_KEYS = (
-        EPOCH_KEY, BATCH_KEY, TOTAL_KEY, OFFSET_KEY, LD_COUNTS_KEY, LD_FROM_KEY, PASS_KEY, CONSUMED_KEY,
-        EXHAUSTED_KEY, SOURCE_STATES_KEY, HISTORY_KEY, FINGERPRINT_KEY,
+        DomainMixer.EPOCH_KEY, DomainMixer.BATCH_KEY, DomainMixer.TOTAL_KEY, OFFSET_KEY,
+        DomainMixer.LD_COUNTS_KEY, DomainMixer.LD_FROM_KEY, PASS_KEY, CONSUMED_KEY, EXHAUSTED_KEY,
+        SOURCE_STATES_KEY, DomainMixer.HISTORY_KEY, DomainMixer.FINGERPRINT_KEY,
     )  # fmt: skip
 
     def __init__(
@@ -106,26 +88,23 @@ class DomainMixingIterable(IterableDataset):
         stop: Literal["cycle_forever", "first_exhausted", "all_exhausted"] = "cycle_forever",
         num_batches: int | None = None,
         seed: int = 0,
-        rank: int | None = None,
-        world_size: int | None = None,
-    ) -> None:
+        rank: int | None = None, world_size: int | None = None,  # None: from torch.distributed or env
+    ) -> None:  # fmt: skip
         caller = "DomainMixingIterable"
-        self._names = check_names(caller, "sources", sources)
-        for name in self._names:
+        names = check_names(caller, "sources", sources)
+        for name in names:
             if not isinstance(sources[name], Iterable):
                 raise param_error(
                     caller, "sources", f"a mapping to iterables (domain {name!r})", sources[name]
                 )
         check_mix_options(caller, mode, batch_size, min_count, stop, num_batches, seed)
-        self._rank, self._world = resolve_rank_world(caller, rank, world_size)
-        self._sources = [sources[n] for n in self._names]
-        self._mode, self._batch_size, self._stop = mode, batch_size, stop
-        self._num_batches, self._seed, self._min_count = num_batches, seed, min_count
-        k = len(self._names)
-        # Sources have unknown sizes: give them size 1 so the schedule only checks weights.
-        self._schedule = WeightSchedule(self._names, [1] * k, mode, batch_size * self._world, min_count)
-        q = (1.0 / k,) * k if weights is None else self._schedule.check(caller, "weights", weights)
-        self._schedule.set(0, q)
+        k = len(names)
+        # Source lengths are unknown: size 1 each, so weights=None means uniform and no source is "empty".
+        super().__init__(
+            caller, names, [1] * k, weights, mode=mode, batch_size=batch_size, min_count=min_count,
+            stop=stop, num_batches=num_batches, seed=seed, rank=rank, world_size=world_size,
+        )  # fmt: skip
+        self._sources = [sources[n] for n in names]
         self._epoch = self._batch = self._total = self._offset = 0
         self._ld = np.zeros(k, dtype=np.int64)
         self._ld_from = 0
@@ -135,30 +114,12 @@ class DomainMixingIterable(IterableDataset):
         self._iters: list[Iterator[Any] | None] = [None] * k
         # ("restore", saved source state or None) waiting for the next iter(source); None: a plain new pass
         self._restore: list[tuple[str, Any] | None] = [None] * k
-        self._plan: tuple[Any, ...] | None = None  # (first batch, ids, ld_after, from_batch, (rank, world))
+        self._plan: _Rows | None = None
 
-    @property
-    def domains(self) -> tuple[str, ...]:
-        """Domain names."""
-        return self._names
-
-    @property
-    def weights(self) -> Tensor:
-        """(k,) float64 tensor: q for the next planned batch."""
-        return torch.tensor(self._schedule.at(self._next_batch_clock())[1], dtype=torch.float64)
-
-    @property
-    def weight_history(self) -> list[tuple[int, list[float]]]:
-        """``[(from_batch, q)]`` with ``from_batch`` counted in planned batches since construction."""
-        return [(b, list(q)) for b, q in self._schedule.entries]
-
-    def _next_batch_clock(self) -> int:
+    def _clock(self) -> int:
         return self._total + (1 if self._offset else 0)
 
-    def set_weights(self, weights: WeightsLike) -> None:
-        """Use ``weights`` from the next planned batch on."""
-        q = self._schedule.check("DomainMixingIterable.set_weights", "weights", weights)
-        self._schedule.set(self._next_batch_clock(), q)
+    def _replan(self) -> None:
         self._plan = None
 
     def set_epoch(self, epoch: int) -> None:
@@ -200,40 +161,38 @@ class DomainMixingIterable(IterableDataset):
         active = self._schedule.active(self._schedule.at(self._total)[1])
         return bool(np.asarray(self._exhausted)[active].all())
 
+    def _counters(self) -> Counters:
+        return Counters(self._epoch, self._batch, self._total, self._ld, self._ld_from)
+
     def _batch_ids(self, rank: int, world: int) -> np.ndarray:
         plan = self._plan
-        if plan is None or not plan[0] <= self._total < plan[0] + len(plan[1]) or plan[4] != (rank, world):
-            from_batch, q = self._schedule.at(self._total)
-            ld = self._ld if self._ld_from == from_batch else np.zeros_like(self._ld)
-            cycling = self._stop == StopRule.CYCLE_FOREVER
-            epoch_key, key = (0, self._total) if cycling else (self._epoch, self._batch)
-            nb = BLOCK - key % BLOCK
-            change = self._schedule.next_change(self._total)
-            if change is not None:
-                nb = min(nb, change - self._total)
-            alloc = np.zeros(len(q), np.int64)
-            if self._mode == Mode.STRATIFIED:  # per block; the global batch grows with DataLoader workers
-                alloc = allocate_counts(np.asarray(q), self._batch_size * world, self._min_count)
-            p = plan_block(
-                self._mode, np.asarray(q), alloc, ld, seed=self._seed, epoch_key=epoch_key, batch_key=key,
-                nb=nb, batch_size=self._batch_size, world_size=world, rank=rank,
-            )  # fmt: skip
+        if (
+            plan is None
+            or not plan.first <= self._total < plan.first + len(plan.ids)
+            or plan.where != (rank, world)
+        ):
+            # The global batch grows with DataLoader workers, so the plan is per (rank, world).
+            planned = self._plan_next(self._counters(), rank, world)
+            assert planned is not None  # _epoch_over() was False when this batch began
+            p = planned.plan
             ids = p.ids if p.order is None else p.ids[:, p.order]
-            self._plan = plan = (self._total, ids, p.ld_after, from_batch, (rank, world))
-        row = self._total - plan[0]
-        return plan[1][row]
+            self._plan = plan = _Rows(self._total, ids, p.ld_after, planned.from_batch, (rank, world))
+        row: np.ndarray = plan.ids[self._total - plan.first]
+        return row
 
     def _finish_batch(self) -> None:
         plan = self._plan
         assert plan is not None  # set by _batch_ids for the batch being finished
-        self._ld = np.asarray(plan[2][self._total - plan[0]]).copy()
-        self._ld_from = plan[3]
+        self._ld = np.asarray(plan.ld_after[self._total - plan.first]).copy()
+        self._ld_from = plan.from_batch
         self._total += 1
         self._batch += 1
         self._offset = 0
 
     def _pull(self, i: int) -> Any:
-        it = self._iters[i] if self._iters[i] is not None else self._open(i)
+        it = self._iters[i]
+        if it is None:
+            it = self._open(i)
         try:
             item = next(it)
         except StopIteration:
@@ -278,38 +237,22 @@ class DomainMixingIterable(IterableDataset):
 
     # ------------------------------------------------------------------ state
 
-    def _fingerprint(self) -> dict[str, Any]:
-        return {
-            "domains": list(self._names),
-            "mode": self._mode,
-            "stop": self._stop,
-            "batch_size": self._batch_size,
-            "world_size": self._world,
-            "seed": self._seed,
-        }
-
     def state_dict(self) -> dict[str, Any]:
-        """The state after the last yielded item (see the class docstring)."""
+        """The state after the last yielded item (keys: see the class docstring)."""
         states = [
             s.state_dict()
             if hasattr(s, "state_dict") and self._iters[i] is not None
             else (self._restore[i] or (None, None))[1]
             for i, s in enumerate(self._sources)
         ]
-        return {
-            self.EPOCH_KEY: self._epoch,
-            self.BATCH_KEY: self._batch,
-            self.TOTAL_KEY: self._total,
+        own = {
             self.OFFSET_KEY: self._offset,
-            self.LD_COUNTS_KEY: self._ld.tolist(),
-            self.LD_FROM_KEY: self._ld_from,
             self.PASS_KEY: list(self._passes),
             self.CONSUMED_KEY: list(self._consumed),
             self.EXHAUSTED_KEY: list(self._exhausted),
             self.SOURCE_STATES_KEY: states,
-            self.HISTORY_KEY: self._schedule.as_state(),
-            self.FINGERPRINT_KEY: self._fingerprint(),
         }
+        return self._state(self._counters(), own)
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a state from :meth:`state_dict`; sources are reopened lazily (restored or replayed).
@@ -317,33 +260,10 @@ class DomainMixingIterable(IterableDataset):
         Raises:
             ValueError: for missing keys or a fingerprint that differs from this object's.
         """
-        caller = "DomainMixingIterable.load_state_dict"
-        if not isinstance(state_dict, Mapping):
-            raise param_error(caller, "state_dict", "a mapping from state_dict()", state_dict)
-        missing = [key for key in self._STATE_KEYS if key not in state_dict]
-        if missing:
-            raise param_error(
-                caller,
-                "state_dict",
-                f"a mapping with every state key (missing: {missing})",
-                sorted(state_dict),
-            )
-        mine, saved = self._fingerprint(), state_dict[self.FINGERPRINT_KEY]
-        diff = [
-            f"{key}: saved {saved.get(key)!r}, now {v!r}" for key, v in mine.items() if saved.get(key) != v
-        ]
-        if diff:
-            raise param_error(
-                caller, "state_dict", f"saved with the same fingerprint; differs in {'; '.join(diff)}",
-                "a mismatching state",
-            )  # fmt: skip
-        self._schedule.load(caller, "state_dict", state_dict[self.HISTORY_KEY])
-        self._epoch = int(state_dict[self.EPOCH_KEY])
-        self._batch = int(state_dict[self.BATCH_KEY])
-        self._total = int(state_dict[self.TOTAL_KEY])
+        at = self._load(state_dict)
+        self._epoch, self._batch, self._total = at.epoch, at.batch, at.total
+        self._ld, self._ld_from = at.ld_counts, at.ld_from
         self._offset = int(state_dict[self.OFFSET_KEY])
-        self._ld = np.asarray(state_dict[self.LD_COUNTS_KEY], dtype=np.int64)
-        self._ld_from = int(state_dict[self.LD_FROM_KEY])
         self._passes = [int(x) for x in state_dict[self.PASS_KEY]]
         self._consumed = [int(x) for x in state_dict[self.CONSUMED_KEY]]
         self._exhausted = [bool(x) for x in state_dict[self.EXHAUSTED_KEY]]

@@ -13,10 +13,10 @@ from typing import NamedTuple
 
 import numpy as np
 
+from domainmix._apportion import low_discrepancy_sequence
 from domainmix._validation import Interval, Options, check_param, param_error
-from domainmix.sampling._allocation import low_discrepancy_sequence
 
-__all__ = ["BLOCK", "Mode", "SlotPlan", "StopRule", "block_rng", "plan_block"]
+__all__ = ["BLOCK", "Mode", "SlotPlan", "StopRule", "block_rng", "plan_block", "rows_before_stop"]
 
 BLOCK = 256  # batches per vectorised block; also the alignment of the per-block random generators
 
@@ -123,15 +123,16 @@ def plan_block(
     block, off = divmod(batch_key, BLOCK)
     rows = np.arange(nb, dtype=np.int64)[:, None]
     if mode == Mode.STRATIFIED:
-        gids = np.repeat(np.arange(k), alloc)
-        within = np.arange(g) - (np.cumsum(alloc) - alloc)[gids]
+        grouped = np.repeat(np.arange(k), alloc)  # the global batch's domain ids, grouped by domain
+        within = np.arange(g) - (np.cumsum(alloc) - alloc)[grouped]
         cols = np.arange(rank, g, world_size)
-        ids_r, within_r = gids[cols], within[cols]
+        ids_r, within_r = grouped[cols], within[cols]
         order = _interleave(ids_r)
         ids = np.broadcast_to(ids_r, (nb, batch_size))
         occ = rows * alloc[ids_r] + within_r
         counts = np.broadcast_to(alloc, (nb, k))
         return SlotPlan(ids, occ, order, counts, np.broadcast_to(ld_counts, (nb, k)))
+    gids: np.ndarray  # (nb, g) domain id of every global slot
     if mode == Mode.IID:
         u = block_rng(seed, epoch_key, block).random((BLOCK, g))[off : off + nb]
         gids = np.searchsorted(np.cumsum(q), u, side="right")
@@ -149,6 +150,31 @@ def plan_block(
         counts,
         np.broadcast_to(ld_after, (nb, k)),
     )
+
+
+def rows_before_stop(
+    stop: str, sizes: np.ndarray, start: np.ndarray, after: np.ndarray, active: np.ndarray, nb: int
+) -> int:
+    """How many of ``nb`` planned batches the stop rule lets through (0: the epoch is over).
+
+    Args:
+        stop: the :class:`StopRule`.
+        sizes: (k,) domain sizes.
+        start: (k,) stream positions before the first planned batch.
+        after: (nb, k) stream positions after each planned batch.
+        active: (k,) bool, the domains that are drawn (the only ones that can end an epoch).
+        nb: the number of planned batches.
+    """
+    if stop == StopRule.CYCLE_FOREVER:
+        return nb
+    sizes = sizes[active]
+    if stop == StopRule.FIRST_EXHAUSTED:
+        fits = (after[:, active] <= sizes).all(axis=1)
+        return nb if fits.all() else int(np.argmin(fits))
+    if (start[active] >= sizes).all():
+        return 0
+    done = (after[:, active] >= sizes).all(axis=1)
+    return int(np.argmax(done)) + 1 if done.any() else nb
 
 
 def _interleave(ids: np.ndarray) -> np.ndarray:

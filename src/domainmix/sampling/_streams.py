@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from domainmix._validation import param_error
+from domainmix.sampling._plan import SlotPlan
 
-__all__ = ["DRAW_BLOCK", "DomainIndex", "IndexStream", "as_domain_index"]
+__all__ = ["DRAW_BLOCK", "DomainIndex", "IndexStream", "as_domain_index", "take_planned"]
 
 DomainIndex = range | np.ndarray  # a range is kept as is (O(1) memory); anything else is int64 numpy
 
@@ -108,9 +109,10 @@ class IndexStream:
         return self._lookup(local)
 
     def _lookup(self, local: np.ndarray) -> np.ndarray:
-        if isinstance(self.index, range):
-            return self.index.start + self.index.step * local
-        return self.index[local]
+        values: np.ndarray = (
+            self.index.start + self.index.step * local if isinstance(self.index, range) else self.index[local]
+        )
+        return values
 
     def _draw_values(self, epoch_key: int, pos: np.ndarray) -> np.ndarray:
         """Uniform draws from ``[0, n)`` at stream positions ``pos`` (with replacement)."""
@@ -118,10 +120,12 @@ class IndexStream:
             return np.zeros(pos.shape, dtype=np.int64)
         first, last = int(pos.min()) // DRAW_BLOCK, int(pos.max()) // DRAW_BLOCK
         if first == last:
-            return self._draw_block(epoch_key, first)[pos - first * DRAW_BLOCK]
-        # the positions of one call are a short run (one domain's draws in one block of batches)
-        draws = np.concatenate([self._draw_block(epoch_key, b) for b in range(first, last + 1)])
-        return draws[pos - first * DRAW_BLOCK]
+            draws = self._draw_block(epoch_key, first)
+        else:
+            # the positions of one call are a short run (one domain's draws in one block of batches)
+            draws = np.concatenate([self._draw_block(epoch_key, b) for b in range(first, last + 1)])
+        values: np.ndarray = draws[pos - first * DRAW_BLOCK]
+        return values
 
     def _draw_block(self, epoch_key: int, block: int) -> np.ndarray:
         draws = self._cache.get((epoch_key, block))
@@ -143,11 +147,47 @@ class IndexStream:
             if len(self._cache) >= 2:  # keep the current and the next pass only
                 self._cache.pop(min(self._cache))
             self._cache[(epoch_key, pass_)] = perm
-        return perm[local]
+        values: np.ndarray = perm[local]
+        return values
 
     def _seed_words(self, epoch_key: int, pass_: int) -> np.ndarray:
         ss = np.random.SeedSequence([*self._key, epoch_key, pass_])
         return ss.generate_state(4, dtype=np.uint64)
+
+
+def take_planned(
+    streams: Sequence[IndexStream], plan: SlotPlan, nb: int, epoch_key: int, positions: np.ndarray
+) -> np.ndarray:
+    """Dataset indices for the first ``nb`` batches of a plan: one vectorised ``take`` per domain.
+
+    Args:
+        streams: one stream per domain.
+        plan: the planned slots of this rank.
+        nb: how many of the planned batches to fill.
+        epoch_key: the streams' epoch key.
+        positions: (k,) stream positions before the first planned batch.
+
+    Returns:
+        (nb, batch_size) int64 dataset indices, in yield order.
+    """
+    ids, occ = plan.ids[:nb], plan.occ[:nb]
+    if plan.order is not None:
+        # stratified: every row lists the same domains in the same sorted columns
+        grouped = np.empty(occ.shape, dtype=np.int64)
+        bounds = np.flatnonzero(np.diff(ids[0], prepend=-1, append=-1))
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+            d = int(ids[0, a])
+            grouped[:, a:b] = streams[d].take(epoch_key, int(positions[d]), occ[:, a:b])
+        return grouped[:, plan.order]
+    flat_ids, flat_occ = ids.ravel(), occ.ravel()
+    order = np.argsort(flat_ids, kind="stable")
+    counts = np.bincount(flat_ids, minlength=len(streams))
+    ends = np.cumsum(counts)
+    values = np.empty(flat_ids.size, dtype=np.int64)
+    for i in np.flatnonzero(counts).tolist():
+        sel = order[ends[i] - counts[i] : ends[i]]
+        values[sel] = streams[i].take(epoch_key, int(positions[i]), flat_occ[sel])
+    return values.reshape(ids.shape)
 
 
 def _feistel(x: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from domainmix._apportion import allocate_counts
 from domainmix._validation import check_weight_vector, param_error
-from domainmix.sampling._allocation import allocate_counts
 from domainmix.sampling._plan import Mode
 
 __all__ = ["WeightSchedule", "check_names"]
@@ -46,7 +46,7 @@ class WeightSchedule:
         self.global_batch = global_batch
         self.min_count = min_count
         self.entries: list[tuple[int, tuple[float, ...]]] = []
-        self._alloc: dict[tuple[float, ...], np.ndarray] = {}
+        self._alloc: dict[tuple[tuple[float, ...], int], np.ndarray] = {}
 
     def check(self, caller: str, name: str, weights: WeightsLike | None) -> tuple[float, ...]:
         """Validate user weights (``None``: proportional to domain size) and return them normalised."""
@@ -87,12 +87,17 @@ class WeightSchedule:
         later = [e[0] for e in self.entries if e[0] > batch]
         return min(later) if later else None
 
-    def alloc(self, q: tuple[float, ...]) -> np.ndarray:
-        """Per-global-batch counts for ``q`` (stratified mode)."""
-        counts = self._alloc.get(q)
+    def alloc(self, q: tuple[float, ...], global_batch: int | None = None) -> np.ndarray:
+        """Per-global-batch counts for ``q`` (stratified mode), cached per weight vector.
+
+        ``global_batch`` defaults to the one given at construction; the mixing iterable passes a larger
+        one inside a DataLoader with workers, where every worker acts as a rank.
+        """
+        size = self.global_batch if global_batch is None else global_batch
+        counts = self._alloc.get((q, size))
         if counts is None:
-            counts = allocate_counts(np.asarray(q), self.global_batch, self.min_count)
-            self._alloc[q] = counts
+            counts = allocate_counts(np.asarray(q), size, self.min_count)
+            self._alloc[(q, size)] = counts
         return counts
 
     def active(self, q: tuple[float, ...]) -> np.ndarray:

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from domainmix._state import check_state_keys
 from domainmix._validation import Interval, check_param, param_error
 
 
@@ -87,9 +88,9 @@ class CancellationScores:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict` taken from a tracker over the same tensor names."""
-        missing = [k for k in (self.STEPS_KEY, self.SCORES_KEY, self.PREVIOUS_KEY) if k not in state_dict]
-        if missing:
-            raise ValueError(f"CancellationScores.load_state_dict: state is missing keys {missing}.")
+        check_state_keys(
+            "CancellationScores", state_dict, (self.STEPS_KEY, self.SCORES_KEY, self.PREVIOUS_KEY)
+        )
         if set(state_dict[self.SCORES_KEY]) != set(self._params):
             raise ValueError("CancellationScores.load_state_dict: the state scores other tensor names.")
         self._steps = int(state_dict[self.STEPS_KEY])

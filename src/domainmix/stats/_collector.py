@@ -14,6 +14,7 @@ from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import DomainLosses
 from domainmix.types import DomainStats
 
+
 class StatsCollector:
     """Per-domain statistics of an update window: loss sums, counts, squares and gradient estimates.
 
@@ -22,9 +23,10 @@ class StatsCollector:
     :class:`~domainmix.types.DomainStats`. What it keeps and how each statistic reduces is the table of
     ``domainmix/_statistics.py``, read when the collector is made: a loss stream (``sum``, ``count``,
     ``sum_sq`` per domain) for every source of a ``mean``/``variance``/``count`` statistic, and a
-    running sum of estimates for every ``estimate`` statistic. Under an initialised ``torch.distributed`` process group,
-    ``summarize`` all-reduces the window's sums once (one packed tensor), so every rank returns the same
-    statistics; it is then a collective and every rank must call it.
+    running sum of estimates for every ``estimate`` statistic. Under an initialised
+    ``torch.distributed`` process group, ``summarize`` all-reduces the window's sums once (one packed
+    tensor), so every rank returns the same statistics; it is then a collective and every rank must call
+    it.
 
     With ``ema=β``, each returned mean is an exponential moving average over windows,
     m ← β m + (1 − β) x, updated only for domains seen in the window (the first sighting initialises
@@ -44,7 +46,7 @@ class StatsCollector:
     AVERAGES_KEY = "averages"
 
     def __init__(self, num_domains: int, *, ema: float | None = None) -> None:
-        self._k = check_param("StatsCollector", "num_domains", num_domains, Interval(int, 1, None))
+        self._k: int = check_param("StatsCollector", "num_domains", num_domains, Interval(int, 1, None))
         self._ema = check_param("StatsCollector", "ema", ema, Interval(float, 0.0, 1.0, closed="left"), None)
         self._averages: dict[str, Tensor] = {}
         self._table = statistics()

@@ -61,7 +61,8 @@ class DomainGradients(NamedTuple):
 
     sum: Tensor  # (k, P)
     sq_norm: Tensor  # (k,)
-    count: Tensor  # (k,)
+    # mypy flags a NamedTuple field that shadows tuple.count; the public field name stays.
+    count: Tensor  # type: ignore[assignment]  # (k,)
     examples: Tensor  # (k,)
 
     @property
@@ -283,7 +284,7 @@ def micro_batch_gradients(
 
     .. math:: \hat v_i^2 = m_b \cdot \frac{1}{r_i - 1} \sum_b \lVert \bar g_b - \bar{\bar g} \rVert^2 ,
 
-    the micro-batch form of salmani.md §5, (m/r) Σ_coords var(micro-batch means). The returned
+    the micro-batch form of docs/algorithms.md §3.5, (m/r) Σ_coords var(micro-batch means). The returned
     :class:`DomainGradients` records ``examples = m_b · count`` and its :meth:`~DomainGradients.variance`
     applies the factor m_b, so it estimates v_i² directly, like :func:`per_example_gradients`. If the
     order of the examples is random, E[v̂_i²] equals the per-example estimate on the same examples;

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,14 @@ from domainmix.stats._collector import StatsCollector
 from domainmix.stats._gradients import gradient_variance
 from domainmix.stats._tap import GradientProductTap
 
-__all__ = ["GradientProducts", "GradientVarianceProbe", "HeldoutLossProbe", "Probe", "ReferenceLossProbe", "StepLosses"]
+__all__ = [
+    "GradientProductProbe",
+    "GradientVarianceProbe",
+    "HeldoutLossProbe",
+    "Probe",
+    "ReferenceLossProbe",
+    "StepLosses",
+]
 
 
 class StepLosses(NamedTuple):
@@ -82,7 +89,9 @@ class HeldoutLossProbe(Probe):
 
     def __init__(self, losses: Callable[[], tuple[Tensor, Tensor]]) -> None:
         if not callable(losses):
-            raise param_error("HeldoutLossProbe", "losses", "a callable returning (losses, domain ids)", losses)
+            raise param_error(
+                "HeldoutLossProbe", "losses", "a callable returning (losses, domain ids)", losses
+            )
         self._losses = losses
 
     def observe_window(self, collector: StatsCollector, step: int) -> None:
@@ -108,7 +117,9 @@ class ReferenceLossProbe(Probe):
 
     def __init__(self, reference: Callable[[StepLosses], Tensor]) -> None:
         if not callable(reference):
-            raise param_error("ReferenceLossProbe", "reference", "a callable returning reference losses", reference)
+            raise param_error(
+                "ReferenceLossProbe", "reference", "a callable returning reference losses", reference
+            )
         self._reference = reference
 
     def observe_step(self, collector: StatsCollector, step: StepLosses) -> None:
@@ -145,7 +156,7 @@ class GradientVarianceProbe(Probe):
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         draw: Callable[[int], tuple[Tensor, Tensor, Tensor]],
         *,
-        method: str = "per_example",
+        method: Literal["per_example", "micro_batch"] = "per_example",
         params: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
@@ -175,7 +186,9 @@ class GradientProductProbe(Probe):
     provided too (DoGE's out-of-domain mode).
 
     Args:
-        tap: the tap on the parameter subset.
+        tap: the tap on the parameter subset, or a function making it: then the tap (and its forward
+            hooks) is made at the first :meth:`record`, so a probe the controller does not choose
+            costs nothing.
         max_norm: clip each domain's mean gradient to this norm before the products (DoGE's reference
             code clips); None: no clipping.
         target: optional ``target() -> per-example or per-token losses`` of a target batch.
@@ -183,21 +196,38 @@ class GradientProductProbe(Probe):
 
     def __init__(
         self,
-        tap: GradientProductTap,
+        tap: GradientProductTap | Callable[[], GradientProductTap],
         *,
         max_norm: float | None = None,
         target: Callable[[], Tensor] | None = None,
     ) -> None:
-        if not isinstance(tap, GradientProductTap):
-            raise param_error("GradientProductProbe", "tap", "a GradientProductTap", tap)
+        if not (isinstance(tap, GradientProductTap) or callable(tap)):
+            raise param_error(
+                "GradientProductProbe", "tap", "a GradientProductTap or a function making one", tap
+            )
         if target is not None and not callable(target):
             raise param_error("GradientProductProbe", "target", "a callable returning target losses", target)
-        self._tap, self._max_norm, self._target = tap, max_norm, target
+        self._tap = tap if isinstance(tap, GradientProductTap) else None
+        self._factory = None if isinstance(tap, GradientProductTap) else tap
+        self._max_norm, self._target = max_norm, target
         self._target_losses: Tensor | None = None
         self.sources = ("gradient_products",) + (() if target is None else ("target_gradient_products",))
 
+    @property
+    def tap(self) -> GradientProductTap | None:
+        """The tap (None while a deferred one has not been made yet)."""
+        return self._tap
+
     @contextmanager
     def _record(self) -> Iterator[None]:
+        if self._tap is None and self._factory is not None:
+            made = self._factory()
+            if not isinstance(made, GradientProductTap):
+                raise param_error(
+                    "GradientProductProbe", "tap", "a function returning a GradientProductTap", made
+                )
+            self._tap = made
+        assert self._tap is not None  # one of tap and factory is always set
         with self._tap.record():
             yield
             self._target_losses = None if self._target is None else self._target()
@@ -208,6 +238,8 @@ class GradientProductProbe(Probe):
 
     def observe_step(self, collector: StatsCollector, step: StepLosses) -> None:
         """One extra backward to the tapped outputs; hand in the Gram matrix and the norms."""
+        if self._tap is None:
+            raise RuntimeError("GradientProductProbe: run the forward inside controller.record() first.")
         products = self._tap.products(
             step.losses, step.domains, collector.num_domains, mask=step.mask,
             target_losses=self._target_losses, max_norm=self._max_norm,

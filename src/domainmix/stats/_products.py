@@ -9,8 +9,8 @@ import torch
 from torch import Tensor
 
 from domainmix._distributed import all_reduce_sum
+from domainmix._rows import check_inputs, masked_row_sums, row_sums
 from domainmix._validation import Interval, check_param, param_error
-from domainmix.losses._aggregate import check_inputs, masked_row_sums, row_sums
 
 
 class GradientProducts(NamedTuple):
@@ -19,7 +19,8 @@ class GradientProducts(NamedTuple):
     grad_dot: Tensor  # (k, k) ⟨g_i, g_j⟩
     grad_sq_norm: Tensor  # (k,) ‖g_i‖²
     target_grad_dot: Tensor | None  # (k,) ⟨g_i, g_target⟩, when a target loss was given
-    count: Tensor  # (k,) elements behind each g_i (0: absent, g_i = 0)
+    # Shadows tuple.count, as DomainLosses.count does: public field names, kept.
+    count: Tensor  # type: ignore[assignment]  # (k,) elements behind each g_i (0: absent, g_i = 0)
 
 
 def domain_gradient_products(
@@ -39,7 +40,7 @@ def domain_gradient_products(
     One ``torch.autograd.grad`` per domain present, on the (small) parameter subset, reusing the
     forward graph of ``losses`` (``retain_graph``), so the caller's ordinary backward of the weighted loss
     still works afterwards: one forward, k subset backwards, one full backward, instead of the reference
-    code's k + 1 full backwards and dense k × P matrix of all parameters (methods.md §2.4). Only a
+    code's k + 1 full backwards and dense k × P matrix of all parameters (docs/algorithms.md §2.4). Only a
     (k, P_subset) float64 matrix is kept.
 
     Under ``torch.distributed`` (``reduce=True``) the per-domain gradient *sums* and element counts are

@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from domainmix._rows import check_inputs, masked_row_sums
 from domainmix._validation import Interval, check_param, param_error
-from domainmix.losses._aggregate import check_inputs, masked_row_sums
 from domainmix.stats._products import GradientProducts, ProductBuffer, domain_counts, target_elements
 
 _SUPPORTED = (nn.Linear, nn.LayerNorm)

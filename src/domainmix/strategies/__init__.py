@@ -8,7 +8,6 @@ from domainmix.strategies._base import chain as chain
 from domainmix.strategies._base import combine as combine
 from domainmix.strategies._base import make_strategy as make_strategy
 from domainmix.strategies._base import stateless as stateless
-from domainmix.strategies._doge import DogeState as DogeState
 from domainmix.strategies._doge import doge as doge
 from domainmix.strategies._doremi import doremi as doremi
 from domainmix.strategies._erma import ErmaState as ErmaState
@@ -40,7 +39,6 @@ __all__ = [
     "AverageState",
     "ChainState",
     "CombineState",
-    "DogeState",
     "EmaState",
     "EmptyState",
     "ErmaState",

@@ -1,23 +1,22 @@
-"""DoGE's generalization-estimation domain weights (Fan, Pagliardini, Jaggi 2024; methods.md §2)."""
+"""DoGE's generalization-estimation domain weights (Fan, Pagliardini, Jaggi 2024, arXiv:2310.15393).
+
+Reference-code choices and our deviations: ``docs/algorithms.md`` §2.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Literal
 
 import torch
 from torch import Tensor
 
 from domainmix._validation import Interval, Options, check_param, param_error
-from domainmix.strategies._base import Strategy, chain, make_strategy
-from domainmix.strategies._primitives import mix_uniform, track_average
+from domainmix.strategies._base import Strategy, chain
+from domainmix.strategies._primitives import exponentiated_gradient, mix_uniform, track_average
 from domainmix.types import DomainStats, DomainWeights
 
-
-class DogeState(NamedTuple):
-    """Last score per domain (reused while a domain is absent)."""
-
-    scores: Tensor  # (k,) float64
+ScoreFn = Callable[[DomainStats, DomainWeights], Tensor]
 
 
 def doge(
@@ -44,14 +43,17 @@ def doge(
     over time (``WeightingController.averaged_weights``: the deliverable). g_i are the window's mean
     per-domain gradients, clipped per domain before the products if you follow the reference code
     (``GradientProductTap.products(..., max_norm=...)`` or ``domain_gradient_products``); ‖g_i‖ comes
-    from ``grad_sq_norm``. A domain absent
-    from the window keeps its last score.
+    from ``grad_sq_norm``. A domain absent from the window keeps its last score (the whole exponent
+    s_i / µ, with the η_t it was computed with); a domain with α_i = 0 stays at 0.
 
-    Deviations from the reference code, on purpose: the universal target is the j ≠ i sum over the
-    training domains (the paper's formula); the reference code instead aligns each g_i with a separate
-    uniform "mix" stream, self-alignment included (methods.md §2.7 P2): use ``"out_of_domain"`` with a
-    held-out mix gradient for that. The proxy samples uniformly and α only reweights the loss
-    (``combine(loss=doge(...), sampling=uniform())``), as in the reference code (P1).
+    The strategy is the chain ``exponentiated_gradient(s / µ, step 1) → mix_uniform(ε) →
+    track_average()``: the same mirror step as DoReMi's, around DoGE's score.
+
+    Deviations from the reference code, on purpose (``docs/algorithms.md`` §2.5): the universal target is
+    the j ≠ i sum over the training domains (the paper's formula); the reference code instead aligns
+    each g_i with a separate uniform "mix" stream, self-alignment included (P2): use
+    ``"out_of_domain"`` with a held-out mix gradient for that. The proxy samples uniformly and α only
+    reweights the loss (``combine(loss=doge(...), sampling=uniform())``), as in the reference code (P1).
 
     Args:
         learning_rate: η_t, the proxy optimizer's step size: a float or a function of the step.
@@ -69,34 +71,55 @@ def doge(
     check_param("doge", "target", target, Options(("universal", "out_of_domain")))
     check_param("doge", "mu", mu, Interval(float, 0.0, None, closed="neither"))
     check_param("doge", "smoothing", smoothing, Interval(float, 0.0, 1.0))
-    lo, hi = _check_clip(score_clip)
-    rate = learning_rate if callable(learning_rate) else (lambda step, value=float(learning_rate): value)
+    clip = _check_clip(score_clip)
+    rate = learning_rate if callable(learning_rate) else _constant(float(learning_rate))
     universal = target == "universal"
+    needs = {"loss", "count", "grad_sq_norm", "grad_dot" if universal else "target_grad_dot"}
+    return chain(
+        exponentiated_gradient(
+            _exponent(rate, universal, clip, float(mu)), 1.0, requires=needs, name=f"doge_step({target})"
+        ),
+        mix_uniform(float(smoothing)),
+        track_average(),
+    )
 
-    def init_fn(weights: DomainWeights) -> DogeState:
-        return DogeState(torch.zeros(weights.num_domains, dtype=torch.float64))
 
-    def update_fn(
-        weights: DomainWeights, state: DogeState, stats: DomainStats
-    ) -> tuple[DomainWeights, DogeState]:
+def _exponent(rate: Callable[[int], float], universal: bool, clip: tuple[float, float], mu: float) -> ScoreFn:
+    r"""DoGE's score divided by µ: the increment of log α_i that ``exponentiated_gradient`` applies.
+
+    .. math:: s_i / \mu = \mathrm{clip}\big(\eta_t W_i / (\overline{\lVert g \rVert} + 10^{-6}),\
+        \eta_t d_{\min}, \eta_t d_{\max}\big) / \mu ,
+
+    with the mean norm over the domains present. η_t and 1/µ are folded into the score, and the mirror
+    step is 1, rather than a step size η_t/µ times a score W: so a domain absent from the window replays
+    the exponent it last had, computed with that window's η_t (the reference code's stale scores), and
+    the arithmetic is the reference code's (divide by µ) to the last bit.
+    """
+    lo, hi = clip
+
+    def exponent(stats: DomainStats, weights: DomainWeights) -> Tensor:
+        del weights
         eta = float(rate(stats.step))
         present = stats.present
         if universal:
-            dots = stats.grad_dot.to(torch.float64) * (present[:, None] & present[None, :])
+            # Absent domains' rows and columns are zero-filled products; mask them all the same.
+            dots = stats["grad_dot"].to(torch.float64) * (present[:, None] & present[None, :])
             w = dots.sum(1) - dots.diagonal()
         else:
-            w = stats.target_grad_dot.to(torch.float64)
-        norms = stats.grad_sq_norm.to(torch.float64).clamp_min(0.0).sqrt()
+            w = stats["target_grad_dot"].to(torch.float64)
+        norms = stats["grad_sq_norm"].to(torch.float64).clamp_min(0.0).sqrt()
         mean_norm = norms[present].mean() if bool(present.any()) else torch.tensor(0.0, dtype=torch.float64)
-        fresh = (eta * w / (mean_norm + 1e-6)).clamp(eta * lo, eta * hi)
-        scores = torch.where(present, fresh, state.scores)
-        x = weights.mixture
-        logits = torch.where(x > 0, x.log() + scores / mu, torch.full_like(x, -torch.inf))
-        return weights._replace(mixture=torch.softmax(logits, 0)), DogeState(scores)
+        return (eta * w / (mean_norm + 1e-6)).clamp(eta * lo, eta * hi) / mu
 
-    needs = {"loss", "count", "grad_sq_norm", "grad_dot" if universal else "target_grad_dot"}
-    step = make_strategy(f"doge_step({target})", init_fn, update_fn, needs)
-    return chain(step, mix_uniform(float(smoothing)), track_average())
+    return exponent
+
+
+def _constant(value: float) -> Callable[[int], float]:
+    def rate(step: int) -> float:
+        del step
+        return value
+
+    return rate
 
 
 def _check_clip(score_clip: tuple[float, float]) -> tuple[float, float]:

@@ -1,4 +1,4 @@
-"""DoReMi's Group-DRO domain weights (Xie et al. 2023; reference-code choices in methods.md §1)."""
+"""DoReMi's Group-DRO domain weights (Xie et al. 2023, arXiv:2305.10429, Alg. 1; docs/algorithms.md §1)."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def doremi(step_size: float = 1.0, smoothing: float = 1e-3, *, initial_score: fl
     and the deliverable is the time average ᾱ = (1/T) Σ_t α_t (``WeightingController.averaged_weights``).
     A domain absent from the window reuses its last score; before its first observation the score is
     ``initial_score``, 0 by default rather than the reference code's log|V|, which with small batches
-    and many domains inflates a missing domain's weight on the first steps (methods.md §1.8). Moves α
+    and many domains inflates a missing domain's weight on the first steps (docs/algorithms.md §1.3). Moves α
     only: the proxy run samples uniformly (``combine(loss=doremi(), sampling=uniform())``) and the loss
     multipliers α/q reweight it, as in the reference code. Guard rails from DoReMi issue #5: put every
     domain in every batch (a stratified sampler with ``min_count=1``), and lower η (0.1) if the

@@ -1,4 +1,4 @@
-"""ERMA loss weights for any model (Salmani et al. 2025, §3; scale-free form from salmani.md §4)."""
+"""ERMA loss weights for any model (Salmani et al. 2025, arXiv:2511.06913, §3; docs/algorithms.md §3.4)."""
 
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ def erma(
     Its fixed point is w_i ∝ n_i L_i / (π_i Var_i); for Gaussian residuals under ℓ = ½ r² that is
     FGLS's 1/σ_i². The paper's quoted update is w_i ∝ w_i exp(γ₁ π_i G(t) L_i − γ₂ π_i w_i Var_i) with
     G(t) undefined in the available sources: this scale-free form (γ₁ = γ₂ = γ, G = S²/L̄, divided
-    through by S²) is **reconstructed** (salmani.md §4) and centres the step, Σ π_i w_i (·) = 0.
+    through by S²) is **reconstructed** (docs/algorithms.md §3.4) and centres the step, Σ π_i w_i (·) = 0.
     c_i = π_i / n'_i is 1 when n ∝ π. Domains with fewer than two held-out examples in the window keep
     their weight and drop out of L̄ and S². Moves α only.
 

@@ -1,4 +1,4 @@
-"""One-shot FGLS loss weights (Salmani et al. 2025, Algorithm 1; reconstruction in salmani.md §3)."""
+"""One-shot FGLS loss weights (Salmani et al. 2025, arXiv:2511.06913, Alg. 1; docs/algorithms.md §3.3)."""
 
 from __future__ import annotations
 

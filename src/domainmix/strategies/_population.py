@@ -27,7 +27,7 @@ def population_and_ratio(
     """π (normalised; uniform by default) and c = π / n' with n' = n / Σn (1 where n ∝ π or both default).
 
     c is how far a domain's per-example weight in Σ π_i w_i L̂_i departs from the plain average: the
-    GLS and ERMA rules need it (salmani.md §2, §4). Domains with π_i = 0 get c_i = 0.
+    GLS and ERMA rules need it (docs/algorithms.md §3.2, §3.4). Domains with π_i = 0 get c_i = 0.
     """
     k = len(names)
     pi = (

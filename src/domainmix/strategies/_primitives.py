@@ -216,7 +216,7 @@ def delay(strategy: Strategy, start_step: int) -> Strategy:
 
     A warm-up for one half of a :func:`combine`: ``combine(loss=delay(fgls(), 500),
     sampling=variance_aware(B))`` lets VA allocate from the first window while FGLS waits until the
-    model is good enough for its residuals to mean noise rather than misfit (salmani.md §3). The
+    model is good enough for its residuals to mean noise rather than misfit (docs/algorithms.md §3.3). The
     controller's own ``warmup_steps`` would hold both. The wrapped strategy's state is untouched
     while held.
 

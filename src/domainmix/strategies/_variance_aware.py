@@ -1,11 +1,11 @@
-"""Variance-Aware sampling (Salmani et al. 2025, Algorithm 2; derivation in salmani.md §5)."""
+"""Variance-Aware sampling (Salmani et al. 2025, arXiv:2511.06913, §4, Alg. 2; docs/algorithms.md §3.5)."""
 
 from __future__ import annotations
 
 import torch
 
+from domainmix._apportion import allocate_counts
 from domainmix._validation import Interval, check_param, param_error
-from domainmix.sampling._allocation import allocate_counts
 from domainmix.strategies._base import EmptyState, Strategy, make_strategy
 from domainmix.types import DomainStats, DomainWeights
 
@@ -34,7 +34,7 @@ def variance_aware(batch_size: int | None = None, *, min_count: int = 1) -> Stra
     VA moves q only, never α: sampling changes the gradient noise, not the objective. Pair it with a
     loss-weight rule through ``combine(loss=fgls(...), sampling=variance_aware(B))``; the loss rule's α
     is the one VA allocates by. The rule assumes fixed per-batch counts; if domains are drawn i.i.d.,
-    the optimum uses the second moment √(v_i² + ‖μ_i‖²) instead (salmani.md §5).
+    the optimum uses the second moment √(v_i² + ‖μ_i‖²) instead (docs/algorithms.md §3.5).
 
     Args:
         batch_size: the **global** batch size B (per-rank batch × world size) for the integer

@@ -1,10 +1,11 @@
-"""Turning a sampling distribution q into integer counts and domain sequences.
+"""Apportionment: turning a distribution q over domains into integer counts and domain sequences.
 
-Two pure building blocks, both deterministic (no randomness at all):
+A neutral module (it depends only on ``_validation``), shared by the samplers and the strategies. Two pure
+building blocks, both deterministic (no randomness at all):
 
 * :func:`allocate_counts` rounds ``total * q`` to integers that sum to ``total`` (largest remainder,
   Hamilton's method) with an optional per-domain minimum. The stratified sampler uses it once per weight
-  change for the composition of every global batch.
+  change for the composition of every global batch; ``variance_aware`` uses it for its batch allocation.
 * :func:`low_discrepancy_sequence` emits a domain id per slot such that every prefix of the sequence
   (counted from the last weight change) has ``|count_i(t) - q_i t| < 1`` for every domain.
 """
@@ -22,7 +23,7 @@ from torch import Tensor
 
 from domainmix._validation import Interval, check_param, check_weight_vector, param_error
 
-__all__ = ["allocate_counts", "low_discrepancy_sequence", "as_distribution"]
+__all__ = ["allocate_counts", "as_distribution", "low_discrepancy_sequence"]
 
 # Longest period (in slots) of a rational q for which the low-discrepancy sequence is cached and tiled.
 _MAX_PERIOD = 1 << 16
@@ -32,13 +33,16 @@ def as_distribution(
     caller: str, name: str, q: Tensor | np.ndarray | Sequence[float], normalize: bool = True
 ) -> np.ndarray:
     """Validate a weight vector of any length and return it (normalised) as float64 numpy."""
+    values: Tensor | Sequence[float]
     if isinstance(q, np.ndarray):
         if q.dtype.kind not in "fiu":
             raise param_error(caller, name, "a real-valued array", q)
-        q = q.astype(np.float64).tolist() if q.ndim == 1 else q.tolist()
-    size = q.numel() if isinstance(q, Tensor) else len(q)
+        values = q.astype(np.float64).tolist() if q.ndim == 1 else q.tolist()
+    else:
+        values = q
+    size = values.numel() if isinstance(values, Tensor) else len(values)
     names = [str(i) for i in range(size)]
-    return check_weight_vector(caller, name, q, names, normalize=normalize).numpy().astype(np.float64)
+    return check_weight_vector(caller, name, values, names, normalize=normalize).numpy().astype(np.float64)
 
 
 def allocate_counts(q: Tensor | np.ndarray | Sequence[float], total: int, min_count: int = 0) -> np.ndarray:
@@ -84,7 +88,7 @@ def allocate_counts(q: Tensor | np.ndarray | Sequence[float], total: int, min_co
             min_count,
         )
     target = total * p
-    counts = np.floor(target).astype(np.int64)
+    counts: np.ndarray = np.floor(target).astype(np.int64)
     frac = target - counts
     left = total - int(counts.sum())
     if left > 0:
@@ -166,10 +170,10 @@ def _rational_period(p: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray] | No
     return seq, np.cumsum(onehot, axis=0)
 
 
-def _edf(p: tuple[float, ...] | tuple[Fraction, ...], counts: list[int], n: int) -> np.ndarray:
+def _edf(p: tuple[float | Fraction, ...], counts: list[int], n: int) -> np.ndarray:
     t = sum(counts)
-    ready: list[tuple[float, int, int]] = []  # (deadline, release, id) of released items
-    waiting: list[tuple[int, float, int]] = []  # (release, deadline, id) of items not yet released
+    ready: list[tuple[float | Fraction, int, int]] = []  # (deadline, release, id) of released items
+    waiting: list[tuple[int, float | Fraction, int]] = []  # (release, deadline, id) of items not yet released
 
     def push(i: int, now: int) -> None:
         release = math.floor(counts[i] / p[i])

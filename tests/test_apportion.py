@@ -6,8 +6,8 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
+from domainmix._apportion import _edf, _rational_period, low_discrepancy_sequence
 from domainmix.sampling import allocate_counts
-from domainmix.sampling._allocation import _edf, _rational_period, low_discrepancy_sequence
 
 weights = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=16).filter(lambda w: sum(w) > 1e-6)
 

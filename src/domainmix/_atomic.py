@@ -1,0 +1,88 @@
+"""Atomic file writes: a reader sees the old file or the new one, never half of one.
+
+Every writer goes through a temporary file in the target's folder and ``os.replace``, which is atomic
+within one file system (hence the same folder). If the writer fails, the temporary file is removed and the
+previous file, if any, is left as it was. There is no ``fsync``: the guarantee is against crashes of the
+writing process and concurrent readers, not against power loss.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_json", "atomic_write_text"]
+
+PathLike = str | os.PathLike[str]
+
+
+@contextmanager
+def atomic_path(path: PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write; on a clean exit it replaces ``path``, on an error it is removed.
+
+    For writers that need a file name (``np.save``, ``savefig``). The temporary name lives in the same
+    folder, starts with a dot and ends with the real suffix (``.figure.png.<random>.tmp.png``), because
+    ``np.save`` appends ``.npy`` to a name without it and ``savefig`` picks the format from the suffix.
+    The folder is created if missing. The file is not created in advance, so it gets the usual
+    umask permissions (``mkstemp`` would make it 0600).
+
+    Args:
+        path: the file to write.
+
+    Yields:
+        The temporary path; the writer must create the file there.
+
+    Raises:
+        FileNotFoundError: if the writer exits cleanly without creating the temporary file.
+    """
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # pid + random token: two processes, or two threads, writing the same target never share a name.
+    temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{target.suffix}")
+    try:
+        yield temporary
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_path`).
+
+    Args:
+        path: the file to write; its folder is created if missing.
+        data: the whole new content.
+    """
+    with atomic_path(path) as temporary, open(temporary, "xb") as out:
+        out.write(data)
+
+
+def atomic_write_text(path: PathLike, text: str, encoding: str = "utf-8") -> None:
+    """Write ``text`` to ``path`` atomically, encoded as is (no newline translation on any platform).
+
+    Args:
+        path: the file to write; its folder is created if missing.
+        text: the whole new content.
+        encoding: the text encoding (default UTF-8).
+    """
+    atomic_write_bytes(path, text.encode(encoding))
+
+
+def atomic_write_json(path: PathLike, obj: Any, **json_kwargs: Any) -> None:
+    """Write ``json.dumps(obj, **json_kwargs)`` to ``path`` atomically, as UTF-8 (nothing is appended).
+
+    The document is serialised before anything is written, so an object that cannot be serialised
+    raises with the previous file untouched and no temporary file created.
+
+    Args:
+        path: the file to write; its folder is created if missing.
+        obj: the JSON-serialisable object.
+        **json_kwargs: passed to :func:`json.dumps` (``indent``, ``allow_nan``, ``sort_keys``...).
+    """
+    atomic_write_text(path, json.dumps(obj, **json_kwargs))

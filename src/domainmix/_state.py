@@ -1,0 +1,81 @@
+"""Checks shared by every ``load_state_dict`` in the package, so that all of them fail the same way.
+
+A state dict is plain data saved by ``state_dict()``. Two things can be wrong with it before any value is
+read: keys can be missing (a state from another class, or from a version that did not write them yet),
+and it can have been saved by an object configured differently (another seed, batch size, domain set...),
+which the object records as a *fingerprint*: a small mapping of the settings that a resume must not
+change. Every message starts with ``"<Owner>.load_state_dict: "`` so a failed resume names the object.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from types import MappingProxyType
+from typing import Any
+
+__all__ = ["check_fingerprint", "check_state_keys"]
+
+_NO_DEFAULTS: Mapping[str, Any] = MappingProxyType({})
+
+
+def check_state_keys(owner: str, state_dict: Mapping[str, Any], keys: Iterable[str]) -> None:
+    """Raise unless ``state_dict`` is a mapping holding every key in ``keys``.
+
+    Args:
+        owner: the class whose ``load_state_dict`` is checking, e.g. ``"DomainBatchSampler"``.
+        state_dict: the state handed to ``load_state_dict``.
+        keys: the keys a valid state must hold.
+
+    Raises:
+        ValueError: ``"<owner>.load_state_dict: state is missing keys [...]"`` listing the missing keys in
+            the order of ``keys``, or a message saying the state is not a mapping.
+    """
+    # The annotation says Mapping, but a checkpoint is user data: a list or None must not pass silently.
+    if not isinstance(state_dict, Mapping):
+        raise ValueError(
+            f"{owner}.load_state_dict: state must be a mapping from {owner}.state_dict(); "
+            f"got a {type(state_dict).__name__}."
+        )
+    missing = [key for key in keys if key not in state_dict]
+    if missing:
+        raise ValueError(f"{owner}.load_state_dict: state is missing keys {missing}.")
+
+
+def check_fingerprint(
+    owner: str,
+    saved: Mapping[str, Any],
+    current: Mapping[str, Any],
+    defaults: Mapping[str, Any] = _NO_DEFAULTS,
+    *,
+    hint: str = "",
+) -> None:
+    """Raise unless the saved fingerprint equals the current one on every key of ``current``.
+
+    Args:
+        owner: the class whose ``load_state_dict`` is checking.
+        saved: the fingerprint stored in the state.
+        current: this object's fingerprint; only its keys are compared (pass a subset to relax the check).
+        defaults: values for keys that ``saved`` lacks because the state predates them (e.g.
+            ``{"replacement": False}``); a key in neither compares as ``None``.
+        hint: appended to the message, e.g. how to accept a deliberate change.
+
+    Raises:
+        ValueError: ``"<owner>.load_state_dict: state was saved with another configuration; differs in
+            key: saved <value>, now <value>; ..."`` naming every differing key, or a message saying the
+            fingerprint is not a mapping.
+    """
+    if not isinstance(saved, Mapping):
+        raise ValueError(
+            f"{owner}.load_state_dict: the state's fingerprint must be a mapping; "
+            f"got a {type(saved).__name__}."
+        )
+    differs = []
+    for key, now in current.items():
+        was = saved.get(key, defaults.get(key))
+        if was != now:
+            differs.append(f"{key}: saved {was!r}, now {now!r}")
+    if differs:
+        raise ValueError(
+            f"{owner}.load_state_dict: state was saved with another configuration; differs in "
+            f"{'; '.join(differs)}{hint}."
+        )

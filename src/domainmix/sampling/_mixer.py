@@ -1,0 +1,214 @@
+"""What the batch sampler and the mixing iterable share: options, weights, common state keys, planning.
+
+Both follow the same global plan of domains per slot (``_plan``) under the same weight history
+(``_weights``); they differ in where the examples come from (index streams or iterable sources) and in
+what else their state holds. :class:`DomainMixer` is their common base: it owns the options, the weight
+schedule, the counters every state holds (epoch, batch, total, low-discrepancy counts), the fingerprint
+check on load, and the choice of the next block of batches to plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from domainmix._distributed import resolve_rank_world
+from domainmix._state import check_fingerprint, check_state_keys
+from domainmix.sampling._plan import BLOCK, Mode, SlotPlan, StopRule, plan_block
+from domainmix.sampling._weights import WeightSchedule, WeightsLike
+
+__all__ = ["Counters", "DomainMixer", "Planned"]
+
+
+class Counters(NamedTuple):
+    """The counters every sampler state holds."""
+
+    epoch: int
+    batch: int  # batches in the current epoch
+    total: int  # batches since construction: the clock of the weight history
+    ld_counts: np.ndarray  # (k,) low-discrepancy counts since the weight change at ld_from
+    ld_from: int
+
+
+class Planned(NamedTuple):
+    """A planned block of batches and the weights it was planned with."""
+
+    from_batch: int  # the weight-history entry in force (its first batch)
+    q: tuple[float, ...]
+    epoch_key: int  # 0 while cycling forever (streams run on across epochs), else the epoch
+    plan: SlotPlan
+
+
+class DomainMixer:
+    """Base of :class:`DomainBatchSampler` and :class:`DomainMixingIterable` (the shared half).
+
+    Subclasses validate their own arguments (with ``check_mix_options``) before calling ``__init__``, and
+    implement :meth:`_clock` and :meth:`_replan`.
+
+    Args:
+        caller: the class name, for messages.
+        names: domain names.
+        sizes: domain sizes (``weights=None`` means proportional to them).
+        weights: the initial weights, or ``None``.
+        mode, batch_size, min_count, stop, num_batches, seed: validated options.
+        rank, world_size: ``None`` to read them from ``torch.distributed`` or the environment.
+    """
+
+    EPOCH_KEY = "epoch"
+    BATCH_KEY = "batches_in_epoch"
+    TOTAL_KEY = "total_batches"
+    LD_COUNTS_KEY = "low_discrepancy_counts"
+    LD_FROM_KEY = "low_discrepancy_from"
+    HISTORY_KEY = "weight_history"
+    FINGERPRINT_KEY = "fingerprint"
+    _STATE_KEYS: ClassVar[tuple[str, ...]]  # every key a subclass's state holds
+    # Fingerprint values for keys that states saved by older versions lack.
+    _FINGERPRINT_DEFAULTS: ClassVar[Mapping[str, Any]] = {}
+    _FINGERPRINT_HINT: ClassVar[str] = ""  # how to accept a deliberate change, if the subclass can
+
+    def __init__(
+        self,
+        caller: str,
+        names: tuple[str, ...],
+        sizes: Sequence[int],
+        weights: WeightsLike | None,
+        *,
+        mode: str,
+        batch_size: int,
+        min_count: int,
+        stop: str,
+        num_batches: int | None,
+        seed: int,
+        rank: int | None,
+        world_size: int | None,
+    ) -> None:
+        self._caller = caller
+        self._rank, self._world = resolve_rank_world(caller, rank, world_size)
+        self._names = names
+        self._mode, self._stop, self._batch_size = mode, stop, batch_size
+        self._min_count, self._num_batches, self._seed = min_count, num_batches, seed
+        self._schedule = WeightSchedule(names, sizes, mode, batch_size * self._world, min_count)
+        self._schedule.set(0, self._schedule.check(caller, "weights", weights))
+
+    def _clock(self) -> int:
+        """The global batch that the next yielded item belongs to."""
+        raise NotImplementedError
+
+    def _replan(self) -> None:
+        """Drop planned batches (the weights or the epoch changed)."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ weights
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        """Domain names, in the order of every per-domain vector."""
+        return self._names
+
+    @property
+    def weights(self) -> Tensor:
+        """(k,) float64: the sampling distribution q for the next batch."""
+        return torch.tensor(self._schedule.at(self._clock())[1], dtype=torch.float64)
+
+    @property
+    def weight_history(self) -> list[tuple[int, list[float]]]:
+        """``[(from_batch, q)]``: q is used from global batch ``from_batch`` (counted since construction)."""
+        return [(b, list(q)) for b, q in self._schedule.entries]
+
+    def set_weights(self, weights: WeightsLike) -> None:
+        """Use ``weights`` from the next batch on.
+
+        A ``DataLoader`` with workers runs ahead of the training loop, so the loop sees the change that
+        many batches later; :attr:`weight_history` records the exact batch (``docs/design.md``, "The
+        domain batch sampler").
+
+        Raises:
+            ValueError: for negative, NaN, inf, all-zero, unknown or missing weights, or a positive weight
+                on an empty domain.
+        """
+        q = self._schedule.check(f"{self._caller}.set_weights", "weights", weights)
+        self._schedule.set(self._clock(), q)
+        self._replan()
+
+    # ------------------------------------------------------------------ planning
+
+    def _plan_next(self, at: Counters, rank: int, world: int) -> Planned | None:
+        """Plan the batches from ``at`` up to the next block boundary, weight change or epoch end.
+
+        ``None`` when ``num_batches`` ends the epoch at ``at``. Stratified counts are for the global batch
+        of ``batch_size * world`` slots, which may exceed the configured one (DataLoader workers).
+        """
+        from_batch, q = self._schedule.at(at.total)
+        ld_counts = at.ld_counts if at.ld_from == from_batch else np.zeros_like(at.ld_counts)
+        # Cycling streams never restart, so batches are keyed by the absolute count; otherwise per epoch.
+        cycling = self._stop == StopRule.CYCLE_FOREVER
+        epoch_key, batch_key = (0, at.total) if cycling else (at.epoch, at.batch)
+        nb = BLOCK - batch_key % BLOCK
+        change = self._schedule.next_change(at.total)
+        if change is not None:
+            nb = min(nb, change - at.total)
+        if self._num_batches is not None:
+            nb = min(nb, self._num_batches - at.batch)
+        if nb <= 0:
+            return None
+        alloc = np.zeros(len(q), np.int64)
+        if self._mode == Mode.STRATIFIED:
+            alloc = self._schedule.alloc(q, self._batch_size * world)
+        plan = plan_block(
+            self._mode, np.asarray(q), alloc, ld_counts, seed=self._seed, epoch_key=epoch_key,
+            batch_key=batch_key, nb=nb, batch_size=self._batch_size, world_size=world, rank=rank,
+        )  # fmt: skip
+        return Planned(from_batch, q, epoch_key, plan)
+
+    # ------------------------------------------------------------------ state
+
+    def _fingerprint(self) -> dict[str, Any]:
+        """The settings a resume must not change (a subclass may add more)."""
+        return {
+            "domains": list(self._names),
+            "mode": self._mode,
+            "stop": self._stop,
+            "batch_size": self._batch_size,
+            "world_size": self._world,
+            "seed": self._seed,
+        }
+
+    def _state(self, at: Counters, own: Mapping[str, Any]) -> dict[str, Any]:
+        """A state dict: the common counters, the subclass's own entries, the weight history, fingerprint."""
+        return {
+            self.EPOCH_KEY: at.epoch,
+            self.BATCH_KEY: at.batch,
+            self.TOTAL_KEY: at.total,
+            self.LD_COUNTS_KEY: np.asarray(at.ld_counts).tolist(),
+            self.LD_FROM_KEY: at.ld_from,
+            **own,
+            self.HISTORY_KEY: self._schedule.as_state(),
+            self.FINGERPRINT_KEY: self._fingerprint(),
+        }
+
+    def _load(self, state_dict: Mapping[str, Any], *, ignore_fingerprint: bool = False) -> Counters:
+        """Check a saved state, restore the weight history and return the saved counters.
+
+        With ``ignore_fingerprint`` only the domain names must match: every per-domain entry is matched by
+        position.
+        """
+        check_state_keys(self._caller, state_dict, self._STATE_KEYS)
+        current, hint = self._fingerprint(), self._FINGERPRINT_HINT
+        if ignore_fingerprint:
+            current, hint = {"domains": current["domains"]}, ""
+        check_fingerprint(
+            self._caller, state_dict[self.FINGERPRINT_KEY], current, self._FINGERPRINT_DEFAULTS, hint=hint
+        )
+        self._schedule.load(f"{self._caller}.load_state_dict", "state_dict", state_dict[self.HISTORY_KEY])
+        k = len(self._names)
+        return Counters(
+            int(state_dict[self.EPOCH_KEY]),
+            int(state_dict[self.BATCH_KEY]),
+            int(state_dict[self.TOTAL_KEY]),
+            np.asarray(state_dict[self.LD_COUNTS_KEY], dtype=np.int64).reshape(k),
+            int(state_dict[self.LD_FROM_KEY]),
+        )
