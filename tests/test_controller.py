@@ -89,7 +89,6 @@ def test_warmup_windows_are_discarded(warmup, every, first_update, window_steps)
         assert fresh.step() == announced
 
 
-
 def test_update_period() -> None:
     seen: list[DomainStats] = []
     c = WeightingController(recording(seen), NAMES, update_every=3)

@@ -12,8 +12,8 @@ from domainmix._validation import ConfigError
 from domainmix.experiments import linear, logistic
 from domainmix.experiments._report import load_metrics
 from domainmix.experiments.config import LinearConfig, MlpConfig, load_config
-from domainmix.experiments.methods import parse_method
 from domainmix.experiments.loop import make_method, train
+from domainmix.experiments.methods import parse_method
 from domainmix.experiments.run import build_config, main
 
 TINY = ["--steps", "300", "--seeds", "0", "--workers", "1", "--quiet", "--set", "update_every=50"]

@@ -12,7 +12,7 @@ from domainmix.types import DomainStats, DomainWeights
 
 def _excess(stats: DomainStats, weights: DomainWeights) -> Tensor:
     del weights
-    return stats.excess_loss
+    return stats["excess_loss"]
 
 
 def doremi(step_size: float = 1.0, smoothing: float = 1e-3, *, initial_score: float = 0.0) -> Strategy:

@@ -64,9 +64,9 @@ def erma(
         weights: DomainWeights, state: ErmaState, stats: DomainStats
     ) -> tuple[DomainWeights, ErmaState]:
         w, pi, c = state
-        seen = (stats.heldout_count > 1) & (pi > 0)
-        mean = torch.where(seen, stats.heldout_loss.to(torch.float64), 0.0)
-        var = torch.where(seen, stats.heldout_loss_var.to(torch.float64), 0.0)
+        seen = (stats["heldout_count"] > 1) & (pi > 0)
+        mean = torch.where(seen, stats["heldout_loss"].to(torch.float64), 0.0)
+        var = torch.where(seen, stats["heldout_loss_var"].to(torch.float64), 0.0)
         level = (pi * w * mean).sum()
         spread = (c * pi * w * w * var).sum()
         if not seen.any() or float(level) <= 0 or float(spread) <= 0:

@@ -64,8 +64,8 @@ def fgls(
     def update_fn(
         weights: DomainWeights, state: FglsState, stats: DomainStats
     ) -> tuple[DomainWeights, FglsState]:
-        seen = (stats.heldout_count > 0) & (state.population > 0)
-        sigma2 = stats.heldout_loss.to(torch.float64).clamp_min(eps)
+        seen = (stats["heldout_count"] > 0) & (state.population > 0)
+        sigma2 = stats["heldout_loss"].to(torch.float64).clamp_min(eps)
         # n_i / π_i = 1 / ratio_i (up to a constant that the normalisation removes)
         target = torch.where(seen, 1.0 / (state.ratio.clamp_min(1e-300) * sigma2), state.loss_weights)
         target = target / (state.population * target).sum()

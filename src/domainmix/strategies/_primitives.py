@@ -123,7 +123,9 @@ def exponentiated_gradient(
         scores = torch.where(stats.present, fresh, state.scores)
         x = getattr(weights, target)
         logits = torch.where(x > 0, x.log() + eta * scores, torch.full_like(x, -torch.inf))
-        return weights._replace(**{target: torch.softmax(logits, 0)}), ExponentiatedGradientState(scores)
+        moved = torch.softmax(logits, 0)
+        new = weights._replace(mixture=moved) if target == "mixture" else weights._replace(sampling=moved)
+        return new, ExponentiatedGradientState(scores)
 
     return make_strategy(name, init_fn, update_fn, requires)
 
@@ -171,7 +173,7 @@ def ema(decay: float, target: Target = "both") -> Strategy:
 class AverageState(NamedTuple):
     """Running sums for the time-averaged weights (DoReMi and DoGE output the average)."""
 
-    count: int
+    count: int  # type: ignore[assignment]  # a public field; shadows tuple.count
     mixture_sum: Tensor  # (k,)
     sampling_sum: Tensor  # (k,)
 

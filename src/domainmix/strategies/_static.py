@@ -6,7 +6,7 @@ wrap it in :func:`combine`, e.g. ``combine(loss=fgls(...), sampling=temperature(
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from numbers import Integral, Real
 from typing import NamedTuple
 
@@ -28,7 +28,7 @@ class StaticState(NamedTuple):
     sampling: Tensor  # (k,)
 
 
-def _static(name: str, resolve: callable) -> Strategy:  # type: ignore[valid-type]
+def _static(name: str, resolve: Callable[[tuple[str, ...]], tuple[Tensor, Tensor]]) -> Strategy:
     def init_fn(weights: DomainWeights) -> StaticState:
         mixture, sampling = resolve(weights.names)
         return StaticState(mixture, sampling)
@@ -112,6 +112,7 @@ def fixed(mixture: WeightsLike, sampling: WeightsLike | None = None) -> Strategy
 
 
 def _check_weights_like(caller: str, name: str, weights: object) -> None:
+    values: list[object] | None
     if isinstance(weights, Mapping):
         values = list(weights.values())
     elif isinstance(weights, Tensor):
@@ -120,10 +121,11 @@ def _check_weights_like(caller: str, name: str, weights: object) -> None:
         values = list(weights)
     else:
         values = None
-    if not values or not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
+    numbers = [v for v in values or () if isinstance(v, Real) and not isinstance(v, bool)]
+    if not values or len(numbers) != len(values):
         raise param_error(caller, name, "a non-empty mapping, sequence or 1-D tensor of numbers", weights)
     # Sign, finiteness and the zero-sum check need no domain names: fail here, not at init.
-    check_weight_vector(caller, name, [float(v) for v in values], [str(i) for i in range(len(values))])
+    check_weight_vector(caller, name, [float(v) for v in numbers], [str(i) for i in range(len(numbers))])
 
 
 class ScheduleState(NamedTuple):

@@ -54,7 +54,7 @@ def variance_aware(batch_size: int | None = None, *, min_count: int = 1) -> Stra
         weights: DomainWeights, state: EmptyState, stats: DomainStats
     ) -> tuple[DomainWeights, EmptyState]:
         active = weights.mixture > 0
-        v = stats.grad_var.to(torch.float64).clamp_min(0.0).sqrt()
+        v = stats["grad_var"].to(torch.float64).clamp_min(0.0).sqrt()
         score = torch.where(active, weights.mixture * v, 0.0)
         if bool((score > 0).any()):
             # No gradient noise: the domain needs no samples beyond its minimum, yet must stay drawn.
