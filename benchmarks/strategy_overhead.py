@@ -58,10 +58,17 @@ import torch
 from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
-from domainmix import StatsCollector, WeightingController, domain_losses, weighted_loss
+from domainmix import StatsCollector, WeightingController, weighted_loss
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.sampling import allocate_counts
-from domainmix.stats import GradientProductTap, domain_gradient_products
+from domainmix.stats import (
+    GradientProductProbe,
+    GradientProductTap,
+    Probe,
+    ReferenceLossProbe,
+    StepLosses,
+    domain_gradient_products,
+)
 from domainmix.strategies import combine, doge, doremi, uniform
 
 VARIANTS = (
@@ -141,8 +148,23 @@ def subset_modules(model: GPT, which: str) -> list[nn.Module]:
     }[which]
 
 
+class AutogradProducts(Probe):
+    """DoGE's products by one ``autograd.grad`` per domain (``domain_gradient_products``), as a probe."""
+
+    sources = ("gradient_products",)
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+
+    def observe_step(self, collector: StatsCollector, step: StepLosses) -> None:
+        k = collector.num_domains
+        out = domain_gradient_products(step.losses, step.domains, k, params=self.params, max_norm=MAX_NORM)
+        collector.observe_stat("grad_dot", out.grad_dot)
+        collector.observe_stat("grad_sq_norm", out.grad_sq_norm)
+
+
 # --------------------------------------------------------------------------------------------------
-# One runner per variant: its own model copy, optimizer and controller.
+# One runner per variant: its own model copy, optimizer and controller (with the variant's probe).
 class Runner:
     def __init__(self, name: str, base: GPT, reference: GPT, data: Data) -> None:
         self.name, self.data, self.reference = name, data, reference
@@ -154,8 +176,10 @@ class Runner:
         self.subset: list[Tensor] = []
         self.subset_names: list[str] = []
         self.tap: GradientProductTap | None = None
+        self.inputs: tuple[Tensor, Tensor] | None = None  # the step's (x, y), for the reference forward
         names = [f"d{i}" for i in range(self.k)]
         sink = _FixedSink(names, data.counts)
+        probes: list[Probe] = []
         if name in DOGE_VARIANTS:
             tap = GradientProductTap(*subset_modules(self.model, name))
             self.subset = tap.parameters()
@@ -163,49 +187,43 @@ class Runner:
             self.subset_names = [n for n, p in self.model.named_parameters() if id(p) in chosen]
             if name == "doge_subset_autograd":
                 tap.remove()
+                probes.append(AutogradProducts(self.subset))
             else:
                 self.tap = tap
+                probes.append(GradientProductProbe(tap, max_norm=MAX_NORM))
             strategy = combine(loss=doge(LR, mu=DOGE_MU), sampling=uniform())
         elif name.startswith("doremi"):
             strategy = combine(loss=doremi(), sampling=uniform())
+            lookup = self.cached_reference if name == "doremi_cached" else self.reference_forward
+            probes.append(ReferenceLossProbe(lookup))
         else:
             strategy = uniform()
         self.controller = (
             None
             if name == "plain"
-            else WeightingController(
-                strategy, names, update_every=1, sampler=sink, collector=StatsCollector(self.k)
-            )
+            else WeightingController(strategy, names, update_every=1, sampler=sink, probes=probes)
         )
+
+    def cached_reference(self, step: StepLosses) -> Tensor:
+        assert self.data.ref_cache is not None and step.indices is not None
+        return self.data.ref_cache[step.indices].float()
+
+    def reference_forward(self, step: StepLosses) -> Tensor:
+        assert self.inputs is not None
+        with torch.inference_mode():
+            return per_token_loss(self.reference(self.inputs[0]), self.inputs[1])
 
     def step(self) -> None:
         index, x, y, ids = self.data.get(self.i)
         self.i += 1
-        with self.tap.record() if self.tap is not None else nullcontext():
-            tok = per_token_loss(self.model(x), y)
         ctl = self.controller
         if ctl is None:
-            loss = tok.mean()
+            loss = per_token_loss(self.model(x), y).mean()
         else:
-            collector = ctl.collector
-            collector.observe(domain_losses(tok, ids, self.k))
-            if self.name == "doremi_cached":
-                assert self.data.ref_cache is not None
-                ref = self.data.ref_cache[index].float()
-                collector.observe(
-                    domain_losses((tok.detach() - ref).clamp_min(0), ids, self.k), source="excess"
-                )
-            elif self.name == "doremi_reference_forward":
-                with torch.inference_mode():
-                    ref = per_token_loss(self.reference(x), y)
-                collector.observe(
-                    domain_losses((tok.detach() - ref).clamp_min(0), ids, self.k), source="excess"
-                )
-            elif self.name in DOGE_VARIANTS:
-                dot, sq = self.products(tok, ids)
-                collector.observe_stat("grad_dot", dot)
-                collector.observe_stat("grad_sq_norm", sq)
-            ctl.step()  # the update uses this step's α (both reference codes), so step before backward
+            self.inputs = (x, y)
+            with ctl.record():
+                tok = per_token_loss(self.model(x), y)
+            ctl.step(tok, ids, indices=index)  # the one order of a step (docs/design.md, "One step")
             loss = weighted_loss(tok, ids, ctl.loss_multipliers())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from domainmix import _tree
 from domainmix._distributed import assert_same_on_all_ranks, is_distributed
+from domainmix._state import check_state_keys
 from domainmix._statistics import provided_by, statistic
 from domainmix._validation import Interval, check_param, param_error
 from domainmix.losses import domain_losses
@@ -408,9 +409,7 @@ class WeightingController:
             self.UPDATES_KEY,
             self.SKIPPED_KEY,
         )
-        missing = [key for key in keys if key not in state_dict]
-        if missing:
-            raise ValueError(f"WeightingController.load_state_dict: state is missing keys {missing}.")
+        check_state_keys("WeightingController", state_dict, keys)
         if tuple(state_dict[self.NAMES_KEY]) != self._weights.names:
             raise ValueError(
                 f"WeightingController.load_state_dict: saved for domains {state_dict[self.NAMES_KEY]}, "

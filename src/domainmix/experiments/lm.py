@@ -38,6 +38,7 @@ import torch
 from tqdm import tqdm
 
 from domainmix import WeightingController, domain_losses, strategies, weighted_loss
+from domainmix._atomic import atomic_path, atomic_write_json
 from domainmix.experiments.config import LmConfig, load_config, parse_override
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.experiments.methods import PROXY_METHODS, MethodContext, build_proxy, describe
@@ -246,9 +247,10 @@ def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
     for chunk, per_token in window_losses(model, windows, 128):
         cache[chunk.numpy()] = per_token.numpy().astype(np.float16)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_save(out / "reference_losses.npy", cache)
+    with atomic_path(out / "reference_losses.npy") as tmp:
+        np.save(tmp, cache)
     result = {"stage": "reference", "config": asdict(cfg), "weights": sizes, **info}
-    _write_json(out / "reference.json", result)
+    atomic_write_json(out / "reference.json", result, indent=1, allow_nan=False)
     return result
 
 
@@ -317,7 +319,7 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
         **info,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "weights.json", result)
+    atomic_write_json(out / "weights.json", result, indent=1, allow_nan=False)
     plot_trajectories({strategy_name: result}, out / "weights.png")
     return result
 
@@ -349,7 +351,7 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
         **info,
     }
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "metrics.json", result)
+    atomic_write_json(out / "metrics.json", result, indent=1, allow_nan=False)
     return result
 
 
@@ -379,7 +381,7 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
         }
         for label, r in rows.items()
     }
-    _write_json(out / "comparison.json", table)
+    atomic_write_json(out / "comparison.json", table, indent=1, allow_nan=False)
     plot_trajectories(proxies, out / "weights.png")
     return table
 
@@ -416,9 +418,8 @@ def plot_trajectories(proxies: dict[str, dict[str, Any]], path: Path) -> None:
         ax.set_ylim(bottom=0)
         ax.legend(fontsize="small", ncol=2)
     FigureCanvasAgg(fig)
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def _log(line: str) -> None:
@@ -427,18 +428,6 @@ def _log(line: str) -> None:
 
 def _rounded(weights: dict[str, float]) -> dict[str, float]:
     return {n: round(v, 3) for n, v in weights.items()}
-
-
-def _write_json(path: Path, data: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, allow_nan=False), encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _atomic_save(path: Path, array: np.ndarray) -> None:
-    tmp = path.with_name(path.stem + ".tmp.npy")
-    np.save(tmp, array)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:

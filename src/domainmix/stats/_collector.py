@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from domainmix._distributed import all_reduce_sum
+from domainmix._state import check_state_keys
 from domainmix._statistics import LOSS_REDUCTIONS, Statistic, sources, statistics
 from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import DomainLosses
@@ -173,13 +174,8 @@ class StatsCollector:
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Restore a :meth:`state_dict`; the number of domains and the EMA setting must match."""
-        missing = [
-            key
-            for key in (self.NUM_DOMAINS_KEY, self.EMA_KEY, self.WINDOW_KEY, self.AVERAGES_KEY)
-            if key not in state_dict
-        ]
-        if missing:
-            raise ValueError(f"StatsCollector.load_state_dict: state is missing keys {missing}.")
+        keys = (self.NUM_DOMAINS_KEY, self.EMA_KEY, self.WINDOW_KEY, self.AVERAGES_KEY)
+        check_state_keys("StatsCollector", state_dict, keys)
         if state_dict[self.NUM_DOMAINS_KEY] != self._k or state_dict[self.EMA_KEY] != self._ema:
             raise ValueError(
                 "StatsCollector.load_state_dict: the state was saved with "

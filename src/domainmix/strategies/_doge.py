@@ -75,9 +75,11 @@ def doge(
     rate = learning_rate if callable(learning_rate) else _constant(float(learning_rate))
     universal = target == "universal"
     needs = {"loss", "count", "grad_sq_norm", "grad_dot" if universal else "target_grad_dot"}
+    # Named doge_exponent, not doge_step: the state holds s/µ where the former doge_step held s, so a
+    # checkpoint of the old form is refused by name (WeightingController.load_state_dict), not misread.
     return chain(
         exponentiated_gradient(
-            _exponent(rate, universal, clip, float(mu)), 1.0, requires=needs, name=f"doge_step({target})"
+            _exponent(rate, universal, clip, float(mu)), 1.0, requires=needs, name=f"doge_exponent({target})"
         ),
         mix_uniform(float(smoothing)),
         track_average(),
