@@ -140,6 +140,8 @@ class WeightingController:
         if log is not None and not (callable(log) or isinstance(log, (str, os.PathLike))):
             raise param_error("WeightingController", "log", "a file path or a callable", log)
         self._probes = _choose_probes(strategy, probes)
+        # The training stream costs a reduction per step: feed it only to a strategy that reads it.
+        self._reads_train = bool(strategy.requires & provided_by(("train",)))
         self._strategy = strategy
         self._collector = collector
         self._sampler = sampler
@@ -246,8 +248,9 @@ class WeightingController:
 
         Args:
             losses: the step's (N,) per-example or (N, T) per-token losses (before weighting), or None
-                when the loop feeds :attr:`collector` itself. Gradient probes differentiate them, so
-                pass them before the backward.
+                when the loop feeds :attr:`collector` itself. They go into the ``train`` stream when
+                the strategy reads one of its statistics (``loss``, ``count``, ``loss_var``), and to
+                the probes. Gradient probes differentiate them, so pass them before the backward.
             domain_ids: (N,) domain of each example; required with ``losses``.
             mask: optional 0/1 mask with the shape of ``losses`` (padding = 0).
             indices: optional (N,) dataset indices of the batch, for probes that read per-example caches.
@@ -255,8 +258,9 @@ class WeightingController:
         if losses is not None and not self.stat_free:
             if domain_ids is None:
                 raise param_error("WeightingController.step", "domain_ids", "a tensor with losses", None)
-            k = self._collector.num_domains
-            self._collector.observe(domain_losses(losses.detach(), domain_ids, k, mask))
+            if self._reads_train:
+                k = self._collector.num_domains
+                self._collector.observe(domain_losses(losses.detach(), domain_ids, k, mask))
             seen = StepLosses(losses, domain_ids, mask, indices)
             for probe in self._probes:
                 probe.observe_step(self._collector, seen)

@@ -33,6 +33,7 @@ import torch
 from domainmix._validation import ConfigError
 from domainmix.experiments.config import TrainConfig, as_dict, load_config, parse_override, read_yaml
 from domainmix.experiments.loop import train
+from domainmix.experiments.methods import LOSS_RULES, SAMPLING_RULES, describe
 
 EXPERIMENTS = {
     "linear": "domainmix.experiments.linear",
@@ -127,7 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="output directory (created)")
     parser.add_argument("--config", default=None, help="YAML file of settings")
-    parser.add_argument("--methods", default=None, help="comma-separated, e.g. uniform,fgls,va,fgls+va")
+    parser.add_argument(
+        "--methods",
+        default=None,
+        help="comma-separated LOSS or LOSS+SAMPLING, e.g. uniform,fgls,va,fgls+va. Loss rules: "
+        f"{describe(LOSS_RULES)}. Sampling rules: {describe(SAMPLING_RULES)}",
+    )
     parser.add_argument("--seeds", default=None, help="comma-separated ints, e.g. 0,1,2")
     parser.add_argument("--steps", type=int, default=None, help="SGD steps per run")
     parser.add_argument("--workers", type=int, default=None, help="parallel processes")

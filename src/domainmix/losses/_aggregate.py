@@ -72,15 +72,19 @@ def domain_losses(
     """
     m = check_inputs("domain_losses", losses, domain_ids, num_domains, mask)
     values = losses.detach().to(torch.float64)
-    m = m.detach().to(torch.float64)
-    # where(), not multiplication: a NaN/inf loss on a masked-out (padding) token must not leak in.
-    values = torch.where(m > 0, values, torch.zeros_like(values))
-    ids = domain_ids.long()
-
-    def per_domain(x: Tensor) -> Tensor:
-        return torch.zeros(num_domains, dtype=torch.float64, device=x.device).index_add_(0, ids, row_sums(x))
-
-    return DomainLosses(per_domain(values * m), per_domain(m), per_domain(values * values * m))
+    if mask is None:  # the common case, every step: no mask arithmetic
+        per_row = 1 if values.ndim == 1 else values.shape[1]
+        counts = torch.full(values.shape[:1], float(per_row), dtype=torch.float64, device=values.device)
+        rows = (row_sums(values), counts, row_sums(values * values))
+    else:
+        m = m.detach().to(torch.float64)
+        # where(), not multiplication: a NaN/inf loss on a masked-out (padding) token must not leak in.
+        values = torch.where(m > 0, values, torch.zeros_like(values))
+        rows = (row_sums(values * m), row_sums(m), row_sums(values * values * m))
+    # One index_add_ of the (N, 3) rows: sums, counts and squares per domain in a single pass.
+    totals = torch.zeros(num_domains, 3, dtype=torch.float64, device=values.device)
+    totals.index_add_(0, domain_ids.long(), torch.stack(rows, dim=1))
+    return DomainLosses(*totals.T)
 
 
 Normalize = Literal["importance", "per_domain"]
