@@ -46,8 +46,9 @@ class WeightingController:
         loss.backward(); optimizer.step()
 
     so the weights a window's statistics produce weight that same step's update. :meth:`step` feeds the
-    training losses to the collector, lets each probe observe the step, and when a window closes runs
-    the probes' window observations and then the strategy. Windows of ``update_every`` steps close at
+    training losses to the collector (if the strategy reads them), lets each probe observe the step, and
+    when a window closes runs the probes' window observations and then the strategy; steps of a warm-up
+    window, which would be discarded, are not observed at all. Windows of ``update_every`` steps close at
     steps ``update_every, 2·update_every, ...`` (1-based counts of :meth:`step` calls); windows that
     close before ``warmup_steps`` are discarded, later ones call the strategy. ``step()`` without
     losses is for loops that feed :attr:`collector` themselves. A strategy that reads no
@@ -255,7 +256,7 @@ class WeightingController:
             mask: optional 0/1 mask with the shape of ``losses`` (padding = 0).
             indices: optional (N,) dataset indices of the batch, for probes that read per-example caches.
         """
-        if losses is not None and not self.stat_free:
+        if losses is not None and not self.stat_free and self._window_counts():
             if domain_ids is None:
                 raise param_error("WeightingController.step", "domain_ids", "a tensor with losses", None)
             if self._reads_train:
@@ -275,6 +276,11 @@ class WeightingController:
         for probe in self._probes:
             probe.observe_window(self._collector, self._step)
         return self.update(self._collector.summarize(self._step))
+
+    def _window_counts(self) -> bool:
+        """Whether the window of the coming step will reach the strategy (warm-up windows are dropped)."""
+        closes_at = -(-(self._step + 1) // self._update_every) * self._update_every
+        return closes_at >= self._warmup
 
     def update(self, stats: DomainStats) -> bool:
         """Run the strategy on ``stats`` now. Returns False when the update was skipped (non-finite stats)."""
