@@ -112,10 +112,10 @@ class WeightingController:
             raise param_error("WeightingController", "strategy", "a Strategy", strategy)
         if not isinstance(initial, DomainWeights):
             initial = DomainWeights.create(initial)
-        self._update_every = check_param(
+        self._update_every: int = check_param(
             "WeightingController", "update_every", update_every, Interval(int, 1, None)
         )
-        self._warmup = check_param(
+        self._warmup: int = check_param(
             "WeightingController", "warmup_steps", warmup_steps, Interval(int, 0, None)
         )
         if collector is None:
