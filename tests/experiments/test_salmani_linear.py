@@ -6,10 +6,10 @@ Sampling shares are read as the mean over the second half of training (and over 
 re-estimates v_i from 64 examples per domain every 100 steps, so a single window's share jitters by a
 slot or two of 32 around its converged value.
 
-* §9B.8 ("FGLS+VA ≤ 0.65 × uniform and ≤ min(FGLS, VA) at step 2000 in fig1def") is checked on 20
+* check B.8 ("FGLS+VA ≤ 0.65 × uniform and ≤ min(FGLS, VA) at step 2000 in fig1def") is checked on 20
   seeds (to step 2000 only): seeds 0-4 give 0.653, with per-seed ratios from 0.54 to 0.81, so five
   seeds cannot tell SIM's 0.61 from 0.65; twenty give 0.603, and FGLS+VA within 1 % of FGLS alone.
-* §9B.7's "final error with VA within ±10 % of its twin": in fig4abc VA ends 12 % *lower*, closer to
+* check B.7's "final error with VA within ±10 % of its twin": in fig4abc VA ends 12 % *lower*, closer to
   the closed-form error floor both share (uniform has not reached it by step 10,000; at 30,000
   steps the two end within 1 %). Asserted: VA is
   never more than 10 % worse than its twin and never below 0.9 × the twin's closed-form floor, i.e.
@@ -30,7 +30,7 @@ from domainmix.experiments.run import run_jobs
 pytestmark = pytest.mark.slow
 
 METHODS = ("uniform", "oracle_gls", "fgls", "va", "fgls+va")
-# §9B.3: VA's analytic share of domain 1 with v_i² ∝ C_i σ_i², for w = 1 and for the FGLS weights.
+# check B.3: VA's analytic share of domain 1 with v_i² ∝ C_i σ_i², for w = 1 and for the FGLS weights.
 VA_TARGETS = {
     "fig1abc": {"va": 0.69, "fgls+va": 0.978},
     "fig1def": {"va": 1 / 32, "fgls+va": 0.309},
@@ -95,31 +95,32 @@ def check_common(setting: str, runs: dict[str, list[dict[str, Any]]]) -> None:
 def test_noise_differs(setting: str) -> None:
     runs = run_setting(setting)
     share = loss_share(runs, "fgls")
-    # §9B.1: FGLS's weight ratio w1/w2 within ±10 % of σ2²/σ1² = 20, i.e. a share in [0.947, 0.957].
+    # check B.1: FGLS's weight ratio w1/w2 within ±10 % of σ2²/σ1² = 20, i.e. a share in [0.947, 0.957].
     assert 0.947 <= share <= 0.957, f"{setting}: FGLS loss share {share:.4f}"
-    # §9B.4: FGLS reaches the oracle GLS error floor (within 5 %).
+    # check B.4: FGLS reaches the oracle GLS error floor (within 5 %).
     ratio = final(runs, "fgls") / final(runs, "oracle_gls")
     assert ratio <= 1.05, f"{setting}: FGLS / oracle final error {ratio:.3f}"
     check_common(setting, runs)
     if setting == "fig1def":
-        # §9B.9: loss and sampling weights move in opposite directions.
+        # check B.9: loss and sampling weights move in opposite directions.
         assert loss_share(runs, "fgls+va") > 0.9 and late_sampling_share(runs, "fgls+va") < 0.35
-        # §9B.6: VA speeds up.
+        # check B.6: VA speeds up.
         assert at_step(runs, "va", 2000) <= 0.93 * at_step(runs, "uniform", 2000)
 
 
 def test_equal_noise_fig4abc() -> None:
     runs = run_setting("fig4abc")
     share = loss_share(runs, "fgls")
-    assert abs(share - 0.5) <= 0.03, f"fig4abc: FGLS loss share {share:.4f}"  # §9B.1, σ² equal
-    # §9B.5: with equal noise loss weights change nothing (within 3 %); §9B.6: VA is faster at step 2000.
+    assert abs(share - 0.5) <= 0.03, f"fig4abc: FGLS loss share {share:.4f}"  # check B.1, σ² equal
+    # check B.5: with equal noise loss weights change nothing (within 3 %);
+    # check B.6: VA is faster at step 2000.
     assert abs(final(runs, "fgls") / final(runs, "uniform") - 1) <= 0.03
     assert at_step(runs, "va", 2000) <= 0.90 * at_step(runs, "uniform", 2000)
     check_common("fig4abc", runs)
 
 
 def test_combination_fig1def_on_twenty_seeds() -> None:
-    """§9B.8: FGLS+VA ≤ 0.65 × uniform at step 2000, and as fast as the faster of FGLS and VA."""
+    """check B.8: FGLS+VA ≤ 0.65 × uniform at step 2000, and as fast as the faster of FGLS and VA."""
     runs = run_setting(
         "fig1def", steps=2000, seeds=list(range(20)), methods=["uniform", "fgls", "va", "fgls+va"]
     )

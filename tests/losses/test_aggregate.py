@@ -1,4 +1,4 @@
-"""domain_losses reductions and weighted_loss, including the unbiasedness and variance of Salmani §9A."""
+"""domain_losses reductions and weighted_loss, including acceptance checks A.1-A.2 (docs/reproduction.md)."""
 
 from __future__ import annotations
 
@@ -152,7 +152,7 @@ def test_output_dtype_follows_losses() -> None:
     assert out.dtype == torch.float16 and out.ndim == 0
 
 
-# --- Salmani §9A: unbiasedness and the variance formula ---------------------------------------------
+# --- checks A.1-A.2 of docs/reproduction.md: unbiasedness and the variance formula -----------------
 def _linear_problem(sizes=(6, 9, 5), d=3, seed=0):
     """Fixed per-domain data of a linear model with squared loss, and a parameter point θ0."""
     g = torch.Generator().manual_seed(seed)

@@ -1,4 +1,4 @@
-"""split_heldout: sizes, determinism, and Salmani §9A.6 held-out hygiene through the real sampler."""
+"""split_heldout: sizes, determinism, and held-out hygiene through the real sampler (check A.6)."""
 
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ def test_deterministic_and_seeded_per_domain() -> None:
 
 
 def test_heldout_never_reaches_a_training_batch() -> None:
-    """Salmani §9A.6: estimation indices never appear in training batches (many passes, changing q)."""
+    """Check A.6 of docs/reproduction.md: no estimation index in a training batch (changing q)."""
     split = split_heldout(DOMAINS, 0.25, seed=0)
     held = set().union(*(set(v.tolist()) for v in split.heldout.values()))
     sampler = DomainBatchSampler(split.train, 32, {"a": 0.2, "b": 0.3, "c": 0.5}, min_count=1, seed=5)

@@ -1,4 +1,4 @@
-"""Variance-Aware sampling: the allocation rule, its integer rounding and the Salmani §9A/§9B targets."""
+"""Variance-Aware sampling: the allocation rule, its rounding and docs/reproduction.md's acceptance checks."""
 
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ def best_integer_allocation(a: list[float], total: int) -> float:
     st.floats(1e-3, 1e3),
 )
 def test_rounded_allocation_is_optimal_or_within_one_unit(alpha1: float, v1: float, v2: float) -> None:
-    """Salmani §9A.3: for K = 2, B = 32 the rounded VA allocation minimises Σ a_i²/b_i, or is one off."""
+    """Check A.3: for K = 2, B = 32 the rounded VA allocation minimises Σ a_i²/b_i, or is one off."""
     alpha = [alpha1, 1.0 - alpha1 + 1e-3]
     _, after = va_step(alpha, [v1, v2], batch_size=32)
     b = [round(float(q) * 32) for q in after.sampling]
@@ -89,7 +89,7 @@ def test_rounded_allocation_is_optimal_or_within_one_unit(alpha1: float, v1: flo
     st.data(),
 )
 def test_allocation_invariants(alpha: list[float], data: st.DataObject) -> None:
-    """Salmani §9A.4: Σb = B, b_i ≥ 1 for active domains, permutation equivariance, scale invariance."""
+    """Check A.4: Σb = B, b_i ≥ 1 for active domains, permutation equivariance, scale invariance."""
     k = len(alpha)
     variance = data.draw(st.lists(st.floats(1e-2, 1e2), min_size=k, max_size=k))
     before, after = va_step(alpha, variance, batch_size=64)

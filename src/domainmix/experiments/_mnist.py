@@ -1,4 +1,4 @@
-"""Digits for the ``mlp`` experiment (Salmani et al. 2025, §7.3): a clean group and a label-noise group.
+"""Digits for the ``mlp`` experiment (arXiv:2511.06913, Fig. 3): a clean group and a label-noise group.
 
 Two offline sources, chosen explicitly (never one in place of the other, never a download):
 

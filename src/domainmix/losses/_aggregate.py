@@ -106,9 +106,10 @@ def weighted_loss(
     .. math:: \mathcal{L} = \frac{1}{N} \sum_{x} \frac{\alpha_{d(x)}}{q_{d(x)}}\, \ell(x),
         \qquad \mathbb{E}_{x \sim q}\,\mathcal{L} = \sum_i \alpha_i L_i ,
 
-    so its gradient is an unbiased estimate of ∇ Σ_i α_i L_i whatever q is (Salmani et al. 2025, §2;
-    DoReMi's proxy loss uses the same α/q factor). Pass the multipliers of the distribution the sampler
-    *realised* (``WeightingController.loss_multipliers()`` does): a stratified sampler's rounded counts.
+    so its gradient is an unbiased estimate of ∇ Σ_i α_i L_i whatever q is (Salmani et al. 2025,
+    arXiv:2511.06913; docs/algorithms.md §3; DoReMi's proxy loss uses the same α/q factor). Pass the
+    multipliers of the distribution the sampler *realised* (``WeightingController.loss_multipliers()``
+    does): a stratified sampler's rounded counts.
 
     ``normalize="per_domain"`` averages within each domain present in the batch and mixes the means by α,
     renormalised over the present domains:
