@@ -7,23 +7,27 @@ and, where there is one, the controller's step) on its own copy of the same init
 same fixed pool of batches:
 
 * ``plain``: mean per-token cross entropy, backward, step. The baseline.
-* ``uniform``: the library's bookkeeping with a static strategy (``weighted_loss`` with the controller's
-  loss multipliers, ``domain_losses`` into the collector, ``controller.step()``).
+* ``uniform``: the library's bookkeeping with a static strategy (``controller.record()`` around the
+  forward, ``controller.step(losses, ids)``, ``weighted_loss`` with the controller's loss multipliers;
+  a statistics-free strategy reduces nothing per step).
 * ``doremi_cached``: DoReMi's proxy step (``combine(loss=doremi(), sampling=uniform())``,
   ``update_every=1``) with the reference model's per-token losses read from a precomputed fp16 cache
-  indexed by the batch's example ids (docs/algorithms.md §1.4): no reference forward.
+  indexed by the batch's example ids (a ``ReferenceLossProbe``, docs/algorithms.md §1.4): no reference
+  forward.
 * ``doremi_reference_forward`` (informative): the same, with a frozen reference GPT's forward under
   ``torch.inference_mode()`` every step instead of the cache: what the cache saves (docs/algorithms.md §1.4).
 * ``doge_subset``: DoGE updating every step (``combine(loss=doge(lr), sampling=uniform())``): the
   products of the per-domain mean gradients on the last transformer block + final LayerNorm from a
   ``GradientProductTap`` (one backward to the subset's layer outputs, then per-domain weight gradients
-  in closed form), into the collector, ``controller.step()``, then the ordinary weighted backward.
+  in closed form) through a ``GradientProductProbe`` in ``controller.step(losses, ids)``, then the
+  ordinary weighted backward.
 * ``doge_last_mlp``: the same on the last block's MLP only (a smaller subset), and ``doge_last_mlp_out``
   on its output projection only (one weight matrix and bias, the smallest subset tried).
 * ``doge_all_blocks`` (informative): the tap on every block and the final LayerNorm (every parameter
   but the token and position embeddings).
 * ``doge_subset_autograd`` (informative): the ``doge_subset`` products from
-  ``domain_gradient_products`` (one ``autograd.grad`` per domain on the subset, docs/algorithms.md §2.4),
+  ``domain_gradient_products`` (one ``autograd.grad`` per domain on the subset, docs/algorithms.md §2.4;
+  a small ``Probe`` subclass here),
   the general path for subsets that are not Linear/LayerNorm layers. The two paths' agreement on one
   batch is reported.
 

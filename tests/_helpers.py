@@ -134,7 +134,8 @@ def full_stats(k: int, step: int, seed: int = 0) -> DomainStats:
     """Every declared statistic filled with deterministic, plausible values (all present).
 
     Derived from the statistics table: counts are positive integers, (k, k) statistics are Gram
-    matrices of random gradients, everything else is positive.
+    matrices of random gradients, everything else is positive; the built-in gradient products then come
+    from one gradient matrix.
     """
     g = torch.Generator().manual_seed(1000 * seed + step)
     values: dict[str, Tensor] = {}
@@ -146,6 +147,13 @@ def full_stats(k: int, step: int, seed: int = 0) -> DomainStats:
             values[name] = grads @ grads.T
         else:
             values[name] = (0.5 + torch.rand(k, generator=g, dtype=torch.float64)) * 2.0
+    # The gradient products of one set of gradients, so DoGE's inputs agree with one another.
+    grads = torch.randn(k, 4, generator=g, dtype=torch.float64)
+    values.update(
+        grad_dot=grads @ grads.T,
+        grad_sq_norm=(grads * grads).sum(1),
+        target_grad_dot=grads @ torch.randn(4, generator=g, dtype=torch.float64),
+    )
     return DomainStats(step=step, **values)  # type: ignore[arg-type]
 
 

@@ -58,6 +58,18 @@ def test_bad_declarations_name_the_field(row: dict, message: str) -> None:
         Statistic(**row)
 
 
+def test_reserved_names_are_exactly_domain_stats_members() -> None:
+    members = {name for name in dir(DomainStats) if not name.startswith("_")} | {"step"}
+    assert members - {"loss", "count"} == table.RESERVED  # loss and count are statistics themselves
+    with pytest.raises(ValueError, match="'name'"):
+        Statistic("present", ("k",), "toy", "estimate", "would shadow DomainStats.present")
+
+
+def test_an_always_present_matrix_statistic_is_a_zero_matrix(scratch_table: None) -> None:
+    register_statistic(Statistic("pair", ("k", "k"), "toy", "estimate", "a matrix", always=True))
+    assert StatsCollector(3).summarize(1)["pair"].tolist() == [[0.0] * 3] * 3
+
+
 def test_redeclaring_a_name_differently_is_refused(scratch_table: None) -> None:
     with pytest.raises(ValueError, match="already declared"):
         register_statistic(Statistic("loss", ("k",), "train", "variance", "not the loss"))
@@ -114,14 +126,17 @@ def spread_strategy() -> strategies.Strategy:
 
 
 def test_a_new_statistic_is_one_row_one_probe_one_strategy(scratch_table: None) -> None:
-    touched = [
-        register_statistic(Statistic("loss_max", ("k",), "toy_probe", "estimate", "largest loss per domain")),
-        SpreadProbe,
-        spread_strategy,
-    ]
-    assert len(touched) == 3  # nothing else of the library was edited or subclassed
+    """Three places are touched: this row, SpreadProbe and spread_strategy; everything else follows."""
+    register_statistic(Statistic("loss_max", ("k",), "toy_probe", "estimate", "largest loss per domain"))
+    # Everything that derives from the table knows the new statistic without being edited:
     assert "loss_max" in table.markdown_table()
+    assert "loss_max" in StatsCollector(2).estimates
+    assert "loss_max" in make_stats(2).fields and make_stats(2).loss_max is None
     assert SpreadProbe().provides == {"loss_max"}
+    strategy = spread_strategy()
+    w = DomainWeights.create(["a", "b"])
+    with pytest.raises(ValueError, match="'loss_max' must have shape"):
+        strategy.update(w, strategy.init(w), make_stats(2, loss_max=[1.0, 2.0, 3.0]))
 
     names = ("a", "b")
     controller = WeightingController(

@@ -2,8 +2,8 @@
 
 Every writer goes through a temporary file in the target's folder and ``os.replace``, which is atomic
 within one file system (hence the same folder). If the writer fails, the temporary file is removed and the
-previous file, if any, is left as it was. There is no ``fsync``: the guarantee is against crashes of the
-writing process and concurrent readers, not against power loss.
+previous file, if any, is left as it was. The temporary file is flushed to disk (``fsync``) before the
+rename, so a crash of the machine right after it cannot leave a renamed but empty file either.
 """
 
 from __future__ import annotations
@@ -46,6 +46,8 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{target.suffix}")
     try:
         yield temporary
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)

@@ -12,14 +12,18 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 Reduction = Literal["mean", "variance", "count", "estimate"]
-REDUCTIONS: tuple[str, ...] = ("mean", "variance", "count", "estimate")
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 # Reductions computed from a loss stream's (sum, count, sum of squares); "estimate" rows average the
 # finished estimates a probe hands in (one per micro-batch or window).
 LOSS_REDUCTIONS: frozenset[str] = frozenset({"mean", "variance", "count"})
 SHAPES: tuple[tuple[str, ...], ...] = (("k",), ("k", "k"))
+# DomainStats' own members: a statistic of one of these names could not be read as an attribute.
+RESERVED: frozenset[str] = frozenset(
+    {"step", "fields", "get", "items", "replace", "as_dict", "num_domains", "present", "is_finite"}
+)
 
 
 @dataclass(frozen=True)
@@ -49,9 +53,9 @@ class Statistic:
 
     def __post_init__(self) -> None:
         problems = []
-        if not self.name.isidentifier() or self.name.startswith("_") or self.name == "step":
+        if not self.name.isidentifier() or self.name.startswith("_") or self.name in RESERVED:
             problems.append(
-                f"'name' must be a public identifier other than 'step'. Got {self.name!r} instead."
+                f"'name' must be a public identifier, none of {sorted(RESERVED)}. Got {self.name!r} instead."
             )
         if self.shape not in SHAPES:
             problems.append(f"'shape' must be one of {list(SHAPES)}. Got {self.shape!r} instead.")

@@ -231,10 +231,14 @@ class WeightingController:
     # ----------------------------------------------------------------------------------------------
     @contextmanager
     def record(self) -> Iterator[None]:
-        """A context for the training forward: the probes that hook it (gradient taps) record in it."""
+        """A context for the training forward: the probes that hook it (gradient taps) record in it.
+
+        Nothing records on the steps of a warm-up window, which :meth:`step` does not observe either.
+        """
         with ExitStack() as stack:
-            for probe in self._probes:
-                stack.enter_context(probe.record())
+            if not self.stat_free and self._window_counts():
+                for probe in self._probes:
+                    stack.enter_context(probe.record())
             yield
 
     def step(
@@ -256,9 +260,9 @@ class WeightingController:
             mask: optional 0/1 mask with the shape of ``losses`` (padding = 0).
             indices: optional (N,) dataset indices of the batch, for probes that read per-example caches.
         """
-        if losses is not None and not self.stat_free and self._window_counts():
-            if domain_ids is None:
-                raise param_error("WeightingController.step", "domain_ids", "a tensor with losses", None)
+        if losses is not None and domain_ids is None:
+            raise param_error("WeightingController.step", "domain_ids", "a tensor with losses", None)
+        if losses is not None and domain_ids is not None and not self.stat_free and self._window_counts():
             if self._reads_train:
                 k = self._collector.num_domains
                 self._collector.observe(domain_losses(losses.detach(), domain_ids, k, mask))

@@ -7,8 +7,9 @@ re-estimates v_i from 64 examples per domain every 100 steps, so a single window
 slot or two of 32 around its converged value.
 
 * check B.8 ("FGLS+VA ≤ 0.65 × uniform and ≤ min(FGLS, VA) at step 2000 in fig1def") is checked on 20
-  seeds (to step 2000 only): seeds 0-4 give 0.653, with per-seed ratios from 0.54 to 0.81, so five
-  seeds cannot tell SIM's 0.61 from 0.65; twenty give 0.603, and FGLS+VA within 1 % of FGLS alone.
+  seeds (to step 2000 only): seeds 0-4 gave 0.653 under the former step order and give 0.660 under the
+  one of docs/design.md ("One step"), with per-seed ratios from 0.54 to 0.81, so five seeds cannot tell
+  SIM's 0.61 from 0.65; twenty gave 0.603, and FGLS+VA within 1 % of FGLS alone.
 * check B.7's "final error with VA within ±10 % of its twin": in fig4abc VA ends 12 % *lower*, closer to
   the closed-form error floor both share (uniform has not reached it by step 10,000; at 30,000
   steps the two end within 1 %). Asserted: VA is

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.typing import NDArray
 
+from domainmix._atomic import atomic_path
 from domainmix._validation import Interval, check_param, param_error
 
 if TYPE_CHECKING:
@@ -78,10 +79,8 @@ def train_bpe(
     files = [str(corpus.path(domain, "train")) for domain in corpus.domains]
     model.train(files, vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False)
     target = Path(out) if out is not None else bpe_path(corpus.root, vocab_size)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    temporary = target.with_name(f".{target.name}.tmp")
-    model.save(str(temporary))
-    os.replace(temporary, target)
+    with atomic_path(target) as temporary:
+        model.save(str(temporary))
     return target
 
 

@@ -9,6 +9,7 @@ check on load, and the choice of the next block of batches to plan.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
 
@@ -43,7 +44,7 @@ class Planned(NamedTuple):
     plan: SlotPlan
 
 
-class DomainMixer:
+class DomainMixer(ABC):
     """Base of :class:`DomainBatchSampler` and :class:`DomainMixingIterable` (the shared half).
 
     Subclasses validate their own arguments (with ``check_mix_options``) before calling ``__init__``, and
@@ -94,13 +95,13 @@ class DomainMixer:
         self._schedule = WeightSchedule(names, sizes, mode, batch_size * self._world, min_count)
         self._schedule.set(0, self._schedule.check(caller, "weights", weights))
 
+    @abstractmethod
     def _clock(self) -> int:
         """The global batch that the next yielded item belongs to."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _replan(self) -> None:
         """Drop planned batches (the weights or the epoch changed)."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ weights
 

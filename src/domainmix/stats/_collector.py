@@ -134,7 +134,7 @@ class StatsCollector:
         for row in self._table.values():
             observed = _reduce(row, totals, self._k)
             if observed is None:
-                fields[row.name] = torch.zeros(self._k, dtype=torch.float64) if row.always else None
+                fields[row.name] = torch.zeros(row.dims(self._k), dtype=torch.float64) if row.always else None
             elif row.reduction == "count":  # counts are the window's own, never averaged
                 fields[row.name] = observed[0].clone()
             else:

@@ -220,6 +220,7 @@ class GradientProductProbe(Probe):
 
     @contextmanager
     def _record(self) -> Iterator[None]:
+        self._target_losses = None  # never keep a previous step's graph alive
         if self._tap is None and self._factory is not None:
             made = self._factory()
             if not isinstance(made, GradientProductTap):
