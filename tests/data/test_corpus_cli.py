@@ -41,7 +41,7 @@ def test_build_corpus_help_lists_the_options(capsys: pytest.CaptureFixture[str])
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        ([], "the following arguments are required: {build-corpus,verify,train-bpe}"),
+        ([], "the following arguments are required: {build-corpus,verify,audit,train-bpe}"),
         (["build-corpus"], "the following arguments are required: --out"),
         (["build-corpus", "--out", "x", "--max-bytes-per-domain", "lots"], "expected a byte count"),
         (["build-corpus", "--out", "x", "--seed", "one"], "invalid int value: 'one'"),
@@ -93,7 +93,7 @@ def test_builds_the_math_domain_and_a_bpe(tmp_path: Path, capsys: pytest.Capture
     argv = ["build-corpus", "--out", str(out), "--domains", "math", "--max-bytes-per-domain", "20K"]
     assert main([*argv, "--chunk-bytes", "1K", "--no-progress", "--bpe", "300"]) == 0
     printed = capsys.readouterr().out
-    assert "math" in printed and "domainmix math generator v1" in printed and "wrote" in printed
+    assert "math" in printed and "domainmix math generator v2" in printed and "wrote" in printed
     assert json.loads((out / "manifest.json").read_text())["max_bytes_per_domain"] == 20_000
     assert (out / "tokenizer-bpe300.json").is_file()
     assert main(["train-bpe", str(out), "--vocab-size", "280", "--out", str(tmp_path / "t.json")]) == 0

@@ -95,7 +95,9 @@ def test_stdlib_walk_skips_tests_tools_and_installed_packages(tmp_path: Path) ->
         "pkg/broken.py",
     ]
     code = dict(stdlib_code(root).read(None, 0))
-    assert code["alpha.py"].startswith('"""Alpha module.')
+    assert code["alpha.py"] == "\n\ndef f():\n    return 1\n"  # docstrings are the docs domain's
+    assert "pkg/broken.py" not in code  # its docstrings cannot be located: left out of code
+    assert stdlib_code(root).options["docstrings"] == "removed"
     docs = dict(stdlib_docstrings(root).read(None, 0))
     assert docs["alpha.py"] == "Alpha module.\n\nIt does alpha things.\n\nReturn one."
     assert docs["pkg/broken.py"] == ""  # a file that does not parse has no docstrings, and no error

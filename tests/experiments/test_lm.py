@@ -49,6 +49,13 @@ def test_reference_proxy_base(tmp_path: Path) -> None:
         assert trajectory["step"][-1] == TINY.proxy_steps
         assert {n: v[-1] for n, v in trajectory["mixture"].items()} == pytest.approx(written["final"])
         assert (tmp_path / name / "weights.png").stat().st_size > 0
+        scores = written[
+            "scores"
+        ]  # λ (DoReMi's excess loss) or W (DoGE's alignment), every domain, every step
+        assert scores["step"] == list(range(1, TINY.proxy_steps + 1))
+        logged = "excess_loss" if name == "doremi" else "target_grad_dot"
+        assert set(scores[logged]) == set(written["final"])
+        assert all(len(v) == TINY.proxy_steps for v in scores[logged].values())
     assert "tok.weight" not in result["doge_subset"]  # DoGE's subset skips the tied embedding
     base = lm.stage_base(TINY, tmp_path / "base", str(tmp_path / "doge" / "weights.json"))
     metrics = json.loads((tmp_path / "base" / "metrics.json").read_text())
@@ -100,3 +107,26 @@ def test_config_file_and_overrides_with_every_error_at_once(tmp_path: Path) -> N
     assert "'doge_selection_steps' must be <= proxy_steps (600)" in message
     code = lm.main(["--stage", "base", "--weights", "uniform", "--out", str(tmp_path), "--set", "lr=-1"])
     assert code == 2
+
+
+def test_doremi_guards_are_selectable_and_recorded(tmp_path: Path) -> None:
+    lm.stage_reference(TINY, tmp_path / "ref")
+    cfg = replace(TINY, doremi_delay=4, doremi_step_size=0.5)
+    lm.stage_proxy(cfg, tmp_path / "p", "doremi", tmp_path / "ref")
+    written = json.loads((tmp_path / "p" / "weights.json").read_text())
+    assert (written["config"]["doremi_delay"], written["config"]["doremi_step_size"]) == (4, 0.5)
+    assert lm.LmConfig().doremi_step_size == 0.1  # the default guard (docs/language-models.md)
+    assert written["final"] != pytest.approx(dict.fromkeys(written["final"], 1 / 6))  # moved from step 4
+    assert len(written["scores"]["step"]) == TINY.proxy_steps  # λ is logged during the delay too
+    never = lm.stage_proxy(
+        replace(cfg, doremi_delay=TINY.proxy_steps + 1), tmp_path / "n", "doremi", tmp_path / "ref"
+    )
+    assert never["final"] == pytest.approx(dict.fromkeys(never["final"], 1 / 6))  # held the whole run
+
+
+def test_doge_leave_one_out_needs_no_target_batch(tmp_path: Path) -> None:
+    cfg = replace(TINY, doge_target="leave_one_out")
+    written = lm.stage_proxy(cfg, tmp_path, "doge", None)
+    assert set(written["scores"]) == {"step", "grad_sq_norm"}  # W here is a row of the (k, k) grad_dot
+    with pytest.raises(ConfigError, match="'doge_target'"):
+        load_config(lm.LmConfig, None, {"doge_target": "mix"})

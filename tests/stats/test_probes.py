@@ -198,3 +198,34 @@ def test_controller_with_probes_resumes_exactly() -> None:
         return c.weights.mixture, c.weights.sampling
 
     assert_resume_equivalent(make, drive, midpoint=5, total=12)
+
+
+def test_universal_target_products_include_each_domains_own_term() -> None:
+    """DoGE's universal W_i = ⟨g_i, g_mix⟩ from a separate uniformly mixed batch, against autograd by hand."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(block_size=8, n_layer=1, n_head=2, n_embd=16)).double()
+    g = torch.Generator().manual_seed(2)
+    seq = torch.randint(0, 256, (6, 9), generator=g)
+    mix = torch.randint(0, 256, (3, 9), generator=g)  # one window of each domain: a uniform mix
+    ids = torch.tensor([0, 1, 2, 0, 1, 2])
+    params = [model.ln.weight, model.ln.bias]
+
+    def mix_losses() -> torch.Tensor:
+        return per_token_loss(model(mix[:, :-1]), mix[:, 1:])
+
+    probe = GradientProductProbe(GradientProductTap(model.ln), target=mix_losses)
+    assert probe.provides == {"grad_dot", "grad_sq_norm", "target_grad_dot"}
+    c = StatsCollector(K)
+    with probe.record():
+        per_token = per_token_loss(model(seq[:, :-1]), seq[:, 1:])
+    probe.observe_step(c, StepLosses(per_token, ids))
+    got = c.summarize(1).target_grad_dot
+
+    def flat_grad(loss: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.flatten() for t in torch.autograd.grad(loss, params, retain_graph=True)])
+
+    losses = per_token_loss(model(seq[:, :-1]), seq[:, 1:])
+    g_mix = flat_grad(mix_losses().mean())
+    for i in range(K):
+        g_i = flat_grad(losses[ids == i].mean())
+        torch.testing.assert_close(got[i], g_i @ g_mix, rtol=1e-9, atol=1e-12)

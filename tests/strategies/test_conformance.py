@@ -104,6 +104,7 @@ STRATEGIES = [
     row("doremi", lambda k: S.doremi()),
     row("doremi_proxy", lambda k: S.combine(loss=S.doremi(0.5, 0.01), sampling=S.uniform())),
     row("doge", lambda k: S.doge(1e-3)),
+    row("doge_leave_one_out", lambda k: S.doge(1e-3, target="leave_one_out")),
     row(
         "doge_out_of_domain",
         lambda k: S.doge(lambda step: 1e-3 / (1 + step), target="out_of_domain", mu=0.05),

@@ -1,4 +1,5 @@
-"""DoGE: one hand-computed step (universal and out-of-domain), clipping, stale scores, arguments."""
+"""DoGE: hand-computed steps (universal with its self term, leave-one-out, out-of-domain), clipping,
+stale scores, arguments."""
 
 from __future__ import annotations
 
@@ -16,9 +17,32 @@ def stats_for(grads: torch.Tensor, **fields):
     return make_stats(3, step=10, grad_dot=grads @ grads.T, grad_sq_norm=(grads * grads).sum(1), **fields)
 
 
-def test_universal_step_by_hand() -> None:
+def test_universal_includes_each_domains_own_term() -> None:
+    """W_i = ⟨g_i, g_mix⟩ with g_mix the gradient of a uniformly mixed batch: the self term is in it."""
     eta, mu = 0.01, 0.05
+    g_mix = GRADS.mean(0)  # a uniformly mixed target batch's mean gradient
     strategy = S.doge(eta, mu=mu, score_clip=(-100.0, 100.0))
+    weights = DomainWeights.create(["a", "b", "c"])
+    new, state = strategy.update(
+        weights, strategy.init(weights), stats_for(GRADS, target_grad_dot=GRADS @ g_mix)
+    )
+    gram = GRADS @ GRADS.T
+    w = gram.sum(1) / 3  # ⟨g_i, (1/k) Σ_j g_j⟩ = (Σ_{j≠i} ⟨g_i, g_j⟩ + ‖g_i‖²) / k
+    torch.testing.assert_close(w, (gram.sum(1) - gram.diagonal() + gram.diagonal()) / 3)
+    assert w.tolist() == pytest.approx([1 / 3, 2.5 / 3, -0.25 / 3])  # hand: (0+1, 0.5+2, -1.5+1.25) / 3
+    scores = eta * w / (GRADS.norm(dim=1).mean() + 1e-6)
+    expected = torch.softmax(torch.log(torch.full((3,), 1 / 3, dtype=torch.float64)) + scores / mu, 0)
+    torch.testing.assert_close(new.mixture, expected)
+    # Without the self term (leave_one_out) domain a, which only helps itself, gets no credit at all.
+    _, loo = S.doge(eta, target="leave_one_out", mu=mu, score_clip=(-100.0, 100.0)).update(
+        weights, strategy.init(weights), stats_for(GRADS)
+    )
+    assert float(loo.states[0].scores[0]) == 0.0 < float(state.states[0].scores[0])
+
+
+def test_leave_one_out_step_by_hand() -> None:
+    eta, mu = 0.01, 0.05
+    strategy = S.doge(eta, target="leave_one_out", mu=mu, score_clip=(-100.0, 100.0))
     weights = DomainWeights.create(["a", "b", "c"])
     new, _ = strategy.update(weights, strategy.init(weights), stats_for(GRADS))
     gram = GRADS @ GRADS.T
@@ -32,7 +56,7 @@ def test_universal_step_by_hand() -> None:
 
 
 def test_default_clip_never_rewards_negative_transfer() -> None:
-    strategy = S.doge(0.01, mu=0.05)  # clip to [0, 5η]: negative alignment scores 0
+    strategy = S.doge(0.01, target="leave_one_out", mu=0.05)  # clip to [0, 5η]: negative alignment scores 0
     weights = DomainWeights.create(["a", "b", "c"])
     new, state = strategy.update(weights, strategy.init(weights), stats_for(GRADS))
     scores = state.states[0].scores
@@ -52,7 +76,7 @@ def test_out_of_domain_and_learning_rate_schedule() -> None:
 
 
 def test_absent_domain_keeps_its_score() -> None:
-    strategy = S.doge(0.01, mu=0.05, score_clip=(-100.0, 100.0))
+    strategy = S.doge(0.01, target="leave_one_out", mu=0.05, score_clip=(-100.0, 100.0))
     weights = DomainWeights.create(["a", "b", "c"])
     _, state = strategy.update(weights, strategy.init(weights), stats_for(GRADS))
     before = state.states[0].scores.clone()
@@ -74,7 +98,7 @@ def test_bad_arguments() -> None:
 
 def test_stale_score_keeps_its_step_size_and_zero_weight_stays_zero() -> None:
     mu = 0.05
-    strategy = S.doge(lambda step: 0.1 / step, mu=mu, score_clip=(-100.0, 100.0))
+    strategy = S.doge(lambda step: 0.1 / step, target="leave_one_out", mu=mu, score_clip=(-100.0, 100.0))
     weights = DomainWeights.create(["a", "b", "c"], [0.5, 0.5, 0.0])
     first, state = strategy.update(weights, strategy.init(weights), stats_for(GRADS))  # step 10: η = 0.01
     exponent = state.states[0].scores.clone()  # s / µ, computed with η_10

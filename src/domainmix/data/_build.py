@@ -3,7 +3,10 @@
 Selection: a finite source's documents are read in full and ordered by ``sha256(seed, "order", domain,
 doc_id)`` (a uniform sample whatever the size cap, unlike name order, which would keep only plays
 A to H), chunked, and taken piece by piece until the next piece would pass ``max_bytes_per_domain``.
-Generated domains are taken in generation order. Splitting is per piece (see ``_split.py``).
+Generated domains are taken in generation order. Before chunking, a document that repeats or nearly
+repeats documents taken before it is dropped (``_clean.py``). Splitting is per piece (see ``_split.py``).
+Last, the line overlap of every held-out split with every train split is measured (``_audit.py``) and a
+corpus above the limits is refused: no manifest is written.
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from typing import Any
 import domainmix
 from domainmix._atomic import atomic_write_bytes
 from domainmix._validation import Interval, check_param, param_error
+from domainmix.data._audit import overlap_error, overlaps, overlaps_json
+from domainmix.data._clean import NEAR_DUPLICATE_CONTAINMENT, NearDuplicateFilter
 from domainmix.data._corpus import MANIFEST, MANIFEST_FORMAT, Corpus, CorpusError, load_corpus
 from domainmix.data._download import fetch_package
 from domainmix.data._files import sha256_file
@@ -36,6 +41,13 @@ SELECTION_RULE = (
     "sources: generation order. Each document is cut into pieces of whole lines of at most chunk_bytes "
     "bytes; pieces are taken in order until the next would pass max_bytes_per_domain (each piece counts "
     "its bytes plus one separator newline)."
+)
+DEDUP_RULE = (
+    "in selection order, a document is dropped when its normalised text (lines stripped, whitespace "
+    "collapsed, case-folded) equals a kept document's, or when more than "
+    f"{NEAR_DUPLICATE_CONTAINMENT:.0%} of its distinct normalised lines of at least 20 characters occur in "
+    "the documents kept before it (within its domain); the code domain's docstrings are removed at reading "
+    "(the docs domain is made of them)."
 )
 
 
@@ -78,7 +90,10 @@ def build_corpus(
     Raises:
         ValueError: a bad argument (the library's single message shape).
         SourceError: a source could not be downloaded or failed its checksum; no domain is skipped.
-        CorpusError: a domain produced fewer than three pieces (raise the cap or lower ``chunk_bytes``).
+        CorpusError: a domain produced fewer than three pieces (raise the cap or lower ``chunk_bytes``),
+            or a held-out split shares more lines with a train split than its limit allows (the message
+            names the pair, the rate and the limit; see ``domainmix data audit``). No manifest is then
+            written.
         ImportError: ``progress`` without ``tqdm`` installed.
     """
     caller = "build_corpus"
@@ -95,13 +110,26 @@ def build_corpus(
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST).unlink(missing_ok=True)
     entries = {}
+    texts: dict[str, dict[str, str]] = {name: {} for name in SPLITS}
     for name in chosen:
         bar = bar_factory(name, max_bytes) if bar_factory else None
         try:
-            entries[name] = _build_domain(out, sources[name], cache, max_bytes, chunk, seed, fractions, bar)
+            entries[name], written = _build_domain(
+                out, sources[name], cache, max_bytes, chunk, seed, fractions, bar
+            )
         finally:
             if bar is not None:
                 bar.close()
+        for split, text in written.items():
+            texts[split][name] = text
+    rows = overlaps(texts["train"], texts)
+    refused = [overlap_error(row) for row in rows if row.exceeded]
+    if refused:
+        listed = "\n".join(f"- {line}" for line in refused)
+        raise CorpusError(
+            f"The corpus in {out} leaks text from its train splits into its held-out splits; it is left "
+            f"without a manifest:\n{listed}\nCheck the sources for duplicated documents."
+        )
     manifest = {
         "format": MANIFEST_FORMAT,
         "created_by": "domainmix.data.build_corpus",
@@ -111,8 +139,10 @@ def build_corpus(
         "chunk_bytes": chunk,
         "seed": seed,
         "selection": SELECTION_RULE,
+        "deduplication": DEDUP_RULE,
         "split": {"fractions": dict(zip(SPLITS, fractions, strict=True)), "rule": split_rule(fractions)},
         "domains": entries,
+        "overlap": overlaps_json(rows),
     }
     atomic_write_bytes(out / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
     return load_corpus(out)
@@ -166,7 +196,8 @@ def _build_domain(
     seed: int,
     fractions: tuple[float, float, float],
     bar: Any,
-) -> dict[str, Any]:
+) -> tuple[dict[str, Any], dict[str, str]]:
+    """Write one domain's splits and index; return its manifest entry and its split texts."""
     domain = source.domain
     archive = None
     if source.package is not None:
@@ -176,7 +207,9 @@ def _build_domain(
     documents = _ordered(source, source.read(archive, seed), seed)
     available = len(documents) if isinstance(documents, list) else None
     _describe(bar, domain)
-    pieces, n_documents, truncated = _select(documents, max_bytes, chunk, bar)
+    unique = NearDuplicateFilter()
+    kept = (d for d in documents if unique.keep(d.text))  # lazily: only as far as the cap reads
+    pieces, n_documents, truncated = _select(kept, max_bytes, chunk, bar)
     if bar is not None:  # a source smaller than the cap ends the bar short of its total
         bar.total = bar.n
         bar.refresh()
@@ -187,10 +220,11 @@ def _build_domain(
             "and test. Raise max_bytes_per_domain or lower chunk_bytes."
         )
     assigned = assign_splits(pieces, domain=domain, seed=seed, fractions=fractions)
-    splits = {}
+    splits, texts = {}, {}
     for name in SPLITS:
         relative = f"{domain}/{name}.txt"
-        data = "\n".join(p.text for p in assigned[name]).encode("utf-8")
+        texts[name] = "\n".join(p.text for p in assigned[name])
+        data = texts[name].encode("utf-8")
         atomic_write_bytes(out / relative, data)
         splits[name] = {
             "file": relative,
@@ -215,12 +249,13 @@ def _build_domain(
         "options": dict(source.options),
         "documents": n_documents,
         "documents_available": available,
+        "near_duplicates_dropped": unique.dropped,
         "pieces": len(pieces),
         "truncated": truncated,
         "bytes": sum(s["bytes"] for s in splits.values()),
         "splits": splits,
         "index": {"file": index, "sha256": sha256_file(out / index)},
-    }
+    }, texts
 
 
 def _ordered(source: Source, documents: Iterable[Document], seed: int) -> list[Document] | Iterator[Document]:

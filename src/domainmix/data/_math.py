@@ -1,8 +1,11 @@
 """The generated ``math`` domain: arithmetic and school algebra, one worked problem per line.
 
-Document ``i`` depends only on ``(seed, i)`` (its own ``random.Random``, seeded with a string, which
-Python hashes with SHA-512, so the text is the same on every platform and Python version), so a bigger
-corpus extends a smaller one instead of reshuffling it.
+Every problem occurs once in the whole stream: the generator remembers the problems it has written and
+draws again on a repeat, so however the builder splits the documents, no test problem is also a training
+problem (version 1 repeated them: 38 % of the test lines were training lines). Document ``i`` depends on
+``(seed, i)`` and the documents before it (its own ``random.Random``, seeded with a string, which Python
+hashes with SHA-512, so the text is the same on every platform and Python version), so a bigger corpus
+extends a smaller one instead of reshuffling it.
 """
 
 from __future__ import annotations
@@ -12,24 +15,70 @@ import random
 from collections.abc import Callable, Iterator
 from fractions import Fraction
 
-__all__ = ["GENERATOR_VERSION", "PROBLEMS_PER_DOCUMENT", "math_document", "math_documents"]
+__all__ = [
+    "GENERATOR_VERSION",
+    "MAX_REDRAWS",
+    "PROBLEMS_PER_DOCUMENT",
+    "MathExhaustedError",
+    "math_document",
+    "math_documents",
+]
 
 PROBLEMS_PER_DOCUMENT = 40
-GENERATOR_VERSION = 1  # bump when the templates change: the same seed then gives other text
+# Bump when the templates or the drawing change: the same seed then gives other text. 2: no repeats.
+GENERATOR_VERSION = 2
+# Draws in a row that may repeat earlier problems before the stream gives up. The templates hold about
+# 2 million distinct problems; a 3 MB domain uses about 100,000 of them, where a draw repeats with
+# probability < 0.1, so 1,000 repeats in a row means the space is used up, not bad luck.
+MAX_REDRAWS = 1000
+
+
+class MathExhaustedError(RuntimeError):
+    """The generator has no new problems left for a stream this long."""
 
 
 def math_documents(seed: int) -> Iterator[tuple[str, str]]:
-    """Endless ``(doc_id, text)`` pairs: ``("000000", ...)``, ``("000001", ...)``, ..."""
+    """Endless ``(doc_id, text)`` pairs: ``("000000", ...)``, ``("000001", ...)``, ..., no problem twice.
+
+    Raises:
+        MathExhaustedError: (while iterating) the templates ran out of distinct problems.
+    """
+    seen: set[str] = set()
     index = 0
     while True:
-        yield f"{index:06d}", math_document(seed, index)
+        yield f"{index:06d}", _document(seed, index, seen)
         index += 1
 
 
 def math_document(seed: int, index: int) -> str:
-    """Document ``index`` of the stream for ``seed``: ``PROBLEMS_PER_DOCUMENT`` lines."""
+    """Document ``index`` of the stream for ``seed``.
+
+    The documents before it are generated too: they decide which problems are already taken.
+    """
+    for number, (_, text) in enumerate(math_documents(seed)):
+        if number == index:
+            return text
+    raise AssertionError("unreachable: the stream is endless")  # pragma: no cover
+
+
+def _document(seed: int, index: int, seen: set[str]) -> str:
     rng = random.Random(f"domainmix-math-v{GENERATOR_VERSION}:{seed}:{index}")
-    return "".join(rng.choice(_TEMPLATES)(rng) + "\n" for _ in range(PROBLEMS_PER_DOCUMENT))
+    lines: list[str] = []
+    repeats = 0
+    while len(lines) < PROBLEMS_PER_DOCUMENT:
+        line = rng.choice(_TEMPLATES)(rng)
+        if line in seen:
+            repeats += 1
+            if repeats > MAX_REDRAWS:
+                raise MathExhaustedError(
+                    f"The math generator found no new problem in {MAX_REDRAWS} draws after {len(seen):,} "
+                    "problems; build a smaller math domain (max_bytes_per_domain)."
+                )
+            continue
+        repeats = 0
+        seen.add(line)
+        lines.append(line + "\n")
+    return "".join(lines)
 
 
 def _arithmetic(rng: random.Random) -> str:

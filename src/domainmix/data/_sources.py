@@ -14,13 +14,13 @@ import platform
 import re
 import sysconfig
 import tarfile
-import warnings
 import zipfile
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
 
+from domainmix.data._clean import parse_python, strip_docstrings
 from domainmix.data._download import PackageSpec
 from domainmix.data._math import GENERATOR_VERSION, PROBLEMS_PER_DOCUMENT, math_documents
 
@@ -130,31 +130,41 @@ def _python_origin() -> str:
 
 
 def stdlib_code(root: Path | None = None) -> Source:
-    """Python source code: the standard library's ``.py`` files, one document per file."""
+    """Python source code: the standard library's ``.py`` files without their docstrings, one per file.
+
+    The docstrings are the ``docs`` domain (:func:`stdlib_docstrings`); left in, they made a third of
+    the docs test lines verbatim code training lines. :func:`~domainmix.data._clean.strip_docstrings`
+    removes them and keeps the code valid; a file that does not parse under the running interpreter
+    (or, as a guard, would not parse stripped) is left out, since its docstrings cannot be located.
+    """
 
     def read(archive: Path | None, seed: int) -> Iterator[Document]:
         del archive, seed
         for doc_id, path in stdlib_files(root):
-            yield Document(doc_id, path.read_text(encoding="utf-8", errors="replace"))
+            code = strip_docstrings(path.read_text(encoding="utf-8", errors="replace"))
+            if code is not None:
+                yield Document(doc_id, code)
 
     return Source(
         "code",
         _python_origin(),
         "PSF-2.0",
-        "one document per standard-library .py file (test suites, idlelib, lib2to3 left out)",
+        "one document per standard-library .py file, docstrings removed (test suites, idlelib, lib2to3 "
+        "and files that do not parse left out)",
         read,
-        options={"root": "stdlib" if root is None else str(root)},
+        options={"root": "stdlib" if root is None else str(root), "docstrings": "removed"},
     )
 
 
 def module_docstrings(source: str) -> list[str]:
-    """The docstrings of a module, its classes and functions, in source order (``[]`` if unparsable)."""
-    with warnings.catch_warnings():  # old escape sequences in some stdlib files warn on parse
-        warnings.simplefilter("ignore", SyntaxWarning)
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:
-            return []
+    """The docstrings of a module, its classes and functions, in source order (``[]`` if unparsable).
+
+    Parsed as :func:`~domainmix.data._clean.strip_docstrings` parses, so what ``docs`` takes from a file
+    is exactly what ``code`` leaves out of it.
+    """
+    tree = parse_python(source)
+    if tree is None:
+        return []
     kinds = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
     nodes = [n for n in ast.walk(tree) if isinstance(n, kinds)]
     nodes.sort(key=lambda n: getattr(n, "lineno", 0))
@@ -165,8 +175,8 @@ def stdlib_docstrings(root: Path | None = None) -> Source:
     """Technical prose: the standard library's docstrings, one document per module.
 
     PyPI has no package of Python's reST documentation, and the Debian one is not portable; docstrings
-    are the same authors' reference prose (argument semantics, return values, examples). They also occur
-    inside the ``code`` domain's files, a deliberate overlap, as in real web text.
+    are the same authors' reference prose (argument semantics, return values, examples). The ``code``
+    domain has them removed, so that no docs test line is a code training line.
     """
 
     def read(archive: Path | None, seed: int) -> Iterator[Document]:

@@ -5,17 +5,20 @@ Examples:
     domainmix data build-corpus --out corpus --domains code,drama,math --max-bytes-per-domain 500K
     domainmix data build-corpus --out corpus --bpe 4096           # and a BPE tokenizer beside it
     domainmix data verify corpus                                  # re-check every file's SHA-256
+    domainmix data audit corpus                                   # held-out/train line overlap
     domainmix data train-bpe corpus --vocab-size 8192
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import time
 from pathlib import Path
 
+from domainmix.data._audit import HELD_OUT, format_overlaps, overlaps, overlaps_json
 from domainmix.data._build import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_BYTES, build_corpus
 from domainmix.data._corpus import Corpus, CorpusError, load_corpus
 from domainmix.data._download import SourceError
@@ -23,7 +26,7 @@ from domainmix.data._sources import default_sources
 from domainmix.data._split import SPLITS
 from domainmix.data._tokenize import train_bpe
 
-__all__ = ["main", "parse_size"]
+__all__ = ["audit", "main", "parse_size"]
 
 _UNITS = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*?)B?\s*$")
@@ -50,7 +53,9 @@ def _parser() -> argparse.ArgumentParser:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.RawTextHelpFormatter,
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{build-corpus,verify,train-bpe}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{build-corpus,verify,audit,train-bpe}"
+    )
     domains = ", ".join(default_sources())
     build = commands.add_parser(
         "build-corpus",
@@ -90,6 +95,24 @@ def _parser() -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check every file of a corpus against its manifest")
     verify.add_argument("corpus", type=Path)
 
+    check = commands.add_parser(
+        "audit",
+        help="line overlap of every held-out split with every train split, against the limits",
+        description="Print, per held-out split, the share of each domain's held-out lines found in each\n"
+        "domain's train split (lines stripped, whitespace collapsed, case-folded; lines under 20\n"
+        "characters ignored), and the limits a build must meet (docs/algorithms.md §4.1).\n"
+        "Exit status 1 when a pair is above its limit.",
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    check.add_argument("corpus", type=Path)
+    check.add_argument(
+        "--split",
+        choices=[*HELD_OUT, "all"],
+        default="all",
+        help="which held-out split to check (default: all, i.e. validation and test)",
+    )
+    check.add_argument("--json", action="store_true", help="print JSON instead of tables")
+
     bpe = commands.add_parser("train-bpe", help="train a byte-level BPE on a corpus's train splits")
     bpe.add_argument("corpus", type=Path)
     bpe.add_argument("--vocab-size", type=int, default=4096)
@@ -108,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "build-corpus":
             return _build(args, prog)
+        if args.command == "audit":
+            return audit(args.corpus, split=args.split, as_json=args.json)
         if args.command == "verify":
             corpus = load_corpus(args.corpus)
             print(f"{args.corpus}: {len(corpus.domains)} domains, every file matches manifest.json")
@@ -121,6 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, ImportError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
+
+
+def audit(path: Path, *, split: str = "all", as_json: bool = False) -> int:
+    """Print the overlap tables (or JSON) of the corpus in ``path``; 0 when every pair is within its limit."""
+    corpus = load_corpus(path)
+    splits = HELD_OUT if split == "all" else (split,)
+    train = {domain: corpus.text(domain, "train") for domain in corpus.domains}
+    held_out = {s: {domain: corpus.text(domain, s) for domain in corpus.domains} for s in splits}
+    rows = overlaps(train, held_out, splits)
+    record = overlaps_json(rows)
+    print(json.dumps(record, indent=2) if as_json else format_overlaps(rows))
+    return 0 if record["passed"] else 1
 
 
 def _build(args: argparse.Namespace, prog: str) -> int:

@@ -252,12 +252,22 @@ class LmConfig:
     this pool, and the reference stage caches its losses on all of it."""
     eval_windows: int = 64
     """Validation and test windows per domain, evenly spaced through the split."""
-    doremi_step_size: float = 1.0
-    """DoReMi's exponentiated-gradient step η."""
+    doremi_step_size: float = 0.1
+    """DoReMi's exponentiated-gradient step η. 0.1, not the paper's 1: on this short a run the proxy
+    stays far from the reference, and with η = 1 α collapsed onto the domain of lowest reference loss
+    within a few steps (docs/language-models.md); the smaller step is one of the guards its maintainers
+    document."""
+    doremi_delay: int = 0
+    """Steps before DoReMi moves α (a delayed start: the untrained proxy's excess losses are ≈ ln 256 −
+    ℓ_ref, largest on the easiest domain); recorded in ``weights.json`` with the rest of the config."""
     doremi_smoothing: float = 1e-3
     """DoReMi's mixing with the uniform distribution c."""
     doge_mu: float = 0.01
     """DoGE's µ (mirror-descent regulariser)."""
+    doge_target: str = "universal"
+    """``universal``: W_i = ⟨g_i, g_mix⟩ against a separate uniformly mixed batch each step (the
+    reference code's; it includes domain i's own term); ``leave_one_out``: ⟨g_i, Σ_{j≠i} g_j⟩ from the
+    training batch alone."""
     doge_max_norm: float = 5.0
     """DoGE's clip of each domain's mean gradient before the products."""
     doge_selection: int = 0
@@ -296,6 +306,9 @@ class LmConfig:
             out, self, "be a finite number > 0", lambda v: math.isfinite(v) and v > 0, "doremi_step_size"
         )
         _require(out, self, "be in [0, 1)", lambda v: 0 <= v < 1, "doremi_smoothing")
+        _require(out, self, "be an int >= 0", lambda v: v >= 0, "doremi_delay")
+        targets = ("universal", "leave_one_out")
+        _require(out, self, f"be one of {list(targets)}", lambda v: v in targets, "doge_target")
         _require(out, self, "be an int >= 0", lambda v: v >= 0, "seed", "train_windows")
         _require(
             out,

@@ -50,6 +50,7 @@ from domainmix.stats import (
     Probe,
     ReferenceLossProbe,
     StepLosses,
+    statistics,
 )
 
 TRAJECTORY_EVERY = 10  # steps between the recorded mixtures of the weights' trajectory
@@ -126,14 +127,50 @@ def evaluate(model: GPT, windows: Windows) -> dict[str, float]:
     return {name: math.exp(float(s / c)) for name, s, c in zip(windows.names, losses, counts, strict=True)}
 
 
+class ScoreLog:
+    """Every step's per-domain values of the statistics a strategy reads, from the controller's log.
+
+    DoReMi's λ_i (``excess_loss``, the clipped excess loss its mirror step follows) and DoGE's W_i
+    (``target_grad_dot``) with ``grad_sq_norm``: what the weights' trajectory is explained by. The
+    training stream's own statistics (``loss``, ``count``) and matrices are left out.
+    """
+
+    def __init__(self, strategy: strategies.Strategy, names: tuple[str, ...]) -> None:
+        table = statistics()
+        self.names = names
+        self.fields = sorted(
+            n for n in strategy.requires if table[n].shape == ("k",) and table[n].source != "train"
+        )
+        self.steps: list[int] = []
+        self.values: dict[str, dict[str, list[float]]] = {f: {n: [] for n in names} for f in self.fields}
+
+    def record(self, entry: dict[str, Any]) -> None:
+        """The controller's ``log`` callable: keep this update's values (a skipped window has none)."""
+        if entry["skipped"] or not self.fields:
+            return
+        self.steps.append(int(entry["step"]))
+        for field in self.fields:
+            for name, value in zip(self.names, entry["stats"][field], strict=True):
+                self.values[field][name].append(value)
+
+    def as_dict(self) -> dict[str, Any]:
+        """``{"step": [...], statistic: {domain: [...]}}``."""
+        return {"step": self.steps, **self.values}
+
+
 def probes_for(
-    model: GPT, cfg: LmConfig, reference: np.ndarray | None, doge_tensors: list[str] | None
+    model: GPT,
+    cfg: LmConfig,
+    windows: Windows,
+    reference: np.ndarray | None,
+    doge_tensors: list[str] | None,
 ) -> tuple[list[Probe], GradientProductProbe]:
     """What a stage can observe: the cached reference losses (if any) and DoGE's gradient products.
 
     The products come from a :class:`GradientProductTap` on ``doge_tensors`` by name, by default the
     last block and the final LayerNorm (never the tied embedding); the tap is made only if the
-    controller chooses the probe.
+    controller chooses the probe. Their target (DoGE's universal mode, as the reference code runs it)
+    is a separate batch drawn uniformly over the training domains every step, with a sampler of its own.
     """
 
     def make_tap() -> GradientProductTap:
@@ -142,7 +179,21 @@ def probes_for(
         params = dict(model.named_parameters())
         return GradientProductTap(model.blocks, model.ln, only=[params[n] for n in doge_tensors])
 
-    products = GradientProductProbe(make_tap, max_norm=cfg.doge_max_norm)
+    mix = iter(
+        DomainBatchSampler(
+            windows.ranges,
+            cfg.batch_size,
+            dict.fromkeys(windows.names, 1.0),
+            min_count=1,
+            seed=cfg.seed + 1,  # a stream of its own: not the training batches
+        )
+    )
+
+    def mix_losses() -> torch.Tensor:
+        seq = windows.tokens[torch.as_tensor(next(mix))].long()
+        return per_token_loss(model(seq[:, :-1]), seq[:, 1:])
+
+    products = GradientProductProbe(make_tap, max_norm=cfg.doge_max_norm, target=mix_losses)
     probes: list[Probe] = [products]
     if reference is not None:
         cache = reference
@@ -180,8 +231,11 @@ def train(
     names = train_windows.names
     model = model_for(cfg, stage)
     sampler = DomainBatchSampler(train_windows.ranges, cfg.batch_size, min_count=1, seed=cfg.seed)
-    probes, products = probes_for(model, cfg, reference, doge_tensors)
-    controller = WeightingController(strategy, names, update_every=1, sampler=sampler, probes=probes)
+    probes, products = probes_for(model, cfg, train_windows, reference, doge_tensors)
+    score_log = ScoreLog(strategy, names)
+    controller = WeightingController(
+        strategy, names, update_every=1, sampler=sampler, probes=probes, log=score_log.record
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cosine_decay(t, horizon or steps))
     scores = CancellationScores(selection_candidates(model)) if score_cancellation else None
@@ -216,6 +270,8 @@ def train(
         chosen = {id(p) for p in products.tap.parameters()}
         info["doge_subset"] = [n for n, p in model.named_parameters() if id(p) in chosen]
     info.update(tokens_seen=tokens, train_seconds=time.perf_counter() - start, trajectory=trajectory)
+    if score_log.fields:
+        info["scores"] = score_log.as_dict()
     if scores is not None:
         info["cancellation"] = scores
     return model, controller, info
@@ -278,7 +334,8 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
                 "The cached reference losses were made from another corpus, block_size or train_windows."
             )
     selection = None
-    if "grad_dot" in strategy.requires and cfg.doge_selection != 0:
+    reads_products = any(statistics()[n].source == "gradient_products" for n in strategy.requires)
+    if reads_products and cfg.doge_selection != 0:
         # "Train a fresh proxy normally" (reference code): the first steps of the proxy's own schedule.
         _, _, pre = train(
             cfg,
@@ -306,7 +363,7 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
         reference=reference,
         doge_tensors=None if selection is None else selection["selected"],
     )
-    averaged = controller.averaged_weights()
+    averaged = controller.averaged_weights() or controller.weights  # None: the method never ran
     names = windows.names
     result = {
         "stage": "proxy",

@@ -56,7 +56,7 @@ def _oracle_gls(cfg: Any, ctx: MethodContext) -> Strategy:
 def _doge(cfg: Any, ctx: MethodContext) -> Strategy:
     if ctx.learning_rate is None:
         raise ValueError("The method 'doge' needs the proxy's learning-rate schedule.")
-    return strategies.doge(ctx.learning_rate, mu=cfg.doge_mu)
+    return strategies.doge(ctx.learning_rate, target=cfg.doge_target, mu=cfg.doge_mu)
 
 
 def _table(*rules: Rule) -> Mapping[str, Rule]:
@@ -97,7 +97,9 @@ PROXY_METHODS: Mapping[str, Rule] = _table(
     Rule(
         "doremi",
         "DoReMi: Group DRO on the excess loss over a reference model",
-        lambda cfg, ctx: strategies.doremi(cfg.doremi_step_size, cfg.doremi_smoothing),
+        lambda cfg, ctx: strategies.delay(
+            strategies.doremi(cfg.doremi_step_size, cfg.doremi_smoothing), cfg.doremi_delay
+        ),
     ),
     Rule("doge", "DoGE: mirror ascent on the per-domain gradient alignment", _doge),
 )

@@ -22,7 +22,7 @@ ScoreFn = Callable[[DomainStats, DomainWeights], Tensor]
 def doge(
     learning_rate: float | Callable[[int], float],
     *,
-    target: Literal["universal", "out_of_domain"] = "universal",
+    target: Literal["universal", "out_of_domain", "leave_one_out"] = "universal",
     mu: float = 0.01,
     score_clip: tuple[float, float] = (0.0, 5.0),
     smoothing: float = 0.0,
@@ -30,9 +30,17 @@ def doge(
     r"""DoGE: mirror ascent on how much each domain's gradient helps the target loss.
 
     One proxy SGD step θ⁺ = θ − η_t Σ_i α_i g_i changes the target loss by ≈ −η_t Σ_i α_i W_i, with the
-    generalization estimation W_i = ⟨g_i, Σ_{j≠i} g_j⟩ (``target="universal"``, from ``grad_dot``) or
-    W_i = ⟨g_i, g_target⟩ (``"out_of_domain"``, from ``target_grad_dot``). As in the reference code the
-    score is normalised by the mean gradient norm and clipped,
+    generalization estimation W_i = ⟨g_i, g_target⟩ (``target_grad_dot``). The target decides the mode:
+
+    * ``"universal"``: g_target is the gradient of a separate, uniformly mixed batch of the training
+      domains, as the reference code runs it. W_i then includes domain i's own term (≈ ‖g_i‖² / k, the
+      part of the mixed batch that is domain i): a domain that mostly helps itself gets credit for it.
+    * ``"out_of_domain"``: g_target is the gradient of a batch of a held-out target domain.
+    * ``"leave_one_out"``: W_i = ⟨g_i, Σ_{j≠i} g_j⟩ from the training batch's own ``grad_dot`` (no target
+      batch, one forward less; the paper's formula without the self term, biased against self-helping
+      domains). Using the same batch's ⟨g_i, g_i⟩ instead would add its noise ‖g_i − E g_i‖² to W_i.
+
+    As in the reference code the score is normalised by the mean gradient norm and clipped,
 
     .. math::
         s_i = \mathrm{clip}\Big(\frac{\eta_t W_i}{\overline{\lVert g \rVert} + 10^{-6}},\
@@ -49,15 +57,14 @@ def doge(
     The strategy is the chain ``exponentiated_gradient(s / µ, step 1) → mix_uniform(ε) →
     track_average()``: the same mirror step as DoReMi's, around DoGE's score.
 
-    Deviations from the reference code, on purpose (``docs/algorithms.md`` §2.5): the universal target is
-    the j ≠ i sum over the training domains (the paper's formula); the reference code instead aligns
-    each g_i with a separate uniform "mix" stream, self-alignment included (P2): use
-    ``"out_of_domain"`` with a held-out mix gradient for that. The proxy samples uniformly and α only
-    reweights the loss (``combine(loss=doge(...), sampling=uniform())``), as in the reference code (P1).
+    The proxy samples uniformly and α only reweights the loss (``combine(loss=doge(...),
+    sampling=uniform())``), as in the reference code (``docs/algorithms.md`` §2.5). ``universal`` and
+    ``out_of_domain`` compute the same thing from ``target_grad_dot``; the loop decides what the target
+    batch is (``GradientProductProbe(tap, target=...)``).
 
     Args:
         learning_rate: η_t, the proxy optimizer's step size: a float or a function of the step.
-        target: ``"universal"`` or ``"out_of_domain"``.
+        target: ``"universal"``, ``"out_of_domain"`` or ``"leave_one_out"``.
         mu: the Bregman coefficient µ > 0 (reference: 0.01 universal, 0.05 out-of-domain).
         score_clip: (d_min, d_max), the clip range in units of η_t (reference: (0, 5)).
         smoothing: ε in [0, 1].
@@ -68,25 +75,30 @@ def doge(
     """
     if not callable(learning_rate):
         check_param("doge", "learning_rate", learning_rate, Interval(float, 0.0, None, closed="neither"))
-    check_param("doge", "target", target, Options(("universal", "out_of_domain")))
+    check_param("doge", "target", target, Options(("universal", "out_of_domain", "leave_one_out")))
     check_param("doge", "mu", mu, Interval(float, 0.0, None, closed="neither"))
     check_param("doge", "smoothing", smoothing, Interval(float, 0.0, 1.0))
     clip = _check_clip(score_clip)
     rate = learning_rate if callable(learning_rate) else _constant(float(learning_rate))
-    universal = target == "universal"
-    needs = {"loss", "count", "grad_sq_norm", "grad_dot" if universal else "target_grad_dot"}
+    leave_one_out = target == "leave_one_out"
+    needs = {"loss", "count", "grad_sq_norm", "grad_dot" if leave_one_out else "target_grad_dot"}
     # Named doge_exponent, not doge_step: the state holds s/µ where the former doge_step held s, so a
     # checkpoint of the old form is refused by name (WeightingController.load_state_dict), not misread.
     return chain(
         exponentiated_gradient(
-            _exponent(rate, universal, clip, float(mu)), 1.0, requires=needs, name=f"doge_exponent({target})"
+            _exponent(rate, leave_one_out, clip, float(mu)),
+            1.0,
+            requires=needs,
+            name=f"doge_exponent({target})",
         ),
         mix_uniform(float(smoothing)),
         track_average(),
     )
 
 
-def _exponent(rate: Callable[[int], float], universal: bool, clip: tuple[float, float], mu: float) -> ScoreFn:
+def _exponent(
+    rate: Callable[[int], float], leave_one_out: bool, clip: tuple[float, float], mu: float
+) -> ScoreFn:
     r"""DoGE's score divided by µ: the increment of log α_i that ``exponentiated_gradient`` applies.
 
     .. math:: s_i / \mu = \mathrm{clip}\big(\eta_t W_i / (\overline{\lVert g \rVert} + 10^{-6}),\
@@ -103,7 +115,7 @@ def _exponent(rate: Callable[[int], float], universal: bool, clip: tuple[float, 
         del weights
         eta = float(rate(stats.step))
         present = stats.present
-        if universal:
+        if leave_one_out:
             # Absent domains' rows and columns are zero-filled products; mask them all the same.
             dots = stats["grad_dot"].to(torch.float64) * (present[:, None] & present[None, :])
             w = dots.sum(1) - dots.diagonal()
