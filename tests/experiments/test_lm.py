@@ -130,3 +130,25 @@ def test_doge_leave_one_out_needs_no_target_batch(tmp_path: Path) -> None:
     assert set(written["scores"]) == {"step", "grad_sq_norm"}  # W here is a row of the (k, k) grad_dot
     with pytest.raises(ConfigError, match="'doge_target'"):
         load_config(lm.LmConfig, None, {"doge_target": "mix"})
+
+
+def test_target_domain_is_held_out_of_every_training_batch(tmp_path: Path) -> None:
+    cfg = replace(TINY, target_domain="drama")
+    pool = lm.training_pool(cfg)
+    assert "drama" not in pool.names and len(pool.names) == 5
+    target_rows = {bytes(r.numpy()) for r in lm.load_windows(cfg, "train", None, ("drama",)).tokens}
+    assert not any(bytes(r.numpy()) in target_rows for r in pool.tokens)  # no target token in training
+    assert lm.target_pool(cfg).names == ("drama",)
+    lm.stage_reference(cfg, tmp_path / "ref")
+    doge = lm.stage_proxy(cfg, tmp_path / "doge", "doge", None)
+    assert set(doge["final"]) == set(pool.names)  # weights over the training domains only
+    assert set(doge["scores"]["target_grad_dot"]) == set(pool.names)  # W_i = ⟨g_i, g_drama⟩
+    base = lm.stage_base(cfg, tmp_path / "base", str(tmp_path / "doge" / "weights.json"))
+    assert (
+        base["target_domain"] == "drama"
+        and base["target_test_perplexity"] == base["test_perplexity"]["drama"]
+    )
+    trained = [v for n, v in base["test_perplexity"].items() if n != "drama"]
+    assert base["worst_test_perplexity"] == max(trained)
+    with pytest.raises(ValueError, match="target_domain 'poetry'"):
+        lm.training_pool(replace(TINY, target_domain="poetry"))

@@ -264,6 +264,10 @@ class LmConfig:
     """DoReMi's mixing with the uniform distribution c."""
     doge_mu: float = 0.01
     """DoGE's µ (mirror-descent regulariser)."""
+    target_domain: str = ""
+    """A domain held out of training, the reference and the proxies ("" : none, the universal setting).
+    DoGE then aligns with a batch of it every step (out-of-domain mode) and the base models report its
+    test perplexity (``target_test_perplexity``); average and worst are over the training domains."""
     doge_target: str = "universal"
     """``universal``: W_i = ⟨g_i, g_mix⟩ against a separate uniformly mixed batch each step (the
     reference code's; it includes domain i's own term); ``leave_one_out``: ⟨g_i, Σ_{j≠i} g_j⟩ from the

@@ -67,15 +67,26 @@ class Windows:
     sizes: dict[str, int]  # windows in each domain's whole split (the pool may hold fewer)
 
 
-@lru_cache(maxsize=8)  # --compare's seven stages read the same splits: verify and cut them once
-def load_windows(cfg: LmConfig, split: str, limit: int | None = None) -> Windows:
-    """Cut every domain's ``split`` into windows (at most ``limit`` per domain, evenly spaced)."""
+@lru_cache(maxsize=16)  # --compare's stages read the same splits: verify and cut them once
+def load_windows(
+    cfg: LmConfig, split: str, limit: int | None = None, domains: tuple[str, ...] | None = None
+) -> Windows:
+    """Cut each domain's ``split`` into windows (at most ``limit`` per domain, evenly spaced).
+
+    ``domains`` selects and orders the domains (default: every domain of the corpus).
+    """
     from domainmix.data import load_corpus
 
     corpus = load_corpus(cfg.corpus)
+    names = corpus.domains if domains is None else domains
+    unknown = sorted(set(names) - set(corpus.domains))
+    if unknown:
+        raise ValueError(
+            f"The corpus {cfg.corpus} has no domain {unknown}; its domains: {list(corpus.domains)}."
+        )
     width = cfg.block_size + 1
     parts, ranges, sizes, start = [], {}, {}, 0
-    for name in corpus.domains:
+    for name in names:
         data = corpus.tokens(name, split)
         n = len(data) // width
         if n == 0:
@@ -88,7 +99,7 @@ def load_windows(cfg: LmConfig, split: str, limit: int | None = None) -> Windows
         sizes[name] = n
         start += len(rows)
     domain = torch.cat([torch.full((len(p),), i) for i, p in enumerate(parts)])
-    return Windows(corpus.domains, torch.cat(parts), domain, ranges, sizes)
+    return Windows(tuple(names), torch.cat(parts), domain, ranges, sizes)
 
 
 def model_for(cfg: LmConfig, stage: str) -> GPT:
@@ -99,9 +110,34 @@ def model_for(cfg: LmConfig, stage: str) -> GPT:
     return GPT(GPTConfig(block_size=cfg.block_size, n_layer=layers, n_head=4, n_embd=width))
 
 
+def training_domains(cfg: LmConfig) -> tuple[str, ...]:
+    """Every domain of the corpus but the held-out ``target_domain`` (if any)."""
+    from domainmix.data import load_corpus
+
+    domains = load_corpus(cfg.corpus).domains
+    if cfg.target_domain and cfg.target_domain not in domains:
+        raise ValueError(
+            f"target_domain {cfg.target_domain!r} is not a domain of {cfg.corpus}; "
+            f"choose one of {list(domains)}."
+        )
+    return tuple(d for d in domains if d != cfg.target_domain)
+
+
 def training_pool(cfg: LmConfig) -> Windows:
-    """The training windows every stage draws from (``train_windows`` per domain)."""
-    return load_windows(cfg, "train", cfg.train_windows or None)
+    """The training windows every stage draws from (``train_windows`` per training domain)."""
+    return load_windows(cfg, "train", cfg.train_windows or None, training_domains(cfg))
+
+
+def target_pool(cfg: LmConfig) -> Windows:
+    """DoGE's target data: the held-out domain's training windows, or the training pool itself.
+
+    With ``target_domain`` set, the out-of-domain target batches come from that domain's training
+    split (its test split is for evaluation only); otherwise the universal target is a uniform mix of
+    the training domains.
+    """
+    if cfg.target_domain:
+        return load_windows(cfg, "train", cfg.train_windows or None, (cfg.target_domain,))
+    return training_pool(cfg)
 
 
 def window_losses(
@@ -159,19 +195,17 @@ class ScoreLog:
 
 
 def probes_for(
-    model: GPT,
-    cfg: LmConfig,
-    windows: Windows,
-    reference: np.ndarray | None,
-    doge_tensors: list[str] | None,
+    model: GPT, cfg: LmConfig, reference: np.ndarray | None, doge_tensors: list[str] | None
 ) -> tuple[list[Probe], GradientProductProbe]:
     """What a stage can observe: the cached reference losses (if any) and DoGE's gradient products.
 
     The products come from a :class:`GradientProductTap` on ``doge_tensors`` by name, by default the
     last block and the final LayerNorm (never the tied embedding); the tap is made only if the
-    controller chooses the probe. Their target (DoGE's universal mode, as the reference code runs it)
-    is a separate batch drawn uniformly over the training domains every step, with a sampler of its own.
+    controller chooses the probe. Their target batch, drawn every step by a sampler of its own from
+    :func:`target_pool`, is a uniform mix of the training domains (DoGE's universal mode, as the
+    reference code runs it) or a batch of the held-out ``target_domain`` (out-of-domain mode).
     """
+    windows = target_pool(cfg)
 
     def make_tap() -> GradientProductTap:
         if doge_tensors is None:
@@ -231,7 +265,7 @@ def train(
     names = train_windows.names
     model = model_for(cfg, stage)
     sampler = DomainBatchSampler(train_windows.ranges, cfg.batch_size, min_count=1, seed=cfg.seed)
-    probes, products = probes_for(model, cfg, train_windows, reference, doge_tensors)
+    probes, products = probes_for(model, cfg, reference, doge_tensors)
     score_log = ScoreLog(strategy, names)
     controller = WeightingController(
         strategy, names, update_every=1, sampler=sampler, probes=probes, log=score_log.record
@@ -393,16 +427,20 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
         alpha = json.loads(Path(weights).read_text(encoding="utf-8"))["averaged"]
     model, _, info = train(cfg, "base", strategies.fixed(alpha, alpha), windows, cfg.base_steps)
     del info["trajectory"]  # fixed weights
+    # Every domain is evaluated, the held-out target domain (if any) included.
     validation = evaluate(model, load_windows(cfg, "validation", cfg.eval_windows))
     test = evaluate(model, load_windows(cfg, "test", cfg.eval_windows))
+    trained = {n: v for n, v in test.items() if n != cfg.target_domain}
     result = {
         "stage": "base",
         "weights": weights,
+        "target_domain": cfg.target_domain or None,
+        "target_test_perplexity": test.get(cfg.target_domain) if cfg.target_domain else None,
         "sampling": {n: v / sum(alpha.values()) for n, v in alpha.items()},
         "validation_perplexity": validation,
         "test_perplexity": test,
-        "average_test_perplexity": sum(test.values()) / len(test),
-        "worst_test_perplexity": max(test.values()),
+        "average_test_perplexity": sum(trained.values()) / len(trained),
+        "worst_test_perplexity": max(trained.values()),
         "parameters": model.num_parameters(),
         "config": asdict(cfg),
         **info,
@@ -433,6 +471,7 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
             "test_perplexity": r["test_perplexity"],
             "average": r["average_test_perplexity"],
             "worst": r["worst_test_perplexity"],
+            "target": r["target_test_perplexity"],
             "tokens_seen": r["tokens_seen"],
             "train_seconds": r["train_seconds"],
         }

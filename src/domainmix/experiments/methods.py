@@ -56,7 +56,8 @@ def _oracle_gls(cfg: Any, ctx: MethodContext) -> Strategy:
 def _doge(cfg: Any, ctx: MethodContext) -> Strategy:
     if ctx.learning_rate is None:
         raise ValueError("The method 'doge' needs the proxy's learning-rate schedule.")
-    return strategies.doge(ctx.learning_rate, target=cfg.doge_target, mu=cfg.doge_mu)
+    target = "out_of_domain" if cfg.target_domain else cfg.doge_target
+    return strategies.doge(ctx.learning_rate, target=target, mu=cfg.doge_mu)
 
 
 def _table(*rules: Rule) -> Mapping[str, Rule]:
