@@ -1,40 +1,67 @@
 """Seconds per training step with each weighting strategy against plain training, same model and batch.
 
-A tiny byte-level GPT (``domainmix.experiments.gpt``: vocab 256, T = 128, 4 layers, d = 128 by default)
-trains with AdamW on batches of 32 random byte sequences from k = 6 domains (stratified counts,
-``allocate_counts``). Every variant is a full training step (forward, loss, backward, optimizer step
-and, where there is one, the controller's step) on its own copy of the same initial model, over the
-same fixed pool of batches:
+Two configurations (``--config``):
+
+* ``experiment`` (default): the proxy of ``domainmix run lm`` as its defaults run it. The model, batch,
+  block size, learning rate and DoGE's settings are ``LmConfig()``'s (``src/domainmix/experiments/
+  config.py``): a byte-level GPT of ``proxy_layers`` × ``proxy_width`` (2 × 128, 4 heads, T = 128, built
+  by ``experiments.lm.model_for``), ``batch_size`` = 32 sequences, AdamW at ``lr``; DoReMi and DoGE are
+  the experiment's strategies (``experiments.methods.build_proxy``: DoReMi's step size, smoothing and
+  delay, DoGE's µ and its η_t = the cosine-decayed ``lr``). DoGE runs in the experiment's universal mode:
+  every step a separate target batch of ``batch_size`` sequences, drawn uniformly over the domains by a
+  ``DomainBatchSampler`` of its own (as ``experiments.lm.probes_for`` draws it), goes through the forward
+  inside ``controller.record()``, and the tap computes ``target_grad_dot`` with the products
+  (``GradientProductProbe(tap, max_norm=doge_max_norm, target=...)``). ``doge_leave_one_out`` is the
+  experiment's other DoGE mode (``--set doge_target=leave_one_out``): no target batch.
+* ``legacy``: the configuration of the earlier figures (a 4 × 128 GPT, lr 5e-4, DoGE's µ 0.01 and clip 5,
+  DoGE scoring ⟨g_i, Σ_{j≠i} g_j⟩ from the training batch alone, i.e. today's ``leave_one_out``; DoReMi
+  with step 1), kept so that they stay reproducible. ``doge_leave_one_out`` is not among its variants
+  (it is what its ``doge_subset`` already runs).
+
+``--n-layer``, ``--n-embd``, ``--n-head``, ``--block-size``, ``--batch`` and ``--lr`` override the
+chosen configuration's values (the report lists what was overridden).
+
+Data: random byte sequences from k = 6 domains (the corpus's six); every training batch has stratified
+counts (``allocate_counts``). Every variant is a full training step (forward, loss, backward, optimizer
+step and, where there is one, the controller's step) on its own copy of the same initial model, over the
+same fixed pool of batches (and the same stream of target batches):
 
 * ``plain``: mean per-token cross entropy, backward, step. The baseline.
 * ``uniform``: the library's bookkeeping with a static strategy (``controller.record()`` around the
   forward, ``controller.step(losses, ids)``, ``weighted_loss`` with the controller's loss multipliers;
   a statistics-free strategy reduces nothing per step).
-* ``doremi_cached``: DoReMi's proxy step (``combine(loss=doremi(), sampling=uniform())``,
+* ``doremi_cached``: DoReMi's proxy step (``combine(loss=doremi(...), sampling=uniform())``,
   ``update_every=1``) with the reference model's per-token losses read from a precomputed fp16 cache
   indexed by the batch's example ids (a ``ReferenceLossProbe``, docs/algorithms.md §1.4): no reference
   forward.
 * ``doremi_reference_forward`` (informative): the same, with a frozen reference GPT's forward under
   ``torch.inference_mode()`` every step instead of the cache: what the cache saves (docs/algorithms.md §1.4).
-* ``doge_subset``: DoGE updating every step (``combine(loss=doge(lr), sampling=uniform())``): the
+* ``doge_subset``: DoGE updating every step (``combine(loss=doge(...), sampling=uniform())``): the
   products of the per-domain mean gradients on the last transformer block + final LayerNorm from a
   ``GradientProductTap`` (one backward to the subset's layer outputs, then per-domain weight gradients
   in closed form) through a ``GradientProductProbe`` in ``controller.step(losses, ids)``, then the
-  ordinary weighted backward.
-* ``doge_last_mlp``: the same on the last block's MLP only (a smaller subset), and ``doge_last_mlp_out``
-  on its output projection only (one weight matrix and bias, the smallest subset tried).
+  ordinary weighted backward. In the experiment configuration: with the universal target batch.
+* ``doge_leave_one_out`` (experiment configuration): the same subset, no target batch.
+* ``doge_last_mlp``: as ``doge_subset`` on the last block's MLP only (a smaller subset), and
+  ``doge_last_mlp_out`` on its output projection only (one weight matrix and bias, the smallest subset
+  tried).
 * ``doge_all_blocks`` (informative): the tap on every block and the final LayerNorm (every parameter
   but the token and position embeddings).
 * ``doge_subset_autograd`` (informative): the ``doge_subset`` products from
   ``domain_gradient_products`` (one ``autograd.grad`` per domain on the subset, docs/algorithms.md §2.4;
-  a small ``Probe`` subclass here),
+  a small ``Probe`` subclass here; the target batch's forward runs in its ``observe_step``),
   the general path for subsets that are not Linear/LayerNorm layers. The two paths' agreement on one
   batch is reported.
+
+The targets (DoGE ≤ 1.5 × plain for ``doge_subset``, ``doge_leave_one_out``, ``doge_last_mlp``,
+``doge_last_mlp_out``; DoReMi cached ≤ 1.05 ×) are evaluated on the variants of the configuration run
+(``targets_evaluated_on``); the experiment configuration is the one they are stated for.
 
 Timing: ``--warmup`` steps per variant, then per repetition ``--steps`` rounds in which every variant
 runs one step (round-robin, the order rotated every round so that machine noise hits all alike).
 Reported: the median over repetitions of the mean seconds per step, and the median over repetitions
-of the per-repetition ratio to ``plain``.
+of the per-repetition ratio to ``plain``. The proxy's cosine learning-rate schedule is left out of every
+variant (a scalar per step); DoGE's η_t follows it.
 
 Memory of the gradient statistics: both paths keep a (k+1) × P_subset float64 matrix (``matrix_bytes``,
 analytic). The measured figure is the peak of live CPU tensor bytes allocated during
@@ -43,19 +70,22 @@ live when the call starts; the same measure is given for one whole step of every
 ``tracemalloc`` does not see tensor storage and ``ru_maxrss`` only moves on a new process-wide peak, so
 the max RSS is reported for context only.
 
-Usage: python benchmarks/strategy_overhead.py [--json] [--steps 10] [--repeats 5] [--threads 1]
+Usage: python benchmarks/strategy_overhead.py [--json] [--config experiment|legacy] [--steps 10]
+[--repeats 5] [--threads 1]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import resource
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -63,8 +93,11 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from domainmix import StatsCollector, WeightingController, weighted_loss
+from domainmix.experiments.config import LmConfig
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
-from domainmix.sampling import allocate_counts
+from domainmix.experiments.lm import cosine_decay, model_for
+from domainmix.experiments.methods import MethodContext, build_proxy
+from domainmix.sampling import DomainBatchSampler, allocate_counts
 from domainmix.stats import (
     GradientProductProbe,
     GradientProductTap,
@@ -73,44 +106,154 @@ from domainmix.stats import (
     StepLosses,
     domain_gradient_products,
 )
-from domainmix.strategies import combine, doge, doremi, uniform
+from domainmix.strategies import Strategy, combine, doge, doremi, uniform
 
+CONFIGS = ("experiment", "legacy")
 VARIANTS = (
     "plain",
     "uniform",
     "doremi_cached",
     "doremi_reference_forward",
     "doge_subset",
+    "doge_leave_one_out",
     "doge_last_mlp",
     "doge_last_mlp_out",
     "doge_all_blocks",
     "doge_subset_autograd",
 )
+LEGACY_VARIANTS = tuple(v for v in VARIANTS if v != "doge_leave_one_out")  # the earlier figures' set
 INFORMATIVE = ("doremi_reference_forward", "doge_all_blocks", "doge_subset_autograd")
 DOGE_VARIANTS = (
     "doge_subset",
+    "doge_leave_one_out",
     "doge_last_mlp",
     "doge_last_mlp_out",
     "doge_all_blocks",
     "doge_subset_autograd",
 )
+TARGET_VARIANTS = ("doge_subset", "doge_leave_one_out", "doge_last_mlp", "doge_last_mlp_out")
 TARGETS = {"doge_subset_max_ratio": 1.5, "doremi_cached_max_ratio": 1.05}
-LR, WEIGHT_DECAY, MAX_NORM, DOGE_MU = 5e-4, 0.01, 5.0, 0.01  # DoGE reference config (docs/algorithms.md §2.3)
+WEIGHT_DECAY = 0.01  # experiments.lm.train's AdamW
+# The earlier figures' configuration (DoGE reference config, docs/algorithms.md §2.3, on a 4 x 128 GPT).
+LEGACY = {
+    "n_layer": 4,
+    "n_head": 4,
+    "n_embd": 128,
+    "block_size": 128,
+    "batch": 32,
+    "lr": 5e-4,
+    "doge_mu": 0.01,
+    "doge_max_norm": 5.0,
+    "doge_target": "leave_one_out",
+}
+OVERRIDABLE = ("n_layer", "n_head", "n_embd", "block_size", "batch", "lr")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """The resolved configuration: the model's shape, the batch and the strategies' settings."""
+
+    name: str
+    model: GPTConfig
+    batch: int
+    lr: float
+    doge_mu: float
+    doge_max_norm: float
+    doge_target: str  # the mode of every DoGE variant but doge_leave_one_out
+    lm: LmConfig | None  # the experiment's config (None: legacy)
+    overrides: dict[str, Any]
+
+    def strategy(self, variant: str, k: int, domain_size: int) -> Strategy:
+        """The variant's strategy, built as the configuration builds it."""
+        if variant in ("plain", "uniform"):
+            return uniform()
+        doge_target = "leave_one_out" if variant == "doge_leave_one_out" else self.doge_target
+        if self.lm is not None:
+            proxy_steps = self.lm.proxy_steps
+            ctx = MethodContext(
+                (domain_size,) * k,
+                learning_rate=lambda step: self.lr * cosine_decay(step, proxy_steps),
+            )
+            if variant.startswith("doremi"):
+                return build_proxy("doremi", self.lm, ctx)
+            return build_proxy("doge", dataclasses.replace(self.lm, doge_target=doge_target), ctx)
+        if variant.startswith("doremi"):
+            return combine(loss=doremi(), sampling=uniform())
+        return combine(
+            loss=doge(self.lr, target=doge_target, mu=self.doge_mu),  # type: ignore[arg-type]
+            sampling=uniform(),
+        )
+
+    def universal(self, variant: str) -> bool:
+        """Whether the DoGE variant draws a separate target batch every step."""
+        return (
+            variant in DOGE_VARIANTS and variant != "doge_leave_one_out" and self.doge_target == "universal"
+        )
+
+
+def resolve(args: argparse.Namespace) -> Setup:
+    """The configuration ``--config`` names, with the command line's explicit overrides."""
+    overrides = {key: getattr(args, key) for key in OVERRIDABLE if getattr(args, key) is not None}
+    if args.config == "legacy":
+        values: dict[str, Any] = dict(LEGACY)
+        lm = None
+    else:
+        lm = LmConfig()
+        proxy = model_for(lm, "proxy").cfg  # the experiment's proxy, as run lm builds it
+        values = {
+            "n_layer": proxy.n_layer,
+            "n_head": proxy.n_head,
+            "n_embd": proxy.n_embd,
+            "block_size": proxy.block_size,
+            "batch": lm.batch_size,
+            "lr": lm.lr,
+            "doge_mu": lm.doge_mu,
+            "doge_max_norm": lm.doge_max_norm,
+            "doge_target": lm.doge_target,
+        }
+    values.update(overrides)
+    if lm is not None:
+        lm = dataclasses.replace(
+            lm, block_size=values["block_size"], batch_size=values["batch"], lr=values["lr"]
+        )
+    model = GPTConfig(
+        vocab_size=args.vocab,
+        block_size=values["block_size"],
+        n_layer=values["n_layer"],
+        n_head=values["n_head"],
+        n_embd=values["n_embd"],
+    )
+    return Setup(
+        name=args.config,
+        model=model,
+        batch=values["batch"],
+        lr=values["lr"],
+        doge_mu=values["doge_mu"],
+        doge_max_norm=values["doge_max_norm"],
+        doge_target=values["doge_target"],
+        lm=lm,
+        overrides=overrides,
+    )
 
 
 # --------------------------------------------------------------------------------------------------
-# Data: a fixed pool of batches, every batch stratified over the k domains.
+# Data: a fixed pool of batches, every batch stratified over the k domains, and a pool of windows per
+# domain that the target batches are drawn from (uniformly over the domains, as run lm draws them).
 class Data:
-    def __init__(self, args: argparse.Namespace) -> None:
+    def __init__(self, args: argparse.Namespace, setup: Setup) -> None:
         g = torch.Generator().manual_seed(args.seed)
-        self.k, self.batch = args.domains, args.batch
+        self.k, self.batch, self.seed = args.domains, setup.batch, args.seed
+        block_size = setup.model.block_size
         self.counts = allocate_counts([1.0] * self.k, self.batch).tolist()
         n = args.pool * self.batch
-        self.tokens = torch.randint(0, args.vocab, (n, args.block_size + 1), generator=g)
+        self.tokens = torch.randint(0, args.vocab, (n, block_size + 1), generator=g)
         ids = torch.repeat_interleave(torch.arange(self.k), torch.tensor(self.counts))
         self.domain_ids = ids.repeat(args.pool)
         self.pool = args.pool
         self.ref_cache: Tensor | None = None  # (n, T) fp16 reference per-token losses, filled by cache()
+        per_domain = max(self.batch, n // self.k)
+        self.target_tokens = torch.randint(0, args.vocab, (self.k * per_domain, block_size + 1), generator=g)
+        self.target_ranges = {f"d{i}": range(i * per_domain, (i + 1) * per_domain) for i in range(self.k)}
 
     def get(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Example ids, inputs, targets and domain ids of batch ``step`` (cycling through the pool)."""
@@ -118,6 +261,18 @@ class Data:
         index = torch.arange(start, start + self.batch)
         seq = self.tokens[index]
         return index, seq[:, :-1], seq[:, 1:], self.domain_ids[index]
+
+    def target_stream(self) -> Iterator[Tensor]:
+        """Target batches' windows: ``batch`` of them a step, drawn uniformly over the domains."""
+        sampler = DomainBatchSampler(
+            self.target_ranges,
+            self.batch,
+            dict.fromkeys(self.target_ranges, 1.0),
+            min_count=1,
+            seed=self.seed + 1,  # a stream of its own, as in experiments.lm.probes_for
+        )
+        for batch in sampler:
+            yield self.target_tokens[torch.as_tensor(batch)]
 
     def cache(self, reference: nn.Module) -> None:
         with torch.inference_mode():
@@ -145,6 +300,7 @@ def subset_modules(model: GPT, which: str) -> list[nn.Module]:
     last = model.blocks[-1]
     return {
         "doge_subset": [last, model.ln],
+        "doge_leave_one_out": [last, model.ln],
         "doge_subset_autograd": [last, model.ln],
         "doge_last_mlp": [last.mlp],
         "doge_last_mlp_out": [last.mlp[2]],
@@ -153,37 +309,53 @@ def subset_modules(model: GPT, which: str) -> list[nn.Module]:
 
 
 class AutogradProducts(Probe):
-    """DoGE's products by one ``autograd.grad`` per domain (``domain_gradient_products``), as a probe."""
+    """DoGE's products by one ``autograd.grad`` per domain (``domain_gradient_products``), as a probe.
 
-    sources = ("gradient_products",)
+    With ``target``, the target batch's forward runs here and ``target_grad_dot`` is provided too.
+    """
 
-    def __init__(self, params: list[Tensor]) -> None:
-        self.params = params
+    def __init__(
+        self, params: list[Tensor], max_norm: float, target: Callable[[], Tensor] | None = None
+    ) -> None:
+        self.params, self.max_norm, self.target = params, max_norm, target
+        self.sources = ("gradient_products",) + (() if target is None else ("target_gradient_products",))
 
     def observe_step(self, collector: StatsCollector, step: StepLosses) -> None:
         k = collector.num_domains
-        out = domain_gradient_products(step.losses, step.domains, k, params=self.params, max_norm=MAX_NORM)
+        out = domain_gradient_products(
+            step.losses,
+            step.domains,
+            k,
+            params=self.params,
+            max_norm=self.max_norm,
+            target_losses=None if self.target is None else self.target(),
+        )
         collector.observe_stat("grad_dot", out.grad_dot)
         collector.observe_stat("grad_sq_norm", out.grad_sq_norm)
+        if out.target_grad_dot is not None:
+            collector.observe_stat("target_grad_dot", out.target_grad_dot)
 
 
 # --------------------------------------------------------------------------------------------------
 # One runner per variant: its own model copy, optimizer and controller (with the variant's probe).
 class Runner:
-    def __init__(self, name: str, base: GPT, reference: GPT, data: Data) -> None:
-        self.name, self.data, self.reference = name, data, reference
+    def __init__(self, name: str, base: GPT, reference: GPT, data: Data, setup: Setup) -> None:
+        self.name, self.data, self.reference, self.setup = name, data, reference, setup
         self.model = copy.deepcopy(base)
         self.model.train()
-        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=setup.lr, weight_decay=WEIGHT_DECAY)
         self.k = data.k
         self.i = 0
         self.subset: list[Tensor] = []
         self.subset_names: list[str] = []
         self.tap: GradientProductTap | None = None
+        self.universal = setup.universal(name)
+        self.targets = data.target_stream()  # every runner sees the same stream of target batches
         self.inputs: tuple[Tensor, Tensor] | None = None  # the step's (x, y), for the reference forward
         names = [f"d{i}" for i in range(self.k)]
         sink = _FixedSink(names, data.counts)
         probes: list[Probe] = []
+        target = self.target_losses if self.universal else None
         if name in DOGE_VARIANTS:
             tap = GradientProductTap(*subset_modules(self.model, name))
             self.subset = tap.parameters()
@@ -191,22 +363,24 @@ class Runner:
             self.subset_names = [n for n, p in self.model.named_parameters() if id(p) in chosen]
             if name == "doge_subset_autograd":
                 tap.remove()
-                probes.append(AutogradProducts(self.subset))
+                probes.append(AutogradProducts(self.subset, setup.doge_max_norm, target))
             else:
                 self.tap = tap
-                probes.append(GradientProductProbe(tap, max_norm=MAX_NORM))
-            strategy = combine(loss=doge(LR, mu=DOGE_MU), sampling=uniform())
+                probes.append(GradientProductProbe(tap, max_norm=setup.doge_max_norm, target=target))
         elif name.startswith("doremi"):
-            strategy = combine(loss=doremi(), sampling=uniform())
             lookup = self.cached_reference if name == "doremi_cached" else self.reference_forward
             probes.append(ReferenceLossProbe(lookup))
-        else:
-            strategy = uniform()
+        strategy = setup.strategy(name, self.k, len(data.domain_ids) // self.k)
         self.controller = (
             None
             if name == "plain"
             else WeightingController(strategy, names, update_every=1, sampler=sink, probes=probes)
         )
+
+    def target_losses(self) -> Tensor:
+        """The next target batch's per-token losses, attached to the graph (DoGE's universal target)."""
+        seq = next(self.targets)
+        return per_token_loss(self.model(seq[:, :-1]), seq[:, 1:])
 
     def cached_reference(self, step: StepLosses) -> Tensor:
         assert self.data.ref_cache is not None and step.indices is not None
@@ -233,11 +407,14 @@ class Runner:
         loss.backward()
         self.opt.step()
 
-    def products(self, tok: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    def products(self, tok: Tensor, ids: Tensor, target: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        max_norm = self.setup.doge_max_norm
         if self.tap is not None:
-            out = self.tap.products(tok, ids, self.k, max_norm=MAX_NORM)
+            out = self.tap.products(tok, ids, self.k, max_norm=max_norm, target_losses=target)
         else:
-            out = domain_gradient_products(tok, ids, self.k, params=self.subset, max_norm=MAX_NORM)
+            out = domain_gradient_products(
+                tok, ids, self.k, params=self.subset, max_norm=max_norm, target_losses=target
+            )
         return out.grad_dot, out.grad_sq_norm
 
 
@@ -264,8 +441,8 @@ def measure_memory(runners: dict[str, Runner]) -> dict[str, Any]:
             "matrix_bytes: the (k+1) x P_subset float64 matrix of the gradient rows (analytic, both "
             "paths). call_peak_bytes / step_peak_bytes: "
             "peak live CPU tensor bytes during one products call / one whole step, from torch profiler "
-            "allocator events, relative to the bytes live at its start. max_rss_bytes: process-wide, "
-            "context only."
+            "allocator events, relative to the bytes live at its start (a universal-target call "
+            "includes the target batch's backward). max_rss_bytes: process-wide, context only."
         )
     }
     step_peaks = {}
@@ -278,35 +455,53 @@ def measure_memory(runners: dict[str, Runner]) -> dict[str, Any]:
         _, x, y, ids = runner.data.get(0)
         with runner.tap.record() if runner.tap is not None else nullcontext():
             tok = per_token_loss(runner.model(x), y)
+            target = runner.target_losses() if runner.universal else None
         entry = {
             "parameters": size,
             "matrix_bytes": (runner.k + 1) * size * 8,
-            "call_peak_bytes": peak_tensor_bytes(lambda r=runner, t=tok, i=ids: r.products(t, i)),
+            "call_peak_bytes": peak_tensor_bytes(
+                lambda r=runner, t=tok, i=ids, g=target: r.products(t, i, g)
+            ),
         }
         out[name] = entry
-        del tok
+        del tok, target
     out["step_peak_bytes"] = step_peaks
     out["max_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     return out
 
 
-def check_agreement(base: GPT, data: Data) -> dict[str, float]:
+def check_agreement(base: GPT, data: Data, setup: Setup) -> dict[str, float]:
     """Largest difference between the tap's and domain_gradient_products' products, on one batch."""
     model = copy.deepcopy(base)
     tap = GradientProductTap(*subset_modules(model, "doge_subset"))
     _, x, y, ids = data.get(0)
+    universal = setup.universal("doge_subset")
     with tap.record():
         tok = per_token_loss(model(x), y)
-    lib = domain_gradient_products(tok, ids, data.k, params=tap.parameters(), max_norm=MAX_NORM)
-    got = tap.products(tok, ids, data.k, max_norm=MAX_NORM)
+        if universal:
+            seq = next(data.target_stream())
+            target: Tensor | None = per_token_loss(model(seq[:, :-1]), seq[:, 1:])
+        else:
+            target = None
+    max_norm = setup.doge_max_norm
+    lib = domain_gradient_products(
+        tok, ids, data.k, params=tap.parameters(), max_norm=max_norm, target_losses=target
+    )
+    got = tap.products(tok, ids, data.k, max_norm=max_norm, target_losses=target)
     scale = float(lib.grad_dot.abs().max().clamp_min(1e-30))
-    return {
+    out = {
         "max_abs_error_grad_dot": float((got.grad_dot - lib.grad_dot).abs().max()),
         "max_rel_error_grad_dot": float((got.grad_dot - lib.grad_dot).abs().max()) / scale,
         "max_rel_error_grad_sq_norm": float(
             ((got.grad_sq_norm - lib.grad_sq_norm).abs() / lib.grad_sq_norm.abs().clamp_min(1e-30)).max()
         ),
     }
+    if got.target_grad_dot is not None and lib.target_grad_dot is not None:
+        tscale = float(lib.target_grad_dot.abs().max().clamp_min(1e-30))
+        out["max_rel_error_target_grad_dot"] = (
+            float((got.target_grad_dot - lib.target_grad_dot).abs().max()) / tscale
+        )
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,28 +529,45 @@ def measure(runners: dict[str, Runner], steps: int, warmup: int, repeats: int) -
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--config",
+        choices=CONFIGS,
+        default="experiment",
+        help="experiment: LmConfig()'s proxy and DoGE settings (default); legacy: the earlier 4x128 figures",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and repetition")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help="comma list; plain is always run")
+    parser.add_argument(
+        "--variants", default=None, help="comma list; plain is always run (default: the config's set)"
+    )
     parser.add_argument("--vocab", type=int, default=256)
-    parser.add_argument("--block-size", type=int, default=128)
-    parser.add_argument("--n-layer", type=int, default=4)
-    parser.add_argument("--n-head", type=int, default=4)
-    parser.add_argument("--n-embd", type=int, default=128)
-    parser.add_argument("--batch", type=int, default=32, help="sequences per batch")
+    parser.add_argument("--block-size", type=int, default=None, help="override the config's")
+    parser.add_argument("--n-layer", type=int, default=None, help="override the config's")
+    parser.add_argument("--n-head", type=int, default=None, help="override the config's")
+    parser.add_argument("--n-embd", type=int, default=None, help="override the config's")
+    parser.add_argument("--batch", type=int, default=None, help="sequences per batch (override)")
+    parser.add_argument("--lr", type=float, default=None, help="AdamW's and DoGE's learning rate (override)")
     parser.add_argument("--domains", type=int, default=6)
     parser.add_argument("--pool", type=int, default=4, help="distinct batches, cycled")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="skip the profiler memory measurements")
     args = parser.parse_args(argv)
-    chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
+    if args.variants is None:
+        chosen = list(LEGACY_VARIANTS if args.config == "legacy" else VARIANTS)
+    else:
+        chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(chosen) - set(VARIANTS))
     if unknown:
         parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
     args.variants = [v for v in VARIANTS if v == "plain" or v in chosen]
-    if args.batch < args.domains:
+    batch = (
+        args.batch
+        if args.batch is not None
+        else (LEGACY["batch"] if args.config == "legacy" else LmConfig().batch_size)
+    )
+    if batch < args.domains:
         parser.error("--batch must be at least --domains (every domain in every batch)")
     return args
 
@@ -363,20 +575,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = GPTConfig(
-        vocab_size=args.vocab,
-        block_size=args.block_size,
-        n_layer=args.n_layer,
-        n_head=args.n_head,
-        n_embd=args.n_embd,
-    )
+    setup = resolve(args)
+    cfg = setup.model
     base = GPT(cfg)
     reference = GPT(cfg).eval().requires_grad_(False)  # another init: a frozen "reference model"
-    data = Data(args)
+    data = Data(args, setup)
     data.cache(reference)
-    runners = {name: Runner(name, base, reference, data) for name in args.variants}
+    runners = {name: Runner(name, base, reference, data, setup) for name in args.variants}
     times = measure(runners, args.steps, args.warmup, args.repeats)
     plain = times["plain"]
+    total = base.num_parameters()
+    subsets = {
+        name: {
+            "names": runner.subset_names,
+            "parameters": sum(p.numel() for p in runner.subset),
+            "fraction": sum(p.numel() for p in runner.subset) / total,
+            "target": "universal" if runner.universal else "leave_one_out",
+            "target_batch_sequences": data.batch if runner.universal else 0,
+        }
+        for name, runner in runners.items()
+        if name in DOGE_VARIANTS
+    }
     results: dict[str, Any] = {}
     for name, ts in times.items():
         results[name] = {
@@ -385,27 +604,67 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "ratio_vs_plain": statistics.median(a / b for a, b in zip(ts, plain, strict=True)),
             "informative": name in INFORMATIVE,
         }
-    total = base.num_parameters()
-    subsets = {
-        name: {
-            "names": runner.subset_names,
-            "parameters": sum(p.numel() for p in runner.subset),
-            "fraction": sum(p.numel() for p in runner.subset) / total,
-        }
-        for name, runner in runners.items()
-        if name in DOGE_VARIANTS
-    }
+        if name in subsets:
+            results[name]["subset_fraction"] = subsets[name]["fraction"]
+            results[name]["doge_target"] = subsets[name]["target"]
     meets: dict[str, bool | None] = {}
-    for name in ("doge_subset", "doge_last_mlp", "doge_last_mlp_out"):
+    for name in TARGET_VARIANTS:
         if name in results:
             meets[name] = results[name]["ratio_vs_plain"] <= TARGETS["doge_subset_max_ratio"]
     if "doremi_cached" in results:
         meets["doremi_cached"] = (
             results["doremi_cached"]["ratio_vs_plain"] <= TARGETS["doremi_cached_max_ratio"]
         )
+    lm = setup.lm
+    doge_settings: dict[str, Any] = {
+        "learning_rate": setup.lr if lm is None else f"{setup.lr} x cosine decay over {lm.proxy_steps} steps",
+        "mu": setup.doge_mu,
+        "max_norm": setup.doge_max_norm,
+        "update_every": 1,
+        "target": setup.doge_target,
+        "target_batch": (
+            "a separate batch of batch_sequences windows a step, DomainBatchSampler(uniform weights, "
+            "min_count=1, seed + 1), forward inside controller.record()"
+            if setup.doge_target == "universal"
+            else None
+        ),
+    }
+    doremi_settings: dict[str, Any] = {"update_every": 1, "reference_cache_dtype": "float16"}
+    if lm is not None:
+        doremi_settings.update(
+            step_size=lm.doremi_step_size, smoothing=lm.doremi_smoothing, delay=lm.doremi_delay
+        )
+    else:
+        doremi_settings.update(step_size=1.0, smoothing=1e-3, delay=0)
     report: dict[str, Any] = {
         "benchmark": "strategy_overhead",
         "config": {
+            "name": setup.name,
+            "source": (
+                "LmConfig() defaults (src/domainmix/experiments/config.py): the proxy of domainmix run lm"
+                if lm is not None
+                else "the earlier figures' 4x128 configuration (DoGE scoring leave_one_out)"
+            ),
+            "lm_config": None
+            if lm is None
+            else {
+                key: getattr(lm, key)
+                for key in (
+                    "proxy_layers",
+                    "proxy_width",
+                    "block_size",
+                    "batch_size",
+                    "lr",
+                    "proxy_steps",
+                    "doge_mu",
+                    "doge_max_norm",
+                    "doge_target",
+                    "doremi_step_size",
+                    "doremi_smoothing",
+                    "doremi_delay",
+                )
+            },
+            "overrides": setup.overrides,
             "model": {
                 "vocab_size": cfg.vocab_size,
                 "block_size": cfg.block_size,
@@ -426,9 +685,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "repeats": args.repeats,
             "statistic": "median; ratio = median over repetitions of variant/plain",
             "order": "round-robin over variants step by step, rotated every round",
-            "optimizer": {"name": "AdamW", "lr": LR, "weight_decay": WEIGHT_DECAY},
-            "doge": {"learning_rate": LR, "mu": DOGE_MU, "max_norm": MAX_NORM, "update_every": 1},
-            "doremi": {"update_every": 1, "reference_cache_dtype": "float16"},
+            "optimizer": {
+                "name": "AdamW",
+                "lr": setup.lr,
+                "weight_decay": WEIGHT_DECAY,
+                "schedule": "constant (the run's cosine schedule is left out of every variant)",
+            },
+            "doge": doge_settings,
+            "doremi": doremi_settings,
             "variants": args.variants,
         },
         "torch": torch.__version__,
@@ -436,10 +700,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "doge_subset": subsets.get("doge_subset"),
         "doge_subsets": subsets,
         "targets": TARGETS,
+        "targets_evaluated_on": setup.name,
         "meets_targets": meets,
     }
     if "doge_subset_autograd" in runners:
-        report["doge_subset_tap_vs_autograd"] = check_agreement(base, data)
+        report["doge_subset_tap_vs_autograd"] = check_agreement(base, data, setup)
     if not args.no_memory:
         report["gradient_statistics_memory_bytes"] = measure_memory(runners)
     return report
@@ -453,11 +718,12 @@ def print_table(report: dict[str, Any]) -> None:
     c = report["config"]
     m = c["model"]
     print(
-        f"GPT {m['n_layer']}x{m['n_embd']} (T={m['block_size']}, {m['parameters']:,} params), "
-        f"batch {c['batch_sequences']}x{m['block_size']}, k={c['domains']}, threads={c['threads']}, "
+        f"config {c['name']}: GPT {m['n_layer']}x{m['n_embd']} (T={m['block_size']}, {m['parameters']:,} "
+        f"params), batch {c['batch_sequences']}x{m['block_size']}, k={c['domains']}, threads={c['threads']}, "
         f"steps={c['steps']} x repeats={c['repeats']}, torch {report['torch']}"
+        + (f", overrides {c['overrides']}" if c["overrides"] else "")
     )
-    print(f"{'variant':<28}{'s/step':>9}{'x plain':>9}  target")
+    print(f"{'variant':<28}{'s/step':>9}{'x plain':>9}{'subset':>8}  {'DoGE target':<14}  target")
     for name, r in report["results"].items():
         target = ""
         if name in report["meets_targets"]:
@@ -465,7 +731,11 @@ def print_table(report: dict[str, Any]) -> None:
             target = f"<= {limit}: {'met' if report['meets_targets'][name] else 'NOT met'}"
         elif r["informative"]:
             target = "(informative)"
-        print(f"{name:<28}{r['seconds_per_step']:>9.4f}{r['ratio_vs_plain']:>9.3f}  {target}")
+        share = f"{r['subset_fraction']:.1%}" if "subset_fraction" in r else ""
+        print(
+            f"{name:<28}{r['seconds_per_step']:>9.4f}{r['ratio_vs_plain']:>9.3f}{share:>8}  "
+            f"{r.get('doge_target', ''):<14}  {target}"
+        )
     for name, s in report["doge_subsets"].items():
         print(
             f"{name}: {s['parameters']:,} parameters ({s['fraction']:.1%}): {', '.join(s['names'][:8])}"
@@ -476,6 +746,11 @@ def print_table(report: dict[str, Any]) -> None:
         print(
             "GradientProductTap vs domain_gradient_products: max rel error grad_dot "
             f"{a['max_rel_error_grad_dot']:.2e}"
+            + (
+                f", target_grad_dot {a['max_rel_error_target_grad_dot']:.2e}"
+                if "max_rel_error_target_grad_dot" in a
+                else ""
+            )
         )
     mem = report.get("gradient_statistics_memory_bytes")
     if mem:

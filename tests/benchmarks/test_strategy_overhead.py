@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "strategy_overhead.py"
-VARIANTS = {
+LEGACY_VARIANTS = {
     "plain",
     "uniform",
     "doremi_cached",
@@ -22,34 +25,54 @@ VARIANTS = {
     "doge_all_blocks",
     "doge_subset_autograd",
 }
+VARIANTS = LEGACY_VARIANTS | {"doge_leave_one_out"}
+DOGE = {name for name in VARIANTS if name.startswith("doge")}
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--batch", "12"]
 
 
-@pytest.mark.slow
-def test_benchmark_json_layout_and_invariants() -> None:
+def _run(*extra: str) -> dict[str, Any]:
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--json", "--steps", "3", "--repeats", "1", "--warmup", "1", *TINY],
+        [sys.executable, str(SCRIPT), "--json", "--steps", "3", "--repeats", "1", "--warmup", "1", *extra],
         capture_output=True,
         text=True,
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout)
+    report: dict[str, Any] = json.loads(done.stdout)
+    return report
+
+
+def _load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("strategy_overhead", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is made
+    spec.loader.exec_module(module)
+    return module
+
+
+def _check_common(report: dict[str, Any], variants: set[str]) -> None:
     assert report["benchmark"] == "strategy_overhead"
     assert isinstance(report["torch"], str)
     config = report["config"]
     assert config["threads"] >= 1 and config["steps"] == 3 and config["repeats"] == 1
     assert config["model"]["n_layer"] == 2 and config["batch_sequences"] == 12
+    assert config["overrides"]["n_embd"] == 32 and config["overrides"]["batch"] == 12
     k = config["domains"]
     assert sum(config["domain_counts"]) == 12 and min(config["domain_counts"]) >= 1
 
     results = report["results"]
-    assert set(results) == VARIANTS
+    assert set(results) == variants
     assert results["plain"]["ratio_vs_plain"] == 1.0
-    for row in results.values():
+    for name, row in results.items():
         assert len(row["all"]) == 1
         assert math.isfinite(row["seconds_per_step"]) and row["seconds_per_step"] > 0
         assert math.isfinite(row["ratio_vs_plain"]) and row["ratio_vs_plain"] > 0
+        if name in DOGE:  # the tapped subset's share, next to the ratio it explains
+            assert row["subset_fraction"] == report["doge_subsets"][name]["fraction"]
+            assert row["doge_target"] == report["doge_subsets"][name]["target"]
+        else:
+            assert "subset_fraction" not in row
 
     subset = report["doge_subset"]
     assert subset == report["doge_subsets"]["doge_subset"]
@@ -72,10 +95,68 @@ def test_benchmark_json_layout_and_invariants() -> None:
     assert memory["doge_subset"]["parameters"] == subset["parameters"]
     peak = memory["doge_subset"]["call_peak_bytes"]
     assert peak is None or peak >= memory["doge_subset"]["matrix_bytes"]
-    assert set(memory["step_peak_bytes"]) == VARIANTS
+    assert set(memory["step_peak_bytes"]) == variants
 
     assert report["targets"] == {"doge_subset_max_ratio": 1.5, "doremi_cached_max_ratio": 1.05}
+    assert report["targets_evaluated_on"] == config["name"]
     assert {"doge_subset", "doremi_cached"} <= set(report["meets_targets"])
     assert all(isinstance(v, bool) for v in report["meets_targets"].values())
     # The tap (one backward) computes the same products as domain_gradient_products (k backwards).
     assert report["doge_subset_tap_vs_autograd"]["max_rel_error_grad_dot"] < 1e-5
+
+
+@pytest.mark.slow
+def test_benchmark_experiment_config_json_layout_and_invariants() -> None:
+    report = _run(*TINY)  # --config experiment is the default
+    _check_common(report, VARIANTS)
+    config = report["config"]
+    assert config["name"] == "experiment" and config["lm_config"]["doge_target"] == "universal"
+    assert config["doge"]["target"] == "universal" and config["doge"]["target_batch"]
+    subsets = report["doge_subsets"]
+    # The experiment's DoGE: a uniformly mixed target batch of the batch's size every step...
+    for name in DOGE - {"doge_leave_one_out"}:
+        assert subsets[name]["target"] == "universal", name
+        assert subsets[name]["target_batch_sequences"] == 12, name
+    # ... and its leave-one-out mode on the same subset, without one.
+    loo = subsets["doge_leave_one_out"]
+    assert loo["target"] == "leave_one_out" and loo["target_batch_sequences"] == 0
+    assert loo["names"] == subsets["doge_subset"]["names"]
+    assert {"doge_subset", "doge_leave_one_out"} <= set(report["meets_targets"])
+    # The tap's target products agree with domain_gradient_products' too.
+    assert report["doge_subset_tap_vs_autograd"]["max_rel_error_target_grad_dot"] < 1e-5
+
+
+@pytest.mark.slow
+def test_benchmark_legacy_config_keeps_the_earlier_variants() -> None:
+    report = _run("--config", "legacy", *TINY)
+    _check_common(report, LEGACY_VARIANTS)
+    assert report["config"]["name"] == "legacy" and report["config"]["lm_config"] is None
+    assert report["config"]["optimizer"]["lr"] == 5e-4
+    assert all(s["target"] == "leave_one_out" for s in report["doge_subsets"].values())
+    assert "max_rel_error_target_grad_dot" not in report["doge_subset_tap_vs_autograd"]
+
+
+@pytest.mark.slow
+def test_experiment_config_is_the_run_lm_proxy() -> None:
+    """Without overrides the benchmark's model, batch and DoGE settings are LmConfig()'s proxy's."""
+    from domainmix.experiments.config import LmConfig
+    from domainmix.experiments.gpt import GPT
+    from domainmix.experiments.lm import model_for
+
+    bench = _load_script()
+    setup = bench.resolve(bench.parse_args([]))
+    lm = LmConfig()
+    proxy = model_for(lm, "proxy")
+    assert setup.name == "experiment" and setup.overrides == {}
+    assert setup.model == proxy.cfg
+    assert (setup.batch, setup.lr) == (lm.batch_size, lm.lr)
+    assert (setup.doge_mu, setup.doge_max_norm, setup.doge_target) == (
+        lm.doge_mu,
+        lm.doge_max_norm,
+        lm.doge_target,
+    )
+    # The tapped subset (last block + final LayerNorm) is the share run lm's DoGE taps.
+    model = GPT(setup.model)
+    tap = bench.GradientProductTap(*bench.subset_modules(model, "doge_subset"))
+    share = sum(p.numel() for p in tap.parameters()) / model.num_parameters()
+    assert share > 0.4  # the 2 x 128 proxy: about 45 % (the legacy 4 x 128 model: 23.6 %)

@@ -27,8 +27,8 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -42,6 +42,7 @@ from domainmix._atomic import atomic_path, atomic_write_json
 from domainmix.experiments.config import LmConfig, load_config, parse_override
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.experiments.methods import PROXY_METHODS, MethodContext, build_proxy, describe
+from domainmix.experiments.paired import paired_difference
 from domainmix.sampling import DomainBatchSampler
 from domainmix.stats import (
     CancellationScores,
@@ -482,6 +483,62 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
     return table
 
 
+def compare_seeds(cfg: LmConfig, out: Path, seeds: Sequence[int]) -> dict[str, Any]:
+    """:func:`compare` once per seed (into ``out/seed-N``), then paired differences to uniform.
+
+    Each weighting's paired difference to uniform over the seeds comes with a 95 % Student-t interval
+    (``experiments/paired.py``). A seed fixes the initialisation and the sampler streams of every
+    stage, so the weightings of one seed are paired. The differences are of log-perplexities (the mean
+    per-token loss in nats): the average and the worst over the training domains, and the held-out
+    target domain's when there is one; negative means better than uniform.
+    """
+    if len(seeds) < 2 or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds needs two or more distinct seeds for paired intervals; got {list(seeds)}.")
+    tables = {seed: compare(replace(cfg, seed=seed), out / f"seed-{seed}") for seed in seeds}
+
+    def metric(table: dict[str, Any], label: str, name: str) -> float:
+        row = table[label]
+        trained = [math.log(v) for n, v in row["test_perplexity"].items() if n != cfg.target_domain]
+        return {
+            "average": sum(trained) / len(trained),
+            "worst": max(trained),
+            "target": math.log(row["target"]) if row["target"] is not None else math.nan,
+        }[name]
+
+    names = ("average", "worst") + (("target",) if cfg.target_domain else ())
+    labels = list(next(iter(tables.values())))
+    paired = {
+        label: {
+            name: paired_difference(
+                [metric(t, label, name) for t in tables.values()],
+                [metric(t, "uniform", name) for t in tables.values()],
+            ).as_dict()
+            for name in names
+        }
+        for label in labels
+        if label != "uniform"
+    }
+    result = {"seeds": list(seeds), "log_perplexity_minus_uniform": paired, "tables": tables}
+    atomic_write_json(out / "paired.json", result, indent=1, allow_nan=False)
+    return result
+
+
+def format_paired(result: dict[str, Any]) -> str:
+    """Each weighting's paired difference to uniform; ``*`` marks an interval that excludes 0."""
+    paired = result["log_perplexity_minus_uniform"]
+    names = list(next(iter(paired.values())))
+    head = f"{'vs uniform':<14}" + "".join(f"{n + ' (95% CI)':>30}" for n in names)
+    lines = [f"log-perplexity difference to uniform over seeds {result['seeds']} (negative: better)", head]
+    for label, row in paired.items():
+        cells = "".join(
+            f"{row[n]['mean']:>+10.4f} [{row[n]['low']:+.4f}, {row[n]['high']:+.4f}]"
+            + ("*" if row[n]["distinguishable"] else " ")
+            for n in names
+        )
+        lines.append(f"{label:<14}{cells}")
+    return "\n".join(lines)
+
+
 def format_comparison(table: dict[str, Any]) -> str:
     """Per-domain test perplexity per weighting, with the average and the worst domain."""
     names = list(next(iter(table.values()))["test_perplexity"])
@@ -547,6 +604,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--proxy-steps", type=int, help="shortcut for --set proxy_steps=N")
     parser.add_argument("--base-steps", type=int, help="shortcut for --set base_steps=N")
     parser.add_argument("--seed", type=int, help="shortcut for --set seed=N")
+    parser.add_argument(
+        "--seeds", default=None, help="with --compare: comma-separated seeds, e.g. 0,1,2 (paired intervals)"
+    )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     args = parser.parse_args(argv)
     if args.compare == (args.stage is not None):
@@ -558,7 +618,10 @@ def main(argv: list[str] | None = None) -> int:
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         cfg = load_config(LmConfig, args.config, overrides)
-        if args.compare:
+        if args.compare and args.seeds is not None:
+            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            print(format_paired(compare_seeds(cfg, args.out, seeds)))
+        elif args.compare:
             table = compare(cfg, args.out)
             print(format_comparison(table))
         elif args.stage == "reference":
