@@ -16,6 +16,7 @@ from domainmix.experiments.config import load_config
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "corpus"
 TINY = lm.LmConfig(
+    tokenizer="bytes",
     corpus=str(FIXTURE), block_size=32, batch_size=12, proxy_steps=6, base_steps=6, proxy_width=32,
     base_width=32, base_layers=2, eval_windows=4,
 )  # fmt: skip
@@ -152,3 +153,43 @@ def test_target_domain_is_held_out_of_every_training_batch(tmp_path: Path) -> No
     assert base["worst_test_perplexity"] == max(trained)
     with pytest.raises(ValueError, match="target_domain 'poetry'"):
         lm.training_pool(replace(TINY, target_domain="poetry"))
+
+
+def test_recipe_bpe_warmup_clip_and_whole_split_log_perplexity(tmp_path: Path) -> None:
+    import shutil
+
+    from domainmix.data import train_bpe
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(FIXTURE, corpus)
+    cfg = replace(TINY, corpus=str(corpus), tokenizer="bpe", bpe_vocab=300, warmup_steps=3, eval_windows=0)
+    with pytest.raises(FileNotFoundError, match="domainmix data train-bpe"):
+        lm.training_pool(cfg)
+    train_bpe(corpus, 300)
+    assert lm.vocab_size(cfg) == 300 and lm.model_for(cfg, "base").cfg.vocab_size == 300
+    pool = lm.training_pool(cfg)
+    assert int(pool.tokens.max()) < 300 and int(pool.tokens.max()) > 255  # BPE ids, not bytes
+    cosine = [0.5 * (1 + math.cos(math.pi * t / 10)) for t in range(10)]
+    factors = [lm.lr_factor(t, 10, 3) for t in range(10)]
+    assert factors == pytest.approx([1 / 3 * cosine[0], 2 / 3 * cosine[1], *cosine[2:]])  # warm-up, cosine
+    base = lm.stage_base(cfg, tmp_path / "base", "uniform")
+    whole = lm.load_windows(cfg, "test", None)
+    assert len(whole.domain) == sum(len(r) for r in whole.ranges.values())  # every test window
+    assert base["test_log_perplexity"] == pytest.approx(
+        {n: math.log(v) for n, v in base["test_perplexity"].items()}
+    )
+    assert base["worst_test_log_perplexity"] == max(base["test_log_perplexity"].values())
+
+
+def test_device_choice() -> None:
+    import torch
+
+    assert lm.device_for(replace(TINY, device="cpu")).type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert lm.device_for(replace(TINY, device="auto")).type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="device='cuda'"):
+            lm.device_for(replace(TINY, device="cuda"))
+    assert lm.precision(TINY, torch.device("cpu")).__class__.__name__ == "nullcontext"  # AMP on CUDA only
+    with pytest.raises(ConfigError, match="'device'"):
+        load_config(lm.LmConfig, None, {"device": "tpu"})

@@ -38,7 +38,8 @@ def test_bad_input_names_the_parameter() -> None:
 @pytest.mark.parametrize("target", ["", "drama"], ids=["universal", "out_of_domain_drama"])
 def test_smoke_comparison_over_two_seeds(tmp_path: Path, target: str) -> None:
     cfg = lm.LmConfig(
-        corpus=str(FIXTURE), block_size=32, batch_size=12, proxy_steps=6, base_steps=6, proxy_width=32,
+        corpus=str(FIXTURE), tokenizer="bytes", block_size=32, batch_size=12, proxy_steps=6, base_steps=6,
+        proxy_width=32,
         base_width=32, base_layers=2, eval_windows=4, target_domain=target,
     )  # fmt: skip
     result = lm.compare_seeds(cfg, tmp_path, [0, 1])

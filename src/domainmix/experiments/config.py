@@ -229,8 +229,13 @@ class LmConfig:
 
     corpus: str = "runs/corpus"
     """A folder written by ``domainmix data build-corpus``."""
+    tokenizer: str = "bpe"
+    """``bpe``: the corpus builder's BPE (``<corpus>/tokenizer-bpe<bpe_vocab>.json``, from
+    ``domainmix data build-corpus --bpe N`` or ``domainmix data train-bpe``); ``bytes``: byte-level."""
+    bpe_vocab: int = 4096
+    """Vocabulary size of that BPE."""
     block_size: int = 128
-    """Tokens per training window (byte-level tokens); a window is one example of its domain."""
+    """Tokens per training window; a window is one example of its domain."""
     batch_size: int = 32
     """Windows per step, stratified over the domains (at least one each)."""
     proxy_steps: int = 600
@@ -246,12 +251,16 @@ class LmConfig:
     base_width: int = 192
     """Width of the base models."""
     lr: float = 2e-3
-    """AdamW's peak learning rate (cosine decay to 0); also DoGE's η_t."""
+    """AdamW's peak learning rate (linear warm-up, then cosine decay to 0); also DoGE's η_t."""
+    warmup_steps: int = 0
+    """Steps of linear learning-rate warm-up at the start of every stage."""
+    grad_clip: float = 1.0
+    """Clip of the global gradient norm before each optimizer step (0: none)."""
     train_windows: int = 4096
     """Training windows per domain, evenly spaced through the split (0: all). Every stage draws from
     this pool, and the reference stage caches its losses on all of it."""
-    eval_windows: int = 64
-    """Validation and test windows per domain, evenly spaced through the split."""
+    eval_windows: int = 0
+    """Validation and test windows per domain, evenly spaced through the split (0: the whole split)."""
     doremi_step_size: float = 0.1
     """DoReMi's exponentiated-gradient step η. 0.1, not the paper's 1: on this short a run the proxy
     stays far from the reference, and with η = 1 α collapsed onto the domain of lowest reference loss
@@ -281,6 +290,10 @@ class LmConfig:
     """Steps of that pre-run: a fresh proxy, uniform sampling, the first steps of the proxy's schedule."""
     seed: int = 0
     """Seed of the models' initialisation and of the sampler."""
+    device: str = "cpu"
+    """``cpu``, ``cuda`` or ``auto`` (CUDA when torch sees a GPU)."""
+    amp: bool = True
+    """On CUDA, run the forwards under bfloat16 autocast (mixed precision); no effect on the CPU."""
 
     def problems(self) -> list[str]:
         """Every invalid setting, one message each."""
@@ -294,7 +307,12 @@ class LmConfig:
             "proxy_width",
         )
         _require(out, self, "be an int >= 1", lambda v: v >= 1, *positive_ints, "base_layers", "base_width")
-        _require(out, self, "be an int >= 1", lambda v: v >= 1, "eval_windows", "doge_selection_steps")
+        _require(out, self, "be an int >= 1", lambda v: v >= 1, "doge_selection_steps", "bpe_vocab")
+        _require(out, self, "be an int >= 0", lambda v: v >= 0, "eval_windows", "warmup_steps")
+        _require(out, self, "be a finite number >= 0", lambda v: math.isfinite(v) and v >= 0, "grad_clip")
+        _require(out, self, "be one of ['bpe', 'bytes']", lambda v: v in ("bpe", "bytes"), "tokenizer")
+        devices = ("cpu", "cuda", "auto")
+        _require(out, self, f"be one of {list(devices)}", lambda v: v in devices, "device")
         _require(
             out,
             self,

@@ -28,6 +28,7 @@ import os
 import sys
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
@@ -86,9 +87,10 @@ def load_windows(
             f"The corpus {cfg.corpus} has no domain {unknown}; its domains: {list(corpus.domains)}."
         )
     width = cfg.block_size + 1
+    tokenizer = tokenizer_file(cfg)
     parts, ranges, sizes, start = [], {}, {}, 0
     for name in names:
-        data = corpus.tokens(name, split)
+        data = corpus.tokens(name, split, tokenizer)
         n = len(data) // width
         if n == 0:
             raise ValueError(f"Domain {name!r} has fewer than {width} tokens in its {split} split.")
@@ -103,12 +105,45 @@ def load_windows(
     return Windows(tuple(names), torch.cat(parts), domain, ranges, sizes)
 
 
+def tokenizer_file(cfg: LmConfig) -> Path | None:
+    """The BPE file of ``cfg`` (None for byte-level tokens).
+
+    Raises:
+        FileNotFoundError: naming the command that makes it, when the corpus has none.
+    """
+    if cfg.tokenizer == "bytes":
+        return None
+    from domainmix.data._tokenize import bpe_path
+
+    path = bpe_path(cfg.corpus, cfg.bpe_vocab)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer='bpe' needs {path}: make it with `domainmix data train-bpe {cfg.corpus} "
+            f"--vocab-size {cfg.bpe_vocab}` (or build the corpus with --bpe {cfg.bpe_vocab}), or set "
+            "tokenizer=bytes."
+        )
+    return path
+
+
+def vocab_size(cfg: LmConfig) -> int:
+    """256 for bytes, else the BPE's vocabulary."""
+    path = tokenizer_file(cfg)
+    if path is None:
+        return 256
+    from domainmix.data import load_tokenizer
+
+    return int(load_tokenizer(path).get_vocab_size())
+
+
 def model_for(cfg: LmConfig, stage: str) -> GPT:
     """A fresh GPT of the stage's size (the base model is the larger one)."""
     layers, width = (
         (cfg.base_layers, cfg.base_width) if stage == "base" else (cfg.proxy_layers, cfg.proxy_width)
     )
-    return GPT(GPTConfig(block_size=cfg.block_size, n_layer=layers, n_head=4, n_embd=width))
+    shape = GPTConfig(
+        vocab_size=vocab_size(cfg), block_size=cfg.block_size, n_layer=layers, n_head=4, n_embd=width
+    )
+    return GPT(shape)
 
 
 def training_domains(cfg: LmConfig) -> tuple[str, ...]:
@@ -141,22 +176,45 @@ def target_pool(cfg: LmConfig) -> Windows:
     return training_pool(cfg)
 
 
+def device_for(cfg: LmConfig) -> torch.device:
+    """The device of ``cfg.device`` (``auto``: CUDA when available).
+
+    Raises:
+        ValueError: for ``cuda`` when torch sees no CUDA device.
+    """
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' but torch sees no CUDA device; use device=cpu or device=auto.")
+    return torch.device(cfg.device)
+
+
+def precision(cfg: LmConfig, device: torch.device) -> AbstractContextManager[Any]:
+    """bfloat16 autocast for the forwards on CUDA when ``cfg.amp``; nothing on the CPU."""
+    if device.type == "cuda" and cfg.amp:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
 def window_losses(
-    model: GPT, windows: Windows, chunk_size: int
+    model: GPT, windows: Windows, chunk_size: int, cfg: LmConfig
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(window indices, their (n, block_size) per-token losses) over all ``windows``, without gradients."""
+    """(window indices, their (n, block_size) float32 per-token losses on the CPU) over all ``windows``."""
+    device = next(model.parameters()).device
     with torch.no_grad():
         for chunk in torch.arange(len(windows.domain)).split(chunk_size):
-            seq = windows.tokens[chunk].long()
-            yield chunk, per_token_loss(model(seq[:, :-1]), seq[:, 1:])
+            seq = windows.tokens[chunk].long().to(device)
+            with precision(cfg, device):
+                per_token = per_token_loss(model(seq[:, :-1]), seq[:, 1:])
+            yield chunk, per_token.float().cpu()
 
 
-def evaluate(model: GPT, windows: Windows) -> dict[str, float]:
+def evaluate(model: GPT, windows: Windows, cfg: LmConfig) -> dict[str, float]:
     """Per-domain perplexity exp(mean per-token loss) over ``windows``."""
     model.eval()
     losses = torch.zeros(len(windows.names), dtype=torch.float64)
     counts = torch.zeros_like(losses)
-    for chunk, per_token in window_losses(model, windows, 64):
+    for chunk, per_token in window_losses(model, windows, 64, cfg):
         reduced = domain_losses(per_token, windows.domain[chunk], len(losses))
         losses += reduced.sum
         counts += reduced.count
@@ -225,7 +283,7 @@ def probes_for(
     )
 
     def mix_losses() -> torch.Tensor:
-        seq = windows.tokens[torch.as_tensor(next(mix))].long()
+        seq = windows.tokens[torch.as_tensor(next(mix))].long().to(next(model.parameters()).device)
         return per_token_loss(model(seq[:, :-1]), seq[:, 1:])
 
     products = GradientProductProbe(make_tap, max_norm=cfg.doge_max_norm, target=mix_losses)
@@ -264,7 +322,8 @@ def train(
     """
     torch.manual_seed(cfg.seed)
     names = train_windows.names
-    model = model_for(cfg, stage)
+    device = device_for(cfg)
+    model = model_for(cfg, stage).to(device)
     sampler = DomainBatchSampler(train_windows.ranges, cfg.batch_size, min_count=1, seed=cfg.seed)
     probes, products = probes_for(model, cfg, reference, doge_tensors)
     score_log = ScoreLog(strategy, names)
@@ -272,15 +331,17 @@ def train(
         strategy, names, update_every=1, sampler=sampler, probes=probes, log=score_log.record
     )
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: cosine_decay(t, horizon or steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda t: lr_factor(t, horizon or steps, cfg.warmup_steps)
+    )
     scores = CancellationScores(selection_candidates(model)) if score_cancellation else None
     start, tokens = time.perf_counter(), 0
     trajectory: dict[str, Any] = {"step": [], "mixture": {n: [] for n in names}}
     bar = tqdm(total=steps, desc=stage, unit="step", file=sys.stderr, disable=None)  # off when not a TTY
     for step, batch in zip(range(steps), sampler, strict=False):
         index = torch.as_tensor(batch)
-        seq, ids = train_windows.tokens[index].long(), train_windows.domain[index]
-        with controller.record():
+        seq, ids = train_windows.tokens[index].long().to(device), train_windows.domain[index].to(device)
+        with precision(cfg, device), controller.record():  # the probes' target forward is inside too
             per_token = per_token_loss(model(seq[:, :-1]), seq[:, 1:])
         # α_t from this step's statistics weights this step's update (both reference codes).
         controller.step(per_token, ids, indices=index)
@@ -289,6 +350,8 @@ def train(
             raise RuntimeError(f"{stage}: the loss is {loss.item()} at step {controller.step_count}.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
         optimizer.step()
         if scores is not None:
             scores.update()
@@ -321,9 +384,13 @@ def selection_candidates(model: GPT) -> list[tuple[str, torch.nn.Parameter]]:
     return [(n, p) for n, p in model.named_parameters() if n.startswith(("blocks.", "ln."))]
 
 
-def cosine_decay(t: int, steps: int) -> float:
-    """The multiplier of ``lr`` at step t of ``steps`` (cosine to 0), shared by AdamW and DoGE's η_t."""
-    return 0.5 * (1 + math.cos(math.pi * t / steps))
+def lr_factor(t: int, steps: int, warmup: int) -> float:
+    """The multiplier of ``lr`` at step t of ``steps``: linear warm-up, then cosine to 0.
+
+    Shared by AdamW and DoGE's η_t, so DoGE's mirror step follows the proxy's own learning rate.
+    """
+    ramp = min(1.0, (t + 1) / warmup) if warmup > 0 else 1.0
+    return ramp * 0.5 * (1 + math.cos(math.pi * min(t, steps) / steps))
 
 
 def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
@@ -335,7 +402,7 @@ def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
     del info["trajectory"]  # fixed weights
     model.eval()
     cache = np.zeros((len(windows.domain), cfg.block_size), dtype=np.float16)
-    for chunk, per_token in window_losses(model, windows, 128):
+    for chunk, per_token in window_losses(model, windows, 128, cfg):
         cache[chunk.numpy()] = per_token.numpy().astype(np.float16)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "reference_losses.npy") as tmp:
@@ -353,7 +420,7 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
         cfg,
         MethodContext(
             tuple(windows.sizes[n] for n in windows.names),
-            learning_rate=lambda step: cfg.lr * cosine_decay(step, cfg.proxy_steps),
+            learning_rate=lambda step: cfg.lr * lr_factor(step, cfg.proxy_steps, cfg.warmup_steps),
         ),
     )
     reference = None
@@ -429,8 +496,10 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
     model, _, info = train(cfg, "base", strategies.fixed(alpha, alpha), windows, cfg.base_steps)
     del info["trajectory"]  # fixed weights
     # Every domain is evaluated, the held-out target domain (if any) included.
-    validation = evaluate(model, load_windows(cfg, "validation", cfg.eval_windows))
-    test = evaluate(model, load_windows(cfg, "test", cfg.eval_windows))
+    validation = evaluate(model, load_windows(cfg, "validation", cfg.eval_windows or None), cfg)
+    test = evaluate(model, load_windows(cfg, "test", cfg.eval_windows or None), cfg)
+    log_test = {n: math.log(v) for n, v in test.items()}  # nats per token, token-weighted per domain
+    trained_log = [v for n, v in log_test.items() if n != cfg.target_domain]
     trained = {n: v for n, v in test.items() if n != cfg.target_domain}
     result = {
         "stage": "base",
@@ -442,6 +511,9 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
         "test_perplexity": test,
         "average_test_perplexity": sum(trained.values()) / len(trained),
         "worst_test_perplexity": max(trained.values()),
+        "test_log_perplexity": log_test,
+        "average_test_log_perplexity": sum(trained_log) / len(trained_log),
+        "worst_test_log_perplexity": max(trained_log),
         "parameters": model.num_parameters(),
         "config": asdict(cfg),
         **info,
@@ -608,13 +680,14 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", default=None, help="with --compare: comma-separated seeds, e.g. 0,1,2 (paired intervals)"
     )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
+    parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help="shortcut for --set device=...")
     args = parser.parse_args(argv)
     if args.compare == (args.stage is not None):
         parser.error("give exactly one of --stage and --compare")
     torch.set_num_threads(args.threads)
     try:
         overrides = dict(parse_override(text) for text in args.set)
-        for key in ("corpus", "proxy_steps", "base_steps", "seed"):
+        for key in ("corpus", "proxy_steps", "base_steps", "seed", "device"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         cfg = load_config(LmConfig, args.config, overrides)
