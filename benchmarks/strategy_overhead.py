@@ -3,11 +3,14 @@
 Two configurations (``--config``):
 
 * ``experiment`` (default): the proxy of ``domainmix run lm`` as its defaults run it. The model, batch,
-  block size, learning rate and DoGE's settings are ``LmConfig()``'s (``src/domainmix/experiments/
-  config.py``): a byte-level GPT of ``proxy_layers`` × ``proxy_width`` (2 × 128, 4 heads, T = 128, built
-  by ``experiments.lm.model_for``), ``batch_size`` = 32 sequences, AdamW at ``lr``; DoReMi and DoGE are
-  the experiment's strategies (``experiments.methods.build_proxy``: DoReMi's step size, smoothing and
-  delay, DoGE's µ and its η_t = the cosine-decayed ``lr``). DoGE runs in the experiment's universal mode:
+  block size, learning rate, gradient clipping and DoGE's settings are ``LmConfig()``'s
+  (``src/domainmix/experiments/config.py``): a GPT of ``proxy_layers`` × ``proxy_width`` (2 × 128, 4 heads
+  as ``experiments.lm.model_for`` builds it, T = 128) over the tokenizer's vocabulary (``bpe_vocab`` =
+  4096 for the default BPE tokens, 256 for ``tokenizer=bytes``; the tied embedding is then most of the
+  parameters), ``batch_size`` = 32 sequences, AdamW at ``lr`` with ``clip_grad_norm_(grad_clip)`` every
+  step of every variant; DoReMi and DoGE are the experiment's strategies
+  (``experiments.methods.build_proxy``: DoReMi's step size, smoothing and delay, DoGE's µ and its η_t =
+  ``lr`` × the proxy's schedule ``experiments.lm.lr_factor``). DoGE runs in the experiment's universal mode:
   every step a separate target batch of ``batch_size`` sequences, drawn uniformly over the domains by a
   ``DomainBatchSampler`` of its own (as ``experiments.lm.probes_for`` draws it), goes through the forward
   inside ``controller.record()``, and the tap computes ``target_grad_dot`` with the products
@@ -18,10 +21,10 @@ Two configurations (``--config``):
   with step 1), kept so that they stay reproducible. ``doge_leave_one_out`` is not among its variants
   (it is what its ``doge_subset`` already runs).
 
-``--n-layer``, ``--n-embd``, ``--n-head``, ``--block-size``, ``--batch`` and ``--lr`` override the
-chosen configuration's values (the report lists what was overridden).
+``--vocab``, ``--n-layer``, ``--n-embd``, ``--n-head``, ``--block-size``, ``--batch`` and ``--lr``
+override the chosen configuration's values (the report lists what was overridden).
 
-Data: random byte sequences from k = 6 domains (the corpus's six); every training batch has stratified
+Data: random token sequences from k = 6 domains (the corpus's six); every training batch has stratified
 counts (``allocate_counts``). Every variant is a full training step (forward, loss, backward, optimizer
 step and, where there is one, the controller's step) on its own copy of the same initial model, over the
 same fixed pool of batches (and the same stream of target batches):
@@ -60,7 +63,7 @@ The targets (DoGE ≤ 1.5 × plain for ``doge_subset``, ``doge_leave_one_out``, 
 Timing: ``--warmup`` steps per variant, then per repetition ``--steps`` rounds in which every variant
 runs one step (round-robin, the order rotated every round so that machine noise hits all alike).
 Reported: the median over repetitions of the mean seconds per step, and the median over repetitions
-of the per-repetition ratio to ``plain``. The proxy's cosine learning-rate schedule is left out of every
+of the per-repetition ratio to ``plain``. The proxy's learning-rate schedule is left out of every
 variant (a scalar per step); DoGE's η_t follows it.
 
 Memory of the gradient statistics: both paths keep a (k+1) × P_subset float64 matrix (``matrix_bytes``,
@@ -95,7 +98,7 @@ from torch.profiler import ProfilerActivity, profile
 from domainmix import StatsCollector, WeightingController, weighted_loss
 from domainmix.experiments.config import LmConfig
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
-from domainmix.experiments.lm import cosine_decay, model_for
+from domainmix.experiments.lm import lr_factor, model_for
 from domainmix.experiments.methods import MethodContext, build_proxy
 from domainmix.sampling import DomainBatchSampler, allocate_counts
 from domainmix.stats import (
@@ -145,8 +148,10 @@ LEGACY = {
     "doge_mu": 0.01,
     "doge_max_norm": 5.0,
     "doge_target": "leave_one_out",
+    "vocab": 256,
+    "grad_clip": 0.0,
 }
-OVERRIDABLE = ("n_layer", "n_head", "n_embd", "block_size", "batch", "lr")
+OVERRIDABLE = ("vocab", "n_layer", "n_head", "n_embd", "block_size", "batch", "lr")
 
 
 @dataclass(frozen=True)
@@ -160,6 +165,7 @@ class Setup:
     doge_mu: float
     doge_max_norm: float
     doge_target: str  # the mode of every DoGE variant but doge_leave_one_out
+    grad_clip: float  # clip_grad_norm_ before every optimizer step (0: none)
     lm: LmConfig | None  # the experiment's config (None: legacy)
     overrides: dict[str, Any]
 
@@ -169,10 +175,10 @@ class Setup:
             return uniform()
         doge_target = "leave_one_out" if variant == "doge_leave_one_out" else self.doge_target
         if self.lm is not None:
-            proxy_steps = self.lm.proxy_steps
+            proxy_steps, warmup = self.lm.proxy_steps, self.lm.warmup_steps
             ctx = MethodContext(
                 (domain_size,) * k,
-                learning_rate=lambda step: self.lr * cosine_decay(step, proxy_steps),
+                learning_rate=lambda step: self.lr * lr_factor(step, proxy_steps, warmup),
             )
             if variant.startswith("doremi"):
                 return build_proxy("doremi", self.lm, ctx)
@@ -199,8 +205,11 @@ def resolve(args: argparse.Namespace) -> Setup:
         lm = None
     else:
         lm = LmConfig()
-        proxy = model_for(lm, "proxy").cfg  # the experiment's proxy, as run lm builds it
+        # The experiment's proxy as run lm builds it; its vocabulary is the tokenizer's (model_for reads
+        # the corpus's BPE file for it, which a benchmark need not have: bpe_vocab is its size).
+        proxy = model_for(dataclasses.replace(lm, tokenizer="bytes"), "proxy").cfg
         values = {
+            "vocab": 256 if lm.tokenizer == "bytes" else lm.bpe_vocab,
             "n_layer": proxy.n_layer,
             "n_head": proxy.n_head,
             "n_embd": proxy.n_embd,
@@ -210,6 +219,7 @@ def resolve(args: argparse.Namespace) -> Setup:
             "doge_mu": lm.doge_mu,
             "doge_max_norm": lm.doge_max_norm,
             "doge_target": lm.doge_target,
+            "grad_clip": lm.grad_clip,
         }
     values.update(overrides)
     if lm is not None:
@@ -217,7 +227,7 @@ def resolve(args: argparse.Namespace) -> Setup:
             lm, block_size=values["block_size"], batch_size=values["batch"], lr=values["lr"]
         )
     model = GPTConfig(
-        vocab_size=args.vocab,
+        vocab_size=values["vocab"],
         block_size=values["block_size"],
         n_layer=values["n_layer"],
         n_head=values["n_head"],
@@ -231,6 +241,7 @@ def resolve(args: argparse.Namespace) -> Setup:
         doge_mu=values["doge_mu"],
         doge_max_norm=values["doge_max_norm"],
         doge_target=values["doge_target"],
+        grad_clip=values["grad_clip"],
         lm=lm,
         overrides=overrides,
     )
@@ -243,16 +254,16 @@ class Data:
     def __init__(self, args: argparse.Namespace, setup: Setup) -> None:
         g = torch.Generator().manual_seed(args.seed)
         self.k, self.batch, self.seed = args.domains, setup.batch, args.seed
-        block_size = setup.model.block_size
+        block_size, vocab = setup.model.block_size, setup.model.vocab_size
         self.counts = allocate_counts([1.0] * self.k, self.batch).tolist()
         n = args.pool * self.batch
-        self.tokens = torch.randint(0, args.vocab, (n, block_size + 1), generator=g)
+        self.tokens = torch.randint(0, vocab, (n, block_size + 1), generator=g)
         ids = torch.repeat_interleave(torch.arange(self.k), torch.tensor(self.counts))
         self.domain_ids = ids.repeat(args.pool)
         self.pool = args.pool
         self.ref_cache: Tensor | None = None  # (n, T) fp16 reference per-token losses, filled by cache()
         per_domain = max(self.batch, n // self.k)
-        self.target_tokens = torch.randint(0, args.vocab, (self.k * per_domain, block_size + 1), generator=g)
+        self.target_tokens = torch.randint(0, vocab, (self.k * per_domain, block_size + 1), generator=g)
         self.target_ranges = {f"d{i}": range(i * per_domain, (i + 1) * per_domain) for i in range(self.k)}
 
     def get(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -405,6 +416,8 @@ class Runner:
             loss = weighted_loss(tok, ids, ctl.loss_multipliers())
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.setup.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.setup.grad_clip)
         self.opt.step()
 
     def products(self, tok: Tensor, ids: Tensor, target: Tensor | None = None) -> tuple[Tensor, Tensor]:
@@ -542,7 +555,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--variants", default=None, help="comma list; plain is always run (default: the config's set)"
     )
-    parser.add_argument("--vocab", type=int, default=256)
+    parser.add_argument("--vocab", type=int, default=None, help="override the config's vocabulary")
     parser.add_argument("--block-size", type=int, default=None, help="override the config's")
     parser.add_argument("--n-layer", type=int, default=None, help="override the config's")
     parser.add_argument("--n-head", type=int, default=None, help="override the config's")
@@ -617,7 +630,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     lm = setup.lm
     doge_settings: dict[str, Any] = {
-        "learning_rate": setup.lr if lm is None else f"{setup.lr} x cosine decay over {lm.proxy_steps} steps",
+        "learning_rate": setup.lr
+        if lm is None
+        else f"{setup.lr} x lr_factor (warm-up {lm.warmup_steps}, cosine over {lm.proxy_steps} steps)",
         "mu": setup.doge_mu,
         "max_norm": setup.doge_max_norm,
         "update_every": 1,
@@ -643,18 +658,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "source": (
                 "LmConfig() defaults (src/domainmix/experiments/config.py): the proxy of domainmix run lm"
                 if lm is not None
-                else "the earlier figures' 4x128 configuration (DoGE scoring leave_one_out)"
+                else "the earlier figures' 4x128 byte-level configuration (DoGE scoring leave_one_out)"
             ),
             "lm_config": None
             if lm is None
             else {
                 key: getattr(lm, key)
                 for key in (
+                    "tokenizer",
+                    "bpe_vocab",
                     "proxy_layers",
                     "proxy_width",
                     "block_size",
                     "batch_size",
                     "lr",
+                    "warmup_steps",
+                    "grad_clip",
                     "proxy_steps",
                     "doge_mu",
                     "doge_max_norm",
@@ -689,7 +708,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "name": "AdamW",
                 "lr": setup.lr,
                 "weight_decay": WEIGHT_DECAY,
-                "schedule": "constant (the run's cosine schedule is left out of every variant)",
+                "grad_clip": setup.grad_clip,
+                "schedule": "constant (the run's warm-up/cosine schedule is left out of every variant)",
             },
             "doge": doge_settings,
             "doremi": doremi_settings,

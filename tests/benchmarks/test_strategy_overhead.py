@@ -112,6 +112,9 @@ def test_benchmark_experiment_config_json_layout_and_invariants() -> None:
     config = report["config"]
     assert config["name"] == "experiment" and config["lm_config"]["doge_target"] == "universal"
     assert config["doge"]["target"] == "universal" and config["doge"]["target_batch"]
+    lm = config["lm_config"]  # LmConfig()'s: the tokenizer's vocabulary, the run's gradient clipping
+    assert config["model"]["vocab_size"] == (256 if lm["tokenizer"] == "bytes" else lm["bpe_vocab"])
+    assert config["optimizer"]["grad_clip"] == lm["grad_clip"]
     subsets = report["doge_subsets"]
     # The experiment's DoGE: a uniformly mixed target batch of the batch's size every step...
     for name in DOGE - {"doge_leave_one_out"}:
@@ -131,7 +134,8 @@ def test_benchmark_legacy_config_keeps_the_earlier_variants() -> None:
     report = _run("--config", "legacy", *TINY)
     _check_common(report, LEGACY_VARIANTS)
     assert report["config"]["name"] == "legacy" and report["config"]["lm_config"] is None
-    assert report["config"]["optimizer"]["lr"] == 5e-4
+    assert report["config"]["optimizer"]["lr"] == 5e-4 and report["config"]["optimizer"]["grad_clip"] == 0
+    assert report["config"]["model"]["vocab_size"] == 256
     assert all(s["target"] == "leave_one_out" for s in report["doge_subsets"].values())
     assert "max_rel_error_target_grad_dot" not in report["doge_subset_tap_vs_autograd"]
 
@@ -139,6 +143,8 @@ def test_benchmark_legacy_config_keeps_the_earlier_variants() -> None:
 @pytest.mark.slow
 def test_experiment_config_is_the_run_lm_proxy() -> None:
     """Without overrides the benchmark's model, batch and DoGE settings are LmConfig()'s proxy's."""
+    import dataclasses
+
     from domainmix.experiments.config import LmConfig
     from domainmix.experiments.gpt import GPT
     from domainmix.experiments.lm import model_for
@@ -146,17 +152,22 @@ def test_experiment_config_is_the_run_lm_proxy() -> None:
     bench = _load_script()
     setup = bench.resolve(bench.parse_args([]))
     lm = LmConfig()
-    proxy = model_for(lm, "proxy")
     assert setup.name == "experiment" and setup.overrides == {}
-    assert setup.model == proxy.cfg
-    assert (setup.batch, setup.lr) == (lm.batch_size, lm.lr)
+    # run lm's proxy; its vocabulary is the tokenizer's (model_for reads it from the corpus's BPE file).
+    vocab = 256 if lm.tokenizer == "bytes" else lm.bpe_vocab
+    proxy = model_for(dataclasses.replace(lm, tokenizer="bytes"), "proxy").cfg
+    assert setup.model == dataclasses.replace(proxy, vocab_size=vocab)
+    assert (setup.model.n_layer, setup.model.n_embd) == (lm.proxy_layers, lm.proxy_width)
+    assert (setup.batch, setup.lr, setup.grad_clip) == (lm.batch_size, lm.lr, lm.grad_clip)
     assert (setup.doge_mu, setup.doge_max_norm, setup.doge_target) == (
         lm.doge_mu,
         lm.doge_max_norm,
         lm.doge_target,
     )
-    # The tapped subset (last block + final LayerNorm) is the share run lm's DoGE taps.
+    # The tapped subset (last block + final LayerNorm) is what run lm's DoGE taps by default.
     model = GPT(setup.model)
     tap = bench.GradientProductTap(*bench.subset_modules(model, "doge_subset"))
-    share = sum(p.numel() for p in tap.parameters()) / model.num_parameters()
-    assert share > 0.4  # the 2 x 128 proxy: about 45 % (the legacy 4 x 128 model: 23.6 %)
+    chosen = {id(p) for p in tap.parameters()}
+    names = [n for n, p in model.named_parameters() if id(p) in chosen]
+    assert {n.split(".")[0] for n in names} == {"blocks", "ln"}
+    assert all(n.startswith(f"blocks.{lm.proxy_layers - 1}.") or n.startswith("ln.") for n in names)
