@@ -254,6 +254,8 @@ class Data:
     def __init__(self, args: argparse.Namespace, setup: Setup) -> None:
         g = torch.Generator().manual_seed(args.seed)
         self.k, self.batch, self.seed = args.domains, setup.batch, args.seed
+        # DoGE's target batch: --target-batch, else the experiment's doge_target_batch, else the batch.
+        self.target_batch = args.target_batch or (setup.lm.doge_target_batch if setup.lm else 0) or self.batch
         block_size, vocab = setup.model.block_size, setup.model.vocab_size
         self.counts = allocate_counts([1.0] * self.k, self.batch).tolist()
         n = args.pool * self.batch
@@ -274,10 +276,10 @@ class Data:
         return index, seq[:, :-1], seq[:, 1:], self.domain_ids[index]
 
     def target_stream(self) -> Iterator[Tensor]:
-        """Target batches' windows: ``batch`` of them a step, drawn uniformly over the domains."""
+        """Target batches' windows: ``target_batch`` of them a step, drawn uniformly over the domains."""
         sampler = DomainBatchSampler(
             self.target_ranges,
-            self.batch,
+            self.target_batch,
             dict.fromkeys(self.target_ranges, 1.0),
             min_count=1,
             seed=self.seed + 1,  # a stream of its own, as in experiments.lm.probes_for
@@ -562,6 +564,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--n-embd", type=int, default=None, help="override the config's")
     parser.add_argument("--batch", type=int, default=None, help="sequences per batch (override)")
     parser.add_argument("--lr", type=float, default=None, help="AdamW's and DoGE's learning rate (override)")
+    parser.add_argument(
+        "--target-batch",
+        type=int,
+        default=0,
+        help="windows in DoGE's universal target batch (0: the config's)",
+    )
     parser.add_argument("--domains", type=int, default=6)
     parser.add_argument("--pool", type=int, default=4, help="distinct batches, cycled")
     parser.add_argument("--seed", type=int, default=0)
@@ -604,7 +612,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "parameters": sum(p.numel() for p in runner.subset),
             "fraction": sum(p.numel() for p in runner.subset) / total,
             "target": "universal" if runner.universal else "leave_one_out",
-            "target_batch_sequences": data.batch if runner.universal else 0,
+            "target_batch_sequences": data.target_batch if runner.universal else 0,
         }
         for name, runner in runners.items()
         if name in DOGE_VARIANTS

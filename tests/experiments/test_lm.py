@@ -193,3 +193,20 @@ def test_device_choice() -> None:
     assert lm.precision(TINY, torch.device("cpu")).__class__.__name__ == "nullcontext"  # AMP on CUDA only
     with pytest.raises(ConfigError, match="'device'"):
         load_config(lm.LmConfig, None, {"device": "tpu"})
+
+
+def test_doge_target_batch_size_is_selectable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = replace(TINY, doge_target_batch=6)  # one window per domain
+    sizes: list[int] = []
+    real = lm.per_token_loss
+
+    def spy(logits, targets):  # type: ignore[no-untyped-def]
+        sizes.append(int(logits.shape[0]))
+        return real(logits, targets)
+
+    monkeypatch.setattr(lm, "per_token_loss", spy)
+    lm.stage_proxy(cfg, tmp_path, "doge", None)
+    # every step: the training batch (12 windows) and the target batch (6)
+    assert sizes.count(6) == TINY.proxy_steps and sizes.count(TINY.batch_size) == TINY.proxy_steps
+    with pytest.raises(ConfigError, match="'doge_target_batch'"):
+        load_config(lm.LmConfig, None, {"doge_target_batch": -1})

@@ -281,6 +281,10 @@ class LmConfig:
     """``universal``: W_i = ⟨g_i, g_mix⟩ against a separate uniformly mixed batch each step (the
     reference code's; it includes domain i's own term); ``leave_one_out``: ⟨g_i, Σ_{j≠i} g_j⟩ from the
     training batch alone."""
+    doge_target_batch: int = 0
+    """Windows in DoGE's target batch every step (0: ``batch_size``). The target batch is most of the
+    universal mode's cost (docs/language-models.md, "Cost per step"); a smaller one, at least one window
+    per domain, is cheaper and noisier."""
     doge_max_norm: float = 5.0
     """DoGE's clip of each domain's mean gradient before the products."""
     doge_selection: int = 0
@@ -328,7 +332,7 @@ class LmConfig:
             out, self, "be a finite number > 0", lambda v: math.isfinite(v) and v > 0, "doremi_step_size"
         )
         _require(out, self, "be in [0, 1)", lambda v: 0 <= v < 1, "doremi_smoothing")
-        _require(out, self, "be an int >= 0", lambda v: v >= 0, "doremi_delay")
+        _require(out, self, "be an int >= 0", lambda v: v >= 0, "doremi_delay", "doge_target_batch")
         targets = ("universal", "leave_one_out")
         _require(out, self, f"be one of {list(targets)}", lambda v: v in targets, "doge_target")
         _require(out, self, "be an int >= 0", lambda v: v >= 0, "seed", "train_windows")

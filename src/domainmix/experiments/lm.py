@@ -275,7 +275,7 @@ def probes_for(
     mix = iter(
         DomainBatchSampler(
             windows.ranges,
-            cfg.batch_size,
+            cfg.doge_target_batch or cfg.batch_size,
             dict.fromkeys(windows.names, 1.0),
             min_count=1,
             seed=cfg.seed + 1,  # a stream of its own: not the training batches
