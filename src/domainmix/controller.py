@@ -236,7 +236,7 @@ class WeightingController:
         Nothing records on the steps of a warm-up window, which :meth:`step` does not observe either.
         """
         with ExitStack() as stack:
-            if not self.stat_free and self._window_counts():
+            if self._observes_coming_step():
                 for probe in self._probes:
                     stack.enter_context(probe.record())
             yield
@@ -262,7 +262,7 @@ class WeightingController:
         """
         if losses is not None and domain_ids is None:
             raise param_error("WeightingController.step", "domain_ids", "a tensor with losses", None)
-        if losses is not None and domain_ids is not None and not self.stat_free and self._window_counts():
+        if losses is not None and domain_ids is not None and self._observes_coming_step():
             if self._reads_train:
                 k = self._collector.num_domains
                 self._collector.observe(domain_losses(losses.detach(), domain_ids, k, mask))
@@ -281,10 +281,10 @@ class WeightingController:
             probe.observe_window(self._collector, self._step)
         return self.update(self._collector.summarize(self._step))
 
-    def _window_counts(self) -> bool:
-        """Whether the window of the coming step will reach the strategy (warm-up windows are dropped)."""
+    def _observes_coming_step(self) -> bool:
+        """Whether the coming step is observed: statistics are read and its window is not a warm-up one."""
         closes_at = -(-(self._step + 1) // self._update_every) * self._update_every
-        return closes_at >= self._warmup
+        return not self.stat_free and closes_at >= self._warmup
 
     def update(self, stats: DomainStats) -> bool:
         """Run the strategy on ``stats`` now. Returns False when the update was skipped (non-finite stats)."""

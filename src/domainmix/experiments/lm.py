@@ -150,7 +150,8 @@ def training_domains(cfg: LmConfig) -> tuple[str, ...]:
     """Every domain of the corpus but the held-out ``target_domain`` (if any)."""
     from domainmix.data import load_corpus
 
-    domains = load_corpus(cfg.corpus).domains
+    # The manifest's names only: the split files are verified where they are read (load_windows).
+    domains = load_corpus(cfg.corpus, verify=False).domains
     if cfg.target_domain and cfg.target_domain not in domains:
         raise ValueError(
             f"target_domain {cfg.target_domain!r} is not a domain of {cfg.corpus}; "
@@ -262,9 +263,10 @@ def probes_for(
     last block and the final LayerNorm (never the tied embedding); the tap is made only if the
     controller chooses the probe. Their target batch, drawn every step by a sampler of its own from
     :func:`target_pool`, is a uniform mix of the training domains (DoGE's universal mode, as the
-    reference code runs it) or a batch of the held-out ``target_domain`` (out-of-domain mode).
+    reference code runs it) or a batch of the held-out ``target_domain`` (out-of-domain mode); like the
+    tap, that stream is made at the first target batch, so stages without DoGE never load it.
     """
-    windows = target_pool(cfg)
+    mix: tuple[Windows, Iterator[list[int]]] | None = None
 
     def make_tap() -> GradientProductTap:
         if doge_tensors is None:
@@ -272,18 +274,20 @@ def probes_for(
         params = dict(model.named_parameters())
         return GradientProductTap(model.blocks, model.ln, only=[params[n] for n in doge_tensors])
 
-    mix = iter(
-        DomainBatchSampler(
-            windows.ranges,
-            cfg.doge_target_batch or cfg.batch_size,
-            dict.fromkeys(windows.names, 1.0),
-            min_count=1,
-            seed=cfg.seed + 1,  # a stream of its own: not the training batches
-        )
-    )
-
     def mix_losses() -> torch.Tensor:
-        seq = windows.tokens[torch.as_tensor(next(mix))].long().to(next(model.parameters()).device)
+        nonlocal mix
+        if mix is None:
+            windows = target_pool(cfg)
+            sampler = DomainBatchSampler(
+                windows.ranges,
+                cfg.doge_target_batch or cfg.batch_size,
+                dict.fromkeys(windows.names, 1.0),
+                min_count=1,
+                seed=cfg.seed + 1,  # a stream of its own: not the training batches
+            )
+            mix = (windows, iter(sampler))
+        windows, batches = mix
+        seq = windows.tokens[torch.as_tensor(next(batches))].long().to(next(model.parameters()).device)
         return per_token_loss(model(seq[:, :-1]), seq[:, 1:])
 
     products = GradientProductProbe(make_tap, max_norm=cfg.doge_max_norm, target=mix_losses)
@@ -498,14 +502,15 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
     # Every domain is evaluated, the held-out target domain (if any) included.
     validation = evaluate(model, load_windows(cfg, "validation", cfg.eval_windows or None), cfg)
     test = evaluate(model, load_windows(cfg, "test", cfg.eval_windows or None), cfg)
-    log_test = {n: math.log(v) for n, v in test.items()}  # nats per token, token-weighted per domain
-    trained_log = [v for n, v in log_test.items() if n != cfg.target_domain]
     trained = {n: v for n, v in test.items() if n != cfg.target_domain}
+    log_test = {n: math.log(v) for n, v in test.items()}  # nats per token, token-weighted per domain
+    trained_log = [log_test[n] for n in trained]
     result = {
         "stage": "base",
         "weights": weights,
         "target_domain": cfg.target_domain or None,
         "target_test_perplexity": test.get(cfg.target_domain) if cfg.target_domain else None,
+        "target_test_log_perplexity": log_test.get(cfg.target_domain) if cfg.target_domain else None,
         "sampling": {n: v / sum(alpha.values()) for n, v in alpha.items()},
         "validation_perplexity": validation,
         "test_perplexity": test,
@@ -545,6 +550,9 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
             "average": r["average_test_perplexity"],
             "worst": r["worst_test_perplexity"],
             "target": r["target_test_perplexity"],
+            "log_average": r["average_test_log_perplexity"],
+            "log_worst": r["worst_test_log_perplexity"],
+            "log_target": r["target_test_log_perplexity"],
             "tokens_seen": r["tokens_seen"],
             "train_seconds": r["train_seconds"],
         }
@@ -569,13 +577,7 @@ def compare_seeds(cfg: LmConfig, out: Path, seeds: Sequence[int]) -> dict[str, A
     tables = {seed: compare(replace(cfg, seed=seed), out / f"seed-{seed}") for seed in seeds}
 
     def metric(table: dict[str, Any], label: str, name: str) -> float:
-        row = table[label]
-        trained = [math.log(v) for n, v in row["test_perplexity"].items() if n != cfg.target_domain]
-        return {
-            "average": sum(trained) / len(trained),
-            "worst": max(trained),
-            "target": math.log(row["target"]) if row["target"] is not None else math.nan,
-        }[name]
+        return float(table[label][f"log_{name}"])  # stage_base's token-weighted log-perplexities
 
     names = ("average", "worst") + (("target",) if cfg.target_domain else ())
     labels = list(next(iter(tables.values())))
@@ -684,6 +686,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.compare == (args.stage is not None):
         parser.error("give exactly one of --stage and --compare")
+    if args.seeds is not None and not args.compare:
+        parser.error("--seeds goes with --compare")
     torch.set_num_threads(args.threads)
     try:
         overrides = dict(parse_override(text) for text in args.set)
