@@ -11,9 +11,10 @@ setting's ``paired.json`` under ``--out`` and prints (or, with ``--json``, write
 of each setting and the paired differences to uniform. ``--device cpu --smoke`` runs the same code path
 at a toy size on the CPU (the test suite does).
 
-The GPU configuration is a 4 × 256 proxy and an 8 × 512 base (about 27 M parameters with the 4,096-token
-vocabulary), 2,000 proxy and base steps of 64 × 256 tokens. Its wall time on an H100 has not been
-measured yet: until it has, treat the 8-minute budget as a target, not a figure.
+The GPU configuration: block 256, batch 32 windows (8,192 tokens) per step, a 4 × 256 reference and
+proxies and a 6 × 384 base (about 12.2 M parameters with the 4,096-token vocabulary), 1,000 steps per
+stage with 50 warm-up steps (each base sees about 8.2 M tokens, 1.6 epochs of the training splits),
+every training and evaluation window. Its wall time on an H100 is in docs/language-models.md.
 
 Usage: python benchmarks/lm_gpu.py [--corpus DIR] [--out DIR] [--device cuda|auto|cpu] [--seeds 0,1,2]
        [--target drama] [--smoke] [--json]
@@ -35,8 +36,8 @@ from domainmix.experiments import lm
 from domainmix.experiments.config import LmConfig
 
 GPU = {
-    "block_size": 256, "batch_size": 64, "proxy_steps": 2000, "base_steps": 2000, "proxy_layers": 4,
-    "proxy_width": 256, "base_layers": 8, "base_width": 512, "lr": 1e-3, "warmup_steps": 100,
+    "block_size": 256, "batch_size": 32, "proxy_steps": 1000, "base_steps": 1000, "proxy_layers": 4,
+    "proxy_width": 256, "base_layers": 6, "base_width": 384, "lr": 1e-3, "warmup_steps": 50,
     "train_windows": 0, "eval_windows": 0, "amp": True,
 }  # fmt: skip
 SMOKE = {

@@ -130,3 +130,18 @@ def test_only_keeps_the_chosen_tensors() -> None:
     assert_same(tap.products(per_token, ids, 3), expected)
     with pytest.raises(ValueError, match="'only' parameter"):
         GradientProductTap(model.ln, only=[model.head.weight])
+
+
+def test_under_bfloat16_autocast_the_products_are_summed_in_float32() -> None:
+    # Under autocast a Linear's output (so its delta) is bfloat16 while its input may be float32.
+    model = GPT(GPTConfig(block_size=8, n_layer=2, n_head=2, n_embd=16))
+    tap = GradientProductTap(model.blocks[-1], model.ln)
+    x, y = batch()
+    ids = torch.tensor([0, 1, 2, 1, 0, 0, 1, 2, 0, 1])
+    with tap.record():
+        exact = per_token_loss(model(x), y)
+    expected = tap.products(exact, ids, 3)
+    with tap.record(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = per_token_loss(model(x), y)
+    got = tap.products(mixed, ids, 3)
+    torch.testing.assert_close(got.grad_dot, expected.grad_dot, rtol=0.05, atol=1e-6)

@@ -14,9 +14,10 @@ Stages (each writes into ``--out``):
 * ``--compare``: everything above, then a table of the base runs (uniform, proportional, DoReMi, DoGE on
   the same token budget) in ``comparison.json``.
 
-Data: a corpus from ``domainmix data build-corpus`` (``--corpus DIR``), byte-level tokens, cut into
-non-overlapping windows of ``block_size + 1`` tokens; a window is one example of its domain. Training
-draws from ``train_windows`` evenly spaced windows per domain (the reference's loss cache covers them).
+Data: a corpus from ``domainmix data build-corpus`` (``--corpus DIR``), tokenized with its BPE
+(``tokenizer="bpe"``, the default) or as bytes, cut into non-overlapping windows of ``block_size + 1``
+tokens; a window is one example of its domain. Training draws from ``train_windows`` evenly spaced
+windows per domain (the reference's loss cache covers them).
 """
 
 from __future__ import annotations
@@ -63,13 +64,12 @@ class Windows:
     """Token windows of one split: ``tokens[i]`` is window i (block_size + 1 tokens) of ``domain[i]``."""
 
     names: tuple[str, ...]
-    tokens: torch.Tensor  # (N, block_size + 1) uint8
+    tokens: torch.Tensor  # (N, block_size + 1): uint8 bytes or int32 BPE ids
     domain: torch.Tensor  # (N,) int64
     ranges: dict[str, range]
     sizes: dict[str, int]  # windows in each domain's whole split (the pool may hold fewer)
 
 
-@lru_cache(maxsize=16)  # --compare's stages read the same splits: verify and cut them once
 def load_windows(
     cfg: LmConfig, split: str, limit: int | None = None, domains: tuple[str, ...] | None = None
 ) -> Windows:
@@ -79,18 +79,12 @@ def load_windows(
     """
     from domainmix.data import load_corpus
 
-    corpus = load_corpus(cfg.corpus)
-    names = corpus.domains if domains is None else domains
-    unknown = sorted(set(names) - set(corpus.domains))
-    if unknown:
-        raise ValueError(
-            f"The corpus {cfg.corpus} has no domain {unknown}; its domains: {list(corpus.domains)}."
-        )
+    names = load_corpus(cfg.corpus, verify=False).domains if domains is None else domains
     width = cfg.block_size + 1
     tokenizer = tokenizer_file(cfg)
     parts, ranges, sizes, start = [], {}, {}, 0
     for name in names:
-        data = corpus.tokens(name, split, tokenizer)
+        data = _tokens(cfg.corpus, name, split, None if tokenizer is None else str(tokenizer))
         n = len(data) // width
         if n == 0:
             raise ValueError(f"Domain {name!r} has fewer than {width} tokens in its {split} split.")
@@ -103,6 +97,19 @@ def load_windows(
         start += len(rows)
     domain = torch.cat([torch.full((len(p),), i) for i, p in enumerate(parts)])
     return Windows(tuple(names), torch.cat(parts), domain, ranges, sizes)
+
+
+@lru_cache(maxsize=64)  # every stage and seed of --compare reads the same splits: verify and encode once
+def _tokens(corpus_dir: str, domain: str, split: str, tokenizer: str | None) -> np.ndarray:
+    """One domain's split as tokens (the corpus's hashes checked), encoded once per process."""
+    from domainmix.data import load_corpus
+
+    corpus = load_corpus(corpus_dir)
+    if domain not in corpus.domains:
+        raise ValueError(
+            f"The corpus {corpus_dir} has no domain {domain!r}; its domains: {list(corpus.domains)}."
+        )
+    return corpus.tokens(domain, split, tokenizer)
 
 
 def tokenizer_file(cfg: LmConfig) -> Path | None:

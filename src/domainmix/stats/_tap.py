@@ -212,7 +212,10 @@ class GradientProductTap:
     def _add_grad(self, j: int, delta: Tensor, x: Tensor, out: Tensor) -> None:
         """Add layer j's weight (and bias) gradient over these rows into its slice of the row ``out``."""
         layer = self._layers[j]
-        delta = delta.reshape(-1, delta.shape[-1])
+        # float32 whatever the forward ran in: under autocast an output (so delta) is bfloat16 while
+        # its input may be float32, and a gradient summed in bfloat16 loses the products' precision.
+        dtype = torch.promote_types(torch.promote_types(delta.dtype, x.dtype), torch.float32)
+        delta, x = delta.reshape(-1, delta.shape[-1]).to(dtype), x.to(dtype)
         offset = self._offsets[j]
         for name, p in self._kept[j].items():
             if name == "bias":
