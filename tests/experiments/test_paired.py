@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from domainmix.experiments import lm
+from domainmix.experiments import lm, lm_report
 from domainmix.experiments.paired import paired_difference
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "corpus"
@@ -52,3 +52,18 @@ def test_smoke_comparison_over_two_seeds(tmp_path: Path, target: str) -> None:
     assert "vs uniform" in lm.format_paired(result)
     with pytest.raises(ValueError, match="two or more distinct seeds"):
         lm.compare_seeds(replace(cfg), tmp_path, [0])
+    # The docs' results: JSON, tables made from it alone, the figure.
+    argv = [str(tmp_path), "--name", "x", "--results", str(tmp_path / "r"), "--images", str(tmp_path / "i")]
+    assert lm_report.main([*argv, "--command", "domainmix run lm ..."]) == 0
+    summary = json.loads((tmp_path / "r" / "x.json").read_text())
+    assert summary["seeds"] == [0, 1] and summary["target_domain"] == (target or None)
+    assert "drama" not in summary["domains"] if target else "drama" in summary["domains"]
+    assert summary["paired"] == json.loads(json.dumps(paired))
+    assert len(summary["mixtures"]["doremi"]["max_averaged"]) == 2
+    assert (
+        set(summary["scores"]["doremi"]) == {"excess_loss"} and "target_grad_dot" in summary["scores"]["doge"]
+    )
+    assert all(len(v) == 2 for v in summary["costs"].values())
+    assert (tmp_path / "r" / "x.md").read_text() == lm_report.markdown(summary)
+    assert (tmp_path / "i" / "x.png").stat().st_size > 0
+    assert lm_report.main([str(tmp_path / "nothing"), "--name", "x"]) == 2

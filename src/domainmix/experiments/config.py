@@ -225,7 +225,12 @@ class MlpConfig(TrainConfig):
 
 @dataclass(frozen=True)
 class LmConfig:
-    """Settings of ``domainmix run lm`` (CPU-sized defaults: minutes per stage on 2 cores)."""
+    """Settings of ``domainmix run lm``.
+
+    The defaults are the CPU comparison of docs/language-models.md: ``domainmix run lm --compare
+    --seeds 0,1,2`` runs one setting's 3 seeds in about 1.5 hours on one core (both settings in
+    parallel fit about two hours on a 2-core machine); ``benchmarks/lm_gpu.py`` holds a GPU size.
+    """
 
     corpus: str = "runs/corpus"
     """A folder written by ``domainmix data build-corpus``."""
@@ -238,9 +243,9 @@ class LmConfig:
     """Tokens per training window; a window is one example of its domain."""
     batch_size: int = 32
     """Windows per step, stratified over the domains (at least one each)."""
-    proxy_steps: int = 600
+    proxy_steps: int = 300
     """Steps of the reference and proxy models."""
-    base_steps: int = 600
+    base_steps: int = 300
     """Steps of every base model (the same token budget for every weighting)."""
     proxy_layers: int = 2
     """Transformer blocks of the reference and proxy models."""
@@ -252,11 +257,12 @@ class LmConfig:
     """Width of the base models."""
     lr: float = 2e-3
     """AdamW's peak learning rate (linear warm-up, then cosine decay to 0); also DoGE's η_t."""
-    warmup_steps: int = 0
-    """Steps of linear learning-rate warm-up at the start of every stage."""
+    warmup_steps: int = 30
+    """Steps of linear learning-rate warm-up at the start of every stage (then cosine decay to 0: the
+    shape of the reference codes' schedules; DoGE's η_t follows it, so its first weight steps are small)."""
     grad_clip: float = 1.0
     """Clip of the global gradient norm before each optimizer step (0: none)."""
-    train_windows: int = 4096
+    train_windows: int = 2048
     """Training windows per domain, evenly spaced through the split (0: all). Every stage draws from
     this pool, and the reference stage caches its losses on all of it."""
     eval_windows: int = 0

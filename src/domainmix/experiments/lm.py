@@ -43,6 +43,7 @@ from domainmix import WeightingController, domain_losses, strategies, weighted_l
 from domainmix._atomic import atomic_path, atomic_write_json
 from domainmix.experiments.config import LmConfig, load_config, parse_override
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
+from domainmix.experiments.lm_report import plot_trajectories
 from domainmix.experiments.methods import PROXY_METHODS, MethodContext, build_proxy, describe
 from domainmix.experiments.paired import paired_difference
 from domainmix.sampling import DomainBatchSampler
@@ -412,9 +413,11 @@ def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
     model, _, info = train(cfg, "reference", strategy, windows, cfg.proxy_steps)
     del info["trajectory"]  # fixed weights
     model.eval()
+    start = time.perf_counter()
     cache = np.zeros((len(windows.domain), cfg.block_size), dtype=np.float16)
     for chunk, per_token in window_losses(model, windows, 128, cfg):
         cache[chunk.numpy()] = per_token.numpy().astype(np.float16)
+    info["cache_seconds"] = time.perf_counter() - start  # one forward over the whole pool
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "reference_losses.npy") as tmp:
         np.save(tmp, cache)
@@ -450,6 +453,7 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
     reads_products = any(statistics()[n].source == "gradient_products" for n in strategy.requires)
     if reads_products and cfg.doge_selection != 0:
         # "Train a fresh proxy normally" (reference code): the first steps of the proxy's own schedule.
+        start = time.perf_counter()
         _, _, pre = train(
             cfg,
             "proxy",
@@ -463,6 +467,7 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
         selection = {
             "count": cfg.doge_selection,
             "steps": scores.steps,
+            "seconds": time.perf_counter() - start,  # the pre-run and its scoring
             "selected": scores.select(cfg.doge_selection),
             # +inf (a gradient but no move) is not JSON: written as null
             "scores": {n: v if math.isfinite(v) else None for n, v in scores.scores().items()},
@@ -538,7 +543,7 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
 def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
     """Reference, every proxy method, and a base run per weighting on the same token budget; a table."""
     done = stage_reference(cfg, out / "reference")
-    _log(f"reference: {done['train_seconds']:.0f} s")
+    _log(f"reference: {done['train_seconds']:.0f} s, loss cache {done['cache_seconds']:.0f} s")
     proxies = {}
     for name in PROXY_METHODS:
         done = proxies[name] = stage_proxy(cfg, out / f"proxy-{name}", name, out / "reference")
@@ -633,27 +638,6 @@ def format_comparison(table: dict[str, Any]) -> str:
     for label, row in table.items():
         lines.append(f"{label:<14}" + "".join(f"{row['sampling'][n]:>10.3f}" for n in names))
     return "\n".join(lines)
-
-
-def plot_trajectories(proxies: dict[str, dict[str, Any]], path: Path) -> None:
-    """One panel per proxy run: every domain's weight α over the steps, its time average dashed."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(5.5 * len(proxies), 3.8), layout="constrained")
-    axes = fig.subplots(1, len(proxies), squeeze=False)[0]
-    for ax, (label, result) in zip(axes, proxies.items(), strict=True):
-        trajectory = result["trajectory"]
-        for index, (name, values) in enumerate(trajectory["mixture"].items()):
-            colour = f"C{index}"
-            ax.plot(trajectory["step"], values, color=colour, label=name)
-            ax.axhline(result["averaged"][name], color=colour, linestyle="--", linewidth=0.8)
-        ax.set(title=f"{label}: domain weights α (dashed: time average)", xlabel="proxy step", ylabel="α")
-        ax.set_ylim(bottom=0)
-        ax.legend(fontsize="small", ncol=2)
-    FigureCanvasAgg(fig)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
 
 
 def _log(line: str) -> None:

@@ -1,0 +1,262 @@
+"""The results of ``domainmix run lm --compare --seeds ...`` as JSON, Markdown tables and a figure.
+
+``python -m domainmix.experiments.lm_report RUN --name NAME`` reads the run folder (``paired.json`` and
+every seed's stage outputs) and writes ``docs/results/NAME.json`` (:func:`summarize`), the Markdown
+tables made from that JSON alone (:func:`markdown`; docs/language-models.md carries them verbatim and a
+test checks they are equal) and ``docs/images/NAME.png`` (:func:`plot_run`: one seed's weight
+trajectories and the per-domain scores that moved them).
+
+Log-perplexities are the mean per-token loss in nats (``ln`` of the perplexity); paired differences are
+to uniform with the same seed (``experiments/paired.py``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from domainmix._atomic import atomic_path, atomic_write_json, atomic_write_text
+from domainmix.experiments.methods import PROXY_METHODS
+
+SCORE_NAMES = {
+    "excess_loss": "λ (excess loss)",
+    "target_grad_dot": "W = ⟨g_i, g_target⟩",
+    "grad_sq_norm": "‖g_i‖²",
+}
+PLOTTED_SCORES = ("excess_loss", "target_grad_dot")  # what each update follows; not DoGE's norms
+WEIGHTINGS = ("uniform", "proportional", *PROXY_METHODS)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} is missing: is this the --out of `domainmix run lm --compare --seeds`?"
+        )
+    result: dict[str, Any] = json.loads(path.read_text())
+    return result
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
+
+
+def summarize(run: Path, command: str = "") -> dict[str, Any]:
+    """Everything the docs report about one ``--compare --seeds`` run, per seed and averaged.
+
+    Returns:
+        ``config`` (seed 0's, with ``seed`` dropped), ``seeds``, ``domains`` (training domains),
+        ``target_domain``; ``base[weighting]``: per-seed and mean test log-perplexity per domain (the
+        target included), ``average``, ``worst`` and ``target``; ``paired``: ``paired.json``'s
+        differences to uniform; ``mixtures[method]``: per-seed time-averaged and final α and the largest
+        time-averaged α of each seed; ``scores[method][statistic][domain]``: per-seed mean over the
+        proxy's steps of the logged score; ``costs[stage]``: per-seed wall seconds.
+    """
+    paired = _read(run / "paired.json")
+    seeds = [int(s) for s in paired["seeds"]]
+    folders = [run / f"seed-{s}" for s in seeds]
+    reference = [_read(f / "reference" / "reference.json") for f in folders]
+    proxies = {m: [_read(f / f"proxy-{m}" / "weights.json") for f in folders] for m in PROXY_METHODS}
+    config = {k: v for k, v in reference[0]["config"].items() if k != "seed"}
+    domains = list(reference[0]["weights"])
+    tables = [paired["tables"][str(s)] for s in seeds]
+    base: dict[str, Any] = {}
+    for label in WEIGHTINGS:
+        rows = [t[label] for t in tables]
+        per_domain = {
+            d: [math.log(r["test_perplexity"][d]) for r in rows] for d in rows[0]["test_perplexity"]
+        }
+        base[label] = {
+            "test_log_perplexity": {d: _mean(v) for d, v in per_domain.items()},
+            "per_seed": {d: v for d, v in per_domain.items()},
+            **{k: _mean([r[f"log_{k}"] for r in rows]) for k in ("average", "worst")},
+            "target": _mean([r["log_target"] for r in rows]) if config["target_domain"] else None,
+            "sampling": rows[0]["sampling"],
+            "train_seconds": [r["train_seconds"] for r in rows],
+        }
+    mixtures = {
+        m: {
+            "averaged": {d: [r["averaged"][d] for r in runs] for d in domains},
+            "final": {d: [r["final"][d] for r in runs] for d in domains},
+            "max_averaged": [max(r["averaged"].values()) for r in runs],
+        }
+        for m, runs in proxies.items()
+    }
+    scores = {
+        m: {
+            field: {d: [_mean(r["scores"][field][d]) for r in runs] for d in domains}
+            for field in runs[0].get("scores", {})
+            if field != "step"
+        }
+        for m, runs in proxies.items()
+    }
+    costs: dict[str, list[float | None]] = {
+        "reference training": [r["train_seconds"] for r in reference],
+        "reference loss cache": [r.get("cache_seconds") for r in reference],
+        **{f"proxy {m}": [r["train_seconds"] for r in runs] for m, runs in proxies.items()},
+        **{f"base {label}": base[label]["train_seconds"] for label in WEIGHTINGS},
+    }
+    return {
+        "command": command,
+        "config": config,
+        "seeds": seeds,
+        "domains": domains,
+        "target_domain": config["target_domain"] or None,
+        "base": base,
+        "paired": paired["log_perplexity_minus_uniform"],
+        "mixtures": mixtures,
+        "scores": scores,
+        "costs": costs,
+    }
+
+
+def _table(head: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(" --- " for _ in head) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """The Markdown tables of one summary.
+
+    Base log-perplexities, paired differences, mixtures, scores and costs, made from the summary alone,
+    so the docs' tables follow from ``docs/results/*.json``.
+    """
+    domains, seeds, target = summary["domains"], summary["seeds"], summary["target_domain"]
+    columns = domains + ([target] if target else [])
+    out = [f"Test log-perplexity (nats per token), mean over seeds {seeds}:", ""]
+    out += _table(
+        ["weights", *columns, "average", "worst"],
+        [
+            [label]
+            + [f"{row['test_log_perplexity'][d]:.3f}" for d in columns]
+            + [f"{row['average']:.3f}", f"{row['worst']:.3f}"]
+            for label, row in summary["base"].items()
+        ],
+    )
+    names = ["average", "worst"] + (["target"] if target else [])
+    head = [f"{n} ({target})" if n == "target" else n for n in names]
+    out += [
+        "",
+        "Paired difference to uniform (same seed), mean [95 % interval]; * : the interval excludes 0:",
+        "",
+    ]
+    out += _table(
+        ["weights", *head],
+        [
+            [label]
+            + [
+                f"{row[n]['mean']:+.4f} [{row[n]['low']:+.4f}, {row[n]['high']:+.4f}]"
+                + (" *" if row[n]["distinguishable"] else "")
+                for n in names
+            ]
+            for label, row in summary["paired"].items()
+        ],
+    )
+    out += [
+        "",
+        "Learned mixtures: time-averaged α, mean over seeds (largest of any seed in the last column):",
+        "",
+    ]
+    out += _table(
+        ["method", *domains, "max α (per seed)"],
+        [
+            [m]
+            + [f"{_mean(mix['averaged'][d]):.3f}" for d in domains]
+            + [" / ".join(f"{v:.3f}" for v in mix["max_averaged"])]
+            for m, mix in summary["mixtures"].items()
+        ],
+    )
+    out += ["", "Logged scores, mean over the proxy's steps and the seeds:", ""]
+    out += _table(
+        ["method: score", *domains],
+        [
+            [f"{m}: {SCORE_NAMES.get(field, field)}"] + [f"{_mean(values[d]):.4g}" for d in domains]
+            for m, fields in summary["scores"].items()
+            for field, values in fields.items()
+        ],
+    )
+    out += ["", "Wall seconds per stage, per seed:", ""]
+    out += _table(
+        ["stage", *(f"seed {s}" for s in seeds)],
+        [
+            [stage, *("–" if v is None else f"{v:.0f}" for v in values)]
+            for stage, values in summary["costs"].items()
+        ],
+    )
+    return "\n".join(out) + "\n"
+
+
+def plot_trajectories(proxies: dict[str, dict[str, Any]], path: Path) -> None:
+    """One panel per proxy run: every domain's weight α over the steps, its time average dashed."""
+    plot_run(proxies, path, with_scores=False)
+
+
+def plot_run(proxies: dict[str, dict[str, Any]], path: Path, *, with_scores: bool = True) -> None:
+    """Per proxy run (a ``weights.json``): α over the steps (time average dashed) and its scores.
+
+    Below the weights, the per-domain score its update read (DoReMi's λ, DoGE's W), smoothed over 10
+    steps.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = 2 if with_scores else 1
+    fig = Figure(figsize=(5.5 * len(proxies), 3.8 * rows), layout="constrained")
+    axes = fig.subplots(rows, len(proxies), squeeze=False)
+    for column, (label, result) in enumerate(proxies.items()):
+        ax = axes[0][column]
+        trajectory = result["trajectory"]
+        for index, (name, values) in enumerate(trajectory["mixture"].items()):
+            colour = f"C{index}"
+            ax.plot(trajectory["step"], values, color=colour, label=name)
+            ax.axhline(result["averaged"][name], color=colour, linestyle="--", linewidth=0.8)
+        ax.set(title=f"{label}: domain weights α (dashed: time average)", xlabel="proxy step", ylabel="α")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize="small", ncol=2)
+        if not with_scores:
+            continue
+        ax = axes[1][column]
+        scores = result.get("scores", {})
+        for field in (f for f in scores if f in PLOTTED_SCORES):
+            for index, (name, values) in enumerate(scores[field].items()):
+                smooth = [_mean(values[max(0, i - 9) : i + 1]) for i in range(len(values))]
+                ax.plot(scores["step"], smooth, color=f"C{index}", label=name)
+            ax.set(title=f"{label}: {SCORE_NAMES.get(field, field)}", xlabel="proxy step")
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Write ``<results>/NAME.json``, ``<results>/NAME.md`` and ``<images>/NAME.png`` from a run folder."""
+    parser = argparse.ArgumentParser(
+        prog="python -m domainmix.experiments.lm_report", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("run", type=Path, help="the --out of `domainmix run lm --compare --seeds ...`")
+    parser.add_argument("--name", required=True, help="file stem of the outputs, e.g. lm-cpu-universal")
+    parser.add_argument("--results", type=Path, default=Path("docs/results"))
+    parser.add_argument("--images", type=Path, default=Path("docs/images"))
+    parser.add_argument("--command", default="", help="the command that made the run (kept in the JSON)")
+    parser.add_argument("--figure-seed", type=int, default=None, help="the seed whose trajectories are drawn")
+    args = parser.parse_args(argv)
+    try:
+        summary = summarize(args.run, args.command)
+    except FileNotFoundError as error:
+        print(f"lm_report: {error}", file=sys.stderr)
+        return 2
+    args.results.mkdir(parents=True, exist_ok=True)
+    args.images.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(args.results / f"{args.name}.json", summary, indent=1, allow_nan=False)
+    atomic_write_text(args.results / f"{args.name}.md", markdown(summary))
+    seed = summary["seeds"][0] if args.figure_seed is None else args.figure_seed
+    proxies = {m: _read(args.run / f"seed-{seed}" / f"proxy-{m}" / "weights.json") for m in PROXY_METHODS}
+    plot_run(proxies, args.images / f"{args.name}.png")
+    print(markdown(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
