@@ -6,10 +6,11 @@ Recipe (issue 10, item 8): on a machine with one CUDA GPU, from the repository r
     python benchmarks/lm_gpu.py --corpus runs/corpus --out runs/lm-gpu --json
 
 runs ``domainmix run lm --compare --seeds 0,1,2`` twice with the GPU configuration below (bfloat16
-autocast): the universal setting and the out-of-domain setting with ``drama`` held out. It writes each
-setting's ``paired.json`` under ``--out`` and prints (or, with ``--json``, writes as JSON) the wall time
-of each setting and the paired differences to uniform. ``--device cpu --smoke`` runs the same code path
-at a toy size on the CPU (the test suite does).
+autocast): the universal setting and the out-of-domain setting with ``drama`` held out. As each setting
+ends it writes, under ``--out``, the setting's runs with their ``paired.json``, its summary
+(``experiments/lm_report.py``) as ``<setting>.json`` and the whole ``summary.json``; it prints (or, with
+``--json``, writes as JSON) each setting's wall time and paired differences to uniform.
+``--device cpu --smoke`` runs the same code path at a toy size on the CPU (the test suite does).
 
 The GPU configuration: block 256, batch 32 windows (8,192 tokens) per step, a 4 × 256 reference and
 proxies and a 6 × 384 base (about 12.2 M parameters with the 4,096-token vocabulary), 1,000 steps per
@@ -32,7 +33,8 @@ from typing import Any
 
 import torch
 
-from domainmix.experiments import lm
+from domainmix._atomic import atomic_write_json
+from domainmix.experiments import lm, lm_report
 from domainmix.experiments.config import LmConfig
 
 GPU = {
@@ -65,6 +67,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "wall_seconds": time.perf_counter() - start,
             "log_perplexity_minus_uniform": result["log_perplexity_minus_uniform"],
         }
+        # Written as each setting ends, so a run cut short keeps its finished settings.
+        summary = lm_report.summarize(Path(args.out) / label, f"python benchmarks/lm_gpu.py ({label})")
+        atomic_write_json(Path(args.out) / f"{label}.json", summary, indent=1, allow_nan=False)
+        atomic_write_json(Path(args.out) / "summary.json", out, indent=1, allow_nan=False)
         print(lm.format_paired(result), file=sys.stderr)
     return out
 

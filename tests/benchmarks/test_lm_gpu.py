@@ -28,3 +28,6 @@ def test_recipe_runs_both_settings_on_the_cpu(tmp_path: Path, capsys: pytest.Cap
     target = summary["settings"]["out_of_domain_drama"]["log_perplexity_minus_uniform"]["doge"]
     assert set(target) == {"average", "worst", "target"}
     assert (tmp_path / "universal" / "paired.json").is_file()
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary  # written as each setting ends
+    written = json.loads((tmp_path / "out_of_domain_drama.json").read_text())
+    assert written["target_domain"] == "drama" and written["seeds"] == [0, 1]
