@@ -130,18 +130,23 @@ def make_stats(
     )
 
 
+TASKS = 3  # length of the task axis in full_stats
+
+
 def full_stats(k: int, step: int, seed: int = 0) -> DomainStats:
     """Every declared statistic filled with deterministic, plausible values (all present).
 
     Derived from the statistics table: counts are positive integers, (k, k) statistics are Gram
-    matrices of random gradients, everything else is positive; the built-in gradient products then come
-    from one gradient matrix.
+    matrices of random gradients, a task axis has ``TASKS`` entries, everything else is positive; the
+    built-in gradient products (and DIDS's Fisher products) then come from one gradient matrix.
     """
     g = torch.Generator().manual_seed(1000 * seed + step)
     values: dict[str, Tensor] = {}
     for name, row in statistics().items():
         if row.reduction == "count":
             values[name] = torch.randint(1, 50, (k,), generator=g).to(torch.float64)
+        elif row.has_task_axis:  # TASKS target tasks on the task axis
+            values[name] = (0.5 + torch.rand(row.dims(k, TASKS), generator=g, dtype=torch.float64)) * 2.0
         elif row.shape == ("k", "k"):
             grads = torch.randn(k, 4, generator=g, dtype=torch.float64)
             values[name] = grads @ grads.T
@@ -153,6 +158,14 @@ def full_stats(k: int, step: int, seed: int = 0) -> DomainStats:
         grad_dot=grads @ grads.T,
         grad_sq_norm=(grads * grads).sum(1),
         target_grad_dot=grads @ torch.randn(4, generator=g, dtype=torch.float64),
+    )
+    # DIDS's Fisher products of one set of domain and task gradients under one diagonal Fisher.
+    fisher = torch.rand(4, generator=g, dtype=torch.float64)
+    tasks = torch.randn(TASKS, 4, generator=g, dtype=torch.float64)
+    values.update(
+        fisher_cross=(grads * fisher) @ tasks.T,
+        fisher_domain_sq=(grads * fisher * grads).sum(1),
+        fisher_task_sq=(tasks * fisher * tasks).sum(1),
     )
     return DomainStats(step=step, **values)  # type: ignore[arg-type]
 

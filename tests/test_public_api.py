@@ -7,6 +7,7 @@ import inspect
 import pytest
 
 import domainmix
+import domainmix.partition
 import domainmix.sampling
 import domainmix.stats
 import domainmix.strategies
@@ -27,6 +28,7 @@ STRATEGIES = [
     "AverageState",
     "ChainState",
     "CombineState",
+    "DidsState",
     "EmaState",
     "EmptyState",
     "ErmaState",
@@ -38,6 +40,7 @@ STRATEGIES = [
     "chain",
     "combine",
     "delay",
+    "dids",
     "doge",
     "doremi",
     "ema",
@@ -73,6 +76,8 @@ SAMPLING = [
 STATS = [
     "CancellationScores",
     "DomainGradients",
+    "FisherProductProbe",
+    "FisherProducts",
     "GradientProductProbe",
     "GradientProductTap",
     "GradientProducts",
@@ -84,7 +89,10 @@ STATS = [
     "StatsCollector",
     "StepLosses",
     "domain_gradient_products",
+    "fisher_products",
+    "gradient_sketch",
     "gradient_variance",
+    "last_parameters",
     "micro_batch_gradients",
     "per_example_gradients",
     "register_statistic",
@@ -96,6 +104,7 @@ MODULES = [
     pytest.param(domainmix.strategies, STRATEGIES, id="strategies"),
     pytest.param(domainmix.sampling, SAMPLING, id="sampling"),
     pytest.param(domainmix.stats, STATS, id="stats"),
+    pytest.param(domainmix.partition, ["Partition", "load_partition", "repartition"], id="partition"),
 ]
 
 

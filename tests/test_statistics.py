@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import domainmix._statistics as table
-from _helpers import full_stats, make_stats
+from _helpers import TASKS, full_stats, make_stats
 from domainmix import DomainStats, DomainWeights, StatsCollector, WeightingController, strategies
 from domainmix.stats import Probe, Statistic, StepLosses, register_statistic, statistics
 
@@ -34,13 +34,16 @@ def test_builtin_rows_cover_every_field_and_shape() -> None:
     assert rows["grad_dot"].dims(3) == (3, 3) and rows["heldout_loss"].dims(3) == (3,)
     stats = full_stats(3, step=1)
     assert stats.fields == ("step", *rows)
-    assert all(stats[name].shape == rows[name].dims(3) for name in rows)
+    assert all(stats[name].shape == rows[name].dims(3, TASKS) for name in rows)
 
 
 def test_collector_layout_derives_from_the_table() -> None:
     c = StatsCollector(2)
     assert c.sources == ("train", "reference", "heldout", "excess")
-    assert set(c.estimates) == {"grad_var", "grad_sq_norm", "grad_dot", "target_grad_dot"}
+    assert set(c.estimates) == {
+        "grad_var", "grad_sq_norm", "grad_dot", "target_grad_dot",
+        "fisher_cross", "fisher_domain_sq", "fisher_task_sq", "task_loss",
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,9 @@ REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 # Reductions computed from a loss stream's (sum, count, sum of squares); "estimate" rows average the
 # finished estimates a probe hands in (one per micro-batch or window).
 LOSS_REDUCTIONS: frozenset[str] = frozenset({"mean", "variance", "count"})
-SHAPES: tuple[tuple[str, ...], ...] = (("k",), ("k", "k"))
+# "k" is the domain axis; "t" the target-task axis of DIDS's statistics (its length is the number of tasks,
+# fixed by the first estimate of a window rather than by the table).
+SHAPES: tuple[tuple[str, ...], ...] = (("k",), ("k", "k"), ("t",), ("k", "t"))
 # DomainStats' own members: a statistic of one of these names could not be read as an attribute.
 RESERVED: frozenset[str] = frozenset(
     {"step", "fields", "get", "items", "replace", "as_dict", "num_domains", "present", "is_finite"}
@@ -32,7 +34,8 @@ class Statistic:
 
     Attributes:
         name: the field name in :class:`~domainmix.types.DomainStats` (a Python identifier).
-        shape: ``("k",)`` for one value per domain or ``("k", "k")`` for a matrix over domain pairs.
+        shape: ``("k",)`` for one value per domain, ``("k", "k")`` for a matrix over domain pairs,
+            ``("t",)`` for one value per target task or ``("k", "t")`` for a matrix over (domain, task).
         source: where the observations come from. For the loss reductions (``mean``, ``variance``,
             ``count``) it names a loss stream fed by ``StatsCollector.observe(losses, source=...)``;
             for ``estimate`` it names the probe kind that hands the estimates in.
@@ -68,9 +71,31 @@ class Statistic:
         if problems:
             raise ValueError("Statistic: " + " ".join(problems))
 
-    def dims(self, k: int) -> tuple[int, ...]:
-        """The tensor shape for k domains, e.g. (k,) or (k, k)."""
-        return tuple(k for _ in self.shape)
+    def dims(self, k: int, t: int | None = None) -> tuple[int, ...]:
+        """The tensor shape for k domains (and t tasks), e.g. (k,), (k, k) or (k, t).
+
+        Raises:
+            ValueError: for a statistic with a task axis when ``t`` is None.
+        """
+        if self.has_task_axis and t is None:
+            raise ValueError(f"Statistic {self.name!r} has a task axis: dims needs the number of tasks t.")
+        return tuple(k if axis == "k" else int(t or 0) for axis in self.shape)
+
+    @property
+    def has_task_axis(self) -> bool:
+        """Whether one of the axes is the target-task axis ``"t"``."""
+        return "t" in self.shape
+
+    def fits(self, shape: tuple[int, ...], k: int) -> bool:
+        """Whether ``shape`` is this statistic's for k domains (a task axis takes any length >= 1)."""
+        return len(shape) == len(self.shape) and all(
+            n == k if axis == "k" else n >= 1 for axis, n in zip(self.shape, shape, strict=True)
+        )
+
+    def describe(self, k: int) -> str:
+        """The expected shape for k domains as text, e.g. ``(4, 4)`` or ``(4, t)``."""
+        sizes = [str(k) if axis == "k" else "t" for axis in self.shape]
+        return "(" + ", ".join(sizes) + (",)" if len(sizes) == 1 else ")")
 
 
 _BUILTIN: tuple[Statistic, ...] = (
@@ -96,6 +121,10 @@ _BUILTIN: tuple[Statistic, ...] = (
         "⟨g_i, g_target⟩ against a target gradient",
     ),
     Statistic("excess_loss", ("k",), "excess", "mean", "mean per-token clipped excess max(ℓ − ℓ_ref, 0)"),
+    Statistic("fisher_cross", ("k", "t"), "fisher_products", "estimate", "g_iᵀ F h_j (F: diagonal Fisher)"),
+    Statistic("fisher_domain_sq", ("k",), "fisher_products", "estimate", "g_iᵀ F g_i, domain mean gradients"),
+    Statistic("fisher_task_sq", ("t",), "fisher_products", "estimate", "h_jᵀ F h_j, task mean gradients"),
+    Statistic("task_loss", ("t",), "task_loss", "estimate", "mean loss on each target task's examples"),
 )
 
 _REGISTRY: dict[str, Statistic] = {s.name: s for s in _BUILTIN}

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import domainmix.strategies as S
-from _helpers import assert_same, full_stats, torch_roundtrip
+from _helpers import TASKS, assert_same, full_stats, torch_roundtrip
 from domainmix import _tree
+from domainmix.stats import statistics
 from domainmix.types import DomainStats, DomainWeights
 
 BASE_STATS = frozenset({"loss", "count"})
@@ -110,6 +111,7 @@ STRATEGIES = [
         lambda k: S.doge(lambda step: 1e-3 / (1 + step), target="out_of_domain", mu=0.05),
     ),
     row("combine_erma_va", lambda k: S.combine(loss=S.erma(), sampling=S.variance_aware(32))),
+    row("dids", lambda k: S.dids(TASKS, min_history=3, history=4)),
 ]
 
 NEEDS_EXTRA = [
@@ -265,10 +267,16 @@ def test_finite_with_absent_domains(case: Case, absent: str) -> None:
             return stats.replace(**{f: torch.zeros_like(v) for f, v in stats.items()})
         mask = torch.ones(K, dtype=torch.float64)
         mask[1] = 0.0
-        # By convention the means of an absent domain are 0 (never NaN).
-        return stats.replace(
-            **{f: (v * mask if v.ndim == 1 else v * mask[:, None] * mask[None, :]) for f, v in stats.items()}
-        )
+        # By convention the means of an absent domain are 0 (never NaN); task axes ("t") are not domains.
+        table = statistics()
+
+        def zero_absent(name: str, v: torch.Tensor) -> torch.Tensor:
+            for axis, dim in zip(table[name].shape, range(v.ndim), strict=True):
+                if axis == "k":
+                    v = v * mask.view([-1 if d == dim else 1 for d in range(v.ndim)])
+            return v
+
+        return stats.replace(**{f: zero_absent(f, v) for f, v in stats.items()})
 
     for w0 in initial_weights(K):
         outputs, state = run(strategy, w0, [blank(s) for s in stats_sequence(case, K)])

@@ -78,7 +78,9 @@ class StatsCollector:
             for part in _PARTS:
                 self._window[f"{source}.{part}"] = zeros.clone()
         for name, row in self._estimates.items():
-            self._window[f"{name}.sum"] = torch.zeros(row.dims(self._k), dtype=torch.float64)
+            # A task axis takes its length from the window's first estimate (empty until then).
+            dims = (0,) if row.has_task_axis else row.dims(self._k)
+            self._window[f"{name}.sum"] = torch.zeros(dims, dtype=torch.float64)
             self._window[f"{name}.n"] = torch.zeros(1, dtype=torch.float64)
 
     def observe(self, losses: DomainLosses, *, source: str = "train") -> None:
@@ -109,12 +111,17 @@ class StatsCollector:
             value: the estimate.
         """
         check_param("StatsCollector.observe_stat", "name", name, Options(self.estimates))
-        shape = self._estimates[name].dims(self._k)
-        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+        row = self._estimates[name]
+        window = self._window[f"{name}.sum"]
+        fits = isinstance(value, Tensor) and row.fits(tuple(value.shape), self._k)
+        if not fits or (window.numel() and tuple(value.shape) != tuple(window.shape)):
+            shape = row.describe(self._k) if not window.numel() else tuple(window.shape)
             raise param_error(
                 "StatsCollector.observe_stat", "value", f"a tensor of shape {shape} for {name!r}", value
             )
-        self._window[f"{name}.sum"] += value.detach().to("cpu", torch.float64)
+        if not window.numel():
+            window = self._window[f"{name}.sum"] = torch.zeros(tuple(value.shape), dtype=torch.float64)
+        window += value.detach().to("cpu", torch.float64)
         self._window[f"{name}.n"] += 1.0
 
     def summarize(self, step: int) -> DomainStats:

@@ -8,6 +8,8 @@ from domainmix.strategies._base import chain as chain
 from domainmix.strategies._base import combine as combine
 from domainmix.strategies._base import make_strategy as make_strategy
 from domainmix.strategies._base import stateless as stateless
+from domainmix.strategies._dids import DidsState as DidsState
+from domainmix.strategies._dids import dids as dids
 from domainmix.strategies._doge import doge as doge
 from domainmix.strategies._doremi import doremi as doremi
 from domainmix.strategies._erma import ErmaState as ErmaState
@@ -39,6 +41,7 @@ __all__ = [
     "AverageState",
     "ChainState",
     "CombineState",
+    "DidsState",
     "EmaState",
     "EmptyState",
     "ErmaState",
@@ -50,6 +53,7 @@ __all__ = [
     "chain",
     "combine",
     "delay",
+    "dids",
     "doge",
     "doremi",
     "ema",

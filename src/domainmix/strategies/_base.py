@@ -96,10 +96,9 @@ def check_stats(name: str, requires: frozenset[str], weights: DomainWeights, sta
                 f"Give the controller a probe of source {declared.source!r} (or feed its "
                 "StatsCollector) before updating."
             )
-        expected = declared.dims(k)
-        if tuple(value.shape) != expected:
+        if not declared.fits(tuple(value.shape), k):
             raise ValueError(
-                f"Strategy {name!r}: statistic {field!r} must have shape {expected}, "
+                f"Strategy {name!r}: statistic {field!r} must have shape {declared.describe(k)}, "
                 f"got {tuple(value.shape)}."
             )
 

@@ -1,0 +1,324 @@
+"""Regroup each domain's examples by their gradient features: DIDS's repartition, a data-preparation step.
+
+Shi et al. (2025), arXiv:2504.13227, §3 ("gradient-based domain repartition"): examples of one source
+that move the model alike belong together, so each source is split by k-means on its examples'
+gradient sketches (:func:`~domainmix.stats.gradient_sketch`) and the clusters become the domains.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from torch import Tensor
+
+from domainmix._atomic import atomic_write_json
+from domainmix._validation import Interval, Options, check_param, param_error
+
+Metric = Literal["cosine", "euclidean"]
+_FORMAT = 1  # version of the cache file's layout
+
+
+@dataclass(frozen=True, eq=False)
+class Partition:
+    """Groups of example indices, each inside one source domain, with deterministic names and a digest.
+
+    Attributes:
+        names: group names ``"<source>/<cluster>"``, clusters numbered 0, 1, … in the order of their
+            smallest example index (so the names do not depend on k-means' label order).
+        parents: the source domain of each group.
+        members: the sorted example indices of each group (int64 arrays).
+        digest: SHA-256 (hex) of the names, parents and members: two partitions with the same digest
+            group the same examples under the same names.
+    """
+
+    names: tuple[str, ...]
+    parents: tuple[str, ...]
+    members: tuple[np.ndarray, ...]
+    digest: str
+
+    @classmethod
+    def create(
+        cls, names: Sequence[str], parents: Sequence[str], members: Sequence[Sequence[int] | np.ndarray]
+    ) -> Partition:
+        """Build a partition and compute its digest.
+
+        Raises:
+            ValueError: for mismatched lengths, duplicate names, empty groups or a shared example.
+        """
+        caller = "Partition.create"
+        if not (len(names) == len(parents) == len(members)) or not names:
+            raise param_error(
+                caller, "members", f"one non-empty index array per name ({len(names)} names)", len(members)
+            )
+        if len(set(names)) != len(names):
+            raise param_error(caller, "names", "unique group names", list(names))
+        arrays = tuple(np.sort(np.asarray(m, dtype=np.int64).reshape(-1)) for m in members)
+        if any(a.size == 0 for a in arrays):
+            raise param_error(caller, "members", "non-empty groups", [a.size for a in arrays])
+        joined = np.concatenate(arrays)
+        if np.unique(joined).size != joined.size:
+            raise param_error(
+                caller, "members", "disjoint groups (an example is in two)", "overlapping groups"
+            )
+        return cls(tuple(names), tuple(parents), arrays, _digest(names, parents, arrays))
+
+    def __eq__(self, other: object) -> bool:
+        # The digest covers names, parents and members; arrays have no single truth value.
+        return isinstance(other, Partition) and other.digest == self.digest
+
+    def __hash__(self) -> int:
+        return hash(self.digest)
+
+    @property
+    def num_groups(self) -> int:
+        """The number of groups."""
+        return len(self.names)
+
+    def sizes(self) -> dict[str, int]:
+        """Examples per group, by name."""
+        return {n: int(m.size) for n, m in zip(self.names, self.members, strict=True)}
+
+    def domains(self) -> dict[str, np.ndarray]:
+        """Group name → example indices, the ``domains`` argument of a ``DomainBatchSampler``.
+
+        The sampler's fingerprint holds the domain names and sizes, so a sampler state saved under a
+        partition with other groups or other group sizes refuses to load; a partition with the same
+        names and sizes but other members is not detected by the sampler: compare :attr:`digest`
+        (``dids(partition=...)`` does).
+        """
+        return {n: m.copy() for n, m in zip(self.names, self.members, strict=True)}
+
+    def carry_weights(self, weights: Mapping[str, float]) -> dict[str, float]:
+        """Sampling weights of the source domains carried over to the groups.
+
+        A source's weight is split over its groups in proportion to their sizes, so the groups of one
+        source together keep the source's mass, and sampling inside the source is unchanged.
+
+        Args:
+            weights: source domain name → weight, for every parent of this partition.
+
+        Raises:
+            ValueError: when a parent has no weight, or a weight is negative or not finite.
+        """
+        missing = sorted(set(self.parents) - set(weights))
+        if missing:
+            sources = sorted(set(self.parents))
+            raise param_error(
+                "Partition.carry_weights", "weights", f"a weight for every source {sources}", missing
+            )
+        bad = {k: v for k, v in weights.items() if not (np.isfinite(v) and v >= 0)}
+        if bad:
+            raise param_error("Partition.carry_weights", "weights", "finite and non-negative", bad)
+        totals: dict[str, int] = {}
+        for parent, m in zip(self.parents, self.members, strict=True):
+            totals[parent] = totals.get(parent, 0) + int(m.size)
+        return {
+            n: float(weights[p]) * m.size / totals[p]
+            for n, p, m in zip(self.names, self.parents, self.members, strict=True)
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form (``{"format", "names", "parents", "members", "digest"}``)."""
+        return {
+            "format": _FORMAT,
+            "names": list(self.names),
+            "parents": list(self.parents),
+            "members": [m.tolist() for m in self.members],
+            "digest": self.digest,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Partition:
+        """Inverse of :meth:`to_json`; the digest is recomputed and must match.
+
+        Raises:
+            ValueError: for another layout or a digest that does not match the content.
+        """
+        if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
+            raise param_error("Partition.from_json", "data", f"a partition of format {_FORMAT}", type(data))
+        made = cls.create(data["names"], data["parents"], data["members"])
+        if made.digest != data.get("digest"):
+            raise param_error(
+                "Partition.from_json",
+                "data",
+                f"content matching its digest {made.digest}",
+                data.get("digest"),
+            )
+        return made
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the partition as JSON, atomically."""
+        atomic_write_json(path, self.to_json())
+
+
+def load_partition(path: str | os.PathLike[str]) -> Partition:
+    """Read a partition written by :meth:`Partition.save` (the digest is checked)."""
+    return Partition.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def repartition(
+    features: np.ndarray | Tensor,
+    domains: Mapping[str, Sequence[int] | range | np.ndarray | Tensor],
+    clusters: int | Mapping[str, int],
+    *,
+    metric: Metric = "cosine",
+    seed: int = 0,
+    n_init: int = 10,
+    cache: str | os.PathLike[str] | None = None,
+) -> Partition:
+    r"""Split every domain into clusters of its examples' features with k-means.
+
+    ``features[x]`` is example x's feature row (a gradient sketch from
+    :func:`~domainmix.stats.gradient_sketch`); ``domains`` maps each source domain to its example
+    indices (rows of ``features``), as a ``DomainBatchSampler`` takes them. Inside each domain,
+    ``sklearn.cluster.KMeans(n_clusters, n_init=n_init, random_state=seed)`` runs on
+
+    * ``"cosine"`` (default): the L2-normalised rows, so clusters follow the direction of the
+      gradients (what the examples teach) rather than their norm (how large their loss is);
+    * ``"euclidean"``: the raw rows, as the reference code does.
+
+    A domain with one cluster is kept whole (``"<source>/0"``): DIDS without repartition.
+
+    Args:
+        features: (N, d) finite features.
+        domains: source name → example indices.
+        clusters: clusters per domain (an int ≥ 1), or a mapping source → int.
+        metric: ``"cosine"`` or ``"euclidean"``.
+        seed: k-means' ``random_state``, an int ≥ 0.
+        n_init: k-means restarts, ≥ 1 (reference: 10).
+        cache: optional JSON file: when it holds a partition made from the same inputs and settings it is
+            loaded instead of clustering again; otherwise the new partition is written there (atomically).
+
+    Returns:
+        The :class:`Partition`.
+
+    Raises:
+        ValueError: for NaN or infinite features, more clusters than a domain's examples, indices out of
+            range or shared between domains, or another bad argument.
+        ImportError: when scikit-learn is missing (``pip install 'domainmix[experiments]'``).
+    """
+    caller = "repartition"
+    x = _check_features(caller, features)
+    check_param(caller, "metric", metric, Options(("cosine", "euclidean")))
+    seed = check_param(caller, "seed", seed, Interval(int, 0, None))
+    n_init = check_param(caller, "n_init", n_init, Interval(int, 1, None))
+    index = _check_domains(caller, domains, x.shape[0])
+    counts = _check_clusters(caller, clusters, index)
+    key = _cache_key(x, index, counts, metric, seed, n_init)
+    if cache is not None and Path(cache).exists():
+        saved = json.loads(Path(cache).read_text(encoding="utf-8"))
+        if isinstance(saved, Mapping) and saved.get("key") == key:
+            return Partition.from_json(saved["partition"])
+    names: list[str] = []
+    parents: list[str] = []
+    members: list[np.ndarray] = []
+    for source, rows in index.items():
+        labels = _cluster(x[rows], counts[source], metric, seed, n_init)
+        groups = [np.sort(rows[labels == c]) for c in np.unique(labels)]
+        groups.sort(key=lambda g: int(g[0]))
+        for c, group in enumerate(groups):
+            names.append(f"{source}/{c}")
+            parents.append(source)
+            members.append(group)
+    made = Partition.create(names, parents, members)
+    if cache is not None:
+        atomic_write_json(cache, {"key": key, "partition": made.to_json()})
+    return made
+
+
+def _cluster(x: np.ndarray, k: int, metric: str, seed: int, n_init: int) -> np.ndarray:
+    """k-means labels of the rows of ``x`` (all 0 for k = 1)."""
+    if k == 1:
+        return np.zeros(x.shape[0], dtype=np.int64)
+    try:
+        from sklearn.cluster import KMeans  # type: ignore[import-untyped]
+    except ImportError as error:  # pragma: no cover - scikit-learn is in the test extra
+        raise ImportError("repartition needs scikit-learn: pip install 'domainmix[experiments]'.") from error
+    if metric == "cosine":
+        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    model = KMeans(n_clusters=k, n_init=n_init, random_state=seed)
+    return np.asarray(model.fit_predict(x), dtype=np.int64)
+
+
+def _check_features(caller: str, features: np.ndarray | Tensor) -> np.ndarray:
+    x = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
+    if x.ndim != 2 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.number):
+        raise param_error(caller, "features", "a numeric (N, d) array", f"shape {x.shape}, dtype {x.dtype}")
+    if not np.isfinite(x).all():
+        bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
+        raise param_error(
+            caller, "features", "finite (no NaN or inf)", f"non-finite rows {bad[:10].tolist()}"
+        )
+    return x.astype(np.float64)
+
+
+def _check_domains(
+    caller: str, domains: Mapping[str, Sequence[int] | range | np.ndarray | Tensor], n: int
+) -> dict[str, np.ndarray]:
+    if not isinstance(domains, Mapping) or not domains:
+        raise param_error(
+            caller, "domains", "a non-empty mapping from domain name to example indices", domains
+        )
+    index: dict[str, np.ndarray] = {}
+    for name, rows in domains.items():
+        if not isinstance(name, str) or not name or "/" in name:
+            raise param_error(caller, "domains", "keyed by non-empty names without '/'", name)
+        values = rows.cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows)
+        values = values.astype(np.int64).reshape(-1)
+        if values.size and (values.min() < 0 or values.max() >= n):
+            raise param_error(caller, "domains", f"indices of feature rows in [0, {n - 1}]", name)
+        index[name] = values
+    joined = np.concatenate(list(index.values()))
+    if np.unique(joined).size != joined.size:
+        raise param_error(caller, "domains", "disjoint index sets", "an index in two domains or twice")
+    return index
+
+
+def _check_clusters(
+    caller: str, clusters: int | Mapping[str, int], index: Mapping[str, np.ndarray]
+) -> dict[str, int]:
+    wanted = clusters if isinstance(clusters, Mapping) else {name: clusters for name in index}
+    if set(wanted) != set(index):
+        raise param_error(caller, "clusters", f"an int or a mapping over the domains {list(index)}", clusters)
+    counts = {}
+    for name, rows in index.items():
+        k = check_param(caller, "clusters", wanted[name], Interval(int, 1, None))
+        if k > rows.size:
+            raise param_error(
+                caller, "clusters", f"at most the number of examples of {name!r} ({rows.size})", k
+            )
+        counts[name] = k
+    return counts
+
+
+def _digest(names: Sequence[str], parents: Sequence[str], members: Sequence[np.ndarray]) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([list(names), list(parents)]).encode())
+    for m in members:
+        h.update(np.int64(m.size).tobytes())
+        h.update(np.ascontiguousarray(m, dtype="<i8").tobytes())
+    return h.hexdigest()
+
+
+def _cache_key(
+    x: np.ndarray,
+    index: Mapping[str, np.ndarray],
+    counts: Mapping[str, int],
+    metric: str,
+    seed: int,
+    n_init: int,
+) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps([metric, seed, n_init, dict(counts), list(index)]).encode())
+    h.update(np.ascontiguousarray(x, dtype="<f8").tobytes())
+    for rows in index.values():
+        h.update(np.int64(rows.size).tobytes())
+        h.update(np.ascontiguousarray(rows, dtype="<i8").tobytes())
+    return h.hexdigest()
