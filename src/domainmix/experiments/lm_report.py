@@ -28,7 +28,6 @@ SCORE_NAMES = {
     "grad_sq_norm": "‖g_i‖²",
 }
 PLOTTED_SCORES = ("excess_loss", "target_grad_dot")  # what each update follows; not DoGE's norms
-WEIGHTINGS = ("uniform", "proportional", *PROXY_METHODS)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -38,6 +37,11 @@ def _read(path: Path) -> dict[str, Any]:
         )
     result: dict[str, Any] = json.loads(path.read_text())
     return result
+
+
+def _proxies(folder: Path) -> list[str]:
+    """The proxy methods a seed's folder holds, in ``PROXY_METHODS``' order."""
+    return [m for m in PROXY_METHODS if (folder / f"proxy-{m}").is_dir()]
 
 
 def _mean(values: list[float]) -> float:
@@ -59,12 +63,13 @@ def summarize(run: Path, command: str = "") -> dict[str, Any]:
     seeds = [int(s) for s in paired["seeds"]]
     folders = [run / f"seed-{s}" for s in seeds]
     reference = [_read(f / "reference" / "reference.json") for f in folders]
-    proxies = {m: [_read(f / f"proxy-{m}" / "weights.json") for f in folders] for m in PROXY_METHODS}
+    proxies = {m: [_read(f / f"proxy-{m}" / "weights.json") for f in folders] for m in _proxies(folders[0])}
     config = {k: v for k, v in reference[0]["config"].items() if k != "seed"}
     domains = list(reference[0]["weights"])
     tables = [paired["tables"][str(s)] for s in seeds]
+    labels = list(tables[0])  # the base runs of the comparison, in its order
     base: dict[str, Any] = {}
-    for label in WEIGHTINGS:
+    for label in labels:
         rows = [t[label] for t in tables]
         per_domain = {
             d: [math.log(r["test_perplexity"][d]) for r in rows] for d in rows[0]["test_perplexity"]
@@ -97,7 +102,7 @@ def summarize(run: Path, command: str = "") -> dict[str, Any]:
         "reference training": [r["train_seconds"] for r in reference],
         "reference loss cache": [r.get("cache_seconds") for r in reference],
         **{f"proxy {m}": [r["train_seconds"] for r in runs] for m, runs in proxies.items()},
-        **{f"base {label}": base[label]["train_seconds"] for label in WEIGHTINGS},
+        **{f"base {label}": base[label]["train_seconds"] for label in labels},
     }
     return {
         "command": command,
@@ -252,7 +257,8 @@ def main(argv: list[str] | None = None) -> int:
     atomic_write_json(args.results / f"{args.name}.json", summary, indent=1, allow_nan=False)
     atomic_write_text(args.results / f"{args.name}.md", markdown(summary))
     seed = summary["seeds"][0] if args.figure_seed is None else args.figure_seed
-    proxies = {m: _read(args.run / f"seed-{seed}" / f"proxy-{m}" / "weights.json") for m in PROXY_METHODS}
+    folder = args.run / f"seed-{seed}"
+    proxies = {m: _read(folder / f"proxy-{m}" / "weights.json") for m in _proxies(folder)}
     plot_run(proxies, args.images / f"{args.name}.png")
     print(markdown(summary))
     return 0
