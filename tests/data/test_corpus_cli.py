@@ -87,6 +87,17 @@ def test_verify(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert "code/train.txt: sha256" in capsys.readouterr().err
 
 
+def test_verify_sizes_counts_byte_tokens_without_a_bpe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["verify", str(FIXTURE), "--sizes"]) == 0
+    rows = {line.split(" | ")[0].strip("| "): line for line in capsys.readouterr().out.splitlines()[1:]}
+    assert "byte tokens: train" in rows["domain"]
+    manifest = json.loads((FIXTURE / "manifest.json").read_text())
+    train = manifest["domains"]["math"]["splits"]["train"]
+    cells = [c.strip() for c in rows["math"].strip("|").split("|")]
+    assert cells[2] == cells[3] == f"{train['bytes']:,}"  # byte tokens are the file's bytes
+    assert len(rows) == 2 + len(manifest["domains"])  # header, rule, one row per domain
+
+
 def test_builds_the_math_domain_and_a_bpe(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     pytest.importorskip("tokenizers", reason="--bpe needs the optional 'tokenizers' dependency")
     out = tmp_path / "c"

@@ -24,7 +24,7 @@ from domainmix.data._corpus import Corpus, CorpusError, load_corpus
 from domainmix.data._download import SourceError
 from domainmix.data._sources import default_sources
 from domainmix.data._split import SPLITS
-from domainmix.data._tokenize import train_bpe
+from domainmix.data._tokenize import bpe_path, load_tokenizer, train_bpe
 
 __all__ = ["audit", "main", "parse_size"]
 
@@ -94,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
 
     verify = commands.add_parser("verify", help="check every file of a corpus against its manifest")
     verify.add_argument("corpus", type=Path)
+    verify.add_argument(
+        "--sizes",
+        action="store_true",
+        help="then print each domain's documents, train bytes and tokens per split (BPE when the corpus "
+        "has one of --vocab-size, else bytes) as a Markdown table",
+    )
+    verify.add_argument("--vocab-size", type=int, default=4096, help="the BPE whose tokens --sizes counts")
 
     check = commands.add_parser(
         "audit",
@@ -136,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             corpus = load_corpus(args.corpus)
             print(f"{args.corpus}: {len(corpus.domains)} domains, every file matches manifest.json")
+            if args.sizes:
+                print(sizes_table(corpus, args.vocab_size))
             return 0
         path = train_bpe(args.corpus, args.vocab_size, out=args.out)
         print(f"wrote {path}")
@@ -146,6 +155,26 @@ def main(argv: list[str] | None = None) -> int:
     except (SourceError, ImportError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
+
+
+def sizes_table(corpus: Corpus, vocab_size: int) -> str:
+    """Each domain's documents per split, train bytes and tokens per split, as a Markdown table.
+
+    Tokens are of the corpus's BPE ``tokenizer-bpe<vocab_size>.json`` when it has one, else bytes.
+    """
+    path = bpe_path(corpus.root, vocab_size)
+    tokenizer = load_tokenizer(path) if path.is_file() else None
+    unit = f"BPE-{vocab_size} tokens" if tokenizer is not None else "byte tokens"
+    lines = [
+        f"| domain | documents (train / val / test) | train bytes | {unit}: train | validation | test |",
+        "|---|---|---|---|---|---|",
+    ]
+    for domain in corpus.domains:
+        splits = corpus.manifest["domains"][domain]["splits"]
+        documents = " / ".join(str(splits[s]["documents"]) for s in SPLITS)
+        tokens = " | ".join(f"{len(corpus.tokens(domain, s, tokenizer)):,}" for s in SPLITS)
+        lines.append(f"| {domain} | {documents} | {splits['train']['bytes']:,} | {tokens} |")
+    return "\n".join(lines)
 
 
 def audit(path: Path, *, split: str = "all", as_json: bool = False) -> int:
