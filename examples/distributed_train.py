@@ -50,6 +50,7 @@ def main() -> None:
     sampler = DomainBatchSampler(
         {n: range(o, o + s) for n, o, s in zip(NAMES, offsets, SIZES, strict=True)},
         args.batch_size,
+        dict.fromkeys(NAMES, 1.0),  # q follows α, which starts uniform (without weights: q ∝ sizes)
         mode="stratified",
         min_count=1,
         seed=1234,

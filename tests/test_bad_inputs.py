@@ -6,6 +6,7 @@ offending value where the shape allows): "The 'x' parameter of Caller must be ..
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,6 +14,7 @@ import domainmix.strategies as S
 from _helpers import make_stats
 from domainmix import DomainWeights, StatsCollector, WeightingController, domain_losses, weighted_loss
 from domainmix.losses import DomainLosses
+from domainmix.sampling import DomainBatchSampler, split_heldout
 
 NAMES = ["a", "b"]
 NAN, INF = float("nan"), float("inf")
@@ -469,6 +471,50 @@ CASES = [
         shape("weights", "weighted_loss"),
         "1-D float tensor",
         id="multipliers-2d",
+    ),
+    param(
+        lambda: weighted_loss(torch.ones(2), torch.tensor([0, 1]), torch.tensor([1.0, NAN])),
+        ValueError,
+        shape("weights", "weighted_loss"),
+        "finite and non-negative",
+        "Got [1.0, nan] instead.",
+        id="multipliers-nan",
+    ),
+    param(
+        lambda: weighted_loss(torch.ones(2), torch.tensor([0, 1]), torch.tensor([1.0, -2.0])),
+        ValueError,
+        shape("weights", "weighted_loss"),
+        "finite and non-negative",
+        "Got [1.0, -2.0] instead.",
+        id="multipliers-negative",
+    ),
+    param(
+        lambda: DomainBatchSampler({"a": range(0, 10), "b": range(5, 20)}, 4),
+        ValueError,
+        shape("domains", "DomainBatchSampler"),
+        "domains 'a' and 'b' both hold index 5",
+        id="sampler-overlapping-ranges",
+    ),
+    param(
+        lambda: DomainBatchSampler({"a": [0, 1, 2], "b": range(10, 20), "c": [3, 12]}, 4),
+        ValueError,
+        shape("domains", "DomainBatchSampler"),
+        "domains 'b' and 'c' both hold index 12",
+        id="sampler-overlapping-array-and-range",
+    ),
+    param(
+        lambda: DomainBatchSampler({"a": [0, 1, 7], "b": np.array([9, 7])}, 4),
+        ValueError,
+        shape("domains", "DomainBatchSampler"),
+        "domains 'a' and 'b' both hold index 7",
+        id="sampler-overlapping-arrays",
+    ),
+    param(
+        lambda: split_heldout({"a": [0, 1, 2, 3], "b": [3, 4, 5]}, 0.25),
+        ValueError,
+        shape("domains", "split_heldout"),
+        "domains 'a' and 'b' both hold index 3",
+        id="heldout-overlapping",
     ),
     param(
         lambda: weighted_loss(torch.ones(2), torch.tensor([0, 1]), dw(), denominator=0),

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import domainmix.strategies as S
-from _helpers import assert_resume_equivalent, make_stats
+from _helpers import assert_resume_equivalent, assert_same, make_stats
 from domainmix import DomainStats, DomainWeights, StatsCollector, WeightingController, domain_losses
 
 NAMES = ["a", "b", "c"]
@@ -159,10 +159,10 @@ def test_nan_window_is_skipped_with_warning(tmp_path) -> None:
     before = c.weights
     state_before = c.strategy_state
     feed(c, NAN, domain=1)
-    with pytest.warns(RuntimeWarning, match=r"step 2: non-finite statistics in \['loss'\]"):
+    with pytest.warns(RuntimeWarning, match=r"step 2: non-finite statistics \{'loss': \['b'\]\}"):
         assert c.step() is False
     assert c.weights is before and c.strategy_state is state_before
-    assert len(sampler.calls) == 2  # construction + the first update only
+    assert len(sampler.calls) == 1  # the first update only (construction keeps the sampler's own q)
     sd = c.state_dict()
     assert sd["num_skipped"] == 1 and sd["num_updates"] == 1 and sd["step"] == 2
 
@@ -206,7 +206,7 @@ def test_invalid_strategy_output_raises_and_changes_nothing(kind) -> None:
     with pytest.raises(RuntimeError, match="Strategy 'bad' returned"):
         c.update(make_stats(3, step=1))
     assert c.weights is before
-    assert c.state_dict()["num_updates"] == 0 and len(sampler.calls) == 1
+    assert c.state_dict()["num_updates"] == 0 and sampler.calls == []  # the sampler's q is kept
 
 
 def test_zero_sampling_where_mixture_positive_raises() -> None:
@@ -396,3 +396,45 @@ def test_collector_given_is_used() -> None:
     col = StatsCollector(3, ema=0.9)
     c = WeightingController(eg(), NAMES, collector=col, ema=0.1)
     assert c.collector is col
+
+
+def test_a_failed_update_does_not_advance_the_controller() -> None:
+    """Issue 12: a score of the wrong shape raised inside torch and still advanced step_count."""
+    calls = []
+
+    def score(s, w):
+        calls.append(s.step)
+        return torch.ones(2) if len(calls) == 1 else s.loss
+
+    c = WeightingController(S.exponentiated_gradient(score, 1.0), NAMES, update_every=2)
+    c.step(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 2]))
+    before = c.state_dict()
+    with pytest.raises(ValueError, match="'score' parameter"):
+        c.step(torch.tensor([4.0, 5.0, 6.0]), torch.tensor([0, 1, 2]))
+    after = c.state_dict()
+    assert c.step_count == 1 and c.weights.mixture.tolist() == [1 / 3] * 3
+    assert_same(after, before)  # the window still holds step 1 only
+    assert c.step(torch.tensor([4.0, 5.0, 6.0]), torch.tensor([0, 1, 2])) and c.step_count == 2
+    assert calls == [2, 2]
+
+
+def test_domain_names_keep_the_samplers_own_weights() -> None:
+    """Issue 12: the controller replaced the sampler's q ∝ sizes by uniform, silently."""
+    from domainmix.sampling import DomainBatchSampler
+
+    def sampler() -> DomainBatchSampler:
+        return DomainBatchSampler({"a": range(10), "b": range(10, 40)}, 4)
+
+    s = sampler()
+    c = WeightingController(eg(), ["a", "b"], update_every=5, sampler=s)
+    assert c.weights.mixture.tolist() == [0.5, 0.5] and c.weights.sampling.tolist() == [0.25, 0.75]
+    assert s.weights.tolist() == [0.25, 0.75] and len(s.weight_history) == 1
+    torch.testing.assert_close(c.loss_multipliers(), torch.tensor([2.0, 2 / 3], dtype=torch.float64))
+    s = sampler()  # a strategy that sets q at construction, or explicit weights, still win
+    WeightingController(S.uniform(), ["a", "b"], sampler=s)
+    assert s.weights.tolist() == [0.5, 0.5]
+    s = sampler()
+    WeightingController(eg(), DomainWeights.create(["a", "b"], [0.4, 0.6]), sampler=s)
+    assert s.weights.tolist() == [0.4, 0.6]
+    with pytest.raises(ValueError, match=r"'sampler' parameter of WeightingController.*zero for \['a'\]"):
+        WeightingController(eg(), ["a", "b"], sampler=DomainBatchSampler({"a": [], "b": range(4)}, 2))

@@ -9,7 +9,14 @@ import torch
 
 import domainmix._statistics as table
 from _helpers import TASKS, full_stats, make_stats
-from domainmix import DomainStats, DomainWeights, StatsCollector, WeightingController, strategies
+from domainmix import (
+    DomainStats,
+    DomainWeights,
+    StatsCollector,
+    WeightingController,
+    domain_losses,
+    strategies,
+)
 from domainmix.stats import Probe, Statistic, StepLosses, register_statistic, statistics
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -159,3 +166,36 @@ def test_a_missing_probe_is_named_at_construction(scratch_table: None) -> None:
     register_statistic(Statistic("loss_max", ("k",), "toy_probe", "estimate", "largest loss per domain"))
     with pytest.raises(ValueError, match=r"'loss_max': 'toy_probe'"):
         WeightingController(spread_strategy(), DomainWeights.create(["a", "b"]), probes=[])
+
+
+@pytest.mark.parametrize("name", [n for n, row in table.statistics().items() if not row.always])
+def test_a_missing_statistic_says_how_to_collect_it(name: str) -> None:
+    """The hint is derived from the row (source, reduction), and the call it names really provides it."""
+    row = table.statistic(name)
+    needs = strategies.stateless("needs", lambda w, s: w, {name})
+    with pytest.raises(ValueError, match=f"requires the statistic '{name}'") as caught:
+        needs.update(DomainWeights.create(["a", "b"]), (), make_stats(2).replace(**{name: None}))
+    message = str(caught.value)
+    collector = StatsCollector(2)
+    if row.reduction == "estimate":
+        assert f"observe_stat('{name}', value)" in message and "source=" not in message
+        value = torch.ones(row.dims(2, TASKS))
+        collector.observe_stat(name, value)
+    else:
+        assert f"source='{row.source}'" in message and "observe_stat" not in message
+        collector.observe(domain_losses(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 1]), 2),
+                          source=row.source)  # fmt: skip
+    assert collector.summarize(1).get(name) is not None
+    for probe in (p for p in _probe_classes() if row.source in p.sources):
+        assert probe.__name__ in message
+
+
+def _probe_classes() -> list[type[Probe]]:
+    found, todo = [], list(Probe.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        found.append(cls)
+        todo.extend(cls.__subclasses__())
+    # The library's probes only: a pipeline's private subclass (lm_dids._TimedProbe) is not one to name,
+    # and whether it is imported depends on which tests ran before in this process.
+    return [cls for cls in found if cls.__module__.startswith("domainmix.stats")]

@@ -177,6 +177,46 @@ def provided_by(source_names: tuple[str, ...] | frozenset[str]) -> frozenset[str
     return frozenset(s.name for s in _REGISTRY.values() if s.source in source_names)
 
 
+# The probes of the library by the sources they feed, for the hint of how_to_observe (a class may feed
+# several sources; GradientProductProbe feeds target_gradient_products only when given a target).
+_PROBES: Mapping[str, str] = {
+    "heldout": "HeldoutLossProbe",
+    "reference": "ReferenceLossProbe",
+    "excess": "ReferenceLossProbe",
+    "gradient_variance": "GradientVarianceProbe",
+    "gradient_products": "GradientProductProbe",
+    "target_gradient_products": "GradientProductProbe(..., target=...)",
+    "fisher_products": "FisherProductProbe",
+    "task_loss": "FisherProductProbe",
+}
+
+
+def how_to_observe(name: str) -> str:
+    """How a window comes to hold the statistic ``name``, as a sentence for error messages.
+
+    Derived from the row's source and reduction: a loss-stream statistic is fed by
+    ``StatsCollector.observe(losses, source=...)`` (``train`` by ``controller.step``), an estimate by
+    ``StatsCollector.observe_stat(name, ...)``; both name the library's probe for the source, if any.
+    """
+    row = statistic(name)
+    probe = _PROBES.get(row.source)
+    by_probe = (
+        f"a {probe} or another probe of source {row.source!r}"
+        if probe
+        else (f"a probe of source {row.source!r}")
+    )
+    if row.reduction == "estimate":
+        call = f"StatsCollector.observe_stat({name!r}, value)"
+    elif row.source == "train":
+        return (
+            "pass the training losses to controller.step(losses, domain_ids) (or feed "
+            "StatsCollector.observe(domain_losses(...), source='train'))"
+        )
+    else:
+        call = f"StatsCollector.observe(domain_losses(...), source={row.source!r})"
+    return f"give the controller {by_probe}, or feed its collector with {call}"
+
+
 def markdown_table() -> str:
     """The README's table of statistics, generated from the declarations."""
     lines = ["| statistic | shape | source | reduction | meaning |", "|---|---|---|---|---|"]

@@ -70,7 +70,10 @@ class WeightingController:
 
     Args:
         strategy: the weighting method.
-        initial: initial weights, or domain names for uniform weights.
+        initial: initial weights, or domain names: then α is uniform and q is the sampler's own weights
+            (its ``weights``, e.g. in proportion to domain sizes), or uniform without a sampler. A
+            strategy that sets q (every statistic-free one does, at construction) replaces them;
+            explicit ``DomainWeights`` are pushed to the sampler.
         update_every: steps per statistics window, ≥ 1.
         warmup_steps: no update before this many steps, ≥ 0.
         sampler: optional; receives q after every update (``set_weights`` by name) and, if it has
@@ -110,8 +113,10 @@ class WeightingController:
     ) -> None:
         if not isinstance(strategy, Strategy):
             raise param_error("WeightingController", "strategy", "a Strategy", strategy)
+        from_sampler = False
         if not isinstance(initial, DomainWeights):
             initial = DomainWeights.create(initial)
+            from_sampler = sampler is not None and getattr(sampler, "weights", None) is not None
         self._update_every: int = check_param(
             "WeightingController", "update_every", update_every, Interval(int, 1, None)
         )
@@ -138,6 +143,8 @@ class WeightingController:
                     f"a sampler over the domains {list(initial.names)} in this order",
                     f"a sampler over {list(sampler_names)}",
                 )
+            if from_sampler:
+                initial = _sampler_weights(initial, sampler)
         if log is not None and not (callable(log) or isinstance(log, (str, os.PathLike))):
             raise param_error("WeightingController", "log", "a file path or a callable", log)
         self._probes = _choose_probes(strategy, probes)
@@ -158,7 +165,7 @@ class WeightingController:
             # push_unchanged: the sampler may have been built with other weights; sync it even when the
             # first evaluation leaves the controller's weights as they were.
             self._apply(self._empty_stats(0), log_unchanged=True, push_unchanged=True)
-        elif sampler is not None:
+        elif sampler is not None and not from_sampler:
             sampler.set_weights(self._by_name(initial.sampling))
 
     # ----------------------------------------------------------------------------------------------
@@ -262,6 +269,28 @@ class WeightingController:
         """
         if losses is not None and domain_ids is None:
             raise param_error("WeightingController.step", "domain_ids", "a tensor with losses", None)
+        step = self._step + 1
+        # A step that runs the strategy is all or nothing: if the strategy (or a probe) raises, the step
+        # count, the weights and the collector's window stay as they were before the call.
+        saved = self._collector.state_dict() if self.closes_window else None
+        try:
+            updated = self._advance(step, losses, domain_ids, mask, indices)
+        except BaseException:
+            if saved is not None:
+                self._collector.load_state_dict(saved)
+            raise
+        self._step = step
+        return updated
+
+    def _advance(
+        self,
+        step: int,
+        losses: Tensor | None,
+        domain_ids: Tensor | None,
+        mask: Tensor | None,
+        indices: Tensor | None,
+    ) -> bool:
+        """Observe the step that brings the count to ``step`` and run the strategy if a window closes."""
         if losses is not None and domain_ids is not None and self._observes_coming_step():
             if self._reads_train:
                 k = self._collector.num_domains
@@ -269,17 +298,16 @@ class WeightingController:
             seen = StepLosses(losses, domain_ids, mask, indices)
             for probe in self._probes:
                 probe.observe_step(self._collector, seen)
-        self._step += 1
         if self.stat_free:
-            return self._apply(self._empty_stats(self._step))
-        if self._step % self._update_every != 0:
+            return self._apply(self._empty_stats(step))
+        if step % self._update_every != 0:
             return False
-        if self._step < self._warmup:
+        if step < self._warmup:
             self._collector.reset()
             return False
         for probe in self._probes:
-            probe.observe_window(self._collector, self._step)
-        return self.update(self._collector.summarize(self._step))
+            probe.observe_window(self._collector, step)
+        return self.update(self._collector.summarize(step))
 
     def _observes_coming_step(self) -> bool:
         """Whether the coming step is observed: statistics are read and its window is not a warm-up one."""
@@ -291,17 +319,31 @@ class WeightingController:
         if not isinstance(stats, DomainStats):
             raise param_error("WeightingController.update", "stats", "a DomainStats", stats)
         if not stats.is_finite():
-            bad = [f for f, v in stats.items() if not bool(torch.isfinite(v).all())]
+            self._num_skipped += 1
             warnings.warn(
                 f"WeightingController: skipping the weight update at step {stats.step}: non-finite "
-                f"statistics in {bad}. The weights stay as they were.",
+                f"statistics {self._non_finite(stats)}. The weights stay as they were "
+                f"(windows skipped so far: {self._num_skipped}; a frequent cause is a variance of a "
+                "domain with fewer than two examples in the window).",
                 RuntimeWarning,
                 stacklevel=2,
             )
-            self._num_skipped += 1
             self._write_log(stats, skipped=True)
             return False
         return self._apply(stats, log_unchanged=True)
+
+    def _non_finite(self, stats: DomainStats) -> dict[str, list[str]]:
+        """Statistic -> the domains (rows, for a matrix) where it is NaN or inf."""
+        names = self._weights.names
+        found: dict[str, list[str]] = {}
+        for field, value in stats.items():
+            bad = ~torch.isfinite(value)
+            if bool(bad.any()):
+                rows = bad.reshape(len(names), -1).any(1) if value.shape[:1] == (len(names),) else None
+                found[field] = (
+                    ["all"] if rows is None else [n for n, b in zip(names, rows.tolist(), strict=True) if b]
+                )
+        return found
 
     def _apply(
         self, stats: DomainStats, *, log_unchanged: bool = False, push_unchanged: bool = False
@@ -448,6 +490,22 @@ class WeightingController:
         self._step = int(state_dict[self.STEP_KEY])
         self._num_updates = int(state_dict[self.UPDATES_KEY])
         self._num_skipped = int(state_dict[self.SKIPPED_KEY])
+
+
+def _sampler_weights(initial: DomainWeights, sampler: WeightSink) -> DomainWeights:
+    """Uniform α with the sampler's own q: domain names as ``initial`` leave the sampling weights to it."""
+    q = torch.as_tensor(getattr(sampler, "weights", None), dtype=torch.float64)
+    zero = [n for n, x in zip(initial.names, q.tolist(), strict=True) if not x > 0]
+    if q.shape != (initial.num_domains,) or zero:
+        raise param_error(
+            "WeightingController",
+            "sampler",
+            "a sampler with positive weights for every domain when 'initial' is domain names (the "
+            f"initial mixture is uniform; zero for {zero}), or initial=DomainWeights.create(names, "
+            "mixture, sampling)",
+            q.tolist(),
+        )
+    return DomainWeights.create(initial.names, initial.mixture, q)
 
 
 def _finite_or_str(values: Any) -> Any:

@@ -41,7 +41,9 @@ def test_config_errors_are_collected_and_raised_once(tmp_path: Path) -> None:
     assert "Unknown method 'x'" in text
     assert "one entry per domain" in text
     path = tmp_path / "c.yaml"
-    path.write_text("steps: 123\nseeds: [3, 4]\ninput_scales: [1, 2, 3]\nnoise_variances: [1, 1, 5]\n")
+    path.write_text(
+        "steps: 123\nwarmup_steps: 100\nseeds: [3, 4]\ninput_scales: [1, 2, 3]\nnoise_variances: [1, 1, 5]\n"
+    )
     cfg = load_config(LinearConfig, path)
     assert (cfg.steps, cfg.seeds, cfg.input_scales) == (123, (3, 4), (1.0, 2.0, 3.0))
     path.write_text("- 1\n- 2\n")
@@ -53,7 +55,7 @@ def test_setting_then_file_then_overrides(tmp_path: Path) -> None:
     cfg = build_config("linear", "fig1abc", None, {})
     assert cfg.input_scales == (100.0, 1.0) and cfg.noise_variances == (1.0, 20.0)
     path = tmp_path / "c.yaml"
-    path.write_text("noise_variances: [2, 3]\nsteps: 50\n")
+    path.write_text("noise_variances: [2, 3]\nsteps: 50\nwarmup_steps: 10\n")
     cfg = build_config("linear", "fig1abc", str(path), {"steps": 60})
     assert cfg.input_scales == (100.0, 1.0) and cfg.noise_variances == (2.0, 3.0) and cfg.steps == 60
     with pytest.raises(ConfigError, match="unknown setting 'fig9'"):
@@ -176,3 +178,44 @@ def test_loop_refuses_to_continue_after_divergence() -> None:
 
 def test_mlp_config_defaults_are_valid() -> None:
     assert MlpConfig().problems() == []
+
+
+# --- the command line's rough edges (issue 12) -------------------------------------------------------
+def test_config_file_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("steps: [1, 2\nlr: 0.1\n")
+    for path, fragment in ((broken, "YAML syntax error at line"), (tmp_path / "none.yaml", "cannot read")):
+        assert main(["linear", "--out", str(tmp_path), "--config", str(path), *TINY]) == 2
+        err = capsys.readouterr().err
+        assert fragment in err and str(path) in err and "Traceback" not in err and err.count("\n") == 1
+
+
+def test_bad_seeds_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["linear", "--out", str(tmp_path), "--seeds", "a,b"]) == 2
+    assert "--seeds must be comma-separated ints, e.g. 0,1,2. Got 'a,b' instead." in capsys.readouterr().err
+
+
+def test_steps_within_the_warmup_are_refused_when_a_method_waits_for_it() -> None:
+    with pytest.raises(ConfigError, match=r"'steps' must exceed 'warmup_steps' \(500\) when a method uses"):
+        load_config(LinearConfig, None, {"steps": 50, "methods": ["uniform", "fgls+va"]})
+    assert load_config(LinearConfig, None, {"steps": 50, "methods": ["uniform", "va"]}).steps == 50
+
+
+def test_run_help_has_no_rst_markup(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out
+
+
+def test_top_level_command_line(capsys: pytest.CaptureFixture) -> None:
+    import subprocess
+    import sys
+
+    from domainmix.experiments.__main__ import main as top
+
+    assert top(["--version"]) == 0 and capsys.readouterr().out.startswith("domainmix ")
+    assert top(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert all(word in out for word in ("lm", "verify", "train-bpe", "build-corpus"))
+    done = subprocess.run([sys.executable, "-m", "domainmix", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "commands:" in done.stdout

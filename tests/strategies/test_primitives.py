@@ -179,3 +179,25 @@ def test_delay_holds_weights_and_state_until_start() -> None:
         S.delay(inner, -1)
     with pytest.raises(ValueError, match="'strategy' parameter of delay"):
         S.delay("fgls", 1)  # type: ignore[arg-type]
+
+
+def test_exponentiated_gradient_names_an_undeclared_statistic_its_score_reads() -> None:
+    """Issue 12: a score reading heldout_loss without requires= got None ('NoneType' has no 'to')."""
+    strategy = S.exponentiated_gradient(lambda s, w: s.heldout_loss, step_size=1.0)
+    weights = DomainWeights.create(NAMES)
+    with pytest.raises(ValueError, match=r"read the statistic 'heldout_loss', which is not in its requires="):
+        strategy.update(weights, strategy.init(weights), make_stats(3))
+    declared = S.exponentiated_gradient(lambda s, w: s["heldout_loss"], 1.0, requires={"heldout_loss"})
+    assert declared.requires == {"heldout_loss", "count"}  # count: which domains the window saw
+    new, _ = declared.update(weights, declared.init(weights), make_stats(3, heldout_loss=[0.0, 1.0, 0.0]))
+    assert float(new.mixture[1]) > 1 / 3
+
+
+@pytest.mark.parametrize("bad", [torch.ones(2), torch.ones(3, 1), [1.0, 2.0, 3.0]])
+def test_exponentiated_gradient_refuses_a_score_of_the_wrong_shape(bad) -> None:
+    strategy = S.exponentiated_gradient(lambda s, w: bad, step_size=1.0, name="eg")
+    weights = DomainWeights.create(NAMES)
+    with pytest.raises(
+        ValueError, match=r"The 'score' parameter of eg must be a function returning a tensor"
+    ):
+        strategy.update(weights, strategy.init(weights), make_stats(3))

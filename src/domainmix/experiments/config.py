@@ -86,7 +86,26 @@ class TrainConfig:
             except ValueError as error:
                 out.append(f"'methods': {error}")
         _require(out, self, "be distinct ints >= 0", _distinct_non_negative, "seeds")
+        waiting = sorted({_loss_rule(m) for m in self.methods} & _AFTER_WARMUP)
+        if waiting and isinstance(self.steps, int) and isinstance(self.warmup_steps, int):
+            if self.steps <= self.warmup_steps:
+                out.append(
+                    f"'steps' must exceed 'warmup_steps' ({self.warmup_steps}) when a method uses "
+                    f"{waiting}: those loss rules act only after the warm-up, so every method would train "
+                    f"like uniform. Got {self.steps} instead (lower warmup_steps or raise steps)."
+                )
         return out
+
+
+# The loss rules of methods.LOSS_RULES built as delay(rule, warmup_steps): they never act before it.
+_AFTER_WARMUP = frozenset({"fgls", "erma"})
+
+
+def _loss_rule(method: str) -> str:
+    try:
+        return parse_method(method)[0]
+    except ValueError:  # reported above
+        return ""
 
 
 def _require(out: list[str], cfg: object, expected: str, ok: Callable[[Any], bool], *names: str) -> None:
@@ -290,7 +309,8 @@ class LmConfig:
     doge_target_batch: int = 0
     """Windows in DoGE's target batch every step (0: ``batch_size``). The target batch is most of the
     universal mode's cost (docs/language-models.md, "Cost per step"); a smaller one, at least one window
-    per domain, is cheaper and noisier."""
+    per domain, is cheaper but changes the learned mixture (8 windows moved code's α by +.035 on the
+    GPU size: docs/language-models.md, "DoGE's target batch")."""
     doge_max_norm: float = 5.0
     """DoGE's clip of each domain's mean gradient before the products."""
     doge_selection: int = 0
@@ -298,6 +318,31 @@ class LmConfig:
     tensors with the smallest cancellation scores (n < 0: the largest), scored over a uniform pre-run."""
     doge_selection_steps: int = 200
     """Steps of that pre-run: a fresh proxy, uniform sampling, the first steps of the proxy's schedule."""
+    dids_round_steps: int = 25
+    """DIDS (``--weights dids|dids-flat|dids-inverted``): base-model steps per round; every round the
+    strategy moves the sampling weights of the groups (the controller's ``update_every``)."""
+    dids_examples: int = 4
+    """Windows drawn per training group and per target task in each DIDS round (their per-example
+    gradients on the last 10 % of the tensors, through ``torch.func``: the round's cost grows with it)."""
+    dids_clusters: int = 4
+    """Gradient clusters per training domain in DIDS's repartition (``dids``, ``dids-inverted``;
+    ``dids-flat`` keeps one group per domain)."""
+    dids_sketch_dim: int = 1024
+    """Dimension d of the Rademacher sketch of the per-example gradients the repartition clusters."""
+    dids_metric: str = "cosine"
+    """k-means geometry of the repartition: ``cosine`` (normalised sketches) or ``euclidean`` (the
+    reference code's raw sketches)."""
+    dids_initial: str = "uniform"
+    """DIDS's starting sampling weights over the original domains, split over their groups by size:
+    ``uniform`` or ``proportional`` (to the domains' sizes)."""
+    dids_decay: float = 0.5
+    """DIDS's damping β in [0, 1) (reference code 0.2 oscillates; see ``strategies.dids``)."""
+    dids_parent_floor: float = 0.0
+    """A floor on each original domain's total sampling mass in DIDS (0: none), below 1 / the number
+    of training domains; the groups of a lifted domain keep their ratios."""
+    compare_dids: bool = False
+    """``--compare`` also runs the DIDS base rows (``dids``, ``dids-flat``, ``dids-inverted``, from the
+    reference stage's model); off by default so the default comparison costs what it did."""
     seed: int = 0
     """Seed of the models' initialisation and of the sampler."""
     device: str = "cpu"
@@ -349,6 +394,27 @@ class LmConfig:
             lambda v: self.doge_selection == 0 or v <= self.proxy_steps,
             "doge_selection_steps",
         )
+        dids_ints = ("dids_round_steps", "dids_examples", "dids_clusters", "dids_sketch_dim")
+        _require(out, self, "be an int >= 1", lambda v: v >= 1, *dids_ints)
+        _require(
+            out,
+            self,
+            f"be <= base_steps ({self.base_steps}), or DIDS never updates",
+            lambda v: v <= self.base_steps,
+            "dids_round_steps",
+        )
+        _require(
+            out,
+            self,
+            f"be <= train_windows ({self.train_windows}), the windows of a domain",
+            lambda v: self.train_windows == 0 or v <= self.train_windows,
+            "dids_clusters",
+        )
+        metrics = ("cosine", "euclidean")
+        _require(out, self, f"be one of {list(metrics)}", lambda v: v in metrics, "dids_metric")
+        starts = ("uniform", "proportional")
+        _require(out, self, f"be one of {list(starts)}", lambda v: v in starts, "dids_initial")
+        _require(out, self, "be in [0, 1)", lambda v: 0 <= v < 1, "dids_decay", "dids_parent_floor")
         return out
 
 
@@ -397,7 +463,15 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     """The settings mapping of a YAML file (empty file: no settings)."""
     import yaml  # an optional dependency of the experiments
 
-    loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    try:
+        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError([f"{path}: cannot read the config file ({error.strerror or error})."]) from None
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError([f"{path}: YAML syntax error{at}: {problem}."]) from None
     if loaded is not None and not isinstance(loaded, Mapping):
         raise ConfigError(
             [f"{path}: the YAML document must be a mapping of settings, not {type(loaded).__name__}."]

@@ -90,8 +90,14 @@ def train(task: Task, method: str, cfg: TrainConfig, seed: int) -> dict[str, Any
     start = time.perf_counter()
     torch.manual_seed(seed)
     model, names = task.model, task.names
+    # Uniform q until a sampling rule moves it (the protocol's start; without weights q ∝ sizes).
     sampler = DomainBatchSampler(
-        task.split.train, cfg.batch_size, seed=seed, min_count=1, replacement=cfg.replacement
+        task.split.train,
+        cfg.batch_size,
+        dict.fromkeys(names, 1.0),
+        seed=seed,
+        min_count=1,
+        replacement=cfg.replacement,
     )
     controller = WeightingController(
         make_method(method, cfg, task),

@@ -106,6 +106,20 @@ def build_config(
     return load_config(module.CONFIG, None, {**preset, **from_file, **overrides})
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` as ints.
+
+    Raises:
+        ConfigError: naming ``--seeds`` and the value.
+    """
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise ConfigError(
+            [f"--seeds must be comma-separated ints, e.g. 0,1,2. Got {text!r} instead."]
+        ) from None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the experiment, write the outputs, print the table."""
     from domainmix.experiments import _report
@@ -117,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         return lm.main(argv[1:])
     parser = argparse.ArgumentParser(
         prog="domainmix run",
-        description=__doc__.splitlines()[0],
+        description=__doc__.splitlines()[0].replace("``", ""),
         formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument(
@@ -151,13 +165,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.methods is not None:
             overrides["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
         if args.seeds is not None:
-            overrides["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+            overrides["seeds"] = parse_seeds(args.seeds)
         for key in ("steps", "workers"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
         cfg = build_config(args.experiment, setting, args.config, overrides)
     except (ConfigError, ValueError) as error:
-        print(f"domainmix run {args.experiment}: invalid configuration:\n{error}", file=sys.stderr)
+        errors = error.errors if isinstance(error, ConfigError) else [str(error)]
+        shown = errors[0] if len(errors) == 1 else f"\n{error}"
+        print(f"domainmix run {args.experiment}: invalid configuration: {shown}", file=sys.stderr)
         return 2
 
     start = time.perf_counter()

@@ -144,6 +144,12 @@ def weighted_loss(
                 "weighted_loss", "weights", "a DomainWeights when normalize='per_domain'", "a tensor"
             )
         k = weights.numel()
+        # k numbers, checked every step: a NaN or negative multiplier would silently poison or flip the loss.
+        if not bool((torch.isfinite(weights) & (weights >= 0)).all()):
+            raise param_error(
+                "weighted_loss", "weights", "loss multipliers that are finite and non-negative",
+                weights.tolist(),
+            )  # fmt: skip
     else:
         raise param_error(
             "weighted_loss", "weights", "a DomainWeights or a 1-D float tensor of loss multipliers", weights

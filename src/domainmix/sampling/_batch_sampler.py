@@ -14,7 +14,7 @@ from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.sampling._mixer import Counters, DomainMixer
 from domainmix.sampling._plan import Mode, StopRule, check_mix_options, rows_before_stop
 from domainmix.sampling._snapshots import Block, Snap, SnapshotRing
-from domainmix.sampling._streams import IndexStream, as_domain_index, take_planned
+from domainmix.sampling._streams import IndexStream, as_domain_index, check_disjoint, take_planned
 from domainmix.sampling._weights import WeightsLike, check_names
 
 __all__ = ["DomainBatchSampler"]
@@ -108,6 +108,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         caller = "DomainBatchSampler"
         names = check_names(caller, "domains", domains)
         index = [as_domain_index(caller, n, domains[n]) for n in names]
+        check_disjoint(caller, names, index)
         self._validate(
             caller, batch_size, mode, min_count, stop, num_batches, seed, snapshot_history, replacement
         )

@@ -9,7 +9,7 @@ from typing import NamedTuple, cast
 import numpy as np
 
 from domainmix._validation import ConfigError, Interval, check_param, param_error
-from domainmix.sampling._streams import as_domain_index
+from domainmix.sampling._streams import as_domain_index, check_disjoint
 
 __all__ = ["HeldoutSplit", "split_heldout"]
 
@@ -74,8 +74,10 @@ def split_heldout(
     per_domain = _by_name(caller, param, given, names, errors)
     train: dict[str, np.ndarray] = {}
     heldout: dict[str, np.ndarray] = {}
+    indices = [as_domain_index(caller, name, domains[name]) for name in names]
+    check_disjoint(caller, names, indices)  # else a held-out example could be another domain's training one
     for i, name in enumerate(names):
-        index = np.asarray(as_domain_index(caller, name, domains[name]), dtype=np.int64)
+        index = np.asarray(indices[i], dtype=np.int64)
         n = len(index)
         value = per_domain.get(name)
         if value is None:

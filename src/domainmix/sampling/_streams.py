@@ -69,6 +69,52 @@ def as_domain_index(caller: str, name: str, value: Any) -> DomainIndex:
     return np.ascontiguousarray(arr, dtype=np.int64)
 
 
+def check_disjoint(caller: str, names: Sequence[str], index: Sequence[DomainIndex]) -> None:
+    """Raise, naming two domains and an index, when two domains share a dataset index.
+
+    An example in two domains would be drawn under both weights and its loss counted for both. Unit-step
+    ranges are compared as intervals (O(k log k), whatever their length); index arrays are sorted once.
+    """
+    spans = sorted(
+        (ix.start, ix.stop, i)
+        for i, ix in enumerate(index)
+        if isinstance(ix, range) and ix.step == 1 and len(ix)
+    )
+    for (_, stop, i), (start, _, j) in zip(spans, spans[1:], strict=False):
+        if start < stop:
+            _overlap(caller, names, i, j, start)
+    arrays = [(i, np.unique(np.asarray(ix))) for i, ix in enumerate(index) if not _is_span(ix)]
+    if not arrays:
+        return
+    values = np.concatenate([a for _, a in arrays])
+    owners = np.concatenate([np.full(a.size, i) for i, a in arrays])
+    order = np.argsort(values, kind="stable")
+    values, owners = values[order], owners[order]
+    same = np.flatnonzero(values[1:] == values[:-1])
+    if same.size:
+        at = int(same[0])
+        _overlap(caller, names, int(owners[at]), int(owners[at + 1]), int(values[at]))
+    if spans:
+        starts = np.array([s[0] for s in spans])
+        slot = np.searchsorted(starts, values, side="right") - 1
+        stops = np.array([s[1] for s in spans])
+        inside = np.flatnonzero((slot >= 0) & (values < stops[np.maximum(slot, 0)]))
+        if inside.size:
+            at = int(inside[0])
+            _overlap(caller, names, spans[int(slot[at])][2], int(owners[at]), int(values[at]))
+
+
+def _is_span(ix: DomainIndex) -> bool:
+    return isinstance(ix, range) and ix.step == 1
+
+
+def _overlap(caller: str, names: Sequence[str], i: int, j: int, value: int) -> None:
+    a, b = sorted((names[i], names[j]))
+    raise param_error(
+        caller, "domains", f"disjoint index sets (domains {a!r} and {b!r} both hold index {value})", "overlap"
+    )
+
+
 class IndexStream:
     """Endless shuffled stream over one domain's indices; passes are independent permutations.
 

@@ -12,7 +12,7 @@ from typing import Any, NamedTuple, Protocol
 
 import torch
 
-from domainmix._statistics import statistic, statistics
+from domainmix._statistics import how_to_observe, statistic, statistics
 from domainmix.types import DomainStats, DomainWeights
 
 StrategyState = Any  # a NamedTuple (possibly nested) of tensors and Python scalars
@@ -92,9 +92,8 @@ def check_stats(name: str, requires: frozenset[str], weights: DomainWeights, sta
         declared = statistic(field)
         if value is None:
             raise ValueError(
-                f"Strategy {name!r} requires the statistic {field!r}, but the DomainStats has none. "
-                f"Give the controller a probe of source {declared.source!r} (or feed its "
-                "StatsCollector) before updating."
+                f"Strategy {name!r} requires the statistic {field!r}, but the DomainStats has none: "
+                f"{how_to_observe(field)} before updating."
             )
         if not declared.fits(tuple(value.shape), k):
             raise ValueError(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import torch
 from torch import Tensor
 
-from domainmix._validation import Interval, Options, check_param
+from domainmix._statistics import statistics
+from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.strategies._base import EmptyState, Strategy, make_strategy, renormalize, stateless
 from domainmix.types import DomainStats, DomainWeights
 
@@ -99,7 +100,8 @@ def exponentiated_gradient(
     Args:
         score: maps (stats, weights) to a (k,) score vector.
         step_size: η > 0.
-        requires: the statistics ``score`` reads.
+        requires: the statistics ``score`` reads (``count`` is always added: the step reads which
+            domains the window saw). Reading any other statistic raises, naming it.
         target: which vector the step moves.
         initial_score: score assumed for a domain never observed yet.
         name: label for errors and logs.
@@ -116,10 +118,18 @@ def exponentiated_gradient(
             torch.full((weights.num_domains,), float(initial_score), dtype=torch.float64)
         )
 
+    # update_fn reads the window's counts (a domain's presence) whatever the score reads.
+    needs = frozenset(requires) | {"count"}
+
     def update_fn(
         weights: DomainWeights, state: ExponentiatedGradientState, stats: DomainStats
     ) -> tuple[DomainWeights, ExponentiatedGradientState]:
-        fresh = score(stats, weights).to(torch.float64)
+        k = weights.num_domains
+        fresh = score(cast(DomainStats, _Required(stats, needs, name)), weights)
+        if not isinstance(fresh, Tensor) or tuple(fresh.shape) != (k,):
+            got = f"shape {tuple(fresh.shape)}" if isinstance(fresh, Tensor) else fresh
+            raise param_error(name, "score", f"a function returning a tensor of shape ({k},)", got)
+        fresh = fresh.to(torch.float64)
         scores = torch.where(stats.present, fresh, state.scores)
         x = getattr(weights, target)
         logits = torch.where(x > 0, x.log() + eta * scores, torch.full_like(x, -torch.inf))
@@ -127,7 +137,37 @@ def exponentiated_gradient(
         new = weights._replace(mixture=moved) if target == "mixture" else weights._replace(sampling=moved)
         return new, ExponentiatedGradientState(scores)
 
-    return make_strategy(name, init_fn, update_fn, requires)
+    return make_strategy(name, init_fn, update_fn, needs)
+
+
+class _Required:
+    """The window's statistics as a score function sees them: only those in ``requires`` can be read.
+
+    Reading another declared statistic raises, naming it and ``requires=``: the controller collects only
+    what a strategy declares, so an undeclared statistic is None (or zeros) in some windows.
+    """
+
+    __slots__ = ("_stats", "_requires", "_owner")
+
+    def __init__(self, stats: DomainStats, requires: frozenset[str], owner: str) -> None:
+        self._stats, self._requires, self._owner = stats, requires, owner
+
+    def _check(self, name: str) -> None:
+        if name in statistics() and name not in self._requires:
+            wanted = sorted(self._requires | {name})
+            raise ValueError(
+                f"The score of {self._owner!r} read the statistic {name!r}, which is not in its requires= "
+                f"({sorted(self._requires)}): the controller collects only the statistics a strategy "
+                f"requires. Pass requires={set(wanted)}."
+            )
+
+    def __getattr__(self, name: str) -> Any:
+        self._check(name)
+        return getattr(self._stats, name)
+
+    def __getitem__(self, name: str) -> Tensor:
+        self._check(name)
+        return self._stats[name]
 
 
 class EmaState(NamedTuple):

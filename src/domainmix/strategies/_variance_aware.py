@@ -12,7 +12,7 @@ from domainmix.types import DomainStats, DomainWeights
 _NEGLIGIBLE = 1e-9  # relative share given to an active domain whose gradient variance is exactly 0
 
 
-def variance_aware(batch_size: int | None = None, *, min_count: int = 1) -> Strategy:
+def variance_aware(batch_size: int | None = None, *, min_count: int = 2) -> Strategy:
     r"""Variance-Aware (VA) sampling: draw each domain in proportion to α_i times its gradient noise.
 
     With b_i examples of domain i in a batch of B and per-example loss weight α_i / b_i, the
@@ -31,6 +31,12 @@ def variance_aware(batch_size: int | None = None, *, min_count: int = 1) -> Stra
     active domain whose v_i is exactly 0 gets a negligible share (10⁻⁹ of the total), hence only its
     minimum count; if every v_i is 0, q ∝ α.
 
+    The minimum defaults to two because a variance needs two examples: an estimate taken on the training
+    batch (or on any draw that follows q) is undefined for a domain given one slot, every later window
+    is skipped, and the allocation that caused it can never change: the weights would freeze. Two
+    slots per active domain keep v_i estimable from the batch; pass ``min_count=1`` (or 0) only when
+    v_i is estimated on examples drawn independently of q (``GradientVarianceProbe`` with its own draw).
+
     VA moves q only, never α: sampling changes the gradient noise, not the objective. Pair it with a
     loss-weight rule through ``combine(loss=fgls(...), sampling=variance_aware(B))``; the loss rule's α
     is the one VA allocates by. The rule assumes fixed per-batch counts; if domains are drawn i.i.d.,
@@ -39,7 +45,8 @@ def variance_aware(batch_size: int | None = None, *, min_count: int = 1) -> Stra
     Args:
         batch_size: the **global** batch size B (per-rank batch × world size) for the integer
             allocation, or None for the continuous shares q ∝ α v.
-        min_count: with ``batch_size``: the least number of examples of each active domain, ≥ 0.
+        min_count: with ``batch_size``: the least number of examples of each active domain, ≥ 0
+            (default 2, the fewest that define a variance).
 
     References:
         Salmani, Worah, Razaviyayn, Mirrokni (2025), "Sampling and Loss Weights in Multi-Domain
