@@ -55,6 +55,15 @@ same fixed pool of batches (and the same stream of target batches):
   a small ``Probe`` subclass here; the target batch's forward runs in its ``observe_step``),
   the general path for subsets that are not Linear/LayerNorm layers. The two paths' agreement on one
   batch is reported.
+* ``dids_round`` (opt-in: ``--variants dids_round``; not in either configuration's default set): one
+  DIDS round every step (``update_every=1``): a ``FisherProductProbe`` (per-example gradients through
+  ``torch.func`` on the last 10 % of the tensors) over the round's windows at the experiment's size,
+  ``dids_clusters`` × ``dids_examples`` windows of each of the k domains (the examples of its
+  ``dids_clusters`` groups, drawn together: the per-example pass costs the same) and ``dids_examples``
+  of each of m = k target tasks (universal setting), then ``dids``'s update. Its ratio − 1 is one
+  round's cost in plain steps; ``run lm`` runs a round every ``dids_round_steps`` steps, so the
+  report's ``dids.amortised_ratio`` is 1 + (ratio − 1) / ``dids_round_steps``. DIDS runs on the base
+  model: ``--n-layer 4 --n-embd 192`` gives its shape (``LmConfig``'s ``base_layers``, ``base_width``).
 
 The targets (DoGE ≤ 1.5 × plain for ``doge_subset``, ``doge_leave_one_out``, ``doge_last_mlp``,
 ``doge_last_mlp_out``; DoReMi cached ≤ 1.05 ×) are evaluated on the variants of the configuration run
@@ -74,7 +83,7 @@ live when the call starts; the same measure is given for one whole step of every
 the max RSS is reported for context only.
 
 Usage: python benchmarks/strategy_overhead.py [--json] [--config experiment|legacy] [--steps 10]
-[--repeats 5] [--threads 1]
+[--repeats 5] [--threads 1] [--variants plain,dids_round --n-layer 4 --n-embd 192]
 """
 
 from __future__ import annotations
@@ -102,6 +111,7 @@ from domainmix.experiments.lm import lr_factor, model_for
 from domainmix.experiments.methods import MethodContext, build_proxy
 from domainmix.sampling import DomainBatchSampler, allocate_counts
 from domainmix.stats import (
+    FisherProductProbe,
     GradientProductProbe,
     GradientProductTap,
     Probe,
@@ -109,7 +119,7 @@ from domainmix.stats import (
     StepLosses,
     domain_gradient_products,
 )
-from domainmix.strategies import Strategy, combine, doge, doremi, uniform
+from domainmix.strategies import Strategy, combine, dids, doge, doremi, uniform
 
 CONFIGS = ("experiment", "legacy")
 VARIANTS = (
@@ -125,6 +135,7 @@ VARIANTS = (
     "doge_subset_autograd",
 )
 LEGACY_VARIANTS = tuple(v for v in VARIANTS if v != "doge_leave_one_out")  # the earlier figures' set
+OPTIONAL = ("dids_round",)  # run only when --variants names them
 INFORMATIVE = ("doremi_reference_forward", "doge_all_blocks", "doge_subset_autograd")
 DOGE_VARIANTS = (
     "doge_subset",
@@ -267,6 +278,7 @@ class Data:
         per_domain = max(self.batch, n // self.k)
         self.target_tokens = torch.randint(0, vocab, (self.k * per_domain, block_size + 1), generator=g)
         self.target_ranges = {f"d{i}": range(i * per_domain, (i + 1) * per_domain) for i in range(self.k)}
+        self.dids_examples = args.dids_examples or (setup.lm or LmConfig()).dids_examples
 
     def get(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Example ids, inputs, targets and domain ids of batch ``step`` (cycling through the pool)."""
@@ -287,6 +299,27 @@ class Data:
         for batch in sampler:
             yield self.target_tokens[torch.as_tensor(batch)]
 
+    def dids_draw(self, per_domain: int, per_task: int) -> Callable[[int], tuple[Tensor, Tensor, Tensor]]:
+        """A DIDS round's windows: ``per_domain`` of each domain (ids < k), ``per_task`` of each task.
+
+        The tasks are the target pool's k domains (the universal setting); a function of the step.
+        """
+        rows_of = [torch.nonzero(self.domain_ids == i).flatten() for i in range(self.k)]
+
+        def draw(step: int) -> tuple[Tensor, Tensor, Tensor]:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+            parts, ids = [], []
+            for i, rows in enumerate(rows_of):
+                parts.append(self.tokens[rows[torch.randint(len(rows), (per_domain,), generator=g)]])
+                ids += [i] * per_domain
+            for j, r in enumerate(self.target_ranges.values()):
+                parts.append(self.target_tokens[torch.randint(r.start, r.stop, (per_task,), generator=g)])
+                ids += [self.k + j] * per_task
+            seq = torch.cat(parts)
+            return seq[:, :-1], seq[:, 1:], torch.tensor(ids)
+
+        return draw
+
     def cache(self, reference: nn.Module) -> None:
         with torch.inference_mode():
             rows = [
@@ -294,6 +327,11 @@ class Data:
                 for _, x, y, _ in (self.get(i) for i in range(self.pool))
             ]
         self.ref_cache = torch.cat(rows)
+
+
+def _window_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """(n,) mean per-token loss of each window (DIDS's per-example loss, as ``run lm``'s)."""
+    return per_token_loss(logits, targets).mean(1)
 
 
 class _FixedSink:
@@ -383,7 +421,13 @@ class Runner:
         elif name.startswith("doremi"):
             lookup = self.cached_reference if name == "doremi_cached" else self.reference_forward
             probes.append(ReferenceLossProbe(lookup))
-        strategy = setup.strategy(name, self.k, len(data.domain_ids) // self.k)
+        if name == "dids_round":
+            lm = setup.lm or LmConfig()
+            draw = data.dids_draw(lm.dids_clusters * data.dids_examples, data.dids_examples)
+            probes.append(FisherProductProbe(self.model, _window_loss, draw, self.k, chunk_size=32))
+            strategy = dids(self.k, decay=lm.dids_decay)
+        else:
+            strategy = setup.strategy(name, self.k, len(data.domain_ids) // self.k)
         self.controller = (
             None
             if name == "plain"
@@ -570,6 +614,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=0,
         help="windows in DoGE's universal target batch (0: the config's)",
     )
+    parser.add_argument(
+        "--dids-examples", type=int, default=0, help="dids_round: windows per group and task (0: LmConfig's)"
+    )
     parser.add_argument("--domains", type=int, default=6)
     parser.add_argument("--pool", type=int, default=4, help="distinct batches, cycled")
     parser.add_argument("--seed", type=int, default=0)
@@ -579,10 +626,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         chosen = list(LEGACY_VARIANTS if args.config == "legacy" else VARIANTS)
     else:
         chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(chosen) - set(VARIANTS))
+    unknown = sorted(set(chosen) - set(VARIANTS + OPTIONAL))
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS)}")
-    args.variants = [v for v in VARIANTS if v == "plain" or v in chosen]
+        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS + OPTIONAL)}")
+    args.variants = [v for v in VARIANTS + OPTIONAL if v == "plain" or v in chosen]
     batch = (
         args.batch
         if args.batch is not None
@@ -731,11 +778,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "targets_evaluated_on": setup.name,
         "meets_targets": meets,
     }
+    if "dids_round" in results:
+        report["dids"] = dids_report(results, setup.lm or LmConfig(), data)
     if "doge_subset_autograd" in runners:
         report["doge_subset_tap_vs_autograd"] = check_agreement(base, data, setup)
     if not args.no_memory:
         report["gradient_statistics_memory_bytes"] = measure_memory(runners)
     return report
+
+
+def dids_report(results: dict[str, Any], lm: LmConfig, data: Data) -> dict[str, Any]:
+    """One DIDS round's size and cost in plain steps, and amortised over ``dids_round_steps``."""
+    extra = results["dids_round"]["ratio_vs_plain"] - 1.0
+    groups = data.k * lm.dids_clusters
+    return {
+        "groups": groups,
+        "tasks": data.k,
+        "examples_per_group_and_task": data.dids_examples,
+        "round_windows": (groups + data.k) * data.dids_examples,
+        "round_seconds": results["dids_round"]["seconds_per_step"] - results["plain"]["seconds_per_step"],
+        "round_in_plain_steps": extra,
+        "round_steps": lm.dids_round_steps,
+        "amortised_ratio": 1.0 + extra / lm.dids_round_steps,
+        "decay": lm.dids_decay,
+    }
 
 
 def _mb(n: int | None) -> str:
@@ -763,6 +829,13 @@ def print_table(report: dict[str, Any]) -> None:
         print(
             f"{name:<28}{r['seconds_per_step']:>9.4f}{r['ratio_vs_plain']:>9.3f}{share:>8}  "
             f"{r.get('doge_target', ''):<14}  {target}"
+        )
+    if "dids" in report:
+        d = report["dids"]
+        print(
+            f"dids_round: {d['round_windows']} windows a round ({d['groups']} groups, {d['tasks']} tasks, "
+            f"{d['examples_per_group_and_task']} each) = {d['round_in_plain_steps']:.2f} plain steps; "
+            f"one round every {d['round_steps']} steps: x{d['amortised_ratio']:.3f} plain"
         )
     for name, s in report["doge_subsets"].items():
         print(

@@ -171,3 +171,28 @@ def test_experiment_config_is_the_run_lm_proxy() -> None:
     names = [n for n, p in model.named_parameters() if id(p) in chosen]
     assert {n.split(".")[0] for n in names} == {"blocks", "ln"}
     assert all(n.startswith(f"blocks.{lm.proxy_layers - 1}.") or n.startswith("ln.") for n in names)
+
+
+def test_dids_round_is_opt_in_and_reported() -> None:
+    """Fast: one timed step of plain and dids_round on the tiny model, in this process."""
+    import torch
+
+    bench = _load_script()
+    assert "dids_round" not in bench.VARIANTS and "dids_round" not in bench.LEGACY_VARIANTS  # opt-in
+    threads = torch.get_num_threads()
+    try:
+        args = bench.parse_args(
+            [*TINY, "--variants", "dids_round", "--steps", "1", "--repeats", "1", "--warmup", "0"]
+            + ["--no-memory", "--dids-examples", "1"]
+        )
+        report = bench.run(args)
+    finally:
+        torch.set_num_threads(threads)
+    assert set(report["results"]) == {"plain", "dids_round"}
+    dids = report["dids"]
+    clusters = bench.LmConfig().dids_clusters
+    assert dids["groups"] == 6 * clusters and dids["tasks"] == 6 and dids["examples_per_group_and_task"] == 1
+    assert dids["round_windows"] == 6 * clusters + 6
+    assert dids["amortised_ratio"] == pytest.approx(
+        1 + (report["results"]["dids_round"]["ratio_vs_plain"] - 1) / bench.LmConfig().dids_round_steps
+    )

@@ -211,3 +211,192 @@ def test_doge_target_batch_size_is_selectable(tmp_path: Path, monkeypatch: pytes
     assert sizes.count(6) == TINY.proxy_steps and sizes.count(TINY.batch_size) == TINY.proxy_steps
     with pytest.raises(ConfigError, match="'doge_target_batch'"):
         load_config(lm.LmConfig, None, {"doge_target_batch": -1})
+
+
+# DIDS online on the base model (experiments/lm_dids.py): tiny rounds, few windows per group and task.
+DIDS = replace(
+    TINY, base_steps=8, dids_round_steps=2, dids_examples=2, dids_clusters=2, dids_sketch_dim=32,
+    train_windows=24,
+)  # fmt: skip
+
+
+def test_reference_model_round_trips(tmp_path: Path) -> None:
+    import torch
+
+    lm.stage_reference(DIDS, tmp_path)
+    model = lm.load_model(tmp_path / lm.REFERENCE_MODEL)
+    assert model.cfg == lm.model_for(DIDS, "reference").cfg and not model.training
+    lm.save_model(model, tmp_path / "again.pt")
+    again = lm.load_model(tmp_path / "again.pt")
+    x = lm.training_pool(DIDS).tokens[:3, :-1].long()
+    assert torch.equal(model(x), again(x))
+    assert not list(tmp_path.glob(".*tmp*"))  # written atomically, nothing left behind
+    with pytest.raises(FileNotFoundError, match="--stage reference"):
+        lm.load_model(tmp_path / "missing.pt")
+
+
+def test_dids_moves_the_sampling_of_gradient_clusters(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from domainmix.experiments import lm_dids
+
+    lm.stage_reference(DIDS, tmp_path / "ref")
+    result = lm.stage_base(DIDS, tmp_path / "dids", "dids", tmp_path / "ref")
+    written = json.loads((tmp_path / "dids" / "metrics.json").read_text())
+    dids, costs = written["dids"], written["dids_costs"]
+    domains = list(lm.training_pool(DIDS).names)
+    assert dids["tasks"] == domains  # universal: every training domain's validation split, m = 6
+    assert len(dids["groups"]) == 2 * len(domains) and set(dids["parents"]) == set(domains)
+    assert dids["groups"][:2] == ["code/0", "code/1"]
+    rounds = dids["rounds"]
+    assert rounds["step"] == [2, 4, 6, 8] and len(rounds["seconds"]) == costs["rounds"] == 4
+    final = {g: v[-1] for g, v in rounds["sampling"].items()}
+    assert sum(final.values()) == pytest.approx(1.0)
+    assert final != pytest.approx(dids["initial"])  # the weights moved
+    assert dids["initial"] == pytest.approx(
+        {g: 1 / 6 * n / 24 for g, n in dids["group_sizes"].items()}
+    )  # uniform over the domains, split by group size
+    for r in range(4):  # each task's impact column is a distribution over the groups
+        for task in domains:
+            assert sum(dids["rounds"]["impact"][g][task][r] for g in dids["groups"]) == pytest.approx(1.0)
+    assert all(v[0] == 1.0 for v in rounds["gain"].values())  # the first round: the impact alone
+    parents = rounds["parent_sampling"]
+    assert dids["min_parent_sampling"] <= min(min(v) for v in parents.values())
+    assert sum(result["sampling"].values()) == pytest.approx(1.0) and set(result["sampling"]) == set(domains)
+    trajectory = written["trajectory"]
+    assert all(sum(v[t] for v in trajectory["parents"].values()) == pytest.approx(1.0) for t in range(1))
+    assert set(written["scores"]) >= {"step", "impact", "fisher_domain_sq"}
+    assert costs["features_seconds"] > 0 and costs["clustering_seconds"] > 0 and not costs["partition_cached"]
+    assert 0 < costs["rounds_share_of_training"] < 1 and costs["train_seconds"] == written["train_seconds"]
+    # The partition is cached next to the run; a second run reads it and computes no features.
+    assert (tmp_path / "dids" / "partition.json").is_file()
+
+    def no_features(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the cached partition should have been used")
+
+    monkeypatch.setattr(lm_dids, "gradient_sketch", no_features)
+    again = lm.stage_base(
+        DIDS, tmp_path / "again", "dids", tmp_path / "ref", tmp_path / "dids" / "partition.json"
+    )
+    assert (
+        again["dids_costs"]["partition_cached"]
+        and again["dids"]["partition_digest"] == dids["partition_digest"]
+    )
+    assert again["dids"]["rounds"]["sampling"] == rounds["sampling"]  # deterministic rounds
+    inverted = lm.stage_base(
+        DIDS, tmp_path / "inv", "dids-inverted", tmp_path / "ref", tmp_path / "dids" / "partition.json"
+    )
+    assert inverted["dids"]["impact_form"] == "inverted" and inverted["dids_costs"]["partition_cached"]
+    # Another clustering setting is another key: the cache is not reused (features are needed again).
+    with pytest.raises(AssertionError, match="cached partition"):
+        lm.stage_base(
+            replace(DIDS, dids_clusters=3),
+            tmp_path / "k3",
+            "dids",
+            tmp_path / "ref",
+            tmp_path / "dids" / "partition.json",
+        )
+    with pytest.raises(ValueError, match="need --reference"):
+        lm.stage_base(DIDS, tmp_path / "none", "dids", None)
+
+
+def test_dids_flat_out_of_domain_has_one_task_and_never_trains_on_it(tmp_path: Path) -> None:
+    from domainmix.experiments import lm_dids
+
+    cfg = replace(DIDS, target_domain="drama", dids_parent_floor=0.1)
+    result = lm.stage_base(cfg, tmp_path, "dids-flat", None)  # no repartition: no reference needed
+    dids = result["dids"]
+    trained = [d for d in lm.training_pool(DIDS).names if d != "drama"]
+    assert dids["tasks"] == ["drama"]  # m = 1: drama's validation split
+    assert dids["groups"] == [f"{d}/0" for d in trained] and dids["parents"] == trained
+    assert all(list(rows) == ["drama"] for rows in dids["rounds"]["impact"].values())
+    assert dids["min_parent_sampling"] >= 0.1 - 1e-9  # the floor on each domain's total
+    assert result["dids_costs"]["features_seconds"] == 0 and not (tmp_path / "partition.json").exists()
+    assert set(result["sampling"]) == set(trained) and result["target_test_perplexity"] > 1
+    # The rounds' draws: groups from the training pool only, drama only as the task; a function of the step.
+    pool = lm.training_pool(cfg)
+    groups = lm_dids.grouped(pool, lm_dids.flat_partition(pool))
+    tasks = lm_dids.task_pool(cfg)
+    draw = lm_dids.draw_for(groups, tasks, 2, 0, lm.device_for(cfg))
+    x, _, ids = draw(4)
+    whole = lm.load_windows(cfg, "validation", None, ("drama",)).tokens
+    drama = {bytes(r.numpy()) for r in whole[:, :-1]}
+    assert all(
+        (bytes(row.numpy()) in drama) == (int(i) == len(trained))
+        for row, i in zip(x.to(whole.dtype), ids, strict=True)
+    )
+    assert ids.tolist() == sorted(ids.tolist()) and ids.bincount().tolist() == [2] * (len(trained) + 1)
+    assert all(bool((a == b).all()) for a, b in zip(draw(4), draw(4), strict=True))
+    assert not bool((draw(4)[0] == draw(6)[0]).all())
+
+
+def test_dids_config_is_checked() -> None:
+    with pytest.raises(ConfigError) as error:
+        load_config(
+            lm.LmConfig,
+            None,
+            {
+                "dids_round_steps": 400, "dids_examples": 0, "dids_clusters": 3000, "dids_sketch_dim": 0,
+                "dids_metric": "manhattan", "dids_initial": "oracle", "dids_decay": 1.0,
+                "dids_parent_floor": -0.1,
+            },
+        )  # fmt: skip
+    message = str(error.value)
+    for expected in (
+        "'dids_round_steps' must be <= base_steps (300)",
+        "'dids_examples' must be an int >= 1",
+        "'dids_clusters' must be <= train_windows (2048)",
+        "'dids_sketch_dim' must be an int >= 1",
+        "'dids_metric' must be one of ['cosine', 'euclidean']",
+        "'dids_initial' must be one of ['uniform', 'proportional']",
+        "'dids_decay' must be in [0, 1)",
+        "'dids_parent_floor' must be in [0, 1)",
+    ):
+        assert expected in message
+    with pytest.raises(ConfigError, match="'compare_dids' must be true or false"):
+        load_config(lm.LmConfig, None, {"compare_dids": "yes"})
+    assert load_config(lm.LmConfig, None, {"compare_dids": True}).compare_dids
+    with pytest.raises(ValueError, match="'parent_floor' parameter of dids must be at most 1/6"):
+        from domainmix.experiments import lm_dids
+
+        lm_dids.train_dids(replace(DIDS, dids_parent_floor=0.5), "dids-flat", None, Path("unused"))
+
+
+def test_compare_adds_the_dids_rows_only_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[tuple[str, str, object]] = []
+
+    def base(
+        cfg: lm.LmConfig, out: Path, weights: str, reference: object = None, cache: object = None
+    ) -> dict:
+        calls.append((out.name, weights, cache))
+        row = {k: 1.0 for k in ("average_test_perplexity", "worst_test_perplexity", "train_seconds")}
+        logs = {f"{k}_test_log_perplexity": 0.0 for k in ("average", "worst")}
+        return {
+            **row, **logs, "sampling": {}, "test_perplexity": {}, "target_test_perplexity": None,
+            "target_test_log_perplexity": None, "tokens_seen": 1,
+        }  # fmt: skip
+
+    monkeypatch.setattr(lm, "stage_reference", lambda cfg, out: {"train_seconds": 0.0, "cache_seconds": 0.0})
+    monkeypatch.setattr(lm, "stage_proxy", lambda *a: {"train_seconds": 0.0, "averaged": {}})
+    monkeypatch.setattr(lm, "stage_base", base)
+    monkeypatch.setattr(lm, "plot_trajectories", lambda *a: None)
+    assert list(lm.compare(TINY, tmp_path)) == ["uniform", "proportional", "doremi", "doge"]  # unchanged
+    calls.clear()
+    table = lm.compare(replace(TINY, compare_dids=True), tmp_path)
+    assert list(table) == ["uniform", "proportional", "doremi", "doge", "dids", "dids-flat", "dids-inverted"]
+    assert {c for _, w, c in calls if w.startswith("dids")} == {tmp_path / "partition.json"}  # one per seed
+
+
+@pytest.mark.slow
+def test_compare_seeds_with_the_dids_rows(tmp_path: Path) -> None:
+    from domainmix.experiments import lm_report
+
+    cfg = replace(DIDS, target_domain="drama", compare_dids=True, proxy_steps=4)
+    result = lm.compare_seeds(cfg, tmp_path, [0, 1])
+    paired = result["log_perplexity_minus_uniform"]
+    assert set(paired) == {"proportional", "doremi", "doge", "dids", "dids-flat", "dids-inverted"}
+    assert set(paired["dids"]) == {"average", "worst", "target"}
+    assert (tmp_path / "seed-1" / "partition.json").is_file()
+    summary = lm_report.summarize(tmp_path)
+    assert {"dids", "dids-flat", "dids-inverted"} <= set(summary["base"]) and "base dids" in summary["costs"]
+    assert "dids-inverted" in lm_report.markdown(summary)

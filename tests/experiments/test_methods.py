@@ -47,3 +47,16 @@ def test_a_new_rule_is_one_entry(monkeypatch: pytest.MonkeyPatch) -> None:
     built = build_method("half", cfg, MethodContext((10, 10)))
     w = strategies.combine(loss=strategies.fixed([1.0, 2.0]), sampling=strategies.uniform())
     assert built.requires == w.requires == frozenset()
+
+
+def test_online_methods_build_dids_over_a_partition() -> None:
+    from domainmix.partition import Partition
+
+    part = Partition.create(["a/0", "a/1", "b/0"], ["a", "a", "b"], [[0], [1], [2]])
+    ctx = MethodContext((1, 1, 1), num_tasks=2, partition=part)
+    built = {name: rule.build(LmConfig(), ctx) for name, rule in methods.ONLINE_METHODS.items()}
+    assert set(built) == {"dids", "dids-flat", "dids-inverted"} and methods.UNCLUSTERED < set(built)
+    assert all(part.digest[:12] in s.name and "m=2" in s.name for s in built.values())
+    assert built["dids-inverted"].name.startswith("dids(inverted") and built["dids"].name.startswith(
+        "dids(kl"
+    )

@@ -215,3 +215,37 @@ def test_weights_must_be_over_the_partitions_groups() -> None:
     assert strategy.init(DomainWeights.create(["a/0", "a/1"])).partition == part.digest
     with pytest.raises(ValueError, match=r"'weights' parameter of dids must be weights over the partition"):
         strategy.init(DomainWeights.create(["a", "b"]))
+
+
+def test_parent_floor_by_hand() -> None:
+    from domainmix.partition import Partition
+    from domainmix.strategies._dids import lift_parents
+
+    two = torch.tensor([0, 0, 1])
+    # a's total 0.04 → 0.1, its groups alike (0.05 each); b gives up the rest: 0.96 → 0.9.
+    lifted = lift_parents(torch.tensor([0.02, 0.02, 0.96], dtype=torch.float64), two, 0.1)
+    assert lifted.tolist() == pytest.approx([0.05, 0.05, 0.9])
+    # A cascade: floor 0.3 over totals (0.05, 0.31, 0.64). a → 0.3, b and c scaled by 0.7/0.95 (b ≈ 0.228
+    # < 0.3); then b → 0.3 and c gets the remaining 0.4.
+    three = torch.tensor([0, 1, 2])
+    lifted = lift_parents(torch.tensor([0.05, 0.31, 0.64], dtype=torch.float64), three, 0.3)
+    assert lifted.tolist() == pytest.approx([0.3, 0.3, 0.4])
+    # Through the strategy: decay 0, group b/0 fully aligned with the task, a's groups anti-aligned.
+    part = Partition.create(["a/0", "a/1", "b/0"], ["a", "a", "b"], [[0], [1], [2]])
+    g = torch.tensor([[-1.0], [-1.0], [1.0]], dtype=torch.float64)
+    one = torch.ones(1, dtype=torch.float64)
+    prods = products(g, one[None, :], one)
+    weights = DomainWeights.create(part.names)
+    free = S.dids(1, decay=0.0, partition=part)
+    floored = S.dids(1, decay=0.0, partition=part, parent_floor=0.25)
+    stats = make_stats(3, task_loss=[1.0], **prods)
+    # D = (2, 2, 0) → I = (0, 0, 1): a's groups fall to the utility floor, b takes ~all the mass.
+    out, _ = free.update(weights, free.init(weights), stats)
+    assert float(out.sampling[:2].sum()) < 1e-6
+    out, _ = floored.update(weights, floored.init(weights), stats)
+    assert out.sampling.tolist() == pytest.approx([0.125, 0.125, 0.75])
+    assert torch.equal(out.mixture, out.sampling)
+    with pytest.raises(ValueError, match="'partition' parameter of dids must be a Partition"):
+        S.dids(1, parent_floor=0.1, partition="0" * 64)
+    with pytest.raises(ValueError, match="'parent_floor' parameter of dids must be at most 1/2"):
+        S.dids(1, parent_floor=0.6, partition=part)

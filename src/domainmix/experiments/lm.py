@@ -11,8 +11,11 @@ Stages (each writes into ``--out``):
 * ``base --weights FILE|uniform|proportional``: a larger model samples domains with those weights and
   is evaluated per domain; writes ``metrics.json`` (validation and test perplexity per domain, their
   average and worst, tokens seen, wall time).
+* ``base --weights dids|dids-flat|dids-inverted``: DIDS moves the base model's sampling weights online
+  (``experiments/lm_dids.py``); ``dids`` and ``dids-inverted`` regroup the domains by gradient clusters
+  on the reference stage's model (``--reference DIR``, its ``reference_model.pt``).
 * ``--compare``: everything above, then a table of the base runs (uniform, proportional, DoReMi, DoGE on
-  the same token budget) in ``comparison.json``.
+  the same token budget, and the DIDS rows with ``compare_dids=true``) in ``comparison.json``.
 
 Data: a corpus from ``domainmix data build-corpus`` (``--corpus DIR``), tokenized with its BPE
 (``tokenizer="bpe"``, the default) or as bytes, cut into non-overlapping windows of ``block_size + 1``
@@ -28,7 +31,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
@@ -39,12 +42,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from domainmix import WeightingController, domain_losses, strategies, weighted_loss
+from domainmix import DomainWeights, WeightingController, domain_losses, strategies, weighted_loss
 from domainmix._atomic import atomic_path, atomic_write_json
 from domainmix.experiments.config import LmConfig, load_config, parse_override
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.experiments.lm_report import plot_trajectories
-from domainmix.experiments.methods import PROXY_METHODS, MethodContext, build_proxy, describe
+from domainmix.experiments.methods import (
+    ONLINE_METHODS,
+    PROXY_METHODS,
+    MethodContext,
+    build_proxy,
+    describe,
+)
 from domainmix.experiments.paired import paired_difference
 from domainmix.sampling import DomainBatchSampler
 from domainmix.stats import (
@@ -311,6 +320,26 @@ def probes_for(
     return probes, products
 
 
+@dataclass
+class Online:
+    """What a strategy that moves the base model's sampling online adds to :func:`train` (DIDS).
+
+    Attributes:
+        probes: ``probes(model)``: the probes of its statistics, made on the model being trained.
+        update_every: steps per round (the controller's window).
+        initial: the starting weights by domain name (mixture and sampling alike).
+        log: receives the controller's record of every round (after ``train``'s own score log).
+        mode: the sampler's mode; ``low_discrepancy`` realises small weights of many groups without the
+            rounding of a stratified batch (the loss multipliers α/q are then 1: plain resampling).
+    """
+
+    probes: Callable[[GPT], list[Probe]]
+    update_every: int
+    initial: dict[str, float]
+    log: Callable[[dict[str, Any]], None]
+    mode: str = "low_discrepancy"
+
+
 def train(
     cfg: LmConfig,
     stage: str,
@@ -322,6 +351,7 @@ def train(
     doge_tensors: list[str] | None = None,
     score_cancellation: bool = False,
     horizon: int | None = None,
+    online: Online | None = None,
 ) -> tuple[GPT, WeightingController, dict[str, Any]]:
     """The training loop shared by every stage; the strategy and the statistics it reads differ.
 
@@ -330,17 +360,37 @@ def train(
     returned info as ``doge_subset``. ``score_cancellation`` tracks :class:`CancellationScores` of
     every block and final-LayerNorm tensor (the candidates of DoGE's parameter selection) into
     ``info["cancellation"]``. The learning rate decays over ``horizon`` steps (default ``steps``; a
-    pre-run takes the first steps of a longer run).
+    pre-run takes the first steps of a longer run). ``online`` adds an online strategy's probes,
+    rounds, starting weights and sampler mode (:class:`Online`).
     """
     torch.manual_seed(cfg.seed)
     names = train_windows.names
     device = device_for(cfg)
     model = model_for(cfg, stage).to(device)
-    sampler = DomainBatchSampler(train_windows.ranges, cfg.batch_size, min_count=1, seed=cfg.seed)
+    if online is None:
+        sampler = DomainBatchSampler(train_windows.ranges, cfg.batch_size, min_count=1, seed=cfg.seed)
+    else:
+        sampler = DomainBatchSampler(
+            train_windows.ranges, cfg.batch_size, online.initial, mode=online.mode, seed=cfg.seed
+        )
     probes, products = probes_for(model, cfg, reference, doge_tensors)
     score_log = ScoreLog(strategy, names)
+    sinks = [score_log.record]
+    if online is not None:
+        probes += online.probes(model)
+        sinks.append(online.log)
+
+    def log(entry: dict[str, Any]) -> None:
+        for sink in sinks:
+            sink(entry)
+
     controller = WeightingController(
-        strategy, names, update_every=1, sampler=sampler, probes=probes, log=score_log.record
+        strategy,
+        names if online is None else DomainWeights.create(names, [online.initial[n] for n in names]),
+        update_every=1 if online is None else online.update_every,
+        sampler=sampler,
+        probes=probes,
+        log=log,
     )
     # fused: one kernel for the whole update on CUDA (the step is launch-bound at these sizes)
     optimizer = torch.optim.AdamW(
@@ -424,9 +474,34 @@ def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     with atomic_path(out / "reference_losses.npy") as tmp:
         np.save(tmp, cache)
+    save_model(model, out / REFERENCE_MODEL)  # DIDS's gradient features come from it
     result = {"stage": "reference", "config": asdict(cfg), "weights": sizes, **info}
     atomic_write_json(out / "reference.json", result, indent=1, allow_nan=False)
     return result
+
+
+REFERENCE_MODEL = "reference_model.pt"
+
+
+def save_model(model: GPT, path: Path) -> None:
+    """Write the model's shape and weights (CPU tensors) to ``path``, atomically."""
+    state = {"shape": asdict(model.cfg), "weights": {k: v.cpu() for k, v in model.state_dict().items()}}
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_model(path: Path, device: torch.device | str = "cpu") -> GPT:
+    """The model :func:`save_model` wrote, on ``device`` in eval mode.
+
+    Raises:
+        FileNotFoundError: naming the stage that writes it.
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: run the reference stage (`--stage reference`) first.")
+    state = torch.load(path, map_location=device, weights_only=True)
+    model = GPT(GPTConfig(**state["shape"])).to(device)
+    model.load_state_dict(state["weights"])
+    return model.eval()
 
 
 def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Path | None) -> dict[str, Any]:
@@ -502,8 +577,26 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
     return result
 
 
-def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
-    """Train the base model by sampling with ``weights``; evaluate every domain."""
+def stage_base(
+    cfg: LmConfig,
+    out: Path,
+    weights: str,
+    reference_dir: Path | None = None,
+    partition_cache: Path | None = None,
+) -> dict[str, Any]:
+    """Train the base model by sampling with ``weights``; evaluate every domain.
+
+    ``weights``: ``uniform``, ``proportional``, a proxy's ``weights.json``, or an online method of
+    ``methods.ONLINE_METHODS`` (DIDS: ``experiments/lm_dids.py``; its repartition reads the reference
+    stage's model from ``reference_dir`` and caches the partition at ``partition_cache``, by default
+    ``out/partition.json``).
+    """
+    if weights in ONLINE_METHODS:
+        from domainmix.experiments.lm_dids import train_dids
+
+        cache = out / "partition.json" if partition_cache is None else partition_cache
+        model, sampling, info = train_dids(cfg, weights, reference_dir, cache)
+        return finish_base(cfg, out, weights, model, sampling, info)
     windows = training_pool(cfg)
     sizes = {n: float(v) for n, v in windows.sizes.items()}  # the domains' real sizes, not the pool's
     if weights == "uniform":
@@ -514,6 +607,17 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
         alpha = json.loads(Path(weights).read_text(encoding="utf-8"))["averaged"]
     model, _, info = train(cfg, "base", strategies.fixed(alpha, alpha), windows, cfg.base_steps)
     del info["trajectory"]  # fixed weights
+    sampling = {n: v / sum(alpha.values()) for n, v in alpha.items()}
+    return finish_base(cfg, out, weights, model, sampling, info)
+
+
+def finish_base(
+    cfg: LmConfig, out: Path, weights: str, model: GPT, sampling: dict[str, float], info: dict[str, Any]
+) -> dict[str, Any]:
+    """Evaluate a trained base model on every domain and write ``metrics.json``.
+
+    ``sampling``: the share of each training domain in the batches (time-averaged for online methods).
+    """
     # Every domain is evaluated, the held-out target domain (if any) included.
     validation = evaluate(model, load_windows(cfg, "validation", cfg.eval_windows or None), cfg)
     test = evaluate(model, load_windows(cfg, "test", cfg.eval_windows or None), cfg)
@@ -526,7 +630,7 @@ def stage_base(cfg: LmConfig, out: Path, weights: str) -> dict[str, Any]:
         "target_domain": cfg.target_domain or None,
         "target_test_perplexity": test.get(cfg.target_domain) if cfg.target_domain else None,
         "target_test_log_perplexity": log_test.get(cfg.target_domain) if cfg.target_domain else None,
-        "sampling": {n: v / sum(alpha.values()) for n, v in alpha.items()},
+        "sampling": sampling,
         "validation_perplexity": validation,
         "test_perplexity": test,
         "average_test_perplexity": sum(trained.values()) / len(trained),
@@ -553,8 +657,13 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
         _log(f"proxy {name}: {done['train_seconds']:.0f} s, averaged α {_rounded(done['averaged'])}")
     rows = {}
     learned = {name: str(out / f"proxy-{name}" / "weights.json") for name in PROXY_METHODS}
-    for label, weights in {"uniform": "uniform", "proportional": "proportional", **learned}.items():
-        row = rows[label] = stage_base(cfg, out / f"base-{label}", weights)
+    online = dict(zip(ONLINE_METHODS, ONLINE_METHODS, strict=True)) if cfg.compare_dids else {}
+    runs = {"uniform": "uniform", "proportional": "proportional", **learned, **online}
+    for label, weights in runs.items():
+        # The DIDS rows share one partition (the reference model's gradient clusters) per seed.
+        row = rows[label] = stage_base(
+            cfg, out / f"base-{label}", weights, out / "reference", out / "partition.json"
+        )
         _log(
             f"base {label}: {row['train_seconds']:.0f} s, mean test ppl {row['average_test_perplexity']:.3f}"
         )
@@ -639,7 +748,8 @@ def format_comparison(table: dict[str, Any]) -> str:
     lines.append("")
     lines.append("sampling weights:")
     for label, row in table.items():
-        lines.append(f"{label:<14}" + "".join(f"{row['sampling'][n]:>10.3f}" for n in names))
+        # the held-out target domain (out-of-domain setting) is never sampled
+        lines.append(f"{label:<14}" + "".join(f"{row['sampling'].get(n, 0.0):>10.3f}" for n in names))
     return "\n".join(lines)
 
 
@@ -659,9 +769,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--strategy", choices=list(PROXY_METHODS), help=f"proxy stage: the method ({describe(PROXY_METHODS)})"
     )
-    parser.add_argument("--reference", type=Path, help="proxy stage with doremi: a reference stage's --out")
     parser.add_argument(
-        "--weights", default=None, help="base stage: weights.json, 'uniform' or 'proportional'"
+        "--reference",
+        type=Path,
+        help="proxy stage with doremi, base stage with dids or dids-inverted: a reference stage's --out",
+    )
+    parser.add_argument(
+        "--weights",
+        default=None,
+        help="base stage: weights.json, 'uniform', 'proportional' or an online method "
+        f"({describe(ONLINE_METHODS)})",
     )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--config", default=None, help="YAML file of LmConfig settings")
@@ -705,7 +822,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.weights is None:
                 parser.error("--stage base needs --weights")
-            result = stage_base(cfg, args.out, args.weights)
+            result = stage_base(cfg, args.out, args.weights, args.reference)
             print(
                 json.dumps({k: result[k] for k in ("test_perplexity", "average_test_perplexity")}, indent=1)
             )

@@ -25,11 +25,15 @@ class MethodContext:
         domain_sizes: training examples per domain, in domain order.
         noise_variances: the true σ_i² (synthetic regression only; ``oracle_gls`` needs them).
         learning_rate: η_t of the model being trained, as a function of the step (DoGE's step size).
+        num_tasks: DIDS's target tasks m.
+        partition: the ``domainmix.partition.Partition`` DIDS's groups come from.
     """
 
     domain_sizes: tuple[int, ...]
     noise_variances: tuple[float, ...] | None = None
     learning_rate: Callable[[int], float] | None = None
+    num_tasks: int = 1
+    partition: Any = None
 
 
 @dataclass(frozen=True)
@@ -105,6 +109,38 @@ PROXY_METHODS: Mapping[str, Rule] = _table(
     Rule("doge", "DoGE: mirror ascent on the per-domain gradient alignment", _doge),
 )
 """The language-model pipeline's proxy methods (they move α; the proxy samples uniformly)."""
+
+DIDS_SCHEDULE: Mapping[str, int] = {"horizon": 5, "min_history": 5, "history": 25}
+"""DIDS's loss-trajectory settings in the LM pipeline (the paper's and the strategy's defaults); the
+pipeline's round log recomputes the gains with them."""
+
+
+def _dids(impact_form: str) -> Callable[[Any, MethodContext], Strategy]:
+    def build(cfg: Any, ctx: MethodContext) -> Strategy:
+        return strategies.dids(
+            ctx.num_tasks,
+            impact_form=impact_form,  # type: ignore[arg-type]
+            decay=cfg.dids_decay,
+            parent_floor=cfg.dids_parent_floor,
+            partition=ctx.partition,
+            **DIDS_SCHEDULE,
+        )
+
+    return build
+
+
+ONLINE_METHODS: Mapping[str, Rule] = _table(
+    Rule("dids", "DIDS on gradient-clustered groups, KL-form impact", _dids("kl")),
+    Rule("dids-flat", "DIDS without repartition (one group per domain), KL-form impact", _dids("kl")),
+    Rule(
+        "dids-inverted",
+        "DIDS on gradient-clustered groups, the reference code's inverted impact",
+        _dids("inverted"),
+    ),
+)
+"""Methods that move the base model's sampling weights online (``--stage base --weights NAME``)."""
+UNCLUSTERED = frozenset({"dids-flat"})
+"""The online methods that keep one group per original domain (no repartition)."""
 
 
 def parse_method(method: str) -> tuple[str, str]:

@@ -127,6 +127,7 @@ def dids(
     decay: float = 0.5,
     utility_floor: float = 1e-7,
     min_weight: float = 0.0,
+    parent_floor: float = 0.0,
     horizon: int = 5,
     min_history: int = 5,
     history: int = 25,
@@ -165,6 +166,10 @@ def dids(
         utility_floor: ε > 0, the floor of a utility (reference: 1e-7); keeps every positive ratio
             positive (a group at p_i = 0 stays at 0).
         min_weight: a floor on the final ratios in [0, 1/k], lifted then renormalised (0: none).
+        parent_floor: a floor in [0, 1) on each source domain's total ratio (0: none); needs a
+            :class:`~domainmix.partition.Partition` (its parents) with ``parent_floor`` × sources ≤ 1.
+            Applied last (:func:`lift_parents`): a lifted source's groups keep their ratios to each
+            other, the other sources give up mass in proportion.
         horizon: rounds ahead for the potential, ≥ 1 (paper: 5).
         min_history: task-loss observations before the fit is used, ≥ 3 (reference: 5).
         history: task-loss rounds kept in the state (and fitted), ≥ ``min_history``.
@@ -184,10 +189,20 @@ def dids(
         check_param(caller, "utility_floor", utility_floor, Interval(float, 0.0, None, closed="neither"))
     )
     floor = float(check_param(caller, "min_weight", min_weight, Interval(float, 0.0, 1.0)))
+    lift = float(check_param(caller, "parent_floor", parent_floor, Interval(float, 0.0, 1.0, closed="left")))
     ahead = check_param(caller, "horizon", horizon, Interval(int, 1, None))
     needed = check_param(caller, "min_history", min_history, Interval(int, 3, None))
     kept = check_param(caller, "history", history, Interval(int, needed, None))
     digest, names = _partition(caller, partition)
+    parents: tuple[str, ...] = tuple(getattr(partition, "parents", ())) if names is not None else ()
+    sources = tuple(dict.fromkeys(parents))
+    if lift > 0 and not sources:
+        raise param_error(caller, "partition", "a Partition (its parents) when parent_floor > 0", partition)
+    if lift * len(sources) > 1.0:
+        raise param_error(
+            caller, "parent_floor", f"at most 1/{len(sources)} for {len(sources)} source domains", lift
+        )
+    parent_of = torch.tensor([sources.index(a) for a in parents], dtype=torch.long)
     name = f"dids({impact_form}, m={m})" + (f"[partition {digest[:12]}]" if digest else "")
 
     def init_fn(weights: DomainWeights) -> DidsState:
@@ -234,11 +249,38 @@ def dids(
         if floor > 0:
             moved = torch.where(moved > 0, moved.clamp_min(floor), moved)
         moved = moved / moved.sum()
+        if lift > 0:
+            moved = lift_parents(moved, parent_of, lift)
         return weights._replace(mixture=moved, sampling=moved.clone()), DidsState(
             digest, state.rounds + 1, recorded
         )
 
     return make_strategy(name, init_fn, update_fn, _REQUIRES)
+
+
+def lift_parents(p: Tensor, parent_of: Tensor, floor: float) -> Tensor:
+    """``p`` with every source's total raised to at least ``floor``, the rest scaled down to fit.
+
+    Water-filling over the sources (``parent_of[i]``: the source of group i): a source below the floor
+    is set to it, its groups scaled alike; the sources not yet set share the remaining mass in
+    proportion to their totals; repeated until no free source is below the floor (each round fixes at
+    least one, so at most one round per source). A source with no mass at all stays at 0. Needs
+    ``floor`` × sources ≤ 1.
+    """
+    p = p / p.sum()
+    n = int(parent_of.max()) + 1 if parent_of.numel() else 0
+    fixed = torch.zeros(n, dtype=torch.bool)
+    for _ in range(n):
+        totals = torch.zeros(n, dtype=p.dtype).index_add_(0, parent_of, p)
+        low = (totals < floor) & (totals > 0) & ~fixed
+        if not bool(low.any()):
+            break
+        fixed |= low
+        free = totals.masked_fill(fixed, 0.0).sum()
+        rest = (1.0 - floor * float(fixed.sum())) / float(free) if free > 0 else 0.0
+        scale = torch.where(fixed, floor / torch.where(totals > 0, totals, 1.0), rest)
+        p = p * scale[parent_of]
+    return p / p.sum()
 
 
 def _partition(caller: str, partition: str | Any | None) -> tuple[str, tuple[str, ...] | None]:
