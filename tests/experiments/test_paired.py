@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from domainmix.experiments import lm, lm_report
-from domainmix.experiments.paired import paired_difference
+from domainmix.experiments.paired import paired_difference, paired_to_uniform
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "corpus"
 
@@ -23,6 +23,18 @@ def test_interval_by_hand() -> None:
     assert not d.distinguishable  # [-0.48, 4.48] contains 0
     tight = paired_difference([1.0, 1.1, 0.9, 1.0], [0.0, 0.1, -0.1, 0.0])  # every pair differs by 1
     assert tight.distinguishable and tight.low == pytest.approx(1.0) == tight.high
+
+
+def test_paired_to_uniform_pairs_rows_of_the_same_seed() -> None:
+    tables = [
+        {"uniform": {"log_average": 3.0, "log_worst": 4.0}, "doge": {"log_average": 2.9, "log_worst": 4.2}},
+        {"uniform": {"log_average": 3.5, "log_worst": 4.5}, "doge": {"log_average": 3.4, "log_worst": 4.6}},
+    ]
+    paired = paired_to_uniform(tables, ("average", "worst"))
+    assert set(paired) == {"doge"}  # uniform is the baseline
+    assert paired["doge"]["average"] == paired_difference([2.9, 3.4], [3.0, 3.5]).as_dict()
+    assert paired["doge"]["average"]["mean"] == pytest.approx(-0.1)  # the seeds' 0.5 offset cancels
+    assert paired["doge"]["worst"]["mean"] == pytest.approx(0.15)
 
 
 def test_bad_input_names_the_parameter() -> None:

@@ -54,7 +54,7 @@ from domainmix.experiments.methods import (
     build_proxy,
     describe,
 )
-from domainmix.experiments.paired import paired_difference
+from domainmix.experiments.paired import paired_to_uniform
 from domainmix.sampling import DomainBatchSampler
 from domainmix.stats import (
     CancellationScores,
@@ -699,23 +699,8 @@ def compare_seeds(cfg: LmConfig, out: Path, seeds: Sequence[int]) -> dict[str, A
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds needs two or more distinct seeds for paired intervals; got {list(seeds)}.")
     tables = {seed: compare(replace(cfg, seed=seed), out / f"seed-{seed}") for seed in seeds}
-
-    def metric(table: dict[str, Any], label: str, name: str) -> float:
-        return float(table[label][f"log_{name}"])  # stage_base's token-weighted log-perplexities
-
     names = ("average", "worst") + (("target",) if cfg.target_domain else ())
-    labels = list(next(iter(tables.values())))
-    paired = {
-        label: {
-            name: paired_difference(
-                [metric(t, label, name) for t in tables.values()],
-                [metric(t, "uniform", name) for t in tables.values()],
-            ).as_dict()
-            for name in names
-        }
-        for label in labels
-        if label != "uniform"
-    }
+    paired = paired_to_uniform(list(tables.values()), names)  # of stage_base's log-perplexities
     result = {"seeds": list(seeds), "log_perplexity_minus_uniform": paired, "tables": tables}
     atomic_write_json(out / "paired.json", result, indent=1, allow_nan=False)
     return result

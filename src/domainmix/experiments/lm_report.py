@@ -1,10 +1,11 @@
 """The results of ``domainmix run lm --compare --seeds ...`` as JSON, Markdown tables and a figure.
 
-``python -m domainmix.experiments.lm_report RUN --name NAME`` reads the run folder (``paired.json`` and
-every seed's stage outputs) and writes ``docs/results/NAME.json`` (:func:`summarize`), the Markdown
-tables made from that JSON alone (:func:`markdown`; docs/language-models.md carries them verbatim and a
-test checks they are equal) and ``docs/images/NAME.png`` (:func:`plot_run`: one seed's weight
-trajectories and the per-domain scores that moved them).
+``python -m domainmix.experiments.lm_report RUN --name NAME`` reads the run folder (every finished
+seed's stage outputs; the paired differences are computed as ``compare_seeds`` computes them) and
+writes ``docs/results/NAME.json`` (:func:`summarize`), the Markdown tables made from that JSON alone
+(:func:`markdown`; docs/language-models.md carries them verbatim and a test checks they are equal) and
+``docs/images/NAME.png`` (:func:`plot_run`: one seed's weight trajectories and the per-domain scores
+that moved them).
 
 Log-perplexities are the mean per-token loss in nats (``ln`` of the perplexity); paired differences are
 to uniform with the same seed (``experiments/paired.py``).
@@ -21,6 +22,7 @@ from typing import Any
 
 from domainmix._atomic import atomic_path, atomic_write_json, atomic_write_text
 from domainmix.experiments.methods import PROXY_METHODS
+from domainmix.experiments.paired import paired_to_uniform
 
 SCORE_NAMES = {
     "excess_loss": "λ (excess loss)",
@@ -54,19 +56,25 @@ def summarize(run: Path, command: str = "") -> dict[str, Any]:
     Returns:
         ``config`` (seed 0's, with ``seed`` dropped), ``seeds``, ``domains`` (training domains),
         ``target_domain``; ``base[weighting]``: per-seed and mean test log-perplexity per domain (the
-        target included), ``average``, ``worst`` and ``target``; ``paired``: ``paired.json``'s
+        target included), ``average``, ``worst`` and ``target``; ``paired``: the paired
         differences to uniform; ``mixtures[method]``: per-seed time-averaged and final α and the largest
         time-averaged α of each seed; ``scores[method][statistic][domain]``: per-seed mean over the
         proxy's steps of the logged score; ``costs[stage]``: per-seed wall seconds.
     """
-    paired = _read(run / "paired.json")
-    seeds = [int(s) for s in paired["seeds"]]
+    # The seeds whose comparison finished (all of them once paired.json is written; fewer while the
+    # run goes on), and their paired differences, computed as compare_seeds computes them.
+    seeds = sorted(int(p.parent.name.removeprefix("seed-")) for p in run.glob("seed-*/comparison.json"))
+    if len(seeds) < 2:
+        raise FileNotFoundError(
+            f"{run} holds {len(seeds)} finished seed(s) (seed-N/comparison.json); paired needs 2 or more"
+        )
     folders = [run / f"seed-{s}" for s in seeds]
     reference = [_read(f / "reference" / "reference.json") for f in folders]
     proxies = {m: [_read(f / f"proxy-{m}" / "weights.json") for f in folders] for m in _proxies(folders[0])}
     config = {k: v for k, v in reference[0]["config"].items() if k != "seed"}
+    target = config["target_domain"]
     domains = list(reference[0]["weights"])
-    tables = [paired["tables"][str(s)] for s in seeds]
+    tables = [_read(f / "comparison.json") for f in folders]
     labels = list(tables[0])  # the base runs of the comparison, in its order
     base: dict[str, Any] = {}
     for label in labels:
@@ -111,7 +119,7 @@ def summarize(run: Path, command: str = "") -> dict[str, Any]:
         "domains": domains,
         "target_domain": config["target_domain"] or None,
         "base": base,
-        "paired": paired["log_perplexity_minus_uniform"],
+        "paired": paired_to_uniform(tables, ("average", "worst") + (("target",) if target else ())),
         "mixtures": mixtures,
         "scores": scores,
         "costs": costs,

@@ -11,8 +11,9 @@ and the methods are *distinguishable* at confidence c when that interval exclude
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from domainmix._validation import Interval, check_param, param_error
 
@@ -78,3 +79,27 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     sd = math.sqrt(math.fsum((v - mean) ** 2 for v in d) / (n - 1))
     half = float(t.ppf((1 + confidence) / 2, n - 1)) * sd / math.sqrt(n)
     return PairedDifference(mean, mean - half, mean + half, n, confidence)
+
+
+def paired_to_uniform(tables: Sequence[Mapping[str, Any]], names: Sequence[str]) -> dict[str, Any]:
+    """Every weighting's paired difference to ``uniform`` over seeds, as JSON-ready dicts.
+
+    Args:
+        tables: one ``comparison.json`` table per seed (``{label: {"log_<name>": value, ...}}``), the
+            labels the same in every table; the same seed pairs the rows of one table.
+        names: the metrics, e.g. ``("average", "worst")`` or with ``"target"``.
+
+    Returns:
+        ``{label: {name: PairedDifference.as_dict()}}`` for every label but ``uniform``.
+    """
+    return {
+        label: {
+            name: paired_difference(
+                [float(t[label][f"log_{name}"]) for t in tables],
+                [float(t["uniform"][f"log_{name}"]) for t in tables],
+            ).as_dict()
+            for name in names
+        }
+        for label in tables[0]
+        if label != "uniform"
+    }
