@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from domainmix._validation import ConfigError
 from domainmix.experiments import lm
@@ -372,8 +373,8 @@ def test_compare_adds_the_dids_rows_only_when_asked(tmp_path: Path, monkeypatch:
         row = {k: 1.0 for k in ("average_test_perplexity", "worst_test_perplexity", "train_seconds")}
         logs = {f"{k}_test_log_perplexity": 0.0 for k in ("average", "worst")}
         return {
-            **row, **logs, "sampling": {}, "test_perplexity": {}, "target_test_perplexity": None,
-            "target_test_log_perplexity": None, "tokens_seen": 1,
+            **row, **logs, "sampling": {}, "achieved": {}, "test_perplexity": {},
+            "target_test_perplexity": None, "target_test_log_perplexity": None, "tokens_seen": 1,
         }  # fmt: skip
 
     monkeypatch.setattr(lm, "stage_reference", lambda cfg, out: {"train_seconds": 0.0, "cache_seconds": 0.0})
@@ -400,3 +401,22 @@ def test_compare_seeds_with_the_dids_rows(tmp_path: Path) -> None:
     summary = lm_report.summarize(tmp_path)
     assert {"dids", "dids-flat", "dids-inverted"} <= set(summary["base"]) and "base dids" in summary["costs"]
     assert "dids-inverted" in lm_report.markdown(summary)
+
+
+def test_domain_balance_makes_the_target_batch_a_uniform_mix_of_its_domains() -> None:
+    ids = torch.tensor([0, 0, 1, 2, 2, 2])  # 2, 1 and 3 rows: what a stratified rounding can give
+    rows = lm.domain_balance(ids, 4)  # domain 3 absent: the mix is over the 3 present
+    assert rows.tolist() == pytest.approx([1.0, 1.0, 2.0, 2 / 3, 2 / 3, 2 / 3])
+    losses = torch.tensor([1.0, 3.0, 5.0, 0.0, 3.0, 6.0])
+    assert float((losses * rows).mean()) == pytest.approx((2.0 + 5.0 + 3.0) / 3)  # mean of domain means
+
+
+def test_base_batches_realise_the_weights(tmp_path: Path) -> None:
+    # low_discrepancy: uniform over 6 domains in 12-window batches is exactly 1/6 each over 6 steps,
+    # where a stratified batch would round the same way every step.
+    result = lm.stage_base(TINY, tmp_path / "u", "uniform")
+    assert result["achieved"] == pytest.approx(dict.fromkeys(result["achieved"], 1 / 6))
+    result = lm.stage_base(TINY, tmp_path / "p", "proportional")
+    windows = TINY.base_steps * TINY.batch_size
+    for name, share in result["achieved"].items():
+        assert abs(share - result["sampling"][name]) <= 1.0 / windows + 1e-12

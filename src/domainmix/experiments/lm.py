@@ -271,6 +271,19 @@ class ScoreLog:
         return {"step": self.steps, **self.values}
 
 
+def domain_balance(domain: torch.Tensor, k: int) -> torch.Tensor:
+    """(n,) row weights under which every domain present in a batch counts equally.
+
+    Row r of domain d gets n / (k' · n_d), with k' the domains present and n_d domain d's rows, so the
+    batch's mean loss is (1/k') Σ_d (mean loss of domain d): a uniform mix of the domains, whatever the
+    sampler's rounding (a stratified batch of 32 windows over 6 domains has 6 of the first two domains
+    and 5 of the others, every step).
+    """
+    counts = torch.bincount(domain, minlength=k).to(torch.float32)
+    present = int((counts > 0).sum())
+    return len(domain) / (present * counts[domain])
+
+
 def probes_for(
     model: GPT, cfg: LmConfig, reference: np.ndarray | None, doge_tensors: list[str] | None
 ) -> tuple[list[Probe], GradientProductProbe]:
@@ -304,8 +317,11 @@ def probes_for(
             )
             mix = (windows, iter(sampler))
         windows, batches = mix
-        seq = windows.tokens[torch.as_tensor(next(batches))].long().to(next(model.parameters()).device)
-        return per_token_loss(model(seq[:, :-1]), seq[:, 1:])
+        index = torch.as_tensor(next(batches))
+        device = next(model.parameters()).device
+        seq = windows.tokens[index].long().to(device)
+        rows = domain_balance(windows.domain[index], len(windows.names)).to(device)
+        return per_token_loss(model(seq[:, :-1]), seq[:, 1:]) * rows[:, None]
 
     products = GradientProductProbe(make_tap, max_norm=cfg.doge_max_norm, target=mix_losses)
     probes: list[Probe] = [products]
@@ -352,6 +368,7 @@ def train(
     score_cancellation: bool = False,
     horizon: int | None = None,
     online: Online | None = None,
+    sampler_mode: str = "stratified",
 ) -> tuple[GPT, WeightingController, dict[str, Any]]:
     """The training loop shared by every stage; the strategy and the statistics it reads differ.
 
@@ -361,14 +378,22 @@ def train(
     every block and final-LayerNorm tensor (the candidates of DoGE's parameter selection) into
     ``info["cancellation"]``. The learning rate decays over ``horizon`` steps (default ``steps``; a
     pre-run takes the first steps of a longer run). ``online`` adds an online strategy's probes,
-    rounds, starting weights and sampler mode (:class:`Online`).
+    rounds, starting weights and sampler mode (:class:`Online`); otherwise ``sampler_mode`` is the
+    sampler's mode (``stratified`` with every domain in every batch, or ``low_discrepancy``).
+    ``info["achieved"]`` is each domain's share of the windows drawn.
     """
     torch.manual_seed(cfg.seed)
     names = train_windows.names
     device = device_for(cfg)
     model = model_for(cfg, stage).to(device)
-    if online is None:
-        sampler = DomainBatchSampler(train_windows.ranges, cfg.batch_size, min_count=1, seed=cfg.seed)
+    if online is None:  # stratified: every domain in every batch (min_count=1), as the proxies need
+        sampler = DomainBatchSampler(
+            train_windows.ranges,
+            cfg.batch_size,
+            min_count=1 if sampler_mode == "stratified" else 0,
+            mode=sampler_mode,
+            seed=cfg.seed,
+        )
     else:
         sampler = DomainBatchSampler(
             train_windows.ranges, cfg.batch_size, online.initial, mode=online.mode, seed=cfg.seed
@@ -401,6 +426,7 @@ def train(
     )
     scores = CancellationScores(selection_candidates(model)) if score_cancellation else None
     start, tokens = time.perf_counter(), 0
+    seen = torch.zeros(len(names), dtype=torch.int64)  # windows drawn per domain: the achieved mixture
     trajectory: dict[str, Any] = {"step": [], "mixture": {n: [] for n in names}}
     bar = tqdm(total=steps, desc=stage, unit="step", file=sys.stderr, disable=None)  # off when not a TTY
     for step, batch in zip(range(steps), sampler, strict=False):
@@ -422,6 +448,7 @@ def train(
             scores.update()
         schedule.step()
         tokens += seq[:, 1:].numel()
+        seen += torch.bincount(train_windows.domain[index], minlength=len(names))
         bar.update()
         if (step + 1) % TRAJECTORY_EVERY == 0 or step + 1 == steps:
             trajectory["step"].append(step + 1)
@@ -433,6 +460,7 @@ def train(
         chosen = {id(p) for p in products.tap.parameters()}
         info["doge_subset"] = [n for n, p in model.named_parameters() if id(p) in chosen]
     info.update(tokens_seen=tokens, train_seconds=time.perf_counter() - start, trajectory=trajectory)
+    info["achieved"] = dict(zip(names, (seen / seen.sum().clamp_min(1)).tolist(), strict=True))
     if score_log.fields:
         info["scores"] = score_log.as_dict()
     if scores is not None:
@@ -605,7 +633,10 @@ def stage_base(
         alpha = sizes
     else:
         alpha = json.loads(Path(weights).read_text(encoding="utf-8"))["averaged"]
-    model, _, info = train(cfg, "base", strategies.fixed(alpha, alpha), windows, cfg.base_steps)
+    # low_discrepancy: the batches realise the weights over the run (a stratified batch rounds B·q the
+    # same way every step: uniform over 6 domains in 32 windows would give the first two 6/32 each).
+    strategy = strategies.fixed(alpha, alpha)
+    model, _, info = train(cfg, "base", strategy, windows, cfg.base_steps, sampler_mode="low_discrepancy")
     del info["trajectory"]  # fixed weights
     sampling = {n: v / sum(alpha.values()) for n, v in alpha.items()}
     return finish_base(cfg, out, weights, model, sampling, info)
@@ -670,6 +701,7 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
     table = {
         label: {
             "sampling": r["sampling"],
+            "achieved": r["achieved"],
             "test_perplexity": r["test_perplexity"],
             "average": r["average_test_perplexity"],
             "worst": r["worst_test_perplexity"],

@@ -87,7 +87,8 @@ def summarize(run: Path, command: str = "") -> dict[str, Any]:
             "per_seed": {d: v for d, v in per_domain.items()},
             **{k: _mean([r[f"log_{k}"] for r in rows]) for k in ("average", "worst")},
             "target": _mean([r["log_target"] for r in rows]) if config["target_domain"] else None,
-            "sampling": rows[0]["sampling"],
+            "sampling": [r["sampling"] for r in rows],
+            "achieved": [r.get("achieved") or replayed_shares(config, r["sampling"]) for r in rows],
             "train_seconds": [r["train_seconds"] for r in rows],
         }
     mixtures = {
@@ -124,6 +125,27 @@ def summarize(run: Path, command: str = "") -> dict[str, Any]:
         "scores": scores,
         "costs": costs,
     }
+
+
+def replayed_shares(config: dict[str, Any], sampling: dict[str, float]) -> dict[str, float]:
+    """The shares a base run drew, replayed, for runs from before ``metrics.json`` recorded them.
+
+    Those runs drew base batches from a stratified ``DomainBatchSampler`` (every domain in every
+    batch), which rounds B·q the same way at every step; its allocation depends only on the weights,
+    the batch size and the pool, so replaying the sampler gives the shares exactly.
+    """
+    from domainmix.sampling import DomainBatchSampler
+
+    names = list(sampling)
+    pool = int(config["train_windows"]) or 1_000_000  # allocation does not depend on the pool's size
+    ranges = {n: range(i * pool, (i + 1) * pool) for i, n in enumerate(names)}
+    sampler = DomainBatchSampler(ranges, int(config["batch_size"]), sampling, min_count=1, seed=0)
+    counts = dict.fromkeys(names, 0)
+    for _, batch in zip(range(int(config["base_steps"])), sampler, strict=False):
+        for index in batch:
+            counts[names[index // pool]] += 1
+    total = sum(counts.values())
+    return {n: c / total for n, c in counts.items()}
 
 
 def _table(head: list[str], rows: list[list[str]]) -> list[str]:
@@ -180,6 +202,18 @@ def markdown(summary: dict[str, Any]) -> str:
             + [f"{_mean(mix['averaged'][d]):.3f}" for d in domains]
             + [" / ".join(f"{v:.3f}" for v in mix["max_averaged"])]
             for m, mix in summary["mixtures"].items()
+        ],
+    )
+    out += ["", "Sampling shares of the base runs, requested → achieved (windows drawn), seed mean:", ""]
+    out += _table(
+        ["weights", *domains],
+        [
+            [label]
+            + [
+                f"{_mean([q[d] for q in row['sampling']]):.3f} → {_mean([a[d] for a in row['achieved']]):.3f}"
+                for d in domains
+            ]
+            for label, row in summary["base"].items()
         ],
     )
     out += ["", "Logged scores, mean over the proxy's steps and the seeds:", ""]
