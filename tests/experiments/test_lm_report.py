@@ -1,0 +1,34 @@
+"""docs/language-models.md's result tables are those made from docs/results/*.json (lm_report.markdown)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from domainmix.experiments import lm_report
+
+ROOT = Path(__file__).resolve().parents[2]
+RESULTS = sorted((ROOT / "docs" / "results").glob("lm-cpu-*.json"))
+
+
+def test_both_settings_have_results() -> None:
+    assert {p.stem for p in RESULTS} == {"lm-cpu-universal", "lm-cpu-out-of-domain-drama"}
+
+
+@pytest.mark.parametrize("path", RESULTS, ids=[p.stem for p in RESULTS])
+def test_the_docs_carry_the_tables_made_from_the_json(path: Path) -> None:
+    summary = json.loads(path.read_text())
+    tables = lm_report.markdown(summary)
+    assert path.with_suffix(".md").read_text() == tables
+    assert tables in (ROOT / "docs" / "language-models.md").read_text(), f"re-paste {path.with_suffix('.md')}"
+    assert len(summary["seeds"]) >= 3 and summary["command"].startswith("domainmix run lm --compare")
+    assert (ROOT / "docs" / "images" / f"{path.stem}.png").is_file()
+
+
+def test_replayed_shares_of_a_stratified_run_show_its_rounding() -> None:
+    names = ["code", "docs", "drama", "scripture", "legal", "math"]
+    config = {"train_windows": 64, "batch_size": 32, "base_steps": 10}
+    shares = lm_report.replayed_shares(config, dict.fromkeys(names, 1 / 6))
+    assert shares == {"code": 6 / 32, "docs": 6 / 32, **dict.fromkeys(names[2:], 5 / 32)}  # every step
