@@ -309,8 +309,9 @@ class LmConfig:
     doge_target_batch: int = 0
     """Windows in DoGE's target batch every step (0: ``batch_size``). The target batch is most of the
     universal mode's cost (docs/language-models.md, "Cost per step"); a smaller one, at least one window
-    per domain, is cheaper but changes the learned mixture (8 windows moved code's α by +.035 on the
-    GPU size: docs/language-models.md, "DoGE's target batch")."""
+    per domain, is cheaper and noisier; its rows are weighted so every domain counts 1/k
+    (``lm.domain_balance``: before that, 8 windows moved code's α by +.035 through the sampler's
+    rounding, docs/language-models.md, "DoGE's target batch")."""
     doge_max_norm: float = 5.0
     """DoGE's clip of each domain's mean gradient before the products."""
     doge_selection: int = 0
