@@ -46,6 +46,11 @@ def _proxies(folder: Path) -> list[str]:
     return [m for m in PROXY_METHODS if (folder / f"proxy-{m}").is_dir()]
 
 
+def _share(shares: dict[str, float], domain: str) -> float:
+    """A domain's share, summed over its groups (``domain/c``) when the run sampled DIDS's groups."""
+    return sum(v for name, v in shares.items() if name == domain or name.startswith(f"{domain}/"))
+
+
 def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
@@ -210,7 +215,8 @@ def markdown(summary: dict[str, Any]) -> str:
         [
             [label]
             + [
-                f"{_mean([q[d] for q in row['sampling']]):.3f} → {_mean([a[d] for a in row['achieved']]):.3f}"
+                f"{_mean([_share(q, d) for q in row['sampling']]):.3f} → "
+                f"{_mean([_share(a, d) for a in row['achieved']]):.3f}"
                 for d in domains
             ]
             for label, row in summary["base"].items()
