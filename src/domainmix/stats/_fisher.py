@@ -14,7 +14,7 @@ from typing import NamedTuple, cast
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad_and_value, vmap
+from torch.func import grad_and_value, vmap
 
 from domainmix._distributed import all_reduce_sum
 from domainmix._validation import Interval, check_param, param_error
@@ -23,7 +23,7 @@ from domainmix.stats._gradients import (
     Inputs,
     LossFn,
     _check_common,
-    _loss_shape_error,
+    _example_loss,
     _run,
     _select_params,
     _split_params,
@@ -129,14 +129,7 @@ def fisher_products(
     device = next(iter(active.values())).device
     ids = ids.to(device)
 
-    def example_loss(theta: dict[str, Tensor], x: tuple[Tensor, ...], y: Tensor) -> Tensor:
-        out = functional_call(model, (theta, frozen), tuple(v.unsqueeze(0) for v in x))
-        losses = loss_fn(out, y.unsqueeze(0))
-        if not isinstance(losses, Tensor) or tuple(losses.shape) != (1,):
-            raise _loss_shape_error(caller, losses, 1)
-        return losses[0]
-
-    per_example = vmap(grad_and_value(example_loss), in_dims=(None, 0, 0))
+    per_example = vmap(grad_and_value(_example_loss(caller, model, loss_fn, frozen)), in_dims=(None, 0, 0))
     p = sum(active[n].numel() for n in names)
     groups = k + t
     # One packed buffer of sums: [Σ g_x per group (groups × P) | Σ g_x² (P) | counts | loss sums].

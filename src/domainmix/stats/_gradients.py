@@ -238,15 +238,7 @@ def per_example_gradients(
     device = next(iter(active.values())).device
     ids = ids.to(device)
 
-    def example_loss(theta: dict[str, Tensor], x: tuple[Tensor, ...], y: Tensor) -> Tensor:
-        # vmap hides the batch dimension: re-add it so the model sees the batch of one it expects.
-        out = functional_call(model, (theta, frozen), tuple(t.unsqueeze(0) for t in x))
-        losses = loss_fn(out, y.unsqueeze(0))
-        if not isinstance(losses, Tensor) or tuple(losses.shape) != (1,):
-            raise _loss_shape_error(caller, losses, 1)
-        return losses[0]
-
-    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    per_example = vmap(grad(_example_loss(caller, model, loss_fn, frozen)), in_dims=(None, 0, 0))
     total = torch.zeros(k, sum(active[n].numel() for n in names), dtype=torch.float64, device=device)
     sq_norm = torch.zeros(k, dtype=torch.float64, device=device)
     n = ids.shape[0]
@@ -552,6 +544,22 @@ def _run(
                 "Dropout needs model.eval() here, or use micro_batch_gradients."
             ) from error
         raise
+
+
+def _example_loss(
+    caller: str, model: nn.Module, loss_fn: LossFn, frozen: dict[str, Tensor]
+) -> Callable[[dict[str, Tensor], tuple[Tensor, ...], Tensor], Tensor]:
+    """The loss of one example as a function of the active parameters, for ``vmap(grad(...))``."""
+
+    def example_loss(theta: dict[str, Tensor], x: tuple[Tensor, ...], y: Tensor) -> Tensor:
+        # vmap hides the batch dimension: re-add it so the model sees the batch of one it expects.
+        out = functional_call(model, (theta, frozen), tuple(t.unsqueeze(0) for t in x))
+        losses = loss_fn(out, y.unsqueeze(0))
+        if not isinstance(losses, Tensor) or tuple(losses.shape) != (1,):
+            raise _loss_shape_error(caller, losses, 1)
+        return losses[0]
+
+    return example_loss
 
 
 def _loss_shape_error(caller: str, losses: Any, n: int) -> ValueError:

@@ -20,7 +20,7 @@ from domainmix.stats._gradients import (
     Inputs,
     LossFn,
     _check_common,
-    _loss_shape_error,
+    _example_loss,
     _run,
     _select_params,
     _split_params,
@@ -128,14 +128,7 @@ def gradient_sketch(
     active, frozen = _split_params(model, names)
     device = next(iter(active.values())).device
 
-    def example_loss(theta: dict[str, Tensor], x: tuple[Tensor, ...], y: Tensor) -> Tensor:
-        out = torch.func.functional_call(model, (theta, frozen), tuple(t.unsqueeze(0) for t in x))
-        losses = loss_fn(out, y.unsqueeze(0))
-        if not isinstance(losses, Tensor) or tuple(losses.shape) != (1,):
-            raise _loss_shape_error(caller, losses, 1)
-        return losses[0]
-
-    per_example = vmap(grad(example_loss), in_dims=(None, 0, 0))
+    per_example = vmap(grad(_example_loss(caller, model, loss_fn, frozen)), in_dims=(None, 0, 0))
     out = torch.zeros(n, d, dtype=torch.float64, device=device)
     with torch.no_grad():
         for start in range(0, n, size):
