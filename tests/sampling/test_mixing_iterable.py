@@ -133,11 +133,65 @@ def test_world_size_two_ranks_split_the_global_plan() -> None:
 def test_dataloader_workers_split_the_plan() -> None:
     loader = DataLoader(make(mode="stratified", num_batches=3), batch_size=4, num_workers=2)
     batches = list(loader)
-    assert len(batches) == 6  # 3 planned batches per worker
+    assert len(batches) == 3  # num_batches counts the rank's batches: 2 for worker 0, 1 for worker 1
     target = allocate_counts([0.5, 0.2, 0.3], 8).tolist()
-    for b in range(0, 6, 2):  # batches alternate between the two workers
-        counts = Counter(batches[b][0] + batches[b + 1][0])
-        assert [counts[n] for n in "abc"] == target
+    counts = Counter(batches[0][0] + batches[1][0])  # the first global batch: one planned batch per worker
+    assert [counts[n] for n in "abc"] == target
+
+
+def test_plain_iterables_are_refused_under_workers() -> None:
+    mixer = DomainMixingIterable({"a": ["a0", "a1"], "b": Source("b", 3)}, batch_size=2, num_batches=2)
+    with pytest.raises(ValueError, match="source 'a' is a list, which every one of the DataLoader's 2"):
+        list(DataLoader(mixer, batch_size=2, num_workers=2))
+    assert len(list(DataLoader(mixer, batch_size=2, num_workers=1))) == 2  # one worker reads each once
+
+
+class EpochSource(Source):
+    """Like a Hugging Face IterableDataset: a loaded state is re-applied on every iter() of its epoch."""
+
+    def __init__(self, tag: str, n: int) -> None:
+        super().__init__(tag, n, stateful=True)
+        self.epoch, self.loaded = 0, None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _load(self, state: dict) -> None:
+        self.loaded = state
+
+    def __iter__(self):  # noqa: ANN204
+        if self.loaded is not None and self.loaded["epoch"] == self.epoch:
+            self._resume = self.loaded["pos"]
+        for item in super().__iter__():
+            yield f"{item}@{self.epoch}"
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "state_dict":
+            return lambda: {"pos": self.pos, "epoch": self.epoch}
+        return super().__getattr__(name)
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_source_epochs_count_passes_and_restore_only_the_saved_pass(stop: str) -> None:
+    def build() -> DomainMixingIterable:
+        return DomainMixingIterable(
+            {"a": EpochSource("a", 5), "b": EpochSource("b", 3)}, batch_size=2, stop=stop
+        )
+
+    def take(mixer: DomainMixingIterable, n: int) -> list[str]:
+        out: list[str] = []
+        while len(out) < n:  # across epochs (exhaustion stop rules end them)
+            out += [item for _, (_, item) in zip(range(n - len(out)), mixer, strict=False)]
+        return out
+
+    full = take(build(), 60)
+    assert "a0@3" in full  # a pass counter that keeps rising across the run's epochs
+    for cut in (4, 9, 17):
+        first = build()
+        assert take(first, cut) == full[:cut]
+        resumed = build()
+        resumed.load_state_dict(first.state_dict())
+        assert take(resumed, 60 - cut) == full[cut:]
 
 
 @pytest.mark.parametrize(

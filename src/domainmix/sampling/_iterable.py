@@ -44,7 +44,8 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
 
     State keys (``state_dict``): ``EPOCH_KEY``, ``BATCH_KEY``, ``TOTAL_KEY``, ``OFFSET_KEY`` (items of the
     current batch already yielded), ``LD_COUNTS_KEY`` / ``LD_FROM_KEY``, and per source ``PASS_KEY``,
-    ``CONSUMED_KEY`` (items read in the current pass), ``EXHAUSTED_KEY``, ``SOURCE_STATES_KEY``; then
+    ``CONSUMED_KEY`` (items read in the current pass), ``EXHAUSTED_KEY``, ``SOURCE_EPOCHS_KEY`` (passes
+    begun since construction), ``SOURCE_STATES_KEY``; then
     ``HISTORY_KEY`` and ``FINGERPRINT_KEY``. The state describes the object in the calling process:
     checkpoint with ``num_workers=0`` or a loader that collects worker states.
 
@@ -70,11 +71,12 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
     PASS_KEY = "source_passes"
     CONSUMED_KEY = "source_consumed"
     EXHAUSTED_KEY = "sources_exhausted"
+    SOURCE_EPOCHS_KEY = "source_epochs"
     SOURCE_STATES_KEY = "source_states"
     _STATE_KEYS = (
         DomainMixer.EPOCH_KEY, DomainMixer.BATCH_KEY, DomainMixer.TOTAL_KEY, OFFSET_KEY,
         DomainMixer.LD_COUNTS_KEY, DomainMixer.LD_FROM_KEY, PASS_KEY, CONSUMED_KEY, EXHAUSTED_KEY,
-        SOURCE_STATES_KEY, DomainMixer.HISTORY_KEY, DomainMixer.FINGERPRINT_KEY,
+        SOURCE_EPOCHS_KEY, SOURCE_STATES_KEY, DomainMixer.HISTORY_KEY, DomainMixer.FINGERPRINT_KEY,
     )  # fmt: skip
 
     def __init__(
@@ -111,6 +113,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         self._passes = [0] * k
         self._consumed = [0] * k
         self._exhausted = [False] * k
+        self._source_epochs = [0] * k  # passes begun per source since construction (its set_epoch value + 1)
         self._iters: list[Iterator[Any] | None] = [None] * k
         # ("restore", saved source state or None) waiting for the next iter(source); None: a plain new pass
         self._restore: list[tuple[str, Any] | None] = [None] * k
@@ -132,13 +135,16 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
         """Yield ``(domain_name, item)`` for the rest of the current epoch."""
-        rank, world = self._rank, self._world
+        rank, world, limit = self._rank, self._world, self._num_batches
         info = get_worker_info()
-        if info is not None:
+        if info is not None and info.num_workers > 1:
+            self._check_worker_sources(info.num_workers)
             rank, world = rank * info.num_workers + info.id, world * info.num_workers
+            if limit is not None:  # num_batches counts the rank's batches: deal them to its workers
+                limit = limit // info.num_workers + (info.id < limit % info.num_workers)
         epoch = self._epoch
         while self._epoch == epoch:
-            if self._offset == 0 and self._epoch_over():
+            if self._offset == 0 and self._epoch_over(limit):
                 self._start_epoch(self._epoch + 1)
                 return
             ids = self._batch_ids(rank, world)
@@ -153,8 +159,28 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
                 self._finish_batch()
             yield self._names[i], item
 
-    def _epoch_over(self) -> bool:
-        if self._num_batches is not None and self._batch >= self._num_batches:
+    def _check_worker_sources(self, num_workers: int) -> None:
+        # Every worker iterates its own copy of each source: a plain iterable would be read in full by
+        # every worker (duplicates); an IterableDataset is expected to shard itself (get_worker_info()).
+        for name, source in zip(self._names, self._sources, strict=True):
+            if not isinstance(source, IterableDataset):
+                raise ValueError(
+                    f"DomainMixingIterable: source {name!r} is a {type(source).__name__}, which every one "
+                    f"of the DataLoader's {num_workers} workers would read in full (duplicate items). Under "
+                    "num_workers > 1 each source must be an IterableDataset that shards itself by worker "
+                    "(torch.utils.data.get_worker_info(); Hugging Face streaming datasets do), or use "
+                    "num_workers <= 1."
+                )
+            shards = getattr(source, "num_shards", None)
+            if isinstance(shards, int) and shards < num_workers:
+                raise ValueError(
+                    f"DomainMixingIterable: source {name!r} has num_shards={shards}, fewer than the "
+                    f"DataLoader's {num_workers} workers; a worker without a shard would read nothing. "
+                    "Reshard the source or use fewer workers."
+                )
+
+    def _epoch_over(self, limit: int | None) -> bool:
+        if limit is not None and self._batch >= limit:
             return True
         if self._stop != StopRule.ALL_EXHAUSTED:
             return False
@@ -215,12 +241,21 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
     def _open(self, i: int) -> Iterator[Any]:
         source, restore = self._sources[i], self._restore[i]
         self._restore[i] = None
-        if restore is not None and restore[1] is not None and hasattr(source, "load_state_dict"):
+        resume = restore is not None and self._source_epochs[i] > 0  # the pass in progress at the save
+        if not resume:
+            self._source_epochs[i] += 1
+        set_epoch = getattr(source, "set_epoch", None)
+        if callable(set_epoch):
+            # Each pass is a new source epoch, counted over the whole run: it reshuffles a shuffling
+            # source, and a source that re-applies a loaded state on every iter() of the same epoch
+            # (Hugging Face IterableDataset) applies it only to the pass it was saved in.
+            set_epoch(self._source_epochs[i] - 1)
+        if resume and restore is not None and restore[1] is not None and hasattr(source, "load_state_dict"):
             source.load_state_dict(restore[1])
             it = iter(source)
         else:
             it = iter(source)
-            if restore is not None:
+            if resume:
                 # replay: a deterministic source gives back exactly the items consumed before the save
                 for _ in itertools.islice(it, self._consumed[i]):
                     pass
@@ -250,6 +285,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
             self.PASS_KEY: list(self._passes),
             self.CONSUMED_KEY: list(self._consumed),
             self.EXHAUSTED_KEY: list(self._exhausted),
+            self.SOURCE_EPOCHS_KEY: list(self._source_epochs),
             self.SOURCE_STATES_KEY: states,
         }
         return self._state(self._counters(), own)
@@ -267,6 +303,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         self._passes = [int(x) for x in state_dict[self.PASS_KEY]]
         self._consumed = [int(x) for x in state_dict[self.CONSUMED_KEY]]
         self._exhausted = [bool(x) for x in state_dict[self.EXHAUSTED_KEY]]
+        self._source_epochs = [int(x) for x in state_dict[self.SOURCE_EPOCHS_KEY]]
         k = len(self._names)
         saved_states = list(state_dict[self.SOURCE_STATES_KEY])
         self._restore = [("restore", saved_states[i]) for i in range(k)]

@@ -1,0 +1,12 @@
+"""Adapters between domainmix and the training frameworks; each module imports its framework lazily.
+
+Import the module of the framework you use; ``import domainmix`` never imports any of them:
+
+- :mod:`domainmix.integrations.torchdata`: ``StatefulDataLoader`` checkpoints that resume the sampler
+  exactly, prefetch and weight changes included (extra ``domainmix[torchdata]``).
+- :mod:`domainmix.integrations.hf_datasets`: domains from a column of a map-style Hugging Face
+  ``Dataset`` in one call, and streaming ``IterableDataset`` sources sharded by rank (extra
+  ``domainmix[hf]``).
+
+Which combinations are tested is listed in ``docs/integrations.md``.
+"""

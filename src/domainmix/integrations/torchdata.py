@@ -1,0 +1,94 @@
+"""torchdata's ``StatefulDataLoader`` with a :class:`~domainmix.sampling.DomainBatchSampler`.
+
+``StatefulDataLoader`` already saves its batch sampler's ``state_dict()`` at the batch the loop has
+consumed: with workers it takes the sampler's state when it sends each batch of indices and hands back
+the one of the batch just received. What that snapshot cannot hold is a weight change made *after* it
+was taken: ``set_weights`` acts from the next batch the sampler yields, which lies up to
+``num_workers * prefetch_factor`` batches past the consumed one, so the change belongs to the
+uninterrupted run's future but is missing from the saved state, and a resumed run would keep the old
+weights until the controller's next update. :class:`StatefulDomainLoader` replaces each saved sampler
+state by ``sampler.state_dict(consumed=n)`` for the same batch count ``n``, which carries the whole
+weight history (``docs/design.md``, "Weight changes, prefetch and resume"), so a resume is exact and no
+``consumed=`` bookkeeping is left to the loop.
+
+It also records the loader's prefetch depth (``num_workers * prefetch_factor``) and refuses a state saved
+with another: the depth decides which batch a weight change lands on, so a resume with another worker
+count would silently follow a different schedule.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torchdata.stateful_dataloader import StatefulDataLoader
+
+from domainmix.sampling import DomainBatchSampler
+
+__all__ = ["StatefulDomainLoader"]
+
+PREFETCH_KEY = "domainmix_prefetch_depth"  # stored next to the loader's own keys
+
+
+class StatefulDomainLoader(StatefulDataLoader):  # type: ignore[misc]  # torchdata ships no type information
+    """A ``StatefulDataLoader`` whose ``state_dict()`` resumes its ``DomainBatchSampler`` exactly.
+
+    Build it as a ``StatefulDataLoader`` (``dataset``, ``batch_sampler=sampler``, ``num_workers``, ...);
+    every argument is passed on. Save ``loader.state_dict()`` with the model and the controller, and call
+    ``loader.load_state_dict(state)`` on a new loader built the same way before iterating it.
+
+    Raises:
+        ValueError: when ``batch_sampler`` is not a ``DomainBatchSampler``, or (on load) when the state was
+            saved with another prefetch depth.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if not isinstance(self.batch_sampler, DomainBatchSampler):
+            raise ValueError(
+                "StatefulDomainLoader: the 'batch_sampler' parameter must be a DomainBatchSampler; got "
+                f"{type(self.batch_sampler).__name__}. Use torchdata's StatefulDataLoader for other samplers."
+            )
+
+    @property
+    def prefetch_depth(self) -> int:
+        """Batches of indices the loader runs ahead of the loop: ``num_workers * prefetch_factor``."""
+        return int(self.num_workers) * int(self.prefetch_factor or 0)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The loader's state, with every saved sampler state carrying the full weight history."""
+        sampler: DomainBatchSampler = self.batch_sampler
+        fingerprint = sampler.state_dict()[sampler.FINGERPRINT_KEY]
+        state: dict[str, Any] = _with_consumed_states(super().state_dict(), sampler, fingerprint)
+        state[PREFETCH_KEY] = self.prefetch_depth
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state from :meth:`state_dict`; it takes effect at the next ``iter()``.
+
+        Raises:
+            ValueError: when the state was saved by a loader with another prefetch depth.
+        """
+        state = dict(state_dict)
+        saved = state.pop(PREFETCH_KEY, None)
+        if saved is not None and saved != self.prefetch_depth:
+            raise ValueError(
+                "StatefulDomainLoader.load_state_dict: the state was saved by a loader that ran "
+                f"{saved} batches ahead (num_workers * prefetch_factor), this one runs "
+                f"{self.prefetch_depth} ahead. A weight change lands on the batch after the prefetched "
+                "ones, so the resumed run would follow another schedule; resume with the same "
+                "num_workers and prefetch_factor."
+            )
+        super().load_state_dict(state)
+
+
+def _with_consumed_states(state: Any, sampler: DomainBatchSampler, fingerprint: Mapping[str, Any]) -> Any:
+    """``state`` with each nested state of ``sampler`` rebuilt by ``state_dict(consumed=its count)``.
+
+    The sampler's states are found by their fingerprint rather than by torchdata's private key names.
+    """
+    if not isinstance(state, Mapping):
+        return state
+    if state.get(sampler.FINGERPRINT_KEY) == fingerprint and sampler.TOTAL_KEY in state:
+        return sampler.state_dict(consumed=int(state[sampler.TOTAL_KEY]))
+    return {key: _with_consumed_states(value, sampler, fingerprint) for key, value in state.items()}
