@@ -84,7 +84,9 @@ def main() -> None:
         record["sampling"].append(controller.weights.sampling.tolist())
 
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": world, **record}))
+    (args.out / f"rank{rank}.json").write_text(
+        json.dumps({"rank": rank, "world": world, "history": sampler.weight_history, **record})
+    )
     del model, opt  # DDP's reducer holds the process group: release it before the teardown
     dist.barrier()
     dist.destroy_process_group()

@@ -7,6 +7,8 @@ Import the module of the framework you use; ``import domainmix`` never imports a
 - :mod:`domainmix.integrations.hf_datasets`: domains from a column of a map-style Hugging Face
   ``Dataset`` in one call, and streaming ``IterableDataset`` sources sharded by rank (extra
   ``domainmix[hf]``).
+- :mod:`domainmix.integrations.accelerate`: Accelerate's device placement for a loader on the domain
+  sampler without its re-sharding (extra ``domainmix[accelerate]``).
 
 Which combinations are tested is listed in ``docs/integrations.md``.
 """

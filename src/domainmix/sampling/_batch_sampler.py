@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
@@ -16,6 +17,7 @@ from domainmix.sampling._plan import Mode, StopRule, check_mix_options, rows_bef
 from domainmix.sampling._snapshots import Block, Snap, SnapshotRing
 from domainmix.sampling._streams import IndexStream, as_domain_index, check_disjoint, take_planned
 from domainmix.sampling._weights import WeightsLike, check_names
+from domainmix.sampling._wrapping import check_not_resharded
 
 __all__ = ["DomainBatchSampler"]
 
@@ -218,7 +220,13 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[list[int]]:
-        """Yield the rest of the current epoch (forever for ``cycle_forever`` without ``num_batches``)."""
+        """Yield the rest of the current epoch (forever for ``cycle_forever`` without ``num_batches``).
+
+        Raises:
+            ValueError: when a framework wrapper re-shards the batches by process (Accelerate's
+                ``BatchSamplerShard``); see ``domainmix.integrations.accelerate``.
+        """
+        check_not_resharded(sys._getframe(1), "DomainBatchSampler")  # the frame that called next()
         epoch = self._snap.epoch
         while self._snap.epoch == epoch:
             block = self._block

@@ -111,6 +111,16 @@ class DomainMixer(ABC):
         return self._names
 
     @property
+    def rank(self) -> int:
+        """This process's rank in the global plan."""
+        return self._rank
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks sharing each global batch."""
+        return self._world
+
+    @property
     def weights(self) -> Tensor:
         """(k,) float64: the sampling distribution q for the next batch."""
         return torch.tensor(self._schedule.at(self._clock())[1], dtype=torch.float64)

@@ -1,0 +1,49 @@
+"""Accelerate, two CPU processes: the supported loader keeps the global plan; prepare(loader) is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("accelerate")
+
+from _helpers import assert_two_rank_run, run_torchrun  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "accelerate_train.py"
+
+
+@pytest.mark.distributed
+def test_prepare_loader_keeps_the_global_plan_on_two_processes(tmp_path: Path) -> None:
+    done = run_torchrun(EXAMPLE, "--out", str(tmp_path), "--steps", "30")
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_two_rank_run(tmp_path, (3000, 1000, 2000), 16)
+
+
+@pytest.mark.distributed
+def test_accelerator_prepare_of_the_loader_is_refused(tmp_path: Path) -> None:
+    done = run_torchrun(EXAMPLE, "--out", str(tmp_path), "--steps", "5", "--wrong-way")
+    assert done.returncode != 0
+    assert "DomainBatchSampler is being iterated by accelerate.data_loader.BatchSamplerShard" in done.stderr
+    assert not list(tmp_path.glob("rank*.json"))
+
+
+def test_prepare_loader_checks_the_sampler() -> None:
+    import torch
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    from domainmix.integrations.accelerate import prepare_loader
+    from domainmix.sampling import DomainBatchSampler
+
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(ValueError, match="'loader' parameter of prepare_loader must be a DataLoader with"):
+        prepare_loader(accelerator, DataLoader(list(range(4)), batch_size=2))
+    other = DomainBatchSampler({"a": range(4)}, 2, rank=1, world_size=2)
+    with pytest.raises(ValueError, match="a sampler of rank 0 in a world of 1"):
+        prepare_loader(accelerator, DataLoader(list(range(4)), batch_sampler=other))
+    sampler = DomainBatchSampler({"a": range(2), "b": range(2, 4)}, 2, num_batches=3)
+    batches = list(prepare_loader(accelerator, DataLoader(torch.arange(4), batch_sampler=sampler)))
+    assert [sorted(b.tolist()) for b in batches] == [sorted(s) for s in DomainBatchSampler(
+        {"a": range(2), "b": range(2, 4)}, 2, num_batches=3)]  # fmt: skip
