@@ -140,10 +140,19 @@ def test_public_methods_documented(name) -> None:
         assert inspect.getdoc(target), f"{name}.{attr} has no docstring"
 
 
-def test_version_and_no_experiments_import() -> None:
+def test_version_and_no_experiments_or_frameworks_import() -> None:
     import subprocess
     import sys
 
     assert isinstance(domainmix.__version__, str)
-    code = "import sys, domainmix; assert not any(m.startswith('domainmix.experiments') for m in sys.modules)"
+    lazy = (
+        "domainmix.experiments",
+        "domainmix.integrations.",
+        "torchdata",
+        "datasets",
+        "accelerate",
+        "lightning",
+    )
+    imported = "[m for m in sys.modules if m.startswith(lazy)]"
+    code = f"import sys, domainmix, domainmix.integrations; lazy = {lazy}; assert not {imported}, {imported}"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,6 +9,8 @@ Import the module of the framework you use; ``import domainmix`` never imports a
   ``domainmix[hf]``).
 - :mod:`domainmix.integrations.accelerate`: Accelerate's device placement for a loader on the domain
   sampler without its re-sharding (extra ``domainmix[accelerate]``).
+- :mod:`domainmix.integrations.lightning`: a callback that checkpoints, checks and logs the weighting of a
+  ``LightningModule`` (extra ``domainmix[lightning]``).
 
 Which combinations are tested is listed in ``docs/integrations.md``.
 """

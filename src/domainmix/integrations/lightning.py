@@ -1,0 +1,128 @@
+"""PyTorch Lightning: a callback that checkpoints, checks and logs a module's domain weighting.
+
+The training step keeps the plain loop's order (``docs/design.md``, "One step"): inside
+``training_step``, the forward under ``controller.record()``, then ``controller.step(per_example,
+domain_ids)``, then the loss ``weighted_loss(per_example, domain_ids, controller.loss_multipliers())``.
+So every update of a step happens before any checkpoint of that step can be written (Lightning runs
+``ModelCheckpoint`` after the other callbacks' ``on_train_batch_end``; a controller stepped in the
+module's own ``on_train_batch_end`` would run after it, and a resume would diverge).
+
+:class:`DomainMixCallback` does the rest:
+
+- it checks that the module's sampler knows its rank: build the sampler and the controller in the
+  module's ``setup()`` (the process group exists there, not in ``__init__``) and train with
+  ``Trainer(use_distributed_sampler=False)`` on more than one process, since Lightning would otherwise
+  try to replace the sampler;
+- it saves the controller's state and the sampler's state at the batch the loop consumed
+  (``state_dict(consumed=n)``, prefetching workers included) in Lightning's checkpoints, and restores
+  both in ``on_load_checkpoint``, which runs after ``setup()`` and before the loader is iterated
+  (Lightning's data fetcher pulls the first batch before ``on_train_start``);
+- it logs α and q per domain (``domainmix/alpha/<name>``, ``domainmix/q/<name>``) with
+  ``LightningModule.log_dict``, which reaches the logger every ``log_every_n_steps``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+
+from domainmix.controller import WeightingController
+from domainmix.sampling import DomainBatchSampler
+
+__all__ = ["DomainMixCallback"]
+
+
+class DomainMixCallback(Callback):
+    """Checkpoint, check and log the ``WeightingController`` and ``DomainBatchSampler`` of a module.
+
+    Args:
+        controller: the name of the module attribute holding the ``WeightingController`` (default
+            ``"controller"``).
+        sampler: the name of the module attribute holding the ``DomainBatchSampler`` (default
+            ``"sampler"``).
+        log: log α and q per domain with ``LightningModule.log_dict`` (default ``True``).
+
+    Checkpoint keys: ``CHECKPOINT_KEY`` in Lightning's checkpoint dict, holding ``CONTROLLER_KEY`` and
+    ``SAMPLER_KEY``.
+    """
+
+    CHECKPOINT_KEY = "domainmix"
+    CONTROLLER_KEY = "controller"
+    SAMPLER_KEY = "sampler"
+
+    def __init__(self, controller: str = "controller", sampler: str = "sampler", *, log: bool = True) -> None:
+        self._attrs = (controller, sampler)
+        self._log = bool(log)
+        self._consumed = 0  # global batches the loop has consumed, as the sampler counts them
+
+    def _parts(self, module: LightningModule) -> tuple[WeightingController, DomainBatchSampler]:
+        controller, sampler = (getattr(module, name, None) for name in self._attrs)
+        if not isinstance(controller, WeightingController) or not isinstance(sampler, DomainBatchSampler):
+            raise ValueError(
+                f"DomainMixCallback: the module needs a WeightingController in .{self._attrs[0]} and a "
+                f"DomainBatchSampler in .{self._attrs[1]}; found {type(controller).__name__} and "
+                f"{type(sampler).__name__}. Build both in the module's setup()."
+            )
+        return controller, sampler
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        """Refuse a multi-process fit in which Lightning would replace the sampler."""
+        connector = getattr(trainer, "_accelerator_connector", None)
+        if stage == "fit" and trainer.world_size > 1 and getattr(connector, "use_distributed_sampler", False):
+            raise ValueError(
+                "DomainMixCallback: train with Trainer(use_distributed_sampler=False): the "
+                "DomainBatchSampler already gives each rank its share of one global plan, and Lightning "
+                "would replace it."
+            )
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Check the sampler's rank and world size, and start counting consumed batches."""
+        _, sampler = self._parts(pl_module)
+        if (sampler.rank, sampler.world_size) != (trainer.global_rank, trainer.world_size):
+            raise ValueError(
+                f"DomainMixCallback: the sampler is rank {sampler.rank} of {sampler.world_size}, the "
+                f"trainer's process is rank {trainer.global_rank} of {trainer.world_size}. Build the "
+                "sampler in the module's setup(), where the process group exists, not in __init__."
+            )
+        self._consumed = int(sampler.state_dict()[sampler.TOTAL_KEY])
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        """Count the consumed batch (before ``ModelCheckpoint`` runs) and log the weights."""
+        self._consumed += 1
+        if self._log:  # Lightning passes them to its logger every log_every_n_steps
+            controller, sampler = self._parts(pl_module)
+            weights, names = controller.weights, sampler.domains
+            values = {f"domainmix/alpha/{n}": float(a) for n, a in zip(names, weights.mixture, strict=True)}
+            values |= {f"domainmix/q/{n}": float(q) for n, q in zip(names, weights.sampling, strict=True)}
+            pl_module.log_dict(values, on_step=True, on_epoch=False)
+
+    def on_save_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Store the controller's state and the sampler's at the consumed batch under ``CHECKPOINT_KEY``."""
+        controller, sampler = self._parts(pl_module)
+        checkpoint[self.CHECKPOINT_KEY] = {
+            self.CONTROLLER_KEY: controller.state_dict(),
+            self.SAMPLER_KEY: sampler.state_dict(consumed=self._consumed),
+        }
+
+    def on_load_checkpoint(
+        self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
+    ) -> None:
+        """Restore the controller and the sampler (Lightning calls this after ``setup()``, before any batch).
+
+        Raises:
+            ValueError: when the checkpoint has no domainmix state.
+        """
+        if self.CHECKPOINT_KEY not in checkpoint:
+            raise ValueError(
+                f"DomainMixCallback: the checkpoint has no {self.CHECKPOINT_KEY!r} entry; it was not saved "
+                "with a DomainMixCallback, so the weights and the sampler cannot resume."
+            )
+        controller, sampler = self._parts(pl_module)
+        controller.load_state_dict(checkpoint[self.CHECKPOINT_KEY][self.CONTROLLER_KEY])
+        sampler.load_state_dict(checkpoint[self.CHECKPOINT_KEY][self.SAMPLER_KEY])
+        self._consumed = int(sampler.state_dict()[sampler.TOTAL_KEY])

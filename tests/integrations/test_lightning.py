@@ -1,0 +1,103 @@
+"""Lightning: exact resume from ModelCheckpoint on one process and on two (DDP, gloo), clear errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("lightning")
+
+from _helpers import assert_two_rank_run, run_torchrun  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "examples" / "lightning_train.py"
+SIZES = (3000, 1000, 2000)
+
+
+def run(out: Path, *args: str) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLE), "--out", str(out), *args], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+def assert_resumed(full: Path, resumed: Path, ranks: int = 1, cut: int = 10) -> None:
+    for r in range(ranks):
+        a, b = (json.loads((d / f"rank{r}.json").read_text()) for d in (full, resumed))
+        assert b["batches"] == a["batches"][cut:]
+        assert b["mixture"] == a["mixture"][cut:]
+        assert b["history"] == a["history"]
+        assert b["params"] == a["params"]
+
+
+def test_one_process_resume_is_exact(tmp_path: Path) -> None:
+    run(tmp_path / "full", "--steps", "20")
+    run(tmp_path / "resumed", "--steps", "20", "--resume", str(tmp_path / "full/ckpt/epoch=0-step=10.ckpt"))
+    assert_resumed(tmp_path / "full", tmp_path / "resumed")
+
+
+@pytest.mark.slow
+def test_one_process_resume_is_exact_with_prefetching_workers(tmp_path: Path) -> None:
+    run(tmp_path / "full", "--steps", "20", "--workers", "2")
+    ckpt = tmp_path / "full/ckpt/epoch=0-step=10.ckpt"
+    run(tmp_path / "resumed", "--steps", "20", "--workers", "2", "--resume", str(ckpt))
+    assert_resumed(tmp_path / "full", tmp_path / "resumed")
+
+
+@pytest.mark.distributed
+def test_two_processes_plan_and_resume_are_exact(tmp_path: Path) -> None:
+    for out, extra in (
+        ("full", ()),
+        ("resumed", ("--resume", str(tmp_path / "full/ckpt/epoch=0-step=10.ckpt"))),
+    ):
+        done = run_torchrun(EXAMPLE, "--out", str(tmp_path / out), "--devices", "2", "--steps", "20", *extra)
+        assert done.returncode == 0, done.stderr[-4000:]
+    assert_two_rank_run(tmp_path / "full", SIZES, 16)
+    assert_resumed(tmp_path / "full", tmp_path / "resumed", ranks=2)
+
+
+def load_example():  # noqa: ANN201
+    spec = importlib.util.spec_from_file_location("lightning_train", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_sampler_with_the_wrong_rank_is_refused(tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+
+    from domainmix.integrations.lightning import DomainMixCallback
+    from domainmix.sampling import DomainBatchSampler
+
+    example = load_example()
+
+    class Early(example.Regression):
+        def setup(self, stage: str) -> None:
+            super().setup(stage)
+            self.sampler = DomainBatchSampler(
+                {"a": range(10)}, 2, rank=1, world_size=2
+            )  # as if built too early
+
+    trainer = Trainer(max_steps=2, accelerator="cpu", callbacks=[DomainMixCallback()], logger=False,
+                      enable_progress_bar=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="the sampler is rank 1 of 2, the trainer's process is rank 0 of 1"):
+        trainer.fit(Early(0))
+
+
+def test_a_module_without_controller_is_refused(tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+
+    from domainmix.integrations.lightning import DomainMixCallback
+
+    example = load_example()
+    trainer = Trainer(max_steps=2, accelerator="cpu", callbacks=[DomainMixCallback(controller="weights")],
+                      logger=False, enable_progress_bar=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match=r"needs a WeightingController in .weights and a DomainBatchSampler"):
+        trainer.fit(example.Regression(0))
