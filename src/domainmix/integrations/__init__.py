@@ -7,6 +7,8 @@ Import the module of the framework you use; ``import domainmix`` never imports a
 - :mod:`domainmix.integrations.hf_datasets`: domains from a column of a map-style Hugging Face
   ``Dataset`` in one call, and streaming ``IterableDataset`` sources sharded by rank (extra
   ``domainmix[hf]``).
+- :mod:`domainmix.integrations.hf_trainer`: a Hugging Face ``Trainer`` on the domain sampler whose loss a
+  controller weights, with exact resume from its checkpoints (extra ``domainmix[hf]``).
 - :mod:`domainmix.integrations.accelerate`: Accelerate's device placement for a loader on the domain
   sampler without its re-sharding (extra ``domainmix[accelerate]``).
 - :mod:`domainmix.integrations.lightning`: a callback that checkpoints, checks and logs the weighting of a

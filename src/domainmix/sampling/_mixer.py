@@ -111,6 +111,11 @@ class DomainMixer(ABC):
         return self._names
 
     @property
+    def batch_size(self) -> int:
+        """Examples (or items) per batch on each rank."""
+        return self._batch_size
+
+    @property
     def rank(self) -> int:
         """This process's rank in the global plan."""
         return self._rank

@@ -1,0 +1,201 @@
+"""The Hugging Face ``Trainer`` with a domain sampler and a weighting controller.
+
+:class:`DomainMixTrainer` is a ``transformers.Trainer`` that
+
+- builds its training loader on a :class:`~domainmix.sampling.DomainBatchSampler` and hands it to
+  Accelerate without re-sharding (:func:`domainmix.integrations.accelerate.prepare_loader`; the
+  Trainer's own ``accelerator.prepare`` would deal the sampler's per-rank batches out a second time);
+- computes each training batch's loss in the plain loop's order (``docs/design.md``, "One step"): the
+  forward under ``controller.record()``, ``controller.step(per_example, domain_ids)``, then
+  ``weighted_loss`` with the controller's multipliers α/q;
+- writes the controller's state and the sampler's state at the consumed batch to
+  ``STATE_FILE`` in every ``checkpoint-N`` folder, and restores both on
+  ``train(resume_from_checkpoint=...)``. The Trainer's own data skipping on resume is switched off
+  (``ignore_data_skip=True``): it would replay batches through the sampler, which resumes by itself.
+  The random state (dropout masks) is restored right before the first forward after the resume: the
+  Trainer's own restore happens before its loader iterator draws from it, or not at all mid-epoch;
+- adds α and q per domain (``domainmix/alpha/<name>``, ``domainmix/q/<name>``) to every log entry.
+
+The controller counts micro-batches: with gradient accumulation, ``update_every`` is in loader batches.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
+
+from domainmix._atomic import atomic_write_bytes
+from domainmix.controller import WeightingController
+from domainmix.integrations.accelerate import prepare_loader
+from domainmix.losses import weighted_loss
+from domainmix.sampling import DomainBatchSampler
+
+__all__ = ["STATE_FILE", "DomainMixTrainer", "causal_lm_per_example_loss"]
+
+STATE_FILE = "domainmix_state.pt"
+PerExampleLoss = Callable[[Any, dict[str, Any]], Tensor]
+
+
+def causal_lm_per_example_loss(outputs: Any, inputs: dict[str, Any]) -> Tensor:
+    """(B,) mean next-token cross-entropy of each sequence, over its tokens whose label is not -100.
+
+    Args:
+        outputs: the model's output, with ``logits`` (B, T, V).
+        inputs: the batch, with ``labels`` (B, T) (the Trainer's convention: shifted inside the loss).
+    """
+    logits, labels = outputs["logits"][:, :-1], inputs["labels"][:, 1:]
+    token = nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1), ignore_index=-100, reduction="none"
+    ).view(labels.shape)
+    mask = (labels != -100).to(token.dtype)
+    per_example: Tensor = (token * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return per_example
+
+
+class DomainMixTrainer(Trainer):
+    """A ``Trainer`` whose batches follow a ``DomainBatchSampler`` and whose loss a controller weights.
+
+    Args:
+        *args: passed to ``transformers.Trainer``.
+        sampler: the training batch sampler; build it after ``TrainingArguments`` (which starts the
+            process group), with ``batch_size`` = ``per_device_train_batch_size``.
+        controller: the ``WeightingController`` (usually built with ``sampler=sampler``).
+        per_example_loss: ``(outputs, inputs) -> (B,)`` loss per example; default
+            :func:`causal_lm_per_example_loss`.
+        domain_key: the batch key of the integer domain ids (default ``"domain_id"``); it is removed from
+            the inputs before the model's forward. The training set is collated as it is: it must hold
+            only the collator's inputs and this key.
+        **kwargs: passed to ``transformers.Trainer``.
+
+    Raises:
+        ValueError: when the sampler's batch size, rank or world size disagree with the arguments'.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        sampler: DomainBatchSampler,
+        controller: WeightingController,
+        per_example_loss: PerExampleLoss = causal_lm_per_example_loss,
+        domain_key: str = "domain_id",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        expected = (self.args.per_device_train_batch_size, self.args.process_index, self.args.world_size)
+        if (sampler.batch_size, sampler.rank, sampler.world_size) != expected:
+            raise ValueError(
+                f"DomainMixTrainer: the sampler has batch_size={sampler.batch_size}, rank {sampler.rank} "
+                f"of {sampler.world_size}; the arguments ask for per_device_train_batch_size={expected[0]}, "
+                f"rank {expected[1]} of {expected[2]}. Build the sampler after TrainingArguments, with its "
+                "batch size."
+            )
+        self.args.ignore_data_skip = True  # the sampler resumes itself; skipping would replay batches
+        self.sampler, self.controller = sampler, controller
+        self._per_example_loss, self._domain_key = per_example_loss, domain_key
+        self._consumed = 0
+        self._rng_pending: str | None = None  # a checkpoint whose RNG state is still to be loaded
+        self.add_callback(_SaveDomainState(self))
+
+    def get_train_dataloader(self) -> Any:
+        """The training loader on the domain sampler, on the device, not re-sharded."""
+        args = self.args
+        if self.train_dataset is None:
+            raise ValueError("DomainMixTrainer: training requires a train_dataset.")
+        loader = DataLoader(
+            self.train_dataset,
+            batch_sampler=self.sampler,
+            collate_fn=self.data_collator,
+            num_workers=args.dataloader_num_workers,
+            pin_memory=args.dataloader_pin_memory,
+            persistent_workers=args.dataloader_persistent_workers and args.dataloader_num_workers > 0,
+            prefetch_factor=args.dataloader_prefetch_factor,
+            # Its own generator: creating an iterator then leaves the global random state (dropout) alone.
+            generator=torch.Generator().manual_seed(args.seed),
+        )
+        return prepare_loader(self.accelerator, loader)
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Tensor | tuple[Tensor, Any]:
+        """Training: the plain loop's step (record, controller step, weighted loss); else the Trainer's."""
+        ids = inputs.pop(self._domain_key)
+        if not model.training:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._rng_pending is not None:
+            # The Trainer restores the random state at the epoch start, before its loader iterator draws
+            # from it, or not at all (after ignore_data_skip); restore it where the checkpoint left off.
+            self._load_rng_state(self._rng_pending)
+            self._rng_pending = None
+        self._consumed += 1
+        with self.controller.record():
+            outputs = model(**inputs)
+            per_example = self._per_example_loss(outputs, inputs)
+        self.controller.step(per_example, ids)
+        loss = weighted_loss(per_example, ids, self.controller.loss_multipliers())
+        return (loss, outputs) if return_outputs else loss
+
+    def train(  # type: ignore[override]  # the Trainer's other arguments pass through **kwargs
+        self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any
+    ) -> Any:
+        """``Trainer.train``; with ``resume_from_checkpoint``, the controller and sampler resume too.
+
+        Raises:
+            ValueError: when the checkpoint folder has no ``STATE_FILE``.
+        """
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call]
+        if isinstance(resume_from_checkpoint, str):
+            path = Path(resume_from_checkpoint) / STATE_FILE
+            if not path.is_file():
+                raise ValueError(
+                    f"DomainMixTrainer.train: {path} does not exist; the checkpoint was not written by a "
+                    "DomainMixTrainer, so the weights and the sampler cannot resume."
+                )
+            state = torch.load(path, weights_only=True)
+            self.controller.load_state_dict(state["controller"])
+            self.sampler.load_state_dict(state["sampler"])
+            self._consumed = int(state["sampler"][self.sampler.TOTAL_KEY])
+            self._rng_pending = str(resume_from_checkpoint)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """The Trainer's log entry, with α and q per domain."""
+        weights, names = self.controller.weights, self.sampler.domains
+        logs = dict(logs)
+        logs |= {f"domainmix/alpha/{n}": float(a) for n, a in zip(names, weights.mixture, strict=True)}
+        logs |= {f"domainmix/q/{n}": float(q) for n, q in zip(names, weights.sampling, strict=True)}
+        super().log(logs, start_time)
+
+    def domain_state(self) -> dict[str, Any]:
+        """The controller's state and the sampler's at the consumed batch (what a checkpoint holds)."""
+        return {
+            "controller": self.controller.state_dict(),
+            "sampler": self.sampler.state_dict(consumed=self._consumed),
+        }
+
+
+class _SaveDomainState(TrainerCallback):
+    """Writes the trainer's domain state into each checkpoint folder (main process only)."""
+
+    def __init__(self, trainer: DomainMixTrainer) -> None:
+        self._trainer = trainer
+
+    def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not state.is_world_process_zero:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        buffer = io.BytesIO()
+        torch.save(self._trainer.domain_state(), buffer)
+        atomic_write_bytes(folder / STATE_FILE, buffer.getvalue())
