@@ -260,7 +260,25 @@ def test_json_log_lines(tmp_path) -> None:
     assert last["mixture"] == c.weights.mixture.tolist() and last["sampling"] == c.weights.sampling.tolist()
     assert last["loss_multipliers"] == c.loss_multipliers().tolist()
     assert last["stats"]["count"] == [1.0, 1.0, 0.0] and last["stats"]["loss"] == [3.0, 4.0, 0.0]
+    assert last["achieved"] == [0.5, 0.5, 0.0]  # the window's real composition, next to q
+    assert last["schedule"] == c.schedule_fingerprint != records[0]["schedule"]
     assert last["skipped"] is False
+
+
+def test_schedule_fingerprint_chains_every_change() -> None:
+    def run(domains: list[int]) -> list[str]:
+        c = WeightingController(eg(), NAMES, update_every=1)
+        seen = [c.schedule_fingerprint]
+        for t, d in enumerate(domains, start=1):
+            feed(c, t, domain=d)
+            c.step()
+            seen.append(c.schedule_fingerprint)
+        return seen
+
+    a, b = run([0, 1, 2, 0]), run([0, 1, 2, 1])
+    assert a == run([0, 1, 2, 0])  # deterministic
+    assert len(set(a)) == 5 and a[:4] == b[:4] and a[4] != b[4]  # one different update: another hash
+    assert all(len(f) == 16 for f in a)
 
 
 def test_log_callable_receives_records() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -64,8 +65,12 @@ class WeightingController:
     statistics, so the deterministic strategy yields identical weights everywhere. ``check_sync=True``
     verifies that after every update (a broadcast; a debug aid). Only rank 0 writes the log file.
 
+    Each log record holds the step, α, q, the loss multipliers, the window's statistics, ``achieved``
+    (each domain's share of the loss elements the window observed: the batches' real composition, to
+    read next to q) and ``schedule`` (:attr:`schedule_fingerprint`).
+
     State keys: ``step``, ``names``, ``strategy``, ``weights``, ``strategy_state``, ``collector``,
-    ``num_updates``, ``num_skipped``. The sampler keeps its own state (its weights included): save and
+    ``num_updates``, ``num_skipped``, ``schedule_fingerprint``. The sampler keeps its own state (its weights included): save and
     load both.
 
     Args:
@@ -96,6 +101,7 @@ class WeightingController:
     COLLECTOR_KEY = "collector"
     UPDATES_KEY = "num_updates"
     SKIPPED_KEY = "num_skipped"
+    SCHEDULE_KEY = "schedule_fingerprint"
 
     def __init__(
         self,
@@ -160,6 +166,7 @@ class WeightingController:
         self._num_skipped = 0
         self._multipliers: tuple[DomainWeights, tuple[float, ...] | None, Tensor] | None = None
         self._weights = initial
+        self._schedule = _chain_fingerprint("", initial)
         self._state = strategy.init(initial)
         if self.stat_free:
             # push_unchanged: the sampler may have been built with other weights; sync it even when the
@@ -173,6 +180,15 @@ class WeightingController:
     def weights(self) -> DomainWeights:
         """Current α (mixture) and q (sampling) as set by the strategy."""
         return self._weights
+
+    @property
+    def schedule_fingerprint(self) -> str:
+        """A hash of every (α, q) this controller has set, in order (16 hex digits).
+
+        Chained: each change hashes the previous fingerprint with the new float64 weights, so two runs
+        (or two ranks) with the same fingerprint followed the same weighting schedule bit for bit.
+        """
+        return self._schedule
 
     @property
     def requires(self) -> frozenset[str]:
@@ -355,6 +371,8 @@ class WeightingController:
             and torch.equal(new.sampling, self._weights.sampling)
         )
         self._weights, self._state = new, state
+        if changed:
+            self._schedule = _chain_fingerprint(self._schedule, new)
         self._num_updates += 1
         if self._check_sync:
             assert_same_on_all_ranks("mixture weights", new.mixture)
@@ -419,6 +437,8 @@ class WeightingController:
             "mixture": self._weights.mixture.tolist(),
             "sampling": self._weights.sampling.tolist(),
             "loss_multipliers": self.loss_multipliers().tolist(),
+            "achieved": (stats.count / stats.count.sum().clamp_min(1.0)).tolist(),
+            "schedule": self._schedule,
             "skipped": skipped,
             "stats": {f: _finite_or_str(v.tolist()) for f, v in stats.items()},
         }
@@ -445,6 +465,7 @@ class WeightingController:
             self.COLLECTOR_KEY: self._collector.state_dict(),
             self.UPDATES_KEY: self._num_updates,
             self.SKIPPED_KEY: self._num_skipped,
+            self.SCHEDULE_KEY: self._schedule,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -464,6 +485,7 @@ class WeightingController:
             self.COLLECTOR_KEY,
             self.UPDATES_KEY,
             self.SKIPPED_KEY,
+            self.SCHEDULE_KEY,
         )
         check_state_keys("WeightingController", state_dict, keys)
         if tuple(state_dict[self.NAMES_KEY]) != self._weights.names:
@@ -490,6 +512,14 @@ class WeightingController:
         self._step = int(state_dict[self.STEP_KEY])
         self._num_updates = int(state_dict[self.UPDATES_KEY])
         self._num_skipped = int(state_dict[self.SKIPPED_KEY])
+        self._schedule = str(state_dict[self.SCHEDULE_KEY])
+
+
+def _chain_fingerprint(previous: str, weights: DomainWeights) -> str:
+    digest = hashlib.sha256(previous.encode())
+    for x in (weights.mixture, weights.sampling):
+        digest.update(x.to(torch.float64).contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _sampler_weights(initial: DomainWeights, sampler: WeightSink) -> DomainWeights:
