@@ -70,8 +70,8 @@ class WeightingController:
     read next to q) and ``schedule`` (:attr:`schedule_fingerprint`).
 
     State keys: ``step``, ``names``, ``strategy``, ``weights``, ``strategy_state``, ``collector``,
-    ``num_updates``, ``num_skipped``, ``schedule_fingerprint``. The sampler keeps its own state (its weights included): save and
-    load both.
+    ``num_updates``, ``num_skipped``, ``schedule_fingerprint``. The sampler keeps its own state (its
+    weights included): save and load both.
 
     Args:
         strategy: the weighting method.
