@@ -33,6 +33,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--batch-size", type=int, default=16, help="per-rank batch size")
+    parser.add_argument(
+        "--override-at", type=int, default=0, help="hand-set and hold q after this step (rank 0's value wins)"
+    )
     args = parser.parse_args()
 
     dist.init_process_group("gloo")
@@ -80,6 +83,9 @@ def main() -> None:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if args.override_at and len(record["mixture"]) + 1 == args.override_at:
+            # An operator's correction: each rank passes its own value to show that rank 0's is used.
+            controller.override(sampling=[0.5, 0.25, 0.25] if rank == 0 else [0.1, 0.1, 0.8], hold=True)
         record["mixture"].append(controller.weights.mixture.tolist())
         record["sampling"].append(controller.weights.sampling.tolist())
 

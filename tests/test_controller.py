@@ -456,3 +456,72 @@ def test_domain_names_keep_the_samplers_own_weights() -> None:
     assert s.weights.tolist() == [0.4, 0.6]
     with pytest.raises(ValueError, match=r"'sampler' parameter of WeightingController.*zero for \['a'\]"):
         WeightingController(eg(), ["a", "b"], sampler=DomainBatchSampler({"a": [], "b": range(4)}, 2))
+
+
+# --- hand-set weights ------------------------------------------------------------------------------------
+def test_override_sets_weights_pushes_q_and_logs_it() -> None:
+    records: list[dict] = []
+    sampler = FakeSampler()
+    c = WeightingController(eg(), NAMES, sampler=sampler, log=records.append)
+    before = c.schedule_fingerprint
+    c.override(sampling={"a": 2.0, "b": 1.0, "c": 1.0})
+    assert c.weights.sampling.tolist() == [0.5, 0.25, 0.25] and c.weights.mixture.tolist() == [1 / 3] * 3
+    assert sampler.weights.tolist() == [0.5, 0.25, 0.25]
+    torch.testing.assert_close(c.loss_multipliers(), c.weights.mixture / sampler.effective_sampling)
+    assert records[-1]["override"] is True and records[-1]["sampling"] == [0.5, 0.25, 0.25]
+    assert c.schedule_fingerprint != before == _fresh_fingerprint()
+    # the strategy's next update starts from the hand-set weights: as if the run had begun with them
+    twin = WeightingController(
+        eg(), DomainWeights.create(NAMES, None, [0.5, 0.25, 0.25]), sampler=FakeSampler()
+    )
+    for run in (c, twin):
+        feed(run, 2.0, domain=1)
+        run.step()
+    assert torch.equal(c.weights.mixture, twin.weights.mixture) and c.weights.mixture[1] > 1 / 3
+
+
+def _fresh_fingerprint() -> str:
+    return WeightingController(eg(), NAMES, sampler=FakeSampler()).schedule_fingerprint
+
+
+def test_override_hold_freezes_updates_until_release() -> None:
+    c = WeightingController(eg(), NAMES, update_every=1)
+    c.override(mixture=[0.2, 0.3, 0.5], hold=True)
+    for t in range(1, 4):
+        feed(c, 5.0 * t, domain=t % 3)
+        assert c.step() is False
+    assert c.held and c.weights.mixture.tolist() == pytest.approx([0.2, 0.3, 0.5])
+    c.release()
+    feed(c, 5.0, domain=0)
+    assert c.step() is True and c.weights.mixture[0] > 0.2
+
+
+def test_override_hold_also_stops_a_statistic_free_strategy() -> None:
+    c = WeightingController(S.schedule([(0, [1.0, 1.0, 1.0]), (2, [1.0, 1.0, 8.0])]), NAMES)
+    c.override(mixture=[0.5, 0.25, 0.25], hold=True)
+    for _ in range(4):
+        c.step()
+    assert c.weights.mixture.tolist() == [0.5, 0.25, 0.25]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name"),
+    [({"mixture": [1.0, -1.0, 1.0]}, "mixture"), ({"sampling": [1.0, 0.0, 1.0]}, "sampling")],
+)
+def test_override_refuses_bad_weights(kwargs: dict, name: str) -> None:
+    c = WeightingController(eg(), NAMES)
+    with pytest.raises(ValueError, match=f"'{name}' parameter of DomainWeights.create"):
+        c.override(**kwargs)
+    assert c.weights.mixture.tolist() == [1 / 3] * 3
+
+
+def test_resume_equivalence_with_a_held_override() -> None:
+    def drive_with_override(run: Run, t: int):
+        if t == 3:
+            run.controller.override(sampling=[0.6, 0.2, 0.2], hold=True)
+        if t == 9:
+            run.controller.release()
+        return (*drive(run, t), run.controller.held, run.controller.schedule_fingerprint)
+
+    outputs = assert_resume_equivalent(lambda: Run(eg_chain), drive_with_override, midpoint=6, total=14)
+    assert [o[5] for o in outputs[3:9]] == [True] * 6 and outputs[-1][5] is False

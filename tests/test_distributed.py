@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -17,3 +18,22 @@ def test_two_rank_gloo_run(tmp_path: Path) -> None:
     done = run_torchrun(ROOT / "examples" / "distributed_train.py", "--out", str(tmp_path), "--steps", "40")
     assert done.returncode == 0, done.stderr[-4000:]
     assert_two_rank_run(tmp_path, SIZES, 16)
+
+
+@pytest.mark.distributed
+def test_hand_set_weights_are_broadcast_from_rank_zero(tmp_path: Path) -> None:
+    done = run_torchrun(
+        ROOT / "examples" / "distributed_train.py",
+        "--out",
+        str(tmp_path),
+        "--steps",
+        "30",
+        "--override-at",
+        "15",
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_two_rank_run(tmp_path, SIZES, 16)  # identical weights on both ranks, exact global batches
+    rank0 = json.loads((tmp_path / "rank0.json").read_text())
+    assert rank0["sampling"][13] != [0.5, 0.25, 0.25]
+    assert all(q == [0.5, 0.25, 0.25] for q in rank0["sampling"][14:])  # held from step 15 on
+    assert [0.5, 0.25, 0.25] in [q for _, q in rank0["history"]]

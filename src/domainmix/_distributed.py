@@ -41,6 +41,13 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_from_zero(tensor: torch.Tensor) -> torch.Tensor:
+    """Overwrite ``tensor`` in place with rank 0's copy when a process group is up; a no-op otherwise."""
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
 def assert_same_on_all_ranks(name: str, tensor: torch.Tensor, atol: float = 0.0) -> None:
     """Debug check: raise if ``tensor`` differs between ranks (compares against rank 0's copy)."""
     if not (is_distributed() and dist.get_world_size() > 1):

@@ -16,14 +16,14 @@ import torch
 from torch import Tensor
 
 from domainmix import _tree
-from domainmix._distributed import assert_same_on_all_ranks, is_distributed
+from domainmix._distributed import assert_same_on_all_ranks, broadcast_from_zero, is_distributed
 from domainmix._state import check_state_keys
 from domainmix._statistics import provided_by, statistic
 from domainmix._validation import Interval, check_param, param_error
 from domainmix.losses import domain_losses
 from domainmix.stats import Probe, StatsCollector, StepLosses
 from domainmix.strategies import AverageState, Strategy
-from domainmix.types import DomainStats, DomainWeights
+from domainmix.types import DomainStats, DomainWeights, WeightsLike
 
 LogSink = str | os.PathLike[str] | Callable[[dict[str, Any]], None]
 
@@ -70,8 +70,8 @@ class WeightingController:
     read next to q) and ``schedule`` (:attr:`schedule_fingerprint`).
 
     State keys: ``step``, ``names``, ``strategy``, ``weights``, ``strategy_state``, ``collector``,
-    ``num_updates``, ``num_skipped``, ``schedule_fingerprint``. The sampler keeps its own state (its
-    weights included): save and load both.
+    ``num_updates``, ``num_skipped``, ``schedule_fingerprint``, ``held``. The sampler keeps its own
+    state (its weights included): save and load both.
 
     Args:
         strategy: the weighting method.
@@ -102,6 +102,7 @@ class WeightingController:
     UPDATES_KEY = "num_updates"
     SKIPPED_KEY = "num_skipped"
     SCHEDULE_KEY = "schedule_fingerprint"
+    HOLD_KEY = "held"
 
     def __init__(
         self,
@@ -167,6 +168,7 @@ class WeightingController:
         self._multipliers: tuple[DomainWeights, tuple[float, ...] | None, Tensor] | None = None
         self._weights = initial
         self._schedule = _chain_fingerprint("", initial)
+        self._held = False  # set by override(hold=True): the strategy does not update until release()
         self._state = strategy.init(initial)
         if self.stat_free:
             # push_unchanged: the sampler may have been built with other weights; sync it even when the
@@ -315,7 +317,7 @@ class WeightingController:
             for probe in self._probes:
                 probe.observe_step(self._collector, seen)
         if self.stat_free:
-            return self._apply(self._empty_stats(step))
+            return False if self._held else self._apply(self._empty_stats(step))
         if step % self._update_every != 0:
             return False
         if step < self._warmup:
@@ -346,7 +348,57 @@ class WeightingController:
             )
             self._write_log(stats, skipped=True)
             return False
+        if self._held:
+            return False  # hand-set weights hold until release(); this window's statistics are dropped
         return self._apply(stats, log_unchanged=True)
+
+    def override(
+        self, mixture: WeightsLike | None = None, sampling: WeightsLike | None = None, *, hold: bool = False
+    ) -> None:
+        """Set α and/or q by hand, now: an operator's correction in the middle of a run.
+
+        The loss multipliers change at once and q reaches the sampler (from its next batch); the
+        strategy's next update starts from these weights, or, with ``hold=True``, no update happens
+        until :meth:`release`. The change is logged (``"override": true``), enters
+        :attr:`schedule_fingerprint` and is kept by :meth:`state_dict`. Under ``torch.distributed``
+        every rank must call it: rank 0's values are broadcast, so every rank applies the same weights.
+
+        Args:
+            mixture: new α (mapping by name, sequence or tensor; normalised), or ``None`` to keep α.
+            sampling: new q, or ``None`` to keep q.
+            hold: suspend the strategy's updates until :meth:`release`.
+
+        Raises:
+            ValueError: for invalid weights, or q_i = 0 where α_i > 0.
+        """
+        names = self._weights.names
+        new = DomainWeights.create(
+            names,
+            self._weights.mixture if mixture is None else mixture,
+            self._weights.sampling if sampling is None else sampling,
+        )
+        flags = torch.tensor([float(bool(hold))], dtype=torch.float64)
+        for tensor in (new.mixture, new.sampling, flags):
+            broadcast_from_zero(tensor)
+        changed = not (
+            torch.equal(new.mixture, self._weights.mixture)
+            and torch.equal(new.sampling, self._weights.sampling)
+        )
+        self._weights, self._held = new, bool(flags.item())
+        if changed:
+            self._schedule = _chain_fingerprint(self._schedule, new)
+        if self._sampler is not None:
+            self._sampler.set_weights(self._by_name(new.sampling))
+        self._write_log(self._empty_stats(self._step), skipped=False, override=True)
+
+    def release(self) -> None:
+        """End a ``hold``: the strategy updates again from the next window that closes."""
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        """Whether hand-set weights are holding (:meth:`override` with ``hold=True``)."""
+        return self._held
 
     def _non_finite(self, stats: DomainStats) -> dict[str, list[str]]:
         """Statistic -> the domains (rows, for a matrix) where it is NaN or inf."""
@@ -428,7 +480,7 @@ class WeightingController:
         return dict(zip(self._weights.names, x.tolist(), strict=True))
 
     # ----------------------------------------------------------------------------------------------
-    def _write_log(self, stats: DomainStats, *, skipped: bool) -> None:
+    def _write_log(self, stats: DomainStats, *, skipped: bool, override: bool = False) -> None:
         if self._log is None:
             return
         record: dict[str, Any] = {
@@ -440,6 +492,7 @@ class WeightingController:
             "achieved": (stats.count / stats.count.sum().clamp_min(1.0)).tolist(),
             "schedule": self._schedule,
             "skipped": skipped,
+            "override": override,
             "stats": {f: _finite_or_str(v.tolist()) for f, v in stats.items()},
         }
         if callable(self._log):
@@ -466,6 +519,7 @@ class WeightingController:
             self.UPDATES_KEY: self._num_updates,
             self.SKIPPED_KEY: self._num_skipped,
             self.SCHEDULE_KEY: self._schedule,
+            self.HOLD_KEY: self._held,
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -486,6 +540,7 @@ class WeightingController:
             self.UPDATES_KEY,
             self.SKIPPED_KEY,
             self.SCHEDULE_KEY,
+            self.HOLD_KEY,
         )
         check_state_keys("WeightingController", state_dict, keys)
         if tuple(state_dict[self.NAMES_KEY]) != self._weights.names:
@@ -513,6 +568,7 @@ class WeightingController:
         self._num_updates = int(state_dict[self.UPDATES_KEY])
         self._num_skipped = int(state_dict[self.SKIPPED_KEY])
         self._schedule = str(state_dict[self.SCHEDULE_KEY])
+        self._held = bool(state_dict[self.HOLD_KEY])
 
 
 def _chain_fingerprint(previous: str, weights: DomainWeights) -> str:
