@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,24 +14,24 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from transformers import GPT2Config, GPT2LMHeadModel, TrainingArguments, default_data_collator  # noqa: E402
+from transformers import TrainingArguments  # noqa: E402
 
-from domainmix import WeightingController, strategies  # noqa: E402
 from domainmix.integrations.hf_trainer import STATE_FILE, DomainMixTrainer  # noqa: E402
-from domainmix.sampling import DomainBatchSampler  # noqa: E402
 
+ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("web", "code", "books")
-SIZES = (40, 24, 32)
 
 
-def dataset() -> list[dict[str, Any]]:
-    g = torch.Generator().manual_seed(0)
-    rows = []
-    for d, n in enumerate(SIZES):  # each domain draws its tokens from its own range: different losses
-        for _ in range(n):
-            ids = torch.randint(20 * d, 20 * d + 8 + 8 * d, (12,), generator=g)
-            rows.append({"input_ids": ids, "labels": ids.clone(), "domain_id": d})
-    return rows
+def load_example():  # noqa: ANN201
+    spec = importlib.util.spec_from_file_location(
+        "hf_trainer_train", ROOT / "examples" / "hf_trainer_train.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+EXAMPLE = load_example()
 
 
 class Recording(DomainMixTrainer):
@@ -47,24 +51,7 @@ class Recording(DomainMixTrainer):
 
 
 def make(out: Path, steps: int = 12) -> Recording:
-    args = TrainingArguments(
-        output_dir=str(out), max_steps=steps, per_device_train_batch_size=6, learning_rate=1e-3,
-        save_strategy="steps", save_steps=6, logging_steps=3, report_to=[], use_cpu=True, seed=0,
-        lr_scheduler_type="constant", disable_tqdm=True,
-    )  # fmt: skip
-    torch.manual_seed(0)
-    # dropout stays at GPT-2's 0.1: the random state must resume too
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2))
-    offsets = [sum(SIZES[:d]) for d in range(3)]
-    domains = {n: range(o, o + s) for n, o, s in zip(NAMES, offsets, SIZES, strict=True)}
-    sampler = DomainBatchSampler(domains, 6, dict.fromkeys(NAMES, 1.0), min_count=1, seed=5)
-    strategy = strategies.combine(
-        loss=strategies.exponentiated_gradient(lambda s, w: s.loss, step_size=0.5),
-        sampling=strategies.follow_mixture(),
-    )
-    controller = WeightingController(strategy, NAMES, update_every=2, sampler=sampler)
-    return Recording(model=model, args=args, train_dataset=dataset(), data_collator=default_data_collator,
-                     sampler=sampler, controller=controller)  # fmt: skip
+    return EXAMPLE.build(out, steps, Recording)
 
 
 def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path: Path) -> None:
@@ -92,5 +79,16 @@ def test_errors(tmp_path: Path) -> None:
         output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[]
     )
     with pytest.raises(ValueError, match="the sampler has batch_size=6, rank 0 of 1; the arguments ask for "):
-        DomainMixTrainer(model=trainer.model, args=args, train_dataset=dataset(), sampler=trainer.sampler,
-                         controller=trainer.controller)  # fmt: skip
+        DomainMixTrainer(model=trainer.model, args=args, train_dataset=EXAMPLE.dataset(),
+                         sampler=trainer.sampler, controller=trainer.controller)  # fmt: skip
+
+
+def test_the_example_script_runs_and_resumes(tmp_path: Path) -> None:
+    script = ROOT / "examples" / "hf_trainer_train.py"
+    for extra in ((), ("--resume", str(tmp_path / "checkpoint-6"))):
+        done = subprocess.run(
+            [sys.executable, str(script), "--out", str(tmp_path), *extra], capture_output=True
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["log"][-1]["domainmix/alpha/web"] == pytest.approx(result["mixture"][0], abs=1e-4)
