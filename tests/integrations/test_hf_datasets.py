@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
 import pytest
 
 pytest.importorskip("datasets")
@@ -111,3 +117,17 @@ def test_fewer_shards_than_workers_is_refused() -> None:
     mixer = DomainMixingIterable(streams(num_shards=1), batch_size=2, num_batches=2)
     with pytest.raises(ValueError, match="num_shards"):
         list(DataLoader(mixer, batch_size=2, num_workers=2, collate_fn=list))
+
+
+def test_the_streaming_example_trains_on_stratified_batches(tmp_path: Path) -> None:
+    script = Path(__file__).resolve().parents[2] / "examples" / "hf_streaming_train.py"
+    done = subprocess.run(
+        [sys.executable, str(script), "--out", str(tmp_path), "--steps", "30"], capture_output=True
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "rank0.json").read_text())
+    assert len(result["domains"]) == 30
+    # two workers, each a rank of 2 in the plan: every pair of consecutive batches is one global batch
+    for a, b in zip(result["domains"][::2], result["domains"][1::2], strict=True):
+        assert sorted(Counter(a + b).values()) == [10, 11, 11]
+    assert result["mixture"][1] > result["mixture"][0]  # the noisiest domain's loss weight grew
