@@ -366,3 +366,31 @@ def test_set_weights_errors() -> None:
         s.set_weights([0.5, 0.5])
     with pytest.raises(ValueError, match="'weights' parameter of DomainBatchSampler.set_weights"):
         s.set_weights({"a": 1.0})
+
+
+def test_resume_under_another_loader_prefetch_depth_is_refused_at_the_first_batch() -> None:
+    from torch.utils.data import DataLoader
+
+    def loader(workers: int) -> tuple[DomainBatchSampler, DataLoader]:
+        s = DomainBatchSampler({"a": range(40), "b": range(40, 100)}, 4, seed=1)
+        return s, DataLoader(list(range(100)), batch_sampler=s, num_workers=workers)
+
+    sampler, first = loader(2)
+    it = iter(first)
+    for _ in range(5):
+        next(it)
+    state = sampler.state_dict(consumed=5)
+    assert state[DomainBatchSampler.PREFETCH_KEY] == 4  # 2 workers x prefetch_factor 2
+    sixth = next(it).tolist()
+    del it
+    for workers, ok in ((0, False), (1, False), (2, True)):
+        again, resumed = loader(workers)
+        again.load_state_dict(state)
+        if ok:
+            assert next(iter(resumed)).tolist() == sixth
+        else:
+            with pytest.raises(ValueError, match=f"ran 4 batches ahead .* now runs {2 * workers} ahead"):
+                next(iter(resumed))
+    forced, resumed = loader(0)
+    forced.load_state_dict(state, ignore_fingerprint=True)
+    next(iter(resumed))  # accepted on request

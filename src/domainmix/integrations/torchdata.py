@@ -11,9 +11,8 @@ state by ``sampler.state_dict(consumed=n)`` for the same batch count ``n``, whic
 weight history (``docs/design.md``, "Weight changes, prefetch and resume"), so a resume is exact and no
 ``consumed=`` bookkeeping is left to the loop.
 
-It also records the loader's prefetch depth (``num_workers * prefetch_factor``) and refuses a state saved
-with another: the depth decides which batch a weight change lands on, so a resume with another worker
-count would silently follow a different schedule.
+A resume under another ``num_workers * prefetch_factor`` is refused by the sampler itself at the first
+batch (``DomainBatchSampler.PREFETCH_KEY``): the depth decides which batch a weight change lands on.
 """
 
 from __future__ import annotations
@@ -27,8 +26,6 @@ from domainmix.sampling import DomainBatchSampler
 
 __all__ = ["StatefulDomainLoader"]
 
-PREFETCH_KEY = "domainmix_prefetch_depth"  # stored next to the loader's own keys
-
 
 class StatefulDomainLoader(StatefulDataLoader):  # type: ignore[misc]  # torchdata ships no type information
     """A ``StatefulDataLoader`` whose ``state_dict()`` resumes its ``DomainBatchSampler`` exactly.
@@ -38,8 +35,7 @@ class StatefulDomainLoader(StatefulDataLoader):  # type: ignore[misc]  # torchda
     ``loader.load_state_dict(state)`` on a new loader built the same way before iterating it.
 
     Raises:
-        ValueError: when ``batch_sampler`` is not a ``DomainBatchSampler``, or (on load) when the state was
-            saved with another prefetch depth.
+        ValueError: when ``batch_sampler`` is not a ``DomainBatchSampler``.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -50,36 +46,12 @@ class StatefulDomainLoader(StatefulDataLoader):  # type: ignore[misc]  # torchda
                 f"{type(self.batch_sampler).__name__}. Use torchdata's StatefulDataLoader for other samplers."
             )
 
-    @property
-    def prefetch_depth(self) -> int:
-        """Batches of indices the loader runs ahead of the loop: ``num_workers * prefetch_factor``."""
-        return int(self.num_workers) * int(self.prefetch_factor or 0)
-
     def state_dict(self) -> dict[str, Any]:
         """The loader's state, with every saved sampler state carrying the full weight history."""
         sampler: DomainBatchSampler = self.batch_sampler
         fingerprint = sampler.state_dict()[sampler.FINGERPRINT_KEY]
         state: dict[str, Any] = _with_consumed_states(super().state_dict(), sampler, fingerprint)
-        state[PREFETCH_KEY] = self.prefetch_depth
         return state
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore a state from :meth:`state_dict`; it takes effect at the next ``iter()``.
-
-        Raises:
-            ValueError: when the state was saved by a loader with another prefetch depth.
-        """
-        state = dict(state_dict)
-        saved = state.pop(PREFETCH_KEY, None)
-        if saved is not None and saved != self.prefetch_depth:
-            raise ValueError(
-                "StatefulDomainLoader.load_state_dict: the state was saved by a loader that ran "
-                f"{saved} batches ahead (num_workers * prefetch_factor), this one runs "
-                f"{self.prefetch_depth} ahead. A weight change lands on the batch after the prefetched "
-                "ones, so the resumed run would follow another schedule; resume with the same "
-                "num_workers and prefetch_factor."
-            )
-        super().load_state_dict(state)
 
 
 def _with_consumed_states(state: Any, sampler: DomainBatchSampler, fingerprint: Mapping[str, Any]) -> Any:

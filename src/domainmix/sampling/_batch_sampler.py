@@ -17,7 +17,7 @@ from domainmix.sampling._plan import Mode, StopRule, check_mix_options, rows_bef
 from domainmix.sampling._snapshots import Block, Snap, SnapshotRing
 from domainmix.sampling._streams import IndexStream, as_domain_index, check_disjoint, take_planned
 from domainmix.sampling._weights import WeightsLike, check_names
-from domainmix.sampling._wrapping import check_not_resharded
+from domainmix.sampling._wrapping import check_not_resharded, prefetch_depth
 
 __all__ = ["DomainBatchSampler"]
 
@@ -42,8 +42,9 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     State keys (``state_dict``, JSON-able, the same on every rank): ``EPOCH_KEY``, ``BATCH_KEY`` (batches
     in this epoch), ``TOTAL_KEY`` (batches since construction), ``PASS_KEY`` / ``CURSOR_KEY`` /
     ``EXHAUSTED_KEY`` (per domain), ``LD_COUNTS_KEY`` / ``LD_FROM_KEY`` (low-discrepancy counts since the
-    weight change at batch ``LD_FROM``), ``WEIGHTS_KEY``, ``HISTORY_KEY``, ``CONFIG_KEY``,
-    ``FINGERPRINT_KEY``.
+    weight change at batch ``LD_FROM``), ``WEIGHTS_KEY``, ``PREFETCH_KEY`` (how many batches the
+    iterating DataLoader ran ahead; a resume under another depth is refused at its first batch),
+    ``HISTORY_KEY``, ``CONFIG_KEY``, ``FINGERPRINT_KEY``.
 
     Args:
         domains: domain name -> indices (``range``, sequence, numpy array or tensor of non-negative ints).
@@ -84,6 +85,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     EXHAUSTED_KEY = "domains_exhausted"
     WEIGHTS_KEY = "weights"
     CONFIG_KEY = "config"
+    PREFETCH_KEY = "prefetch_depth"
     _STATE_KEYS = (
         DomainMixer.EPOCH_KEY, DomainMixer.BATCH_KEY, DomainMixer.TOTAL_KEY, PASS_KEY, CURSOR_KEY,
         EXHAUSTED_KEY, DomainMixer.LD_COUNTS_KEY, DomainMixer.LD_FROM_KEY, WEIGHTS_KEY,
@@ -133,6 +135,8 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         self._snaps = SnapshotRing(snapshot_history, Snap(0, 0, 0, zeros, zeros, 0))
         self._block: Block | None = None
         self._row = 0
+        self._depth = 0  # how far the loader iterating this sampler runs ahead (see _wrapping)
+        self._expected_depth: int | None = None  # the saved depth, checked at the first batch after a load
 
     @staticmethod
     def _validate(
@@ -226,7 +230,9 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             ValueError: when a framework wrapper re-shards the batches by process (Accelerate's
                 ``BatchSamplerShard``); see ``domainmix.integrations.accelerate``.
         """
-        check_not_resharded(sys._getframe(1), "DomainBatchSampler")  # the frame that called next()
+        caller = sys._getframe(1)  # the frame that called next(): a DataLoader's iterator, a wrapper, a loop
+        check_not_resharded(caller, "DomainBatchSampler")
+        self._check_depth(prefetch_depth(caller))
         epoch = self._snap.epoch
         while self._snap.epoch == epoch:
             block = self._block
@@ -243,6 +249,17 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
                 yield values[j].tolist()
                 if self._block is not block:  # set_weights / set_epoch / load_state_dict replanned
                     break
+
+    def _check_depth(self, depth: int) -> None:
+        expected, self._expected_depth, self._depth = self._expected_depth, None, depth
+        if expected is not None and depth != expected:
+            raise ValueError(
+                f"DomainBatchSampler: the state was saved while a DataLoader ran {expected} batches ahead "
+                f"(num_workers * prefetch_factor); the loader now runs {depth} ahead. A weight change lands "
+                "on the batch after the prefetched ones, so this run would follow another schedule than the "
+                "saved one. Resume with the same num_workers and prefetch_factor (or load the state with "
+                "ignore_fingerprint=True to accept it)."
+            )
 
     def _start_epoch(self, epoch: int) -> None:
         s = self._snap
@@ -294,6 +311,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             self.CURSOR_KEY: (snap.positions % n).tolist(),
             self.EXHAUSTED_KEY: ((snap.positions >= self._sizes) & (self._sizes > 0)).tolist(),
             self.WEIGHTS_KEY: list(self._schedule.at(snap.total)[1]),
+            self.PREFETCH_KEY: self._depth,
             self.CONFIG_KEY: {
                 "mode": self._mode,
                 "stop": self._stop,
@@ -324,8 +342,9 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         Args:
             state_dict: the saved state.
             ignore_fingerprint: accept a state saved with different domain sizes, mode, stop rule, batch
-                size, world size, seed or ``replacement`` (e.g. an elastic resume on more ranks). Domain
-                names must still match, since every per-domain entry is matched by position.
+                size, world size, seed or ``replacement`` (e.g. an elastic resume on more ranks), and
+                another loader prefetch depth. Domain names must still match, since every per-domain
+                entry is matched by position.
 
         Raises:
             ValueError: for missing keys or a fingerprint that differs from this sampler's.
@@ -337,6 +356,8 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         positions = passes * self._sizes + np.minimum(cursors, self._sizes)
         self._snaps.reset(Snap(at.total, at.epoch, at.batch, positions, at.ld_counts, at.ld_from))
         self._block = None
+        saved_depth = state_dict.get(self.PREFETCH_KEY)  # absent from states saved before it was recorded
+        self._expected_depth = None if ignore_fingerprint or saved_depth is None else int(saved_depth)
 
     def __repr__(self) -> str:
         q = ", ".join(f"{n}={w:.4g}" for n, w in zip(self._names, self.weights.tolist(), strict=True))

@@ -1,17 +1,23 @@
-"""Refuse a framework wrapper that deals the sampler's batches out to ranks a second time.
+"""Who iterates the sampler: a wrapper that re-shards its batches (refused), and a loader's prefetch depth.
 
 Accelerate's ``prepare`` wraps a loader's batch sampler in ``BatchSamplerShard`` in a multi-process run:
 every rank iterates the whole sampler and keeps every ``world``-th batch (or a slice of each). A
 ``DomainBatchSampler`` already yields this rank's share of one global plan, so the wrapper drops batches
 and runs the sampler ahead of the loop, with no error of its own (accelerate issues #4199, #4075). The
 wrapper is visible only as the caller of the sampler's iterator, so that is where it is looked for.
+
+The same caller tells how far a ``DataLoader`` runs ahead of the loop (``num_workers *
+prefetch_factor``), which decides the batch a weight change lands on; the sampler records it so that a
+resume under another depth is refused instead of silently following another schedule.
 """
 
 from __future__ import annotations
 
 from types import FrameType
 
-__all__ = ["check_not_resharded"]
+from torch.utils.data.dataloader import _BaseDataLoaderIter
+
+__all__ = ["check_not_resharded", "prefetch_depth"]
 
 # (module prefix, class name) of wrappers that shard batches by process
 _RESHARDERS = (("accelerate", "BatchSamplerShard"),)
@@ -33,3 +39,11 @@ def check_not_resharded(caller: FrameType | None, owner: str) -> None:
             "domainmix.integrations.accelerate.prepare_loader(accelerator, loader), which places batches "
             "on the device without re-sharding."
         )
+
+
+def prefetch_depth(caller: FrameType | None) -> int:
+    """Batches a ``DataLoader`` iterating the sampler from ``caller`` runs ahead; 0 for any other caller."""
+    owner = caller.f_locals.get("self") if caller is not None else None
+    if not isinstance(owner, _BaseDataLoaderIter) or not owner._num_workers:
+        return 0
+    return int(owner._num_workers) * int(getattr(owner, "_prefetch_factor", 0) or 0)
