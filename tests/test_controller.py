@@ -250,6 +250,7 @@ def test_pushes_q_and_uses_effective_sampling_for_multipliers() -> None:
 def test_json_log_lines(tmp_path) -> None:
     path = tmp_path / "w.jsonl"
     c = WeightingController(eg(), NAMES, log=path, update_every=2)
+    assert c.achieved is None  # no window has closed
     for t in range(1, 5):
         feed(c, t, domain=t % 3)
         c.step()
@@ -260,7 +261,7 @@ def test_json_log_lines(tmp_path) -> None:
     assert last["mixture"] == c.weights.mixture.tolist() and last["sampling"] == c.weights.sampling.tolist()
     assert last["loss_multipliers"] == c.loss_multipliers().tolist()
     assert last["stats"]["count"] == [1.0, 1.0, 0.0] and last["stats"]["loss"] == [3.0, 4.0, 0.0]
-    assert last["achieved"] == [0.5, 0.5, 0.0]  # the window's real composition, next to q
+    assert last["achieved"] == [0.5, 0.5, 0.0] == c.achieved.tolist()  # the window's real composition
     assert last["schedule"] == c.schedule_fingerprint != records[0]["schedule"]
     assert last["skipped"] is False
 

@@ -70,8 +70,8 @@ class WeightingController:
     read next to q) and ``schedule`` (:attr:`schedule_fingerprint`).
 
     State keys: ``step``, ``names``, ``strategy``, ``weights``, ``strategy_state``, ``collector``,
-    ``num_updates``, ``num_skipped``, ``schedule_fingerprint``, ``held``. The sampler keeps its own
-    state (its weights included): save and load both.
+    ``num_updates``, ``num_skipped``, ``schedule_fingerprint``, ``held``, ``achieved``. The sampler
+    keeps its own state (its weights included): save and load both.
 
     Args:
         strategy: the weighting method.
@@ -103,6 +103,7 @@ class WeightingController:
     SKIPPED_KEY = "num_skipped"
     SCHEDULE_KEY = "schedule_fingerprint"
     HOLD_KEY = "held"
+    ACHIEVED_KEY = "achieved"
 
     def __init__(
         self,
@@ -169,6 +170,7 @@ class WeightingController:
         self._weights = initial
         self._schedule = _chain_fingerprint("", initial)
         self._held = False  # set by override(hold=True): the strategy does not update until release()
+        self._achieved: Tensor | None = None  # the last window's domain shares (see achieved)
         self._state = strategy.init(initial)
         if self.stat_free:
             # push_unchanged: the sampler may have been built with other weights; sync it even when the
@@ -182,6 +184,15 @@ class WeightingController:
     def weights(self) -> DomainWeights:
         """Current α (mixture) and q (sampling) as set by the strategy."""
         return self._weights
+
+    @property
+    def achieved(self) -> Tensor | None:
+        """(k,) each domain's share of the loss elements the last closed window observed, or None.
+
+        The batches' real composition, to read next to q (``weights.sampling``); None before a window
+        has closed.
+        """
+        return None if self._achieved is None else self._achieved.clone()
 
     @property
     def schedule_fingerprint(self) -> str:
@@ -336,6 +347,7 @@ class WeightingController:
         """Run the strategy on ``stats`` now. Returns False when the update was skipped (non-finite stats)."""
         if not isinstance(stats, DomainStats):
             raise param_error("WeightingController.update", "stats", "a DomainStats", stats)
+        achieved = _shares(stats.count)
         if not stats.is_finite():
             self._num_skipped += 1
             warnings.warn(
@@ -346,11 +358,15 @@ class WeightingController:
                 RuntimeWarning,
                 stacklevel=2,
             )
+            self._achieved = achieved
             self._write_log(stats, skipped=True)
             return False
         if self._held:
+            self._achieved = achieved
             return False  # hand-set weights hold until release(); this window's statistics are dropped
-        return self._apply(stats, log_unchanged=True)
+        updated = self._apply(stats, log_unchanged=True)  # all or nothing: it may raise
+        self._achieved = achieved
+        return updated
 
     def override(
         self, mixture: WeightsLike | None = None, sampling: WeightsLike | None = None, *, hold: bool = False
@@ -489,7 +505,7 @@ class WeightingController:
             "mixture": self._weights.mixture.tolist(),
             "sampling": self._weights.sampling.tolist(),
             "loss_multipliers": self.loss_multipliers().tolist(),
-            "achieved": (stats.count / stats.count.sum().clamp_min(1.0)).tolist(),
+            "achieved": _shares(stats.count).tolist(),
             "schedule": self._schedule,
             "skipped": skipped,
             "override": override,
@@ -520,6 +536,7 @@ class WeightingController:
             self.SKIPPED_KEY: self._num_skipped,
             self.SCHEDULE_KEY: self._schedule,
             self.HOLD_KEY: self._held,
+            self.ACHIEVED_KEY: None if self._achieved is None else self._achieved.clone(),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -541,6 +558,7 @@ class WeightingController:
             self.SKIPPED_KEY,
             self.SCHEDULE_KEY,
             self.HOLD_KEY,
+            self.ACHIEVED_KEY,
         )
         check_state_keys("WeightingController", state_dict, keys)
         if tuple(state_dict[self.NAMES_KEY]) != self._weights.names:
@@ -569,6 +587,13 @@ class WeightingController:
         self._num_skipped = int(state_dict[self.SKIPPED_KEY])
         self._schedule = str(state_dict[self.SCHEDULE_KEY])
         self._held = bool(state_dict[self.HOLD_KEY])
+        achieved = state_dict[self.ACHIEVED_KEY]
+        self._achieved = None if achieved is None else torch.as_tensor(achieved, dtype=torch.float64).clone()
+
+
+def _shares(count: Tensor) -> Tensor:
+    count = count.to(torch.float64)
+    return count / count.sum().clamp_min(1.0)
 
 
 def _chain_fingerprint(previous: str, weights: DomainWeights) -> str:

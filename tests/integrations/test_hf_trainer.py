@@ -59,7 +59,9 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path: Path) -
     full.train()
     assert (tmp_path / "full" / "checkpoint-6" / STATE_FILE).is_file()
     assert full.controller.weights.mixture.tolist() != [1 / 3] * 3  # the weights moved
-    assert {f"domainmix/alpha/{n}" for n in NAMES} <= set(full.logged[0])
+    assert {f"domainmix/{w}/{n}" for w in ("alpha", "q", "achieved") for n in NAMES} <= set(full.logged[0])
+    # the first window (steps 1-2, uniform q, 2 per domain per batch of 6): a third each
+    assert [full.logged[0][f"domainmix/achieved/{n}"] for n in NAMES] == pytest.approx([1 / 3] * 3)
 
     resumed = make(tmp_path / "full")  # same output_dir: it resumes from checkpoint-6
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))

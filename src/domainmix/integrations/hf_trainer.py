@@ -14,7 +14,8 @@
   (``ignore_data_skip=True``): it would replay batches through the sampler, which resumes by itself.
   The random state (dropout masks) is restored right before the first forward after the resume: the
   Trainer's own restore happens before its loader iterator draws from it, or not at all mid-epoch;
-- adds α and q per domain (``domainmix/alpha/<name>``, ``domainmix/q/<name>``) to every log entry.
+- adds α, q and the last window's achieved shares per domain (``domainmix/alpha/<name>``,
+  ``domainmix/q/<name>``, ``domainmix/achieved/<name>``) to every log entry.
 
 The controller counts micro-batches: with gradient accumulation, ``update_every`` is in loader batches.
 """
@@ -171,11 +172,14 @@ class DomainMixTrainer(Trainer):
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """The Trainer's log entry, with α and q per domain."""
+        """The Trainer's log entry, with α, q and the achieved shares per domain."""
         weights, names = self.controller.weights, self.sampler.domains
         logs = dict(logs)
         logs |= {f"domainmix/alpha/{n}": float(a) for n, a in zip(names, weights.mixture, strict=True)}
         logs |= {f"domainmix/q/{n}": float(q) for n, q in zip(names, weights.sampling, strict=True)}
+        achieved = self.controller.achieved
+        if achieved is not None:
+            logs |= {f"domainmix/achieved/{n}": float(a) for n, a in zip(names, achieved, strict=True)}
         super().log(logs, start_time)
 
     def domain_state(self) -> dict[str, Any]:

@@ -17,7 +17,8 @@ module's own ``on_train_batch_end`` would run after it, and a resume would diver
   (``state_dict(consumed=n)``, prefetching workers included) in Lightning's checkpoints, and restores
   both in ``on_load_checkpoint``, which runs after ``setup()`` and before the loader is iterated
   (Lightning's data fetcher pulls the first batch before ``on_train_start``);
-- it logs α and q per domain (``domainmix/alpha/<name>``, ``domainmix/q/<name>``) with
+- it logs α, q and the last window's achieved shares per domain (``domainmix/alpha/<name>``,
+  ``domainmix/q/<name>``, ``domainmix/achieved/<name>``) with
   ``LightningModule.log_dict``, which reaches the logger every ``log_every_n_steps``.
 """
 
@@ -97,6 +98,9 @@ class DomainMixCallback(Callback):
             weights, names = controller.weights, sampler.domains
             values = {f"domainmix/alpha/{n}": float(a) for n, a in zip(names, weights.mixture, strict=True)}
             values |= {f"domainmix/q/{n}": float(q) for n, q in zip(names, weights.sampling, strict=True)}
+            achieved = controller.achieved
+            if achieved is not None:
+                values |= {f"domainmix/achieved/{n}": float(a) for n, a in zip(names, achieved, strict=True)}
             pl_module.log_dict(values, on_step=True, on_epoch=False)
 
     def on_save_checkpoint(
