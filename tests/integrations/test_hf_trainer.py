@@ -73,6 +73,9 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path: Path) -
 
 def test_errors(tmp_path: Path) -> None:
     trainer = make(tmp_path)
+    batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}
+    with pytest.raises(ValueError, match="the training batch has no 'domain_id' entry"):
+        trainer.compute_loss(trainer.model.train(), batch)
     with pytest.raises(
         ValueError, match="does not exist; the checkpoint was not written by a DomainMixTrainer"
     ):

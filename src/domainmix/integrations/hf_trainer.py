@@ -131,9 +131,14 @@ class DomainMixTrainer(Trainer):
         num_items_in_batch: Any = None,
     ) -> Tensor | tuple[Tensor, Any]:
         """Training: the plain loop's step (record, controller step, weighted loss); else the Trainer's."""
-        ids = inputs.pop(self._domain_key)
+        ids = inputs.pop(self._domain_key, None)
         if not model.training:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if ids is None:
+            raise ValueError(
+                f"DomainMixTrainer: the training batch has no {self._domain_key!r} entry (keys: "
+                f"{sorted(inputs)}); the collated batch must carry each example's integer domain id."
+            )
         if self._rng_pending is not None:
             # The Trainer restores the random state at the epoch start, before its loader iterator draws
             # from it, or not at all (after ignore_data_skip); restore it where the checkpoint left off.
