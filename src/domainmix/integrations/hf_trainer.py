@@ -35,6 +35,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 
 from domainmix._atomic import atomic_write_bytes
 from domainmix.controller import WeightingController
+from domainmix.integrations._logging import weight_scalars
 from domainmix.integrations.accelerate import prepare_loader
 from domainmix.losses import weighted_loss
 from domainmix.sampling import DomainBatchSampler
@@ -178,13 +179,7 @@ class DomainMixTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's log entry, with α, q and the achieved shares per domain."""
-        weights, names = self.controller.weights, self.sampler.domains
-        logs = dict(logs)
-        logs |= {f"domainmix/alpha/{n}": float(a) for n, a in zip(names, weights.mixture, strict=True)}
-        logs |= {f"domainmix/q/{n}": float(q) for n, q in zip(names, weights.sampling, strict=True)}
-        achieved = self.controller.achieved
-        if achieved is not None:
-            logs |= {f"domainmix/achieved/{n}": float(a) for n, a in zip(names, achieved, strict=True)}
+        logs = {**logs, **weight_scalars(self.controller)}
         super().log(logs, start_time)
 
     def domain_state(self) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from typing import Any
 from lightning.pytorch import Callback, LightningModule, Trainer
 
 from domainmix.controller import WeightingController
+from domainmix.integrations._logging import weight_scalars
 from domainmix.sampling import DomainBatchSampler
 
 __all__ = ["DomainMixCallback"]
@@ -42,7 +43,8 @@ class DomainMixCallback(Callback):
             ``"controller"``).
         sampler: the name of the module attribute holding the ``DomainBatchSampler`` (default
             ``"sampler"``).
-        log: log α and q per domain with ``LightningModule.log_dict`` (default ``True``).
+        log: log α, q and the achieved shares per domain with ``LightningModule.log_dict`` (default
+            ``True``).
 
     Checkpoint keys: ``CHECKPOINT_KEY`` in Lightning's checkpoint dict, holding ``CONTROLLER_KEY`` and
     ``SAMPLER_KEY``.
@@ -94,14 +96,8 @@ class DomainMixCallback(Callback):
         """Count the consumed batch (before ``ModelCheckpoint`` runs) and log the weights."""
         self._consumed += 1
         if self._log:  # Lightning passes them to its logger every log_every_n_steps
-            controller, sampler = self._parts(pl_module)
-            weights, names = controller.weights, sampler.domains
-            values = {f"domainmix/alpha/{n}": float(a) for n, a in zip(names, weights.mixture, strict=True)}
-            values |= {f"domainmix/q/{n}": float(q) for n, q in zip(names, weights.sampling, strict=True)}
-            achieved = controller.achieved
-            if achieved is not None:
-                values |= {f"domainmix/achieved/{n}": float(a) for n, a in zip(names, achieved, strict=True)}
-            pl_module.log_dict(values, on_step=True, on_epoch=False)
+            controller, _ = self._parts(pl_module)
+            pl_module.log_dict(weight_scalars(controller), on_step=True, on_epoch=False)
 
     def on_save_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]
