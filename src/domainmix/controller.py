@@ -396,10 +396,7 @@ class WeightingController:
         flags = torch.tensor([float(bool(hold))], dtype=torch.float64)
         for tensor in (new.mixture, new.sampling, flags):
             broadcast_from_zero(tensor)
-        changed = not (
-            torch.equal(new.mixture, self._weights.mixture)
-            and torch.equal(new.sampling, self._weights.sampling)
-        )
+        changed = self._differs(new)
         self._weights, self._held = new, bool(flags.item())
         if changed:
             self._schedule = _chain_fingerprint(self._schedule, new)
@@ -434,10 +431,7 @@ class WeightingController:
     ) -> bool:
         new, state = self._strategy.update(self._weights, self._state, stats)
         new = self._validated(new)
-        changed = not (
-            torch.equal(new.mixture, self._weights.mixture)
-            and torch.equal(new.sampling, self._weights.sampling)
-        )
+        changed = self._differs(new)
         self._weights, self._state = new, state
         if changed:
             self._schedule = _chain_fingerprint(self._schedule, new)
@@ -450,6 +444,13 @@ class WeightingController:
         if changed or log_unchanged:
             self._write_log(stats, skipped=False)
         return True
+
+    def _differs(self, new: DomainWeights) -> bool:
+        """Whether ``new`` changes α or q bit for bit (what the sampler, the log and the fingerprint see)."""
+        return not (
+            torch.equal(new.mixture, self._weights.mixture)
+            and torch.equal(new.sampling, self._weights.sampling)
+        )
 
     def _validated(self, new: Any) -> DomainWeights:
         name = self._strategy.name
