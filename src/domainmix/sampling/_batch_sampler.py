@@ -228,7 +228,9 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
 
         Raises:
             ValueError: when a framework wrapper re-shards the batches by process (Accelerate's
-                ``BatchSamplerShard``); see ``domainmix.integrations.accelerate``.
+                ``BatchSamplerShard``; see ``domainmix.integrations.accelerate``), or, at the first batch
+                after ``load_state_dict``, when the iterating DataLoader prefetches to another depth than
+                the one the state was saved under.
         """
         caller = sys._getframe(1)  # the frame that called next(): a DataLoader's iterator, a wrapper, a loop
         check_not_resharded(caller, "DomainBatchSampler")
