@@ -388,6 +388,36 @@ def test_compare_adds_the_dids_rows_only_when_asked(tmp_path: Path, monkeypatch:
     assert {c for _, w, c in calls if w.startswith("dids")} == {tmp_path / "partition.json"}  # one per seed
 
 
+def test_compare_reuse_trains_only_the_missing_or_changed_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = lm.compare(TINY, tmp_path)
+    trained: list[str] = []
+    real_base = lm.stage_base
+
+    def refuse(*args: object) -> dict:
+        raise AssertionError("a finished stage was trained again")
+
+    def base(cfg: lm.LmConfig, out: Path, *args: object) -> dict:
+        trained.append(out.name)
+        return real_base(cfg, out, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(lm, "stage_reference", refuse)
+    monkeypatch.setattr(lm, "stage_proxy", refuse)
+    monkeypatch.setattr(lm, "stage_base", base)
+    more = lm.compare(replace(TINY, compare_dids=True), tmp_path, reuse=True)  # compare_dids: not a stage's
+    assert trained == ["base-dids", "base-dids-flat", "base-dids-inverted"]
+    assert {k: more[k] for k in first} == first  # the finished rows, read back as they were
+    assert lm.finished_stage(tmp_path / "base-uniform" / "metrics.json", replace(TINY, lr=0.01)) is None
+    assert lm.finished_stage(tmp_path / "reference" / "reference.json", TINY, "missing.pt") is None
+    trained.clear()
+    (tmp_path / "base-proportional" / "metrics.json").unlink()  # as if stopped part-way
+    lm.compare(TINY, tmp_path, reuse=True)
+    assert trained == ["base-proportional"]
+    with pytest.raises(SystemExit):
+        lm.main(["--stage", "base", "--weights", "uniform", "--reuse", "--out", str(tmp_path)])
+
+
 @pytest.mark.slow
 def test_compare_seeds_with_the_dids_rows(tmp_path: Path) -> None:
     from domainmix.experiments import lm_report

@@ -16,6 +16,8 @@ Stages (each writes into ``--out``):
   on the reference stage's model (``--reference DIR``, its ``reference_model.pt``).
 * ``--compare``: everything above, then a table of the base runs (uniform, proportional, DoReMi, DoGE on
   the same token budget, and the DIDS rows with ``compare_dids=true``) in ``comparison.json``.
+  ``--reuse`` keeps every stage already in ``--out`` that was run with the same settings
+  (:func:`finished_stage`): a comparison stopped part-way goes on, and new rows join finished ones.
 
 Data: a corpus from ``domainmix data build-corpus`` (``--corpus DIR``), tokenized with its BPE
 (``tokenizer="bpe"``, the default) or as bytes, cut into non-overlapping windows of ``block_size + 1``
@@ -678,13 +680,53 @@ def finish_base(
     return result
 
 
-def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
-    """Reference, every proxy method, and a base run per weighting on the same token budget; a table."""
-    done = stage_reference(cfg, out / "reference")
+# Settings that choose which stages a comparison runs, not what any stage computes.
+_NOT_A_STAGE_SETTING = ("compare_dids",)
+
+
+def finished_stage(record: Path, cfg: LmConfig, *companions: str) -> dict[str, Any] | None:
+    """A stage's earlier result, if ``record`` (its JSON) exists with ``cfg``'s settings, else None.
+
+    ``--compare --reuse`` runs only the stages this returns None for: a comparison stopped part-way
+    goes on, and new rows (``compare_dids=true``) join finished ones. The stage's recorded ``config``
+    must equal ``cfg`` in every setting but those of ``_NOT_A_STAGE_SETTING``, and the ``companions``
+    (files next to ``record``) must exist.
+    """
+    if not record.is_file() or not all((record.parent / name).is_file() for name in companions):
+        return None
+    result: dict[str, Any] = json.loads(record.read_text(encoding="utf-8"))
+    wanted, found = asdict(cfg), dict(result.get("config", {}))
+    for key in _NOT_A_STAGE_SETTING:
+        wanted.pop(key, None)
+        found.pop(key, None)
+    return result if found == wanted else None
+
+
+def compare(cfg: LmConfig, out: Path, reuse: bool = False) -> dict[str, Any]:
+    """Reference, every proxy method, and a base run per weighting on the same token budget; a table.
+
+    ``reuse``: keep each stage :func:`finished_stage` finds in ``out`` instead of training it again.
+    """
+
+    def run(record: Path, stage: Callable[[], dict[str, Any]], *companions: str) -> dict[str, Any]:
+        earlier = finished_stage(record, cfg, *companions) if reuse else None
+        if earlier is not None:
+            _log(f"reusing {record.parent.name} ({record})")
+        return stage() if earlier is None else earlier
+
+    done = run(
+        out / "reference" / "reference.json",
+        lambda: stage_reference(cfg, out / "reference"),
+        "reference_losses.npy",
+        REFERENCE_MODEL,
+    )
     _log(f"reference: {done['train_seconds']:.0f} s, loss cache {done['cache_seconds']:.0f} s")
     proxies = {}
     for name in PROXY_METHODS:
-        done = proxies[name] = stage_proxy(cfg, out / f"proxy-{name}", name, out / "reference")
+        done = proxies[name] = run(
+            out / f"proxy-{name}" / "weights.json",
+            lambda name=name: stage_proxy(cfg, out / f"proxy-{name}", name, out / "reference"),
+        )
         _log(f"proxy {name}: {done['train_seconds']:.0f} s, averaged α {_rounded(done['averaged'])}")
     rows = {}
     learned = {name: str(out / f"proxy-{name}" / "weights.json") for name in PROXY_METHODS}
@@ -692,8 +734,11 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
     runs = {"uniform": "uniform", "proportional": "proportional", **learned, **online}
     for label, weights in runs.items():
         # The DIDS rows share one partition (the reference model's gradient clusters) per seed.
-        row = rows[label] = stage_base(
-            cfg, out / f"base-{label}", weights, out / "reference", out / "partition.json"
+        row = rows[label] = run(
+            out / f"base-{label}" / "metrics.json",
+            lambda label=label, weights=weights: stage_base(
+                cfg, out / f"base-{label}", weights, out / "reference", out / "partition.json"
+            ),
         )
         _log(
             f"base {label}: {row['train_seconds']:.0f} s, mean test ppl {row['average_test_perplexity']:.3f}"
@@ -719,7 +764,7 @@ def compare(cfg: LmConfig, out: Path) -> dict[str, Any]:
     return table
 
 
-def compare_seeds(cfg: LmConfig, out: Path, seeds: Sequence[int]) -> dict[str, Any]:
+def compare_seeds(cfg: LmConfig, out: Path, seeds: Sequence[int], reuse: bool = False) -> dict[str, Any]:
     """:func:`compare` once per seed (into ``out/seed-N``), then paired differences to uniform.
 
     Each weighting's paired difference to uniform over the seeds comes with a 95 % Student-t interval
@@ -730,7 +775,7 @@ def compare_seeds(cfg: LmConfig, out: Path, seeds: Sequence[int]) -> dict[str, A
     """
     if len(seeds) < 2 or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds needs two or more distinct seeds for paired intervals; got {list(seeds)}.")
-    tables = {seed: compare(replace(cfg, seed=seed), out / f"seed-{seed}") for seed in seeds}
+    tables = {seed: compare(replace(cfg, seed=seed), out / f"seed-{seed}", reuse) for seed in seeds}
     names = ("average", "worst") + (("target",) if cfg.target_domain else ())
     paired = paired_to_uniform(list(tables.values()), names)  # of stage_base's log-perplexities
     result = {"seeds": list(seeds), "log_perplexity_minus_uniform": paired, "tables": tables}
@@ -809,13 +854,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", default=None, help="with --compare: comma-separated seeds, e.g. 0,1,2 (paired intervals)"
     )
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="with --compare: keep each stage already in --out that was run with the same settings",
+    )
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1), help="torch threads")
     parser.add_argument("--device", choices=["cpu", "cuda", "auto"], help="shortcut for --set device=...")
     args = parser.parse_args(argv)
     if args.compare == (args.stage is not None):
         parser.error("give exactly one of --stage and --compare")
-    if args.seeds is not None and not args.compare:
-        parser.error("--seeds goes with --compare")
+    if (args.seeds is not None or args.reuse) and not args.compare:
+        parser.error("--seeds and --reuse go with --compare")
     torch.set_num_threads(args.threads)
     try:
         overrides = dict(parse_override(text) for text in args.set)
@@ -825,9 +875,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(LmConfig, args.config, overrides)
         if args.compare and args.seeds is not None:
             seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-            print(format_paired(compare_seeds(cfg, args.out, seeds)))
+            print(format_paired(compare_seeds(cfg, args.out, seeds, args.reuse)))
         elif args.compare:
-            table = compare(cfg, args.out)
+            table = compare(cfg, args.out, args.reuse)
             print(format_comparison(table))
         elif args.stage == "reference":
             print(json.dumps({k: v for k, v in stage_reference(cfg, args.out).items() if k != "config"}))
