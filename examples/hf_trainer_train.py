@@ -2,11 +2,13 @@
 
     python examples/hf_trainer_train.py --out /tmp/dm-hf --steps 12
     python examples/hf_trainer_train.py --out /tmp/dm-hf --steps 12 --resume /tmp/dm-hf/checkpoint-6
+    torchrun --standalone --nproc_per_node=2 examples/hf_trainer_train.py --out /tmp/dm-hf2
 
 A one-layer GPT-2 built from its config (nothing is downloaded) learns three synthetic "domains" whose
 tokens come from different ranges. ``DomainMixTrainer`` draws the batches from the sampler, weights the
 loss by the controller's α/q, stores both states in each ``checkpoint-N`` and resumes them exactly. The
-final weights and the log history go to ``result.json``.
+final weights and the log history go to ``result.json``; each rank writes ``rank{r}.json`` with the
+examples of its batches and the weights after every step.
 """
 
 from __future__ import annotations
@@ -33,13 +35,30 @@ def dataset() -> list[dict[str, Any]]:
     for d, n in enumerate(SIZES):  # each domain draws its tokens from its own range: different losses
         for _ in range(n):
             ids = torch.randint(20 * d, 20 * d + 8 + 8 * d, (12,), generator=g)
-            rows.append({"input_ids": ids, "labels": ids.clone(), "domain_id": d})
+            rows.append({"input_ids": ids, "labels": ids.clone(), "domain_id": d, "example_id": len(rows)})
     return rows
 
 
+class RecordingTrainer(DomainMixTrainer):
+    """Keeps, per training step, the examples of the batch and the weights after the controller's step."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.record: dict[str, list] = {"batches": [], "mixture": [], "sampling": []}
+
+    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+        example_ids = inputs.pop("example_id")  # not a model input
+        loss = super().compute_loss(model, inputs, *args, **kwargs)
+        if model.training:
+            self.record["batches"].append(example_ids.tolist())
+            self.record["mixture"].append(self.controller.weights.mixture.tolist())
+            self.record["sampling"].append(self.controller.weights.sampling.tolist())
+        return loss
+
+
 def build(
-    out: Path, steps: int, trainer_class: type[DomainMixTrainer] = DomainMixTrainer
-) -> DomainMixTrainer:
+    out: Path, steps: int, trainer_class: type[RecordingTrainer] = RecordingTrainer
+) -> RecordingTrainer:
     """The trainer; ``trainer_class`` lets a test record what it sees."""
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=6, learning_rate=1e-3,
@@ -72,8 +91,16 @@ def main() -> None:
     args = parser.parse_args()
     trainer = build(args.out, args.steps)
     trainer.train(resume_from_checkpoint=args.resume)
-    result = {"mixture": trainer.controller.weights.mixture.tolist(), "log": trainer.state.log_history}
-    (args.out / "result.json").write_text(json.dumps(result))
+    if trainer.is_world_process_zero():
+        result = {"mixture": trainer.controller.weights.mixture.tolist(), "log": trainer.state.log_history}
+        (args.out / "result.json").write_text(json.dumps(result))
+    record = {
+        "world": trainer.args.world_size,
+        "history": trainer.sampler.weight_history,
+        "parameters": [p.tolist() for p in trainer.model.parameters()],
+        **trainer.record,
+    }
+    (args.out / f"rank{trainer.args.process_index}.json").write_text(json.dumps(record))
 
 
 if __name__ == "__main__":

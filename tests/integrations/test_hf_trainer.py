@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
 from domainmix.integrations.hf_trainer import STATE_FILE, DomainMixTrainer  # noqa: E402
+from _helpers import assert_two_rank_run, run_torchrun  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("web", "code", "books")
@@ -34,16 +35,10 @@ def load_example():  # noqa: ANN201
 EXAMPLE = load_example()
 
 
-class Recording(DomainMixTrainer):
+class Recording(EXAMPLE.RecordingTrainer):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.batches: list[list[int]] = []
         self.logged: list[dict[str, float]] = []
-
-    def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
-        if model.training:
-            self.batches.append(inputs["input_ids"][:, 0].tolist())
-        return super().compute_loss(model, inputs, *args, **kwargs)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         super().log(logs, start_time)
@@ -65,7 +60,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path: Path) -
 
     resumed = make(tmp_path / "full")  # same output_dir: it resumes from checkpoint-6
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
-    assert resumed.batches == full.batches[6:]
+    assert resumed.record["batches"] == full.record["batches"][6:]
     assert torch.equal(resumed.controller.weights.mixture, full.controller.weights.mixture)
     for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
@@ -74,6 +69,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path: Path) -
 def test_errors(tmp_path: Path) -> None:
     trainer = make(tmp_path)
     batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}
+    batch["example_id"] = torch.arange(2)
     with pytest.raises(ValueError, match="the training batch has no 'domain_id' entry"):
         trainer.compute_loss(trainer.model.train(), batch)
     with pytest.raises(
@@ -97,3 +93,22 @@ def test_the_example_script_runs_and_resumes(tmp_path: Path) -> None:
         assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["log"][-1]["domainmix/alpha/web"] == pytest.approx(result["mixture"][0], abs=1e-4)
+
+
+def test_two_processes_share_the_weights_and_resume_exactly(tmp_path: Path) -> None:
+    script = ROOT / "examples" / "hf_trainer_train.py"
+    done = run_torchrun(script, "--out", str(tmp_path / "full"))
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert_two_rank_run(tmp_path / "full", EXAMPLE.SIZES, 6)  # one global plan, identical weights
+    checkpoint = str(tmp_path / "full" / "checkpoint-6")
+    done = run_torchrun(script, "--out", str(tmp_path / "resumed"), "--resume", checkpoint)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in (0, 1):
+        full = json.loads((tmp_path / "full" / f"rank{rank}.json").read_text())
+        resumed = json.loads((tmp_path / "resumed" / f"rank{rank}.json").read_text())
+        assert full["world"] == resumed["world"] == 2
+        assert resumed["batches"] == full["batches"][6:]
+        assert resumed["mixture"] == full["mixture"][6:]
+        assert resumed["parameters"] == full["parameters"]  # DDP kept the ranks' models equal too
+    ranks = [json.loads((tmp_path / "full" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["parameters"] == ranks[1]["parameters"]
