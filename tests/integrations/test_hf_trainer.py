@@ -16,8 +16,8 @@ pytest.importorskip("transformers")
 import torch  # noqa: E402
 from transformers import TrainingArguments  # noqa: E402
 
-from domainmix.integrations.hf_trainer import STATE_FILE, DomainMixTrainer  # noqa: E402
 from _helpers import assert_two_rank_run, run_torchrun  # noqa: E402
+from domainmix.integrations.hf_trainer import STATE_FILE, DomainMixTrainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("web", "code", "books")

@@ -146,6 +146,31 @@ def test_plain_iterables_are_refused_under_workers() -> None:
     assert len(list(DataLoader(mixer, batch_size=2, num_workers=1))) == 2  # one worker reads each once
 
 
+def test_workers_never_repeat_a_pass_from_the_main_copys_stale_state() -> None:
+    # Workers iterate copies; the main process's object never advances. Non-persistent workers of a
+    # second pass would start from it again and repeat the first pass's items: refused.
+    mixer = DomainMixingIterable(sources(), batch_size=2, num_batches=3)
+    first = [b[1] for b in DataLoader(mixer, batch_size=2, num_workers=1)]
+    with pytest.raises(ValueError, match="worker 0 got a new copy of the iterable, made from the main"):
+        list(DataLoader(mixer, batch_size=2, num_workers=1))
+    mixer.load_state_dict(mixer.state_dict())  # an explicit restore may start workers again
+    assert [b[1] for b in DataLoader(mixer, batch_size=2, num_workers=1)] == first
+    persistent = DataLoader(make(num_batches=3), batch_size=4, num_workers=1, persistent_workers=True)
+    passes = [[x for b in persistent for x in b[1]] for _ in range(2)]  # the same copy goes on
+    assert len(passes[1]) == 12 and not set(passes[0]) & set(passes[1])
+
+
+def test_a_weight_change_that_cannot_reach_the_workers_is_refused() -> None:
+    mixer = make(stop="cycle_forever")
+    mixer.set_weights([1.0, 1.0, 0.0])  # before the loader's iterator starts: the copies have it
+    batches = iter(DataLoader(mixer, batch_size=4, num_workers=1, prefetch_factor=1))
+    assert not any(x.startswith("c") for x in next(batches)[1])
+    mixer.set_weights([0.0, 0.0, 1.0])
+    with pytest.raises(ValueError, match="set_weights was called in the main process while DataLoader"):
+        for _ in range(3):  # the worker may have built one more batch before the change
+            next(batches)
+
+
 class EpochSource(Source):
     """Like a Hugging Face IterableDataset: a loaded state is re-applied on every iter() of its epoch."""
 

@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
 import numpy as np
+import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from domainmix._validation import Interval, check_param, param_error
@@ -15,6 +16,10 @@ from domainmix.sampling._plan import StopRule, check_mix_options
 from domainmix.sampling._weights import WeightsLike, check_names
 
 __all__ = ["DomainMixingIterable"]
+
+
+# Workers whose copies are tracked (one flag each, shared memory); a later worker id goes unchecked.
+_WORKER_SLOTS = 256
 
 
 class _EpochEnd(Exception):
@@ -40,7 +45,9 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
     sources in their own order. Each rank, and each DataLoader worker, must be given its own shard of
     every source; this class splits the domain plan, not the sources. Sources with ``state_dict()`` /
     ``load_state_dict()`` are restored on resume, others are replayed from their start. The details
-    (workers, stop rules on sources, resume) are in ``docs/design.md``, "The domain batch sampler".
+    (workers, stop rules on sources, resume) are in ``docs/design.md``, "The mixing iterable".
+    DataLoader workers iterate copies: a ``set_weights`` on this object after they started, or a second
+    pass of non-persistent workers from this object's (never advanced) state, raises in the worker.
 
     State keys (``state_dict``): ``EPOCH_KEY``, ``BATCH_KEY``, ``TOTAL_KEY``, ``OFFSET_KEY`` (items of the
     current batch already yielded), ``LD_COUNTS_KEY`` / ``LD_FROM_KEY``, and per source ``PASS_KEY``,
@@ -118,12 +125,29 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         # ("restore", saved source state or None) waiting for the next iter(source); None: a plain new pass
         self._restore: list[tuple[str, Any] | None] = [None] * k
         self._plan: _Rows | None = None
+        # DataLoader workers iterate copies of this object, made when the loader's iterator starts
+        # (fork or spawn), and nothing they do comes back. This tensor is shared with those copies:
+        # [0] counts set_weights calls on this object (a copy knows its own count, `_changes`), and
+        # [1 + w] marks that worker w iterated a copy. See _check_worker_copy.
+        self._shared = torch.zeros(1 + _WORKER_SLOTS, dtype=torch.int64).share_memory_()  # type: ignore[no-untyped-call]
+        self._changes = 0
+        self._own_state = False  # this copy has advanced (or been restored) inside a worker
 
     def _clock(self) -> int:
         return self._total + (1 if self._offset else 0)
 
     def _replan(self) -> None:
         self._plan = None
+
+    def set_weights(self, weights: WeightsLike) -> None:
+        """Use ``weights`` from the next batch on (:meth:`DomainMixer.set_weights`).
+
+        Under DataLoader workers the change cannot reach the workers' copies: their next batch raises
+        a ``ValueError`` instead of going on with the old weights (``docs/integrations.md``).
+        """
+        super().set_weights(weights)
+        self._changes += 1
+        self._shared[0] += 1
 
     def set_epoch(self, epoch: int) -> None:
         """Jump to the start of ``epoch`` (a no-op for the current epoch, so a resume is kept)."""
@@ -137,13 +161,17 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         """Yield ``(domain_name, item)`` for the rest of the current epoch."""
         rank, world, limit = self._rank, self._world, self._num_batches
         info = get_worker_info()
-        if info is not None and info.num_workers > 1:
-            self._check_worker_sources(info.num_workers)
-            rank, world = rank * info.num_workers + info.id, world * info.num_workers
-            if limit is not None:  # num_batches counts the rank's batches: deal them to its workers
-                limit = limit // info.num_workers + (info.id < limit % info.num_workers)
+        if info is not None:
+            if info.num_workers > 1:
+                self._check_worker_sources(info.num_workers)
+                rank, world = rank * info.num_workers + info.id, world * info.num_workers
+                if limit is not None:  # num_batches counts the rank's batches: deal them to its workers
+                    limit = limit // info.num_workers + (info.id < limit % info.num_workers)
+            self._check_worker_copy(info.id)
         epoch = self._epoch
         while self._epoch == epoch:
+            if info is not None and self._offset == 0:
+                self._check_no_weight_change()
             if self._offset == 0 and self._epoch_over(limit):
                 self._start_epoch(self._epoch + 1)
                 return
@@ -158,6 +186,32 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
             if self._offset == len(ids):
                 self._finish_batch()
             yield self._names[i], item
+
+    def _check_worker_copy(self, worker: int) -> None:
+        # A worker starts from a copy of the main process's object, whose state never advances (the
+        # workers consume the sources). A second copy for the same worker (non-persistent workers, a
+        # new epoch) would repeat the first one's items: refuse it.
+        slot = 1 + worker
+        if not self._own_state and slot < len(self._shared):
+            if int(self._shared[slot]):
+                raise ValueError(
+                    f"DomainMixingIterable: DataLoader worker {worker} got a new copy of the iterable, "
+                    "made from the main process's state, which the workers' progress never reaches; it "
+                    "would repeat the items of the earlier pass. Use persistent_workers=True, or "
+                    "num_workers=0, or restore a saved state (load_state_dict) before iterating again."
+                )
+            self._shared[slot] = 1
+        self._own_state = True
+
+    def _check_no_weight_change(self) -> None:
+        if int(self._shared[0]) != self._changes:
+            raise ValueError(
+                "DomainMixingIterable: set_weights was called in the main process while DataLoader "
+                "workers iterate copies of the iterable; the new weights cannot reach them, and going on "
+                "with the old ones would be silently wrong. To change weights during training, use "
+                "num_workers=0 (the sources may prefetch on their own) or a map-style dataset with "
+                "DomainBatchSampler, whose plan stays in the main process."
+            )
 
     def _check_worker_sources(self, num_workers: int) -> None:
         # Every worker iterates its own copy of each source: a plain iterable would be read in full by
@@ -309,3 +363,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         self._restore = [("restore", saved_states[i]) for i in range(k)]
         self._iters = [None] * k
         self._plan = None
+        if get_worker_info() is None:
+            self._shared[1:] = 0  # workers may start from this state again
+        else:
+            self._own_state = True  # a worker's own saved state (a loader that collects worker states)
