@@ -23,7 +23,7 @@ from torch import Tensor
 
 from domainmix._validation import Interval, check_param, check_weight_vector, param_error
 
-__all__ = ["allocate_counts", "as_distribution", "low_discrepancy_sequence"]
+__all__ = ["allocate_counts", "as_distribution", "distribution", "edf_sequence", "low_discrepancy_sequence"]
 
 # Longest period (in slots) of a rational q for which the low-discrepancy sequence is cached and tiled.
 _MAX_PERIOD = 1 << 16
@@ -141,18 +141,37 @@ def low_discrepancy_sequence(
         (n,) int64 domain ids.
     """
     p = as_distribution("low_discrepancy_sequence", "q", q)
-    c = np.asarray(counts, dtype=np.int64)
     n = check_param("low_discrepancy_sequence", "n", n, Interval(int, 0, None))
+    return edf_sequence(tuple(p.tolist()), counts, n)
+
+
+def edf_sequence(p: tuple[float, ...], counts: np.ndarray | Sequence[int], n: int) -> np.ndarray:
+    """:func:`low_discrepancy_sequence` without the argument checks, for ``p`` from :func:`distribution`.
+
+    The samplers' weights are validated once, when they are set, and planned many times.
+    """
+    c = np.asarray(counts, dtype=np.int64)
     t = int(c.sum())
-    period = _rational_period(tuple(p.tolist()))
+    period = _rational_period(p)
     if period is not None:
         seq, prefix = period
         d = len(seq)
         expected = (t // d) * prefix[-1] + prefix[t % d]
         if np.array_equal(expected, c):
-            return seq[(t + np.arange(n, dtype=np.int64)) % d]
+            # the sequence from slot t: one rotation of the period, repeated (a copy, not a gather)
+            return np.resize(np.roll(seq, -(t % d)), n)
         # counts off the periodic path (not produced by this function): fall through to the exact loop
-    return _edf(tuple(p.tolist()), c.tolist(), n)
+    return _edf(p, c.tolist(), n)
+
+
+@lru_cache(maxsize=64)
+def distribution(q: tuple[float, ...]) -> tuple[float, ...]:
+    """``as_distribution(q)`` as a tuple, cached.
+
+    The normalisation :func:`low_discrepancy_sequence` applies, so that a sampler planning with
+    :func:`edf_sequence` emits the same sequence.
+    """
+    return tuple(as_distribution("low_discrepancy_sequence", "q", q).tolist())
 
 
 @lru_cache(maxsize=64)

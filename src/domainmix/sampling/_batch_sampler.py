@@ -244,11 +244,11 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
                 if block is None:
                     self._start_epoch(epoch + 1)
                     return
-            values, append = block.values, self._snaps.append
-            for j in range(self._row, len(values)):
+            rows, append = block.values[self._row :].tolist(), self._snaps.append  # one call per block
+            for j, row in enumerate(rows, self._row):
                 self._row = j + 1
                 append((block, j))  # commit before yielding: state_dict() after a batch includes it
-                yield values[j].tolist()
+                yield row
                 if self._block is not block:  # set_weights / set_epoch / load_state_dict replanned
                     break
 
@@ -282,7 +282,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         nb = rows_before_stop(self._stop, self._sizes, s.positions, after, active, len(plan.counts))
         if nb == 0:
             return None
-        values = take_planned(self._streams, plan, nb, planned.epoch_key, s.positions)
+        values = take_planned(self._streams, plan, nb, planned.epoch_key, s.positions, self._rank)
         return Block(values, s, after[:nb], plan.ld_after[:nb], planned.from_batch)
 
     # ------------------------------------------------------------------ state

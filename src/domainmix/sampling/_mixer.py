@@ -19,7 +19,7 @@ from torch import Tensor
 
 from domainmix._distributed import resolve_rank_world
 from domainmix._state import check_fingerprint, check_state_keys
-from domainmix.sampling._plan import BLOCK, Mode, SlotPlan, StopRule, plan_block
+from domainmix.sampling._plan import BLOCK, PLAN_ROWS, Mode, SlotPlan, StopRule, plan_block
 from domainmix.sampling._weights import WeightSchedule, WeightsLike
 
 __all__ = ["Counters", "DomainMixer", "Planned"]
@@ -155,6 +155,9 @@ class DomainMixer(ABC):
     def _plan_next(self, at: Counters, rank: int, world: int) -> Planned | None:
         """Plan the batches from ``at`` up to the next block boundary, weight change or epoch end.
 
+        At most :meth:`_plan_length` batches: plans are a function of the counters alone, so their
+        length changes the cost, never the batches.
+
         ``None`` when ``num_batches`` ends the epoch at ``at``. Stratified counts are for the global batch
         of ``batch_size * world`` slots, which may exceed the configured one (DataLoader workers).
         """
@@ -163,7 +166,7 @@ class DomainMixer(ABC):
         # Cycling streams never restart, so batches are keyed by the absolute count; otherwise per epoch.
         cycling = self._stop == StopRule.CYCLE_FOREVER
         epoch_key, batch_key = (0, at.total) if cycling else (at.epoch, at.batch)
-        nb = BLOCK - batch_key % BLOCK
+        nb = min(BLOCK - batch_key % BLOCK, self._plan_length(at.total))
         change = self._schedule.next_change(at.total)
         if change is not None:
             nb = min(nb, change - at.total)
@@ -179,6 +182,22 @@ class DomainMixer(ABC):
             batch_key=batch_key, nb=nb, batch_size=self._batch_size, world_size=world, rank=rank,
         )  # fmt: skip
         return Planned(from_batch, q, epoch_key, plan)
+
+    def _plan_length(self, total: int) -> int:
+        """How many batches to plan from batch ``total``: up to where the next weight change is expected.
+
+        A weight change discards the rest of the plan. Changes often come at a fixed interval (a
+        controller's ``update_every``), so the plan ends where the last interval, repeated, puts the next
+        change; past that point, or before a second change, it grows with the batches since the last
+        change, from ``PLAN_ROWS`` to a block (long plans spread the fixed cost of planning).
+        """
+        entries = self._schedule.entries
+        since = total - entries[-1][0]
+        if len(entries) > 1:
+            interval = entries[-1][0] - entries[-2][0]
+            if since < interval:
+                return interval - since
+        return min(BLOCK, max(PLAN_ROWS, since))
 
     # ------------------------------------------------------------------ state
 

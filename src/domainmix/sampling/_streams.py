@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from domainmix._validation import param_error
-from domainmix.sampling._plan import SlotPlan
+from domainmix.sampling._plan import SlotPlan, stable_order
 
 __all__ = ["DRAW_BLOCK", "DomainIndex", "IndexStream", "as_domain_index", "take_planned"]
 
@@ -154,11 +154,27 @@ class IndexStream:
                 local[mask] = self._perm_values(epoch_key, p, pos[mask] - p * n)
         return self._lookup(local)
 
+    def take_run(self, epoch_key: int, start: int, count: int) -> np.ndarray:
+        """Dataset indices at the ``count`` consecutive stream positions from ``start``.
+
+        ``take`` of an ``arange``, with slices of the permutations instead of a gather.
+        """
+        if self._replacement or self._lazy or count == 0:
+            return self.take(epoch_key, start, np.arange(count, dtype=np.int64))
+        n = self.size
+        stop = start + count
+        parts = []
+        for p in range(start // n, (stop - 1) // n + 1):  # one pass, or two across a pass boundary
+            lo, hi = max(start, p * n) - p * n, min(stop, (p + 1) * n) - p * n
+            parts.append(self._permutation(epoch_key, p)[lo:hi])
+        return self._lookup(parts[0] if len(parts) == 1 else np.concatenate(parts))
+
     def _lookup(self, local: np.ndarray) -> np.ndarray:
-        values: np.ndarray = (
-            self.index.start + self.index.step * local if isinstance(self.index, range) else self.index[local]
-        )
-        return values
+        ix = self.index
+        if not isinstance(ix, range):
+            gathered: np.ndarray = ix[local]
+            return gathered
+        return local + ix.start if ix.step == 1 else ix.start + ix.step * local
 
     def _draw_values(self, epoch_key: int, pos: np.ndarray) -> np.ndarray:
         """Uniform draws from ``[0, n)`` at stream positions ``pos`` (with replacement)."""
@@ -186,6 +202,10 @@ class IndexStream:
     def _perm_values(self, epoch_key: int, pass_: int, local: np.ndarray) -> np.ndarray:
         if self._lazy:
             return _feistel(local.astype(np.uint64), self.size, self._seed_words(epoch_key, pass_))
+        values: np.ndarray = self._permutation(epoch_key, pass_)[local]
+        return values
+
+    def _permutation(self, epoch_key: int, pass_: int) -> np.ndarray:
         perm = self._cache.get((epoch_key, pass_))
         if perm is None:
             # permutation(n) is ~30% faster than shuffling an int32 arange; int64 costs 8 bytes per index
@@ -193,8 +213,7 @@ class IndexStream:
             if len(self._cache) >= 2:  # keep the current and the next pass only
                 self._cache.pop(min(self._cache))
             self._cache[(epoch_key, pass_)] = perm
-        values: np.ndarray = perm[local]
-        return values
+        return perm
 
     def _seed_words(self, epoch_key: int, pass_: int) -> np.ndarray:
         ss = np.random.SeedSequence([*self._key, epoch_key, pass_])
@@ -202,7 +221,12 @@ class IndexStream:
 
 
 def take_planned(
-    streams: Sequence[IndexStream], plan: SlotPlan, nb: int, epoch_key: int, positions: np.ndarray
+    streams: Sequence[IndexStream],
+    plan: SlotPlan,
+    nb: int,
+    epoch_key: int,
+    positions: np.ndarray,
+    rank: int,
 ) -> np.ndarray:
     """Dataset indices for the first ``nb`` batches of a plan: one vectorised ``take`` per domain.
 
@@ -212,28 +236,47 @@ def take_planned(
         nb: how many of the planned batches to fill.
         epoch_key: the streams' epoch key.
         positions: (k,) stream positions before the first planned batch.
+        rank: the rank the plan was made for.
 
     Returns:
         (nb, batch_size) int64 dataset indices, in yield order.
     """
-    ids, occ = plan.ids[:nb], plan.occ[:nb]
-    if plan.order is not None:
+    if plan.occ is not None:
         # stratified: every row lists the same domains in the same sorted columns
+        ids, occ = plan.ids[:nb], plan.occ[:nb]
         grouped = np.empty(occ.shape, dtype=np.int64)
         bounds = np.flatnonzero(np.diff(ids[0], prepend=-1, append=-1))
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             d = int(ids[0, a])
-            grouped[:, a:b] = streams[d].take(epoch_key, int(positions[d]), occ[:, a:b])
-        return grouped[:, plan.order]
-    flat_ids, flat_occ = ids.ravel(), occ.ravel()
-    order = np.argsort(flat_ids, kind="stable")
-    counts = np.bincount(flat_ids, minlength=len(streams))
+            grouped[:, a:b] = _take(streams[d], epoch_key, int(positions[d]), occ[:, a:b])
+        return grouped if plan.order is None else grouped[:, plan.order]
+    # Other modes: every global slot in row-major order takes its domain's next draw, so each domain's
+    # draws are one run of its stream; fill them all, then keep this rank's columns.
+    assert plan.global_ids is not None
+    gids = plan.global_ids[:nb]
+    flat = gids.ravel()
+    order = stable_order(flat, len(streams))
+    counts = np.bincount(flat, minlength=len(streams))
     ends = np.cumsum(counts)
-    values = np.empty(flat_ids.size, dtype=np.int64)
+    values = np.empty(flat.size, dtype=np.int64)
     for i in np.flatnonzero(counts).tolist():
-        sel = order[ends[i] - counts[i] : ends[i]]
-        values[sel] = streams[i].take(epoch_key, int(positions[i]), flat_occ[sel])
-    return values.reshape(ids.shape)
+        values[order[ends[i] - counts[i] : ends[i]]] = streams[i].take_run(
+            epoch_key, int(positions[i]), int(counts[i])
+        )
+    world = gids.shape[1] // plan.ids.shape[1]
+    return values.reshape(gids.shape)[:, rank::world]
+
+
+def _take(stream: IndexStream, epoch_key: int, start: int, occ: np.ndarray) -> np.ndarray:
+    """``stream.take`` of positions that increase in row-major order; a slice when they are consecutive.
+
+    One rank of one process (or a stratified domain's columns on a single rank) draws a run of consecutive
+    positions, and slicing it out of the permutation avoids a gather over the whole block.
+    """
+    first, last = int(occ.flat[0]), int(occ.flat[-1])
+    if last - first + 1 == occ.size:  # strictly increasing and spanning exactly its size: consecutive
+        return stream.take_run(epoch_key, start + first, occ.size).reshape(occ.shape)
+    return stream.take(epoch_key, start, occ)
 
 
 def _feistel(x: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
