@@ -6,7 +6,14 @@ import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from domainmix._apportion import _edf, _rational_period, low_discrepancy_sequence
+from domainmix._apportion import (
+    CARRY_DENOMINATOR,
+    _edf,
+    _rational_period,
+    carried_allocation,
+    carried_counts,
+    low_discrepancy_sequence,
+)
 from domainmix.sampling import allocate_counts
 
 weights = st.lists(st.floats(0.0, 1.0), min_size=1, max_size=16).filter(lambda w: sum(w) > 1e-6)
@@ -122,3 +129,44 @@ def test_low_discrepancy_periodic_path_matches_exact_loop() -> None:
 def test_ties_go_to_the_lower_index() -> None:
     assert allocate_counts([2.0, 66.0], 85).tolist() == [3, 82]
     assert allocate_counts([66.0, 2.0], 85).tolist() == [83, 2]
+
+
+# ---------------------------------------------------------------- carried remainders (PD²)
+
+
+def _carried_run(q: list[float], g: int, chunks: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-batch counts of consecutive carried_counts calls (each resumes from the counts so far)."""
+    base, frac = carried_allocation(np.asarray(q), g)
+    rows, since = [], np.zeros(len(q), dtype=np.int64)
+    for n in chunks:
+        block = carried_counts(base, frac, since, n)
+        rows.append(block)
+        since = since + block.sum(axis=0)
+    return np.concatenate(rows), (base + frac / CARRY_DENOMINATOR) / g
+
+
+def test_carried_counts_by_hand() -> None:
+    # B q = (1, 0.5, 0.5): one extra slot per batch, alternating; PD² ties go to the lower index
+    counts, shares = _carried_run([0.5, 0.25, 0.25], 2, [6])
+    assert counts.tolist() == [[1, 1, 0], [1, 0, 1]] * 3
+    assert shares.tolist() == [0.5, 0.25, 0.25]
+    # B q = (2.4, 1.2, 0.4): base (2, 1, 0), extras of weights .4, .2, .4 summing to one slot per batch
+    counts, _ = _carried_run([0.6, 0.3, 0.1], 4, [5])
+    assert counts.sum(axis=0).tolist() == [12, 6, 2]  # 5 batches: exactly 5 B q
+    assert all(set(col) <= {lo, lo + 1} for col, lo in zip(counts.T.tolist(), [2, 1, 0], strict=True))
+
+
+@settings(max_examples=150, deadline=None)
+@given(weights, st.integers(1, 300), st.lists(st.integers(1, 40), min_size=1, max_size=4))
+def test_carried_counts_round_each_batch_and_stay_within_one(
+    w: list[float], g: int, chunks: list[int]
+) -> None:
+    counts, shares = _carried_run(w, g, chunks)
+    target = g * shares  # q rounded to multiples of 2**-32 / g
+    assert (counts.sum(axis=1) == g).all()
+    assert ((counts == np.floor(target)) | (counts == np.ceil(target))).all()
+    lag = np.cumsum(counts, axis=0) - np.arange(1, len(counts) + 1)[:, None] * target
+    assert np.abs(lag).max() < 1
+    # one call for all the batches gives the same counts as the resumed calls (a resume is exact)
+    assert np.array_equal(_carried_run(w, g, [sum(chunks)])[0], counts)
+    assert np.abs(shares - np.asarray(w) / sum(w)).max() <= 1 / (g * CARRY_DENOMINATOR) + 1e-15

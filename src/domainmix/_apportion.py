@@ -8,6 +8,8 @@ building blocks, both deterministic (no randomness at all):
   change for the composition of every global batch; ``variance_aware`` uses it for its batch allocation.
 * :func:`low_discrepancy_sequence` emits a domain id per slot such that every prefix of the sequence
   (counted from the last weight change) has ``|count_i(t) - q_i t| < 1`` for every domain.
+* :func:`carried_counts` gives each batch ``floor(B q_i)`` or ``ceil(B q_i)`` examples of domain i, so
+  that the counts summed over the batches since the last weight change stay within one of ``b B q_i``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,10 @@ from torch import Tensor
 
 from domainmix._validation import Interval, check_param, check_weight_vector, param_error
 
-__all__ = ["allocate_counts", "as_distribution", "distribution", "edf_sequence", "low_discrepancy_sequence"]
+__all__ = [
+    "CARRY_DENOMINATOR", "allocate_counts", "as_distribution", "carried_allocation", "carried_counts",
+    "distribution", "edf_sequence", "low_discrepancy_sequence",
+]  # fmt: skip
 
 # Longest period (in slots) of a rational q for which the low-discrepancy sequence is cached and tiled.
 _MAX_PERIOD = 1 << 16
@@ -172,6 +177,81 @@ def distribution(q: tuple[float, ...]) -> tuple[float, ...]:
     :func:`edf_sequence` emits the same sequence.
     """
     return tuple(as_distribution("low_discrepancy_sequence", "q", q).tolist())
+
+
+# The per-batch targets B q_i are rounded to multiples of 1 / CARRY_DENOMINATOR, so that the carried
+# remainders are exact integers (no drift, and a resume recomputes the same schedule).
+CARRY_DENOMINATOR = 1 << 32
+
+
+def carried_allocation(q: np.ndarray | Sequence[float], total: int) -> tuple[np.ndarray, np.ndarray]:
+    """The per-batch target ``total * q`` as whole examples plus exact fractions: ``(base, frac)``.
+
+    ``allocate_counts(q, total * CARRY_DENOMINATOR)`` split into ``base = A // D`` and
+    ``frac = A % D`` (D = ``CARRY_DENOMINATOR``): the batch target of domain i is ``base_i + frac_i / D``,
+    within ``1 / D`` of ``total * q_i``, and ``sum(frac) / D`` is a whole number of extra slots.
+    """
+    scaled = allocate_counts(q, total * CARRY_DENOMINATOR)
+    base, frac = np.divmod(scaled, CARRY_DENOMINATOR)
+    return base, frac
+
+
+def carried_counts(base: np.ndarray, frac: np.ndarray, since: np.ndarray, nb: int) -> np.ndarray:
+    """Per-domain counts of the next ``nb`` batches, the rounding remainders carried across batches.
+
+    Batch b (counted from the last weight change, whose batches ``since`` counts per domain) holds
+    ``base_i + e_i(b)`` examples of domain i, with ``e_i(b)`` in {0, 1} and ``sum_i e_i(b) = m =
+    sum(frac) / D``. Choosing the m domains of each batch is Pfair scheduling of m processors by tasks
+    of weights ``w_i = frac_i / D`` (Baruah et al. 1996, "Proportionate progress"; the batches are the
+    time slots): the PD² rule (Anderson & Srinivasan 2004, "Mixed Pfair/ERfair scheduling of
+    asynchronous periodic tasks", Section 2) runs, at each batch, the m eligible subtasks with the
+    earliest pseudo-deadline ``d(T_j) = ceil(j / w)``, ties to the larger b-bit ``ceil(j / w) - floor(j /
+    w)``, then to the later group deadline ``ceil(ceil(d (1 - w)) / (1 - w))`` (heavy tasks, w >= 1/2;
+    light tasks 0), then to the lower index; subtask j is eligible from batch ``floor((j - 1) / w)``.
+    PD² is optimal when the weights sum to m, so every lag stays in (-1, 1)::
+
+        |sum_{batches c < b} count_i(c) - b (base_i + w_i)| < 1    for every b and i,
+
+    and each batch holds ``floor`` or ``ceil`` of its target. All arithmetic is on integers.
+
+    Args:
+        base: (k,) int64 whole examples per batch (:func:`carried_allocation`).
+        frac: (k,) int64 numerators of the fractional parts over ``CARRY_DENOMINATOR``.
+        since: (k,) examples per domain in the batches since the weight change (a whole number of them).
+        nb: how many batches to plan.
+
+    Returns:
+        (nb, k) int64 counts; every row sums to ``sum(base) + m``.
+    """
+    d_ = CARRY_DENOMINATOR
+    size = int(base.sum()) + int(frac.sum()) // d_
+    t = int(since.sum()) // size  # batches since the change
+    extras = [int(x) for x in since - t * base]  # e_i summed so far: subtask j = extras + 1 is next
+    out = np.tile(base, (nb, 1))
+    tasks = [(i, int(w)) for i, w in enumerate(frac.tolist()) if w > 0]
+    m = sum(w for _, w in tasks) // d_
+    for row in range(nb):
+        b = t + row
+        ready = []
+        for i, w in tasks:
+            j = extras[i] + 1
+            if ((j - 1) * d_) // w > b:
+                continue  # not released yet
+            deadline = _ceil_div(j * d_, w)
+            b_bit = deadline - (j * d_) // w
+            group = _ceil_div(_ceil_div(deadline * (d_ - w), d_) * d_, d_ - w) if 2 * w >= d_ else 0
+            ready.append((deadline, -b_bit, -group, i))
+        if len(ready) < m:  # cannot happen with weights summing to m (PD² is optimal); never a short batch
+            raise RuntimeError(f"carried_counts: {len(ready)} eligible domains for {m} extra slots")
+        ready.sort()
+        for *_, i in ready[:m]:
+            out[row, i] += 1
+            extras[i] += 1
+    return out
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
 
 
 @lru_cache(maxsize=64)

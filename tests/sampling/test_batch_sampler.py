@@ -14,7 +14,8 @@ from domainmix.sampling import DomainBatchSampler, allocate_counts
 from domainmix.sampling._streams import IndexStream
 
 SIZES = {"a": 40, "b": 25, "c": 70, "d": 13}
-MODES = ["stratified", "low_discrepancy", "iid"]
+# "carried": stratified with carry_remainder=True (see make), run through every mode-parametrised test
+MODES = ["stratified", "carried", "low_discrepancy", "iid"]
 STOPS = ["cycle_forever", "first_exhausted", "all_exhausted"]
 
 
@@ -36,7 +37,13 @@ def owner(sizes: dict[str, int] = SIZES) -> dict[int, str]:
     return out
 
 
+def mode_args(mode: str) -> dict[str, Any]:
+    return {"mode": "stratified", "carry_remainder": True} if mode == "carried" else {"mode": mode}
+
+
 def make(batch_size: int = 8, weights: Any = (0.4, 0.3, 0.2, 0.1), **kw: Any) -> DomainBatchSampler:
+    if "mode" in kw:
+        kw.update(mode_args(kw["mode"]))
     return DomainBatchSampler(domains(), batch_size, list(weights), **kw)
 
 
@@ -87,6 +94,72 @@ def test_low_discrepancy_prefix_deviation(world: int) -> None:
     assert np.abs(np.cumsum(onehot, axis=0) - t * q).max() <= 1.0
 
 
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_carried_batches_round_each_target_and_track_q(world: int) -> None:
+    # global batch 5 * world: 0.37 * 5 = 1.85 is neither 1 nor 2; without the carry every batch would
+    # round the same way and the shares would stay off q for the whole run
+    q = np.array([0.37, 0.29, 0.001, 0.339])
+    ranks = [
+        make(batch_size=5, weights=q, carry_remainder=True, rank=r, world_size=world) for r in range(world)
+    ]
+    streams = [take(s, 300) for s in ranks]
+    who, names, g = owner(), list(SIZES), 5 * world
+    total = np.zeros(4)
+    for b in range(300):
+        union = [names.index(who[i]) for r in range(world) for i in streams[r][b]]
+        counts = np.bincount(union, minlength=4)
+        assert ((counts == np.floor(g * q)) | (counts == np.ceil(g * q))).all(), (b, counts)
+        for r in range(world):  # each rank holds its share of every domain within one
+            mine = np.bincount([names.index(who[i]) for i in streams[r][b]], minlength=4)
+            assert (np.abs(mine - counts / world) < 1).all()
+        total += counts
+        assert np.abs(total - (b + 1) * g * q).max() < 1 + 1e-6  # q rounded to 2**-32 / g
+    assert ranks[0].effective_sampling.tolist() == pytest.approx(q.tolist(), abs=1e-9)
+    assert ranks[0].batch_counts.tolist() == pytest.approx((g * q).tolist(), abs=1e-8)
+    assert make(carry_remainder=True).state_dict()["config"]["carry_remainder"] is True
+
+
+def test_carried_remainders_restart_at_a_weight_change() -> None:
+    s = make(batch_size=6, weights=(0.5, 0.25, 0.25, 0.0), carry_remainder=True)
+    who, names = owner(), list(SIZES)
+    it = iter(s)
+    first = [np.bincount([names.index(who[i]) for i in next(it)], minlength=4) for _ in range(9)]
+    s.set_weights([0.1, 0.1, 0.1, 0.7])
+    after = [np.bincount([names.index(who[i]) for i in next(it)], minlength=4) for _ in range(10)]
+    assert np.abs(sum(first) - 9 * 6 * np.array([0.5, 0.25, 0.25, 0.0])).max() < 1
+    assert np.abs(sum(after) - 10 * 6 * np.array([0.1, 0.1, 0.1, 0.7])).max() < 1  # counted from the change
+
+
+@pytest.mark.slow
+def test_carried_stratified_sampler_composition_and_prefix_deviation_long_run() -> None:
+    rng = np.random.default_rng(7)
+    for trial in range(40):
+        k = int(rng.integers(2, 12))
+        q = rng.dirichlet(np.full(k, float(rng.choice([0.1, 0.5, 2.0]))))
+        batch, world = int(rng.choice([3, 8, 32, 256])), int(rng.choice([1, 2, 4]))
+        sizes = rng.integers(1, 5000, k)
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        domains = {f"d{i}": range(int(starts[i]), int(starts[i + 1])) for i in range(k)}
+        ranks = [
+            DomainBatchSampler(domains, batch, q, carry_remainder=True, rank=r, world_size=world, seed=trial)
+            for r in range(world)
+        ]
+        nb = 3000 if batch * world <= 64 else 600
+        its = [iter(s) for s in ranks]
+        total, g = np.zeros(k), batch * world
+        plain = allocate_counts(q, g) / g  # what the stratified rounding gives without the carry
+        worst = 0.0
+        for b in range(1, nb + 1):
+            ids = np.concatenate([np.asarray(next(it)) for it in its])
+            counts = np.bincount(np.searchsorted(starts, ids, side="right") - 1, minlength=k)
+            assert ((counts == np.floor(g * q)) | (counts == np.ceil(g * q))).all(), (trial, b)
+            total += counts
+            worst = max(worst, float(np.abs(total - b * g * q).max()))
+        assert worst < 1 + 1e-6, (trial, worst)
+        if np.abs(plain - q).max() > 1e-3:  # without the carry the prefix deviation grows with the run
+            assert np.abs(nb * g * (plain - q)).max() > 1
+
+
 def test_iid_shares_converge() -> None:
     q = np.array([0.4, 0.3, 0.2, 0.1])
     who, names = owner(), list(SIZES)
@@ -103,7 +176,7 @@ def test_zero_weight_and_empty_domains_never_sampled() -> None:
     for batch in take(sampler, 50):
         assert all(i < 10 for i in batch)
     for mode in MODES:
-        s = DomainBatchSampler({"a": range(10), "empty": []}, 3, {"a": 1.0, "empty": 0.0}, mode=mode)
+        s = DomainBatchSampler({"a": range(10), "empty": []}, 3, {"a": 1.0, "empty": 0.0}, **mode_args(mode))
         assert all(i < 10 for b in take(s, 20) for i in b)
 
 
@@ -332,6 +405,9 @@ BAD = [
     ({"mode": "iid", "min_count": 1}, "min_count"),
     ({"num_batches": 0}, "num_batches"),
     ({"seed": -1}, "seed"),
+    ({"carry_remainder": 1}, "carry_remainder"),
+    ({"carry_remainder": True, "mode": "low_discrepancy"}, "carry_remainder"),
+    ({"carry_remainder": True, "min_count": 1}, "carry_remainder"),
 ]
 
 

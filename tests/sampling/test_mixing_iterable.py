@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from domainmix.sampling import DomainMixingIterable, allocate_counts
 
-MODES = ["stratified", "low_discrepancy", "iid"]
+# "carried": stratified with carry_remainder=True (see make), run through every mode-parametrised test
+MODES = ["stratified", "carried", "low_discrepancy", "iid"]
 STOPS = ["cycle_forever", "first_exhausted", "all_exhausted"]
 
 
@@ -43,6 +44,8 @@ def sources(stateful: bool = False) -> dict[str, Source]:
 
 def make(**kw: Any) -> DomainMixingIterable:
     args = {"weights": [0.5, 0.2, 0.3], "batch_size": 4, **kw}
+    if args.get("mode") == "carried":
+        args.update(mode="stratified", carry_remainder=True)
     stateful = args.pop("stateful", False)
     return DomainMixingIterable(sources(stateful), **args)
 

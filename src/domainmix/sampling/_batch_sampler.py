@@ -41,8 +41,9 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
 
     State keys (``state_dict``, JSON-able, the same on every rank): ``EPOCH_KEY``, ``BATCH_KEY`` (batches
     in this epoch), ``TOTAL_KEY`` (batches since construction), ``PASS_KEY`` / ``CURSOR_KEY`` /
-    ``EXHAUSTED_KEY`` (per domain), ``LD_COUNTS_KEY`` / ``LD_FROM_KEY`` (low-discrepancy counts since the
-    weight change at batch ``LD_FROM``), ``WEIGHTS_KEY``, ``PREFETCH_KEY`` (how many batches the
+    ``EXHAUSTED_KEY`` (per domain), ``LD_COUNTS_KEY`` / ``LD_FROM_KEY`` (examples per domain since the
+    weight change at batch ``LD_FROM``: low-discrepancy and carried-remainder plans continue from them),
+    ``WEIGHTS_KEY``, ``PREFETCH_KEY`` (how many batches the
     iterating DataLoader ran ahead; a resume under another depth is refused at its first batch),
     ``HISTORY_KEY``, ``CONFIG_KEY``, ``FINGERPRINT_KEY``.
 
@@ -69,6 +70,12 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         replacement: ``False`` (default): each domain is read in random permutation passes (without
             replacement); ``True``: each slot draws its example uniformly and independently from its
             domain (only with ``stop="cycle_forever"``).
+        carry_remainder: stratified only, with ``min_count=0``. ``False`` (default): every global batch
+            has the same counts, ``allocate_counts(q, B)``, whose shares differ from q by up to 1/(2B)
+            per domain for the whole run (see ``effective_sampling``). ``True``: batch b holds
+            ``floor(B q_i)`` or ``ceil(B q_i)`` examples of domain i, with the rounding remainders
+            carried across batches, so the counts since the last weight change stay within one example
+            of ``b B q_i`` and the long-run shares are q (``_apportion.carried_counts``).
 
     Raises:
         ValueError: for any invalid argument, naming it.
@@ -91,7 +98,10 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         EXHAUSTED_KEY, DomainMixer.LD_COUNTS_KEY, DomainMixer.LD_FROM_KEY, WEIGHTS_KEY,
         DomainMixer.HISTORY_KEY, CONFIG_KEY, DomainMixer.FINGERPRINT_KEY,
     )  # fmt: skip
-    _FINGERPRINT_DEFAULTS: ClassVar[Mapping[str, Any]] = {"replacement": False}  # saved before it existed
+    _FINGERPRINT_DEFAULTS: ClassVar[Mapping[str, Any]] = {
+        **DomainMixer._FINGERPRINT_DEFAULTS,
+        "replacement": False,  # saved before it existed
+    }
     _FINGERPRINT_HINT: ClassVar[str] = " (pass ignore_fingerprint=True to accept it)"
 
     def __init__(
@@ -108,14 +118,16 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         rank: int | None = None, world_size: int | None = None,  # None: from torch.distributed or env
         snapshot_history: int = 1024,
         replacement: bool = False,
+        carry_remainder: bool = False,
     ) -> None:  # fmt: skip
         caller = "DomainBatchSampler"
         names = check_names(caller, "domains", domains)
         index = [as_domain_index(caller, n, domains[n]) for n in names]
         check_disjoint(caller, names, index)
         self._validate(
-            caller, batch_size, mode, min_count, stop, num_batches, seed, snapshot_history, replacement
-        )
+            caller, batch_size, mode, min_count, stop, num_batches, seed, snapshot_history, replacement,
+            carry_remainder,
+        )  # fmt: skip
         if all(len(ix) == 0 for ix in index):
             raise param_error(
                 caller, "domains", "a mapping with at least one non-empty domain", dict(domains)
@@ -124,7 +136,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         super().__init__(
             caller, names, self._sizes.tolist(), weights, mode=mode, batch_size=batch_size,
             min_count=min_count, stop=stop, num_batches=num_batches, seed=seed, rank=rank,
-            world_size=world_size,
+            world_size=world_size, carry_remainder=carry_remainder,
         )  # fmt: skip
         self._replacement = replacement
         tag = _REPLACEMENT_TAG if replacement else _PERMUTATION_TAG
@@ -141,9 +153,9 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     @staticmethod
     def _validate(
         caller: str, batch_size: int, mode: str, min_count: int, stop: str, num_batches: int | None,
-        seed: int, snapshot_history: int, replacement: bool,
+        seed: int, snapshot_history: int, replacement: bool, carry_remainder: bool,
     ) -> None:  # fmt: skip
-        check_mix_options(caller, mode, batch_size, min_count, stop, num_batches, seed)
+        check_mix_options(caller, mode, batch_size, min_count, stop, num_batches, seed, carry_remainder)
         check_param(caller, "snapshot_history", snapshot_history, Interval(int, 1, None))
         check_param(caller, "replacement", replacement, Options((False, True)))
         if replacement and stop != StopRule.CYCLE_FOREVER:
@@ -156,23 +168,26 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
 
     @property
     def batch_counts(self) -> Tensor:
-        """(k,) examples per domain per global batch: exact (int64) if stratified, else expected (float64)."""
+        """(k,) examples per domain per global batch.
+
+        Exact (int64) if stratified without ``carry_remainder``, else the expected counts (float64).
+        """
         q = self._schedule.at(self._snap.total)[1]
-        if self._mode == Mode.STRATIFIED:
+        if self._mode == Mode.STRATIFIED and not self._carry:
             return torch.from_numpy(self._schedule.alloc(q).copy())
-        return torch.tensor(q, dtype=torch.float64) * (self._batch_size * self._world)
+        return self.effective_sampling * (self._batch_size * self._world)
 
     @property
     def effective_sampling(self) -> Tensor:
         """(k,) float64: the long-run share of each domain that this sampler really delivers.
 
         Stratified rounding makes it ``batch_counts / global_batch``, not ``q`` (a weight of 0.001 in a
-        batch of 256 may get 0 or 1 slots every batch). Loss multipliers ``alpha / q`` must divide by this
-        vector, or the weighted loss is biased by the rounding.
+        batch of 256 may get 0 or 1 slots every batch); with ``carry_remainder`` it is q rounded to
+        multiples of 2**-32 / global_batch. Loss multipliers ``alpha / q`` must divide by this vector, or
+        the weighted loss is biased by the rounding.
         """
-        if self._mode == Mode.STRATIFIED:
-            return self.batch_counts.to(torch.float64) / (self._batch_size * self._world)
-        return self.weights
+        q = self._schedule.at(self._snap.total)[1]
+        return torch.from_numpy(self._schedule.shares(q).astype(np.float64))
 
     @property
     def epoch(self) -> int:
@@ -208,7 +223,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         Raises:
             TypeError: when the epoch length depends on random draws or is unbounded.
         """
-        if self._stop == StopRule.FIRST_EXHAUSTED and self._mode == Mode.STRATIFIED:
+        if self._stop == StopRule.FIRST_EXHAUSTED and self._mode == Mode.STRATIFIED and not self._carry:
             alloc = self._schedule.alloc(self._schedule.at(self._snap.total)[1])
             used = alloc > 0
             full = int((self._sizes[used] // alloc[used]).min())
@@ -323,6 +338,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
                 "world_size": self._world,
                 "seed": self._seed,
                 "replacement": self._replacement,
+                "carry_remainder": self._carry,
             },
         }
         return self._state(Counters(snap.epoch, snap.batch, snap.total, snap.ld_counts, snap.ld_from), own)

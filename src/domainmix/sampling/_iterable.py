@@ -12,7 +12,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from domainmix._validation import Interval, check_param, param_error
 from domainmix.sampling._mixer import Counters, DomainMixer
-from domainmix.sampling._plan import StopRule, check_mix_options
+from domainmix.sampling._plan import StopRule, check_mix_options, in_yield_order
 from domainmix.sampling._weights import WeightsLike, check_names
 
 __all__ = ["DomainMixingIterable"]
@@ -64,6 +64,8 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         batch_size: items per planned batch on each rank, an int >= 1 (default 1); set it to the
             DataLoader batch size for stratified mode.
         min_count: stratified only: minimum items per positive-weight domain per global batch.
+        carry_remainder: stratified only: carry the rounding remainders across batches (see
+            :class:`DomainBatchSampler`).
         stop: ``"cycle_forever"`` (default), ``"first_exhausted"`` or ``"all_exhausted"``.
         num_batches: planned batches per ``__iter__`` or ``None`` (default).
         seed: an int >= 0 (default 0).
@@ -98,6 +100,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         num_batches: int | None = None,
         seed: int = 0,
         rank: int | None = None, world_size: int | None = None,  # None: from torch.distributed or env
+        carry_remainder: bool = False,
     ) -> None:  # fmt: skip
         caller = "DomainMixingIterable"
         names = check_names(caller, "sources", sources)
@@ -106,12 +109,13 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
                 raise param_error(
                     caller, "sources", f"a mapping to iterables (domain {name!r})", sources[name]
                 )
-        check_mix_options(caller, mode, batch_size, min_count, stop, num_batches, seed)
+        check_mix_options(caller, mode, batch_size, min_count, stop, num_batches, seed, carry_remainder)
         k = len(names)
         # Source lengths are unknown: size 1 each, so weights=None means uniform and no source is "empty".
         super().__init__(
             caller, names, [1] * k, weights, mode=mode, batch_size=batch_size, min_count=min_count,
             stop=stop, num_batches=num_batches, seed=seed, rank=rank, world_size=world_size,
+            carry_remainder=carry_remainder,
         )  # fmt: skip
         self._sources = [sources[n] for n in names]
         self._epoch = self._batch = self._total = self._offset = 0
@@ -255,7 +259,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
             planned = self._plan_next(self._counters(), rank, world)
             assert planned is not None  # _epoch_over() was False when this batch began
             p = planned.plan
-            ids = p.ids if p.order is None else p.ids[:, p.order]
+            ids = in_yield_order(p.ids, p.order)
             self._plan = plan = _Rows(self._total, ids, p.ld_after, planned.from_batch, (rank, world))
         row: np.ndarray = plan.ids[self._total - plan.first]
         return row

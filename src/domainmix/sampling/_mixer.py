@@ -68,7 +68,7 @@ class DomainMixer(ABC):
     FINGERPRINT_KEY = "fingerprint"
     _STATE_KEYS: ClassVar[tuple[str, ...]]  # every key a subclass's state holds
     # Fingerprint values for keys that states saved by older versions lack.
-    _FINGERPRINT_DEFAULTS: ClassVar[Mapping[str, Any]] = {}
+    _FINGERPRINT_DEFAULTS: ClassVar[Mapping[str, Any]] = {"carry_remainder": False}  # saved before it existed
     _FINGERPRINT_HINT: ClassVar[str] = ""  # how to accept a deliberate change, if the subclass can
 
     def __init__(
@@ -86,13 +86,17 @@ class DomainMixer(ABC):
         seed: int,
         rank: int | None,
         world_size: int | None,
+        carry_remainder: bool = False,
     ) -> None:
         self._caller = caller
         self._rank, self._world = resolve_rank_world(caller, rank, world_size)
         self._names = names
         self._mode, self._stop, self._batch_size = mode, stop, batch_size
         self._min_count, self._num_batches, self._seed = min_count, num_batches, seed
-        self._schedule = WeightSchedule(names, sizes, mode, batch_size * self._world, min_count)
+        self._carry = carry_remainder
+        self._schedule = WeightSchedule(
+            names, sizes, mode, batch_size * self._world, min_count, carry_remainder
+        )
         self._schedule.set(0, self._schedule.check(caller, "weights", weights))
 
     @abstractmethod
@@ -175,11 +179,15 @@ class DomainMixer(ABC):
         if nb <= 0:
             return None
         alloc = np.zeros(len(q), np.int64)
-        if self._mode == Mode.STRATIFIED:
+        carry = None
+        if self._mode == Mode.STRATIFIED and self._carry:
+            carry = self._schedule.carried(q, self._batch_size * world)
+        elif self._mode == Mode.STRATIFIED:
             alloc = self._schedule.alloc(q, self._batch_size * world)
         plan = plan_block(
             self._mode, np.asarray(q), alloc, ld_counts, seed=self._seed, epoch_key=epoch_key,
             batch_key=batch_key, nb=nb, batch_size=self._batch_size, world_size=world, rank=rank,
+            carry=carry,
         )  # fmt: skip
         return Planned(from_batch, q, epoch_key, plan)
 
@@ -210,6 +218,7 @@ class DomainMixer(ABC):
             "batch_size": self._batch_size,
             "world_size": self._world,
             "seed": self._seed,
+            "carry_remainder": self._carry,
         }
 
     def _state(self, at: Counters, own: Mapping[str, Any]) -> dict[str, Any]:

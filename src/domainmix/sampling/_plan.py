@@ -14,12 +14,12 @@ from typing import NamedTuple
 
 import numpy as np
 
-from domainmix._apportion import distribution, edf_sequence
+from domainmix._apportion import carried_counts, distribution, edf_sequence
 from domainmix._validation import Interval, Options, check_param, param_error
 
 __all__ = [
     "BLOCK", "PLAN_ROWS", "Mode", "SlotPlan", "StopRule", "block_rng", "plan_block", "rows_before_stop",
-    "stable_order",
+    "in_yield_order", "stable_order",
 ]  # fmt: skip
 
 BLOCK = 256  # batches per block: the alignment of the per-block random generators
@@ -70,7 +70,14 @@ class StopRule:
 
 
 def check_mix_options(
-    caller: str, mode: str, batch_size: int, min_count: int, stop: str, num_batches: int | None, seed: int
+    caller: str,
+    mode: str,
+    batch_size: int,
+    min_count: int,
+    stop: str,
+    num_batches: int | None,
+    seed: int,
+    carry_remainder: bool = False,
 ) -> None:
     """Validate the options both samplers share, in one place and one message shape."""
     check_param(caller, "batch_size", batch_size, Interval(int, 1, None))
@@ -78,6 +85,14 @@ def check_mix_options(
     check_param(caller, "min_count", min_count, Interval(int, 0, None))
     if mode != Mode.STRATIFIED and min_count:
         raise param_error(caller, "min_count", "0 unless mode='stratified'", min_count)
+    check_param(caller, "carry_remainder", carry_remainder, Options((False, True)))
+    if carry_remainder and mode != Mode.STRATIFIED:
+        raise param_error(caller, "carry_remainder", "False unless mode='stratified'", carry_remainder)
+    if carry_remainder and min_count:
+        raise param_error(
+            caller, "carry_remainder", f"False with min_count={min_count} (the minimum would break the "
+            "carried shares; use one or the other)", carry_remainder,
+        )  # fmt: skip
     check_param(caller, "stop", stop, Options(StopRule.ALL))
     check_param(caller, "num_batches", num_batches, Interval(int, 1, None), None)
     check_param(caller, "seed", seed, Interval(int, 0, None))
@@ -95,11 +110,18 @@ class SlotPlan(NamedTuple):
     ids: np.ndarray  # (nb, batch_size) domain id of each of this rank's slots
     occ: np.ndarray | None  # stratified: (nb, batch_size) the slot's draw number within its domain
     global_ids: np.ndarray | None  # other modes: (nb, batch_size * world_size), rank r has columns r::W
-    order: (
-        np.ndarray | None
-    )  # (batch_size,) yield order of every row (stratified interleave); None: as listed
+    # yield order (stratified interleave): (batch_size,) for every row, or (nb, batch_size) per row
+    # (carried remainders: the rows differ); None: as listed
+    order: np.ndarray | None
     counts: np.ndarray  # (nb, k) global examples per domain in each batch
-    ld_after: np.ndarray  # (nb, k) low-discrepancy counts after each batch
+    ld_after: np.ndarray  # (nb, k) counts since the weight change after each batch (low-discrepancy, carry)
+
+
+def in_yield_order(ids: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """Rows of ``ids`` (or of values laid out like them, maybe fewer rows) reordered by a plan's ``order``."""
+    if order is None:
+        return ids
+    return ids[:, order] if order.ndim == 1 else np.take_along_axis(ids, order[: len(ids)], axis=1)
 
 
 def block_rng(seed: int, epoch_key: int, block: int) -> np.random.Generator:
@@ -120,6 +142,7 @@ def plan_block(
     batch_size: int,
     world_size: int,
     rank: int,
+    carry: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> SlotPlan:
     """Plan ``nb`` batches starting at absolute batch ``batch_key`` (must not cross a BLOCK boundary).
 
@@ -128,11 +151,21 @@ def plan_block(
     domain's slots are spread evenly (any prefix of a batch, e.g. a micro-batch, is balanced too; which
     examples fill the slots is random through the per-pass permutations). Other modes:
     rank r owns global slots r, r + W, r + 2W, ...
+
+    ``carry``: stratified with the remainders carried across batches, ``(base, frac)`` from
+    ``carried_allocation``; the counts of each batch come from ``carried_counts`` (``ld_counts`` are the
+    counts since the weight change), laid out and split between ranks as above, row by row.
     """
     k = len(q)
     g = batch_size * world_size
     block, off = divmod(batch_key, BLOCK)
     rows = np.arange(nb, dtype=np.int64)[:, None]
+    if mode == Mode.STRATIFIED and carry is not None:
+        counts = carried_counts(carry[0], carry[1], ld_counts, nb)
+        layout = np.repeat(np.tile(np.arange(k), nb), counts.ravel()).reshape(nb, g)  # grouped rows
+        ids = layout[:, rank::world_size]
+        ld_after = ld_counts + np.cumsum(counts, axis=0)
+        return SlotPlan(ids, None, layout, _row_orders(ids), counts, ld_after)
     if mode == Mode.STRATIFIED:
         grouped = np.repeat(np.arange(k), alloc)  # the global batch's domain ids, grouped by domain
         within = np.arange(g) - (np.cumsum(alloc) - alloc)[grouped]
@@ -179,6 +212,19 @@ def rows_before_stop(
         return 0
     done = (after[:, active] >= sizes).all(axis=1)
     return int(np.argmax(done)) + 1 if done.any() else nb
+
+
+def _row_orders(ids: np.ndarray) -> np.ndarray:
+    """:func:`_interleave` of every row (rows with the same composition share one computation)."""
+    orders = np.empty(ids.shape, dtype=np.int64)
+    seen: dict[bytes, np.ndarray] = {}
+    for r, row in enumerate(ids):
+        key = row.tobytes()
+        order = seen.get(key)
+        if order is None:
+            order = seen[key] = _interleave(row)
+        orders[r] = order
+    return orders
 
 
 def _interleave(ids: np.ndarray) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from domainmix._validation import param_error
-from domainmix.sampling._plan import SlotPlan, stable_order
+from domainmix.sampling._plan import SlotPlan, in_yield_order, stable_order
 
 __all__ = ["DRAW_BLOCK", "DomainIndex", "IndexStream", "as_domain_index", "take_planned"]
 
@@ -249,9 +249,9 @@ def take_planned(
         for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             d = int(ids[0, a])
             grouped[:, a:b] = _take(streams[d], epoch_key, int(positions[d]), occ[:, a:b])
-        return grouped if plan.order is None else grouped[:, plan.order]
-    # Other modes: every global slot in row-major order takes its domain's next draw, so each domain's
-    # draws are one run of its stream; fill them all, then keep this rank's columns.
+        return in_yield_order(grouped, plan.order)
+    # Other modes (and carried stratified rows): every global slot in row-major order takes its domain's
+    # next draw, so each domain's draws are one run of its stream; fill them all, keep this rank's columns.
     assert plan.global_ids is not None
     gids = plan.global_ids[:nb]
     flat = gids.ravel()
@@ -264,7 +264,7 @@ def take_planned(
             epoch_key, int(positions[i]), int(counts[i])
         )
     world = gids.shape[1] // plan.ids.shape[1]
-    return values.reshape(gids.shape)[:, rank::world]
+    return in_yield_order(values.reshape(gids.shape)[:, rank::world], plan.order)
 
 
 def _take(stream: IndexStream, epoch_key: int, start: int, occ: np.ndarray) -> np.ndarray:

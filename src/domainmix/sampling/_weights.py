@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from domainmix._apportion import allocate_counts
+from domainmix._apportion import CARRY_DENOMINATOR, allocate_counts, carried_allocation
 from domainmix._validation import check_weight_vector, param_error
 from domainmix.sampling._plan import Mode
 
@@ -38,15 +38,23 @@ class WeightSchedule:
     """
 
     def __init__(
-        self, names: Sequence[str], sizes: Sequence[int], mode: str, global_batch: int, min_count: int
+        self,
+        names: Sequence[str],
+        sizes: Sequence[int],
+        mode: str,
+        global_batch: int,
+        min_count: int,
+        carry: bool = False,
     ):
         self.names = tuple(names)
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.mode = mode
         self.global_batch = global_batch
         self.min_count = min_count
+        self.carry = carry  # stratified with the rounding remainders carried across batches
         self.entries: list[tuple[int, tuple[float, ...]]] = []
         self._alloc: dict[tuple[tuple[float, ...], int], np.ndarray] = {}
+        self._carried: dict[tuple[tuple[float, ...], int], tuple[np.ndarray, np.ndarray]] = {}
 
     def check(self, caller: str, name: str, weights: WeightsLike | None) -> tuple[float, ...]:
         """Validate user weights (``None``: proportional to domain size) and return them normalised."""
@@ -100,11 +108,26 @@ class WeightSchedule:
             self._alloc[(q, size)] = counts
         return counts
 
+    def carried(self, q: tuple[float, ...], global_batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``carried_allocation(q, global batch)``: whole examples and fractions per batch, cached."""
+        size = self.global_batch if global_batch is None else global_batch
+        split = self._carried.get((q, size))
+        if split is None:
+            split = self._carried[(q, size)] = carried_allocation(np.asarray(q), size)
+        return split
+
+    def shares(self, q: tuple[float, ...]) -> np.ndarray:
+        """(k,) float64: the long-run share of each domain in the batches (what the sampler realises)."""
+        if self.mode != Mode.STRATIFIED:
+            return np.asarray(q, dtype=np.float64)
+        if self.carry:
+            base, frac = self.carried(q)
+            return (base + frac / CARRY_DENOMINATOR) / self.global_batch
+        return self.alloc(q) / self.global_batch
+
     def active(self, q: tuple[float, ...]) -> np.ndarray:
         """(k,) bool: domains that are actually drawn, so that they count for the stop rules."""
-        if self.mode == Mode.STRATIFIED:
-            return self.alloc(q) > 0
-        return np.asarray(q) > 0
+        return self.shares(q) > 0
 
     def as_state(self) -> list[list[Any]]:
         """JSON-able history."""
