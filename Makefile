@@ -5,8 +5,9 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 STAMP := $(VENV)/.installed
+PEERS_STAMP := $(VENV)/.peers-installed
 
-.PHONY: demo test test-slow reproduce lint bench clean
+.PHONY: demo test test-slow reproduce lint bench bench-peers clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +40,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/sampler_throughput.py --json
+
+$(PEERS_STAMP): $(PY) pyproject.toml
+	$(PIP) install torch==2.13.0
+	$(PIP) install -e '.[peers]'
+	touch $(PEERS_STAMP)
+
+# domainmix against torch, torchdata, HF datasets, lhotse and Megatron-Core (about 1 min): JSON, then the page.
+bench-peers: $(PEERS_STAMP)
+	$(PY) benchmarks/peers.py --json --out benchmarks/results/peers.json
+	$(PY) benchmarks/peers_report.py --json benchmarks/results/peers.json --out docs/benchmarks.md
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache .mypy_cache
