@@ -5,7 +5,9 @@
 that has already run one repetition (steady state: permutations are generated as passes wrap, one element
 per draw); "cold" figures include constructing the sampler and generating every domain's first-pass
 permutation (2.05M elements) inside the timed region. The torch baseline re-draws its multinomial on every
-``iter()``, as it does every epoch; building its per-example weight vector is not timed.
+``iter()``, as it does every epoch; building its per-example weight vector is not timed. Rows: the three
+modes, and ``stratified_carried`` (stratified with ``carry_remainder=True``: batches of floor or ceil of
+B·q, the remainders carried, so the prefix deviation from q·t stays below one batch's rounding).
 
 Usage: python benchmarks/sampler_throughput.py [--json] [--batches 2000] [--repeats 5]
 """
@@ -28,6 +30,11 @@ SIZES = [50_000, 100_000, 150_000, 200_000, 250_000, 300_000, 400_000, 600_000]
 WEIGHTS = [0.4, 0.2, 0.1, 0.1, 0.08, 0.06, 0.04, 0.02]
 BATCH = 256
 MODES = ("stratified", "low_discrepancy", "iid")
+# Every row of the report: the modes, and stratified with the rounding remainders carried across batches.
+ROWS: dict[str, dict[str, Any]] = {
+    **{m: {"mode": m} for m in MODES},
+    "stratified_carried": {"mode": "stratified", "carry_remainder": True},
+}
 
 
 def _domains() -> dict[str, range]:
@@ -52,23 +59,25 @@ def _measure(n: int, repeats: int) -> dict[str, dict[str, float]]:
     wrs = BatchSampler(
         WeightedRandomSampler(per_example, n * BATCH, replacement=True, generator=gen), BATCH, True
     )
-    streams = {m: iter(DomainBatchSampler(_domains(), BATCH, WEIGHTS, mode=m)) for m in MODES}
-    for m in MODES:  # warm-up repetition: first-pass permutations (reported separately as "cold")
+    streams = {m: iter(DomainBatchSampler(_domains(), BATCH, WEIGHTS, **ROWS[m])) for m in ROWS}
+    for m in ROWS:  # warm-up repetition: first-pass permutations (reported separately as "cold")
         _time(lambda m=m: streams[m], n)
-    rates: dict[str, list[float]] = {"torch_wrs": [], **{m: [] for m in MODES}}
-    cold: dict[str, list[float]] = {m: [] for m in MODES}
+    rates: dict[str, list[float]] = {"torch_wrs": [], **{m: [] for m in ROWS}}
+    cold: dict[str, list[float]] = {m: [] for m in ROWS}
     for r in range(repeats):
         rates["torch_wrs"].append(_time(lambda: iter(wrs), n))
-        for m in MODES:
+        for m in ROWS:
             rates[m].append(_time(lambda m=m: streams[m], n))
             cold[m].append(
                 _time(
-                    lambda m=m, r=r: iter(DomainBatchSampler(_domains(), BATCH, WEIGHTS, mode=m, seed=r + 1)),
+                    lambda m=m, r=r: iter(
+                        DomainBatchSampler(_domains(), BATCH, WEIGHTS, seed=r + 1, **ROWS[m])
+                    ),
                     n,
                 )
             )
     out = {"torch_wrs": {"batches_per_s": statistics.median(rates["torch_wrs"])}}
-    for m in MODES:
+    for m in ROWS:
         out[m] = {
             "batches_per_s": statistics.median(rates[m]),
             "cold_batches_per_s": statistics.median(cold[m]),
@@ -82,13 +91,13 @@ def _measure(n: int, repeats: int) -> dict[str, dict[str, float]]:
     return out
 
 
-def _max_prefix_deviation(mode: str, n: int, effective: bool) -> float:
+def _max_prefix_deviation(row: str, n: int, effective: bool) -> float:
     """max over t (examples) and domains of |count_i(t) - q_i t|, over n batches in yield order.
 
     With ``effective`` the target is the sampler's ``effective_sampling`` (stratified rounding: 102/256
     instead of 0.4), otherwise the requested weights.
     """
-    sampler = DomainBatchSampler(_domains(), BATCH, WEIGHTS, mode=mode)
+    sampler = DomainBatchSampler(_domains(), BATCH, WEIGHTS, **ROWS[row])
     target = sampler.effective_sampling.numpy() if effective else np.asarray(WEIGHTS)
     starts = np.cumsum([0, *SIZES])
     flat = np.fromiter((i for _, b in zip(range(n), sampler, strict=False) for i in b), dtype=np.int64)
@@ -115,7 +124,7 @@ def main() -> None:
     measured = _measure(args.batches, args.repeats)
     torch_wrs = measured.pop("torch_wrs")
     modes = measured
-    for m in MODES:
+    for m in ROWS:
         modes[m]["max_prefix_deviation"] = _max_prefix_deviation(m, args.batches, effective=False)
         modes[m]["max_prefix_deviation_vs_effective"] = _max_prefix_deviation(m, args.batches, effective=True)
     base = torch_wrs["batches_per_s"]
@@ -140,7 +149,7 @@ def main() -> None:
         return
     print(f"{'sampler':<26}{'batches/s':>11}{'cold':>9}{'x WRS':>7}{'dev vs q':>10}{'dev vs eff':>11}")
     print(f"{'torch WRS + BatchSampler':<26}{base:>11.0f}{'':>9}{1:>7.2f}")
-    for m in MODES:
+    for m in ROWS:
         r = modes[m]
         rate, cold, ratio = r["batches_per_s"], r["cold_batches_per_s"], r["ratio_vs_torch_wrs"]
         dev, dev_eff = r["max_prefix_deviation"], r["max_prefix_deviation_vs_effective"]

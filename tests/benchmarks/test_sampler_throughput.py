@@ -22,7 +22,13 @@ def test_benchmark_json_layout_and_discrepancy() -> None:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout)
-    assert set(report["modes"]) == {"stratified", "low_discrepancy", "iid"}
+    assert set(report["modes"]) == {"stratified", "low_discrepancy", "iid", "stratified_carried"}
     assert report["ratio_vs_torch_wrs"] == report["modes"]["stratified"]["ratio_vs_torch_wrs"] > 0
     assert report["modes"]["low_discrepancy"]["max_prefix_deviation"] <= 1.0
     assert report["modes"]["stratified"]["max_prefix_deviation_vs_effective"] <= 256
+    # the carried remainders: within one example of q·b·B at every batch end, so within B inside a batch
+    assert report["modes"]["stratified_carried"]["max_prefix_deviation"] <= 256
+    assert (
+        report["modes"]["stratified_carried"]["max_prefix_deviation"]
+        < (report["modes"]["stratified"]["max_prefix_deviation"])
+    )
