@@ -431,6 +431,22 @@ def test_compare_seeds_with_the_dids_rows(tmp_path: Path) -> None:
     summary = lm_report.summarize(tmp_path)
     assert {"dids", "dids-flat", "dids-inverted"} <= set(summary["base"]) and "base dids" in summary["costs"]
     assert "dids-inverted" in lm_report.markdown(summary)
+    dids = summary["dids"]
+    assert list(dids) == ["dids", "dids-flat", "dids-inverted"]
+    assert (
+        dids["dids-flat"]["groups_per_domain"] == 1 and dids["dids"]["groups_per_domain"] == cfg.dids_clusters
+    )
+    assert dids["dids-inverted"]["partition_cached"] == [True, True]  # the features of dids, reused
+    for row in dids.values():
+        assert len(row["min_parent_sampling"]) == 2 and 0 < min(row["min_parent_sampling"]) <= 1 / 5
+        shares = [
+            sum(row["averaged_parent_sampling"][d][i] for d in row["averaged_parent_sampling"])
+            for i in (0, 1)
+        ]
+        assert shares == pytest.approx([1.0, 1.0])
+    assert "DIDS costs" in lm_report.markdown(summary)
+    lm_report.plot_dids(tmp_path / "seed-0", list(dids), tmp_path / "dids.png")
+    assert (tmp_path / "dids.png").stat().st_size > 0
 
 
 def test_domain_balance_makes_the_target_batch_a_uniform_mix_of_its_domains() -> None:

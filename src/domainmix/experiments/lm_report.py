@@ -5,7 +5,7 @@ seed's stage outputs; the paired differences are computed as ``compare_seeds`` c
 writes ``docs/results/NAME.json`` (:func:`summarize`), the Markdown tables made from that JSON alone
 (:func:`markdown`; docs/language-models.md carries them verbatim and a test checks they are equal) and
 ``docs/images/NAME.png`` (:func:`plot_run`: one seed's weight trajectories and the per-domain scores
-that moved them).
+that moved them); with DIDS rows also ``docs/images/NAME-dids.png`` (:func:`plot_dids`).
 
 Log-perplexities are the mean per-token loss in nats (``ln`` of the perplexity); paired differences are
 to uniform with the same seed (``experiments/paired.py``).
@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from domainmix._atomic import atomic_path, atomic_write_json, atomic_write_text
-from domainmix.experiments.methods import PROXY_METHODS
+from domainmix.experiments.methods import ONLINE_METHODS, PROXY_METHODS
 from domainmix.experiments.paired import paired_to_uniform
 
 SCORE_NAMES = {
@@ -129,7 +129,47 @@ def summarize(run: Path, command: str = "") -> dict[str, Any]:
         "mixtures": mixtures,
         "scores": scores,
         "costs": costs,
+        "dids": _dids_summary(folders, [label for label in labels if label in ONLINE_METHODS]),
     }
+
+
+DIDS_COSTS = (
+    "features_seconds",
+    "clustering_seconds",
+    "rounds",
+    "rounds_seconds",
+    "train_seconds",
+    "rounds_share_of_training",
+    "overhead_vs_plain_training",
+)
+
+
+def _dids_summary(folders: list[Path], labels: list[str]) -> dict[str, Any]:
+    """Per DIDS row (``base-<label>/metrics.json`` of every seed): what its docs section reports.
+
+    ``min_parent_sampling``: per seed, the smallest sampling mass of any original domain (its groups
+    summed) at the start or after any round; ``final_parent_sampling`` and ``averaged_parent_sampling``:
+    per domain and seed, after the last round and time-averaged; ``group_sizes``: per seed, the windows
+    in each group; ``costs``: per seed, ``DIDS_COSTS`` (the features and the clustering are made once
+    per seed, on the reference model, and shared by the rows that regroup).
+    """
+    out: dict[str, Any] = {}
+    for label in labels:
+        runs = [_read(f / f"base-{label}" / "metrics.json") for f in folders]
+        parents = {
+            a: [r["trajectory"]["parents"][a][-1] for r in runs] for a in runs[0]["trajectory"]["parents"]
+        }
+        out[label] = {
+            "impact_form": runs[0]["dids"]["impact_form"],
+            "groups_per_domain": len(runs[0]["dids"]["groups"]) // len(parents),
+            "min_parent_sampling": [r["dids"]["min_parent_sampling"] for r in runs],
+            "final_parent_sampling": parents,
+            "averaged_parent_sampling": {a: [r["sampling"][a] for r in runs] for a in parents},
+            "group_sizes": [r["dids"]["group_sizes"] for r in runs],
+            "costs": {key: [r["dids_costs"][key] for r in runs] for key in DIDS_COSTS},
+            "partition_cached": [r["dids_costs"]["partition_cached"] for r in runs],
+        }
+    return out
 
 
 def replayed_shares(config: dict[str, Any], sampling: dict[str, float]) -> dict[str, float]:
@@ -231,6 +271,7 @@ def markdown(summary: dict[str, Any]) -> str:
             for field, values in fields.items()
         ],
     )
+    out += _dids_markdown(summary.get("dids", {}), domains)
     out += ["", "Wall seconds per stage, per seed:", ""]
     out += _table(
         ["stage", *(f"seed {s}" for s in seeds)],
@@ -240,6 +281,95 @@ def markdown(summary: dict[str, Any]) -> str:
         ],
     )
     return "\n".join(out) + "\n"
+
+
+def _dids_markdown(dids: dict[str, Any], domains: list[str]) -> list[str]:
+    """The DIDS rows' own tables: sampling mass per original domain, its minimum, and the costs."""
+    if not dids:
+        return []
+    out = [
+        "",
+        "DIDS: time-averaged sampling mass of each original domain (its groups summed), seed mean:",
+        "",
+    ]
+    out += _table(
+        ["row", *domains, "smallest mass at any round (per seed)"],
+        [
+            [label]
+            + [f"{_mean(row['averaged_parent_sampling'][d]):.3f}" for d in domains]
+            + [" / ".join(f"{v:.3f}" for v in row["min_parent_sampling"])]
+            for label, row in dids.items()
+        ],
+    )
+    out += [
+        "",
+        "DIDS costs, mean over the seeds (the gradient features and the k-means run once per seed, on the "
+        "reference model; `dids-inverted` reuses those of `dids`):",
+        "",
+    ]
+    names = {
+        "features_seconds": "features (s)",
+        "clustering_seconds": "k-means (s)",
+        "rounds": "rounds",
+        "rounds_seconds": "rounds (s)",
+        "train_seconds": "training, rounds included (s)",
+        "rounds_share_of_training": "rounds / training",
+        "overhead_vs_plain_training": "(features + k-means + rounds) / rest of training",
+    }
+    rows = []
+    for label, row in dids.items():
+        cells = []
+        for key in names:
+            value = _mean(row["costs"][key])
+            cached = key in ("features_seconds", "clustering_seconds") and all(row["partition_cached"])
+            cells.append(("0" if value == 0 else f"{value:.3g}") + (" (reused)" if cached else ""))
+        rows.append([label, *cells])
+    out += _table(["row", *names.values()], rows)
+    return out
+
+
+def plot_dids(folder: Path, labels: list[str], path: Path, floor: float = 0.05) -> None:
+    """One seed's DIDS rows: sampling mass per original domain over the steps, and per group.
+
+    Top: each original domain's mass (its groups summed), the ``floor`` dotted. Bottom: every group's
+    time-averaged sampling weight, by domain, shaded by the group's share of its domain's windows.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    runs = {label: _read(folder / f"base-{label}" / "metrics.json") for label in labels}
+    fig = Figure(figsize=(5.5 * len(runs), 7.2), layout="constrained")
+    axes = fig.subplots(2, len(runs), squeeze=False)
+    for column, (label, result) in enumerate(runs.items()):
+        trajectory, dids = result["trajectory"], result["dids"]
+        ax = axes[0][column]
+        for index, (name, values) in enumerate(trajectory["parents"].items()):
+            ax.plot(trajectory["step"], values, color=f"C{index}", label=name)
+        ax.axhline(floor, color="black", linestyle=":", linewidth=0.8)
+        ax.set(title=f"{label}: sampling mass per domain", xlabel="base step", ylabel="mass")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize="small", ncol=2)
+        ax = axes[1][column]
+        parents = list(trajectory["parents"])
+        sizes, averaged = dids["group_sizes"], dids["averaged_sampling"]
+        x = 0.0
+        for index, parent in enumerate(parents):
+            groups = [g for g, a in zip(dids["groups"], dids["parents"], strict=True) if a == parent]
+            total = sum(sizes[g] for g in groups)
+            for g in groups:
+                ax.bar(x, averaged[g], width=0.8, color=f"C{index}", alpha=0.35 + 0.65 * sizes[g] / total)
+                x += 1
+            x += 0.6
+        ax.set(
+            title=f"{label}: time-averaged weight per group (lighter: fewer of the domain's windows)",
+            xlabel="groups, by domain",
+            ylabel="weight",
+        )
+        ax.title.set_fontsize("small")
+        ax.set_xticks([])
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
 
 
 def plot_trajectories(proxies: dict[str, dict[str, Any]], path: Path) -> None:
@@ -308,6 +438,8 @@ def main(argv: list[str] | None = None) -> int:
     folder = args.run / f"seed-{seed}"
     proxies = {m: _read(folder / f"proxy-{m}" / "weights.json") for m in _proxies(folder)}
     plot_run(proxies, args.images / f"{args.name}.png")
+    if summary["dids"]:
+        plot_dids(folder, list(summary["dids"]), args.images / f"{args.name}-dids.png")
     print(markdown(summary))
     return 0
 
