@@ -1,6 +1,6 @@
 """Seconds per training step with each weighting strategy against plain training, same model and batch.
 
-Two configurations (``--config``):
+Three configurations (``--config``):
 
 * ``experiment`` (default): the proxy of ``domainmix run lm`` as its defaults run it. The model, batch,
   block size, learning rate, gradient clipping and DoGE's settings are ``LmConfig()``'s
@@ -20,9 +20,31 @@ Two configurations (``--config``):
   DoGE scoring ⟨g_i, Σ_{j≠i} g_j⟩ from the training batch alone, i.e. today's ``leave_one_out``; DoReMi
   with step 1), kept so that they stay reproducible. ``doge_leave_one_out`` is not among its variants
   (it is what its ``doge_subset`` already runs).
+* ``gpt100m``: the statistics' cost at scale (issue 13), meant for one CUDA GPU. A GPT built by
+  ``experiments.gpt.GPT`` of 12 layers × width 768 with 12 heads, vocabulary 32,768 and T = 512
+  (110,615,040 parameters, the tied 32,768 × 768 embedding 23 % of them), batch 16 sequences (8,192
+  tokens), AdamW at lr 3e-4 with ``clip_grad_norm_(1.0)``. The strategies are the experiment's
+  (``LmConfig()``'s DoReMi settings; DoGE's µ, ``doge_max_norm``, universal target mode with a target
+  batch of ``doge_target_batch`` windows, here the batch's 16; η_t = lr × ``lr_factor``). Its default
+  variants: ``plain``, ``uniform``, ``doremi_cached``, the four DoGE subset variants and the four VA
+  subset variants (below). The figures are made by::
+
+      python benchmarks/strategy_overhead.py --config gpt100m --device cuda --json \
+          > benchmarks/results/strategy_overhead_gpt100m_cuda.json
+
+  It runs on the CPU too (``--device cpu``), slowly: 11 model copies with their AdamW states take about
+  20 GB, and a plain step of 16 × 512 tokens takes minutes on one thread (6 s at ``--block-size 32
+  --batch 12`` on a loaded 2-core machine).
 
 ``--vocab``, ``--n-layer``, ``--n-embd``, ``--n-head``, ``--block-size``, ``--batch`` and ``--lr``
 override the chosen configuration's values (the report lists what was overridden).
+
+Device (``--device cpu|cuda|auto``, default ``cpu``; ``auto``: CUDA when ``torch.cuda.is_available()``,
+``cuda`` without CUDA is an error naming ``--device``): the models, the data pool, the target pool and
+the reference cache live on it, in float32 (no autocast). On CUDA every timed region synchronises the
+device before each clock reading (``timed``), so a step's queued kernels are charged to that step; the
+report's config records the device and, on CUDA, ``torch.cuda.get_device_name()`` and the float32
+matmul precision. The CPU path is the default and the one the figures in docs/ come from.
 
 Data: random token sequences from k = 6 domains (the corpus's six); every training batch has stratified
 counts (``allocate_counts``). Every variant is a full training step (forward, loss, backward, optimizer
@@ -55,7 +77,25 @@ same fixed pool of batches (and the same stream of target batches):
   a small ``Probe`` subclass here; the target batch's forward runs in its ``observe_step``),
   the general path for subsets that are not Linear/LayerNorm layers. The two paths' agreement on one
   batch is reported.
-* ``dids_round`` (opt-in: ``--variants dids_round``; not in either configuration's default set): one
+* ``va_last_mlp_out``, ``va_last_mlp``, ``va_subset``, ``va_all_blocks``: Variance-Aware sampling's
+  statistic every step on the same four parameter subsets as ``doge_last_mlp_out``, ``doge_last_mlp``,
+  ``doge_subset`` and ``doge_all_blocks`` (``subset_modules``): ``combine(loss=uniform(),
+  sampling=variance_aware(B))`` (α = π, uniform here; VA moves q only and reads only ``grad_var``; the
+  default ``min_count=2`` because v_i is estimated on the training batch) with ``update_every=1`` and a
+  ``GradientVarianceProbe(model, loss_fn, draw, method="per_example", params=<the subset's names>)``
+  whose ``draw(step)`` returns that step's training batch and whose per-example loss is each window's
+  mean per-token loss (``_window_loss``). The probe runs when a window closes, i.e. every step: a
+  second forward of the batch, one example at a time under ``torch.func.vmap``, and per-example
+  gradients of the subset only, folded into (k, P_subset) float64 sums. The per-example forward of the
+  whole model is paid whatever the subset; only the backward and the sums shrink with it. The
+  controller pushes q to
+  the benchmark's fixed-count sampler stand-in, which ignores it: every variant trains on the same
+  stratified batches (the timing is the statistic's and the update's, not a different batch mix). Not
+  in the ``experiment`` and ``legacy`` default sets (the experiment's default run already takes several
+  minutes on a loaded 2-core machine; the four would add several more): ``--variants va_subset,...``
+  runs them in any configuration; ``gpt100m`` runs all four by default.
+  They need ``--batch`` ≥ 2 × ``--domains`` (two examples per domain define a variance).
+* ``dids_round`` (opt-in: ``--variants dids_round``; not in any configuration's default set): one
   DIDS round every step (``update_every=1``): a ``FisherProductProbe`` (per-example gradients through
   ``torch.func`` on the last 10 % of the tensors) over the round's windows at the experiment's size,
   ``dids_clusters`` × ``dids_examples`` windows of each of the k domains (the examples of its
@@ -75,15 +115,30 @@ Reported: the median over repetitions of the mean seconds per step, and the medi
 of the per-repetition ratio to ``plain``. The proxy's learning-rate schedule is left out of every
 variant (a scalar per step); DoGE's η_t follows it.
 
-Memory of the gradient statistics: both paths keep a (k+1) × P_subset float64 matrix (``matrix_bytes``,
-analytic). The measured figure is the peak of live CPU tensor bytes allocated during
+Subset tables (``subset_cost``: ``{"doge": [...], "va": [...]}``, printed too): the per-step cost as a
+function of the parameter subset the statistic is computed on, one row per subset from the smallest
+(``last_mlp_out``) to the largest (``all_blocks``) among the variants run: the subset's parameter count,
+its fraction of the model's parameters, seconds per step and the ratio to ``plain`` (median of the
+per-repetition ratios).
+
+Memory of the gradient statistics: DoGE's two paths keep a (k+1) × P_subset float64 matrix
+(``matrix_bytes``, analytic). The measured figure is the peak of live CPU tensor bytes allocated during
 one call, from the torch profiler's allocator events (``profile_memory=True``), relative to the bytes
 live when the call starts; the same measure is given for one whole step of every variant.
 ``tracemalloc`` does not see tensor storage and ``ru_maxrss`` only moves on a new process-wide peak, so
-the max RSS is reported for context only.
+the max RSS is reported for context only. For the VA variants: ``matrix_bytes`` is the (k, P_subset)
+float64 sums, ``chunk_bytes`` one chunk of float32 per-example gradients (min(64, B) × P_subset, the
+estimator's default chunk), and the call is one ``gradient_variance`` on the batch. On CUDA the profiler's
+CPU allocator events do not see device memory: the figures are then the peak of
+``torch.cuda.max_memory_allocated()`` over the call or step after ``torch.cuda.reset_peak_memory_stats()``,
+relative to ``torch.cuda.memory_allocated()`` at its start (``memory_kind`` says which).
 
-Usage: python benchmarks/strategy_overhead.py [--json] [--config experiment|legacy] [--steps 10]
-[--repeats 5] [--threads 1] [--variants plain,dids_round --n-layer 4 --n-embd 192]
+``--out PATH`` also writes the JSON report to PATH atomically; the report's ``command`` is the command
+line that made it.
+
+Usage: python benchmarks/strategy_overhead.py [--json] [--config experiment|legacy|gpt100m]
+[--device cpu|cuda|auto] [--steps 10] [--repeats 5] [--threads 1] [--out PATH]
+[--variants plain,dids_round --n-layer 4 --n-embd 192]
 """
 
 from __future__ import annotations
@@ -91,9 +146,12 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import functools
 import json
 import resource
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -105,6 +163,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 from domainmix import StatsCollector, WeightingController, weighted_loss
+from domainmix._atomic import atomic_write_json
 from domainmix.experiments.config import LmConfig
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.experiments.lm import lr_factor, model_for
@@ -114,14 +173,17 @@ from domainmix.stats import (
     FisherProductProbe,
     GradientProductProbe,
     GradientProductTap,
+    GradientVarianceProbe,
     Probe,
     ReferenceLossProbe,
     StepLosses,
     domain_gradient_products,
+    gradient_variance,
 )
-from domainmix.strategies import Strategy, combine, dids, doge, doremi, uniform
+from domainmix.strategies import Strategy, combine, dids, doge, doremi, uniform, variance_aware
 
-CONFIGS = ("experiment", "legacy")
+CONFIGS = ("experiment", "legacy", "gpt100m")
+DEVICES = ("cpu", "cuda", "auto")
 VARIANTS = (
     "plain",
     "uniform",
@@ -135,7 +197,22 @@ VARIANTS = (
     "doge_subset_autograd",
 )
 LEGACY_VARIANTS = tuple(v for v in VARIANTS if v != "doge_leave_one_out")  # the earlier figures' set
-OPTIONAL = ("dids_round",)  # run only when --variants names them
+# Variance-Aware sampling's statistic on the DoGE variants' subsets, smallest subset first.
+VA_VARIANTS = ("va_last_mlp_out", "va_last_mlp", "va_subset", "va_all_blocks")
+# Outside the experiment and legacy default sets: run only when --variants (or gpt100m's set) names them.
+OPTIONAL = (*VA_VARIANTS, "dids_round")
+ALL_VARIANTS = VARIANTS + OPTIONAL  # the report's order
+# The subset tables' rows, smallest subset first: subset -> (DoGE variant, VA variant).
+SUBSET_ROWS = {
+    "last_mlp_out": ("doge_last_mlp_out", "va_last_mlp_out"),
+    "last_mlp": ("doge_last_mlp", "va_last_mlp"),
+    "subset": ("doge_subset", "va_subset"),
+    "all_blocks": ("doge_all_blocks", "va_all_blocks"),
+}
+GPT100M_VARIANTS = (
+    ("plain", "uniform", "doremi_cached") + tuple(d for d, _ in SUBSET_ROWS.values()) + VA_VARIANTS
+)
+DEFAULT_VARIANTS = {"experiment": VARIANTS, "legacy": LEGACY_VARIANTS, "gpt100m": GPT100M_VARIANTS}
 INFORMATIVE = ("doremi_reference_forward", "doge_all_blocks", "doge_subset_autograd")
 DOGE_VARIANTS = (
     "doge_subset",
@@ -148,6 +225,14 @@ DOGE_VARIANTS = (
 TARGET_VARIANTS = ("doge_subset", "doge_leave_one_out", "doge_last_mlp", "doge_last_mlp_out")
 TARGETS = {"doge_subset_max_ratio": 1.5, "doremi_cached_max_ratio": 1.05}
 WEIGHT_DECAY = 0.01  # experiments.lm.train's AdamW
+SOURCES = {
+    "experiment": "LmConfig() defaults (src/domainmix/experiments/config.py): the proxy of domainmix run lm",
+    "legacy": "the earlier figures' 4x128 byte-level configuration (DoGE scoring leave_one_out)",
+    "gpt100m": (
+        "a 12x768 GPT (vocabulary 32768, T=512, batch 16, AdamW lr 3e-4, clip 1.0) with LmConfig()'s "
+        "DoReMi and DoGE settings (universal target batch): the statistics' cost at scale (issue 13)"
+    ),
+}
 # The earlier figures' configuration (DoGE reference config, docs/algorithms.md §2.3, on a 4 x 128 GPT).
 LEGACY = {
     "n_layer": 4,
@@ -161,6 +246,18 @@ LEGACY = {
     "doge_target": "leave_one_out",
     "vocab": 256,
     "grad_clip": 0.0,
+}
+# The statistics' cost at scale (issue 13): a GPT of >= 100 M parameters (110,615,040) for one CUDA GPU.
+# DoGE's mu, max_norm, target mode and target batch are LmConfig()'s (resolve takes them from there).
+GPT100M = {
+    "n_layer": 12,
+    "n_head": 12,
+    "n_embd": 768,
+    "block_size": 512,
+    "batch": 16,
+    "lr": 3e-4,
+    "vocab": 32768,
+    "grad_clip": 1.0,
 }
 OVERRIDABLE = ("vocab", "n_layer", "n_head", "n_embd", "block_size", "batch", "lr")
 
@@ -177,13 +274,17 @@ class Setup:
     doge_max_norm: float
     doge_target: str  # the mode of every DoGE variant but doge_leave_one_out
     grad_clip: float  # clip_grad_norm_ before every optimizer step (0: none)
-    lm: LmConfig | None  # the experiment's config (None: legacy)
+    lm: LmConfig | None  # the experiment's config, whose strategies' settings are used (None: legacy)
     overrides: dict[str, Any]
 
     def strategy(self, variant: str, k: int, domain_size: int) -> Strategy:
         """The variant's strategy, built as the configuration builds it."""
         if variant in ("plain", "uniform"):
             return uniform()
+        if variant in VA_VARIANTS:
+            # VA moves q only and reads only grad_var; the loss rule keeps alpha = pi (as "uniform+va" of
+            # the experiments' methods). min_count stays 2: v_i is estimated on the training batch.
+            return combine(loss=uniform(), sampling=variance_aware(self.batch))
         doge_target = "leave_one_out" if variant == "doge_leave_one_out" else self.doge_target
         if self.lm is not None:
             proxy_steps, warmup = self.lm.proxy_steps, self.lm.warmup_steps
@@ -214,6 +315,10 @@ def resolve(args: argparse.Namespace) -> Setup:
     if args.config == "legacy":
         values: dict[str, Any] = dict(LEGACY)
         lm = None
+    elif args.config == "gpt100m":
+        lm = LmConfig()
+        values = dict(GPT100M)
+        values.update(doge_mu=lm.doge_mu, doge_max_norm=lm.doge_max_norm, doge_target=lm.doge_target)
     else:
         lm = LmConfig()
         # The experiment's proxy as run lm builds it; its vocabulary is the tokenizer's (model_for reads
@@ -235,7 +340,11 @@ def resolve(args: argparse.Namespace) -> Setup:
     values.update(overrides)
     if lm is not None:
         lm = dataclasses.replace(
-            lm, block_size=values["block_size"], batch_size=values["batch"], lr=values["lr"]
+            lm,
+            block_size=values["block_size"],
+            batch_size=values["batch"],
+            lr=values["lr"],
+            grad_clip=values["grad_clip"],
         )
     model = GPTConfig(
         vocab_size=values["vocab"],
@@ -259,31 +368,71 @@ def resolve(args: argparse.Namespace) -> Setup:
 
 
 # --------------------------------------------------------------------------------------------------
+# Device: where the models and data live, and clock readings that wait for it.
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device`` names (``auto``: CUDA when ``torch.cuda.is_available()``).
+
+    Raises:
+        ValueError: for an unknown name, or ``cuda`` when torch sees no CUDA device.
+    """
+    if name not in DEVICES:
+        raise ValueError(f"--device must be one of {list(DEVICES)}; got {name!r}.")
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        build = f"CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        raise ValueError(
+            f"--device cuda: torch {torch.__version__} ({build}) sees no CUDA device; "
+            "use --device cpu or --device auto."
+        )
+    return torch.device(name)
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels (CUDA runs them asynchronously); nothing to wait for on CPU."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], Any], device: torch.device) -> float:
+    """Seconds ``fn()`` takes, the device synchronised before both clock readings."""
+    synchronize(device)  # kernels queued before the call are not the call's
+    start = time.perf_counter()
+    fn()
+    synchronize(device)  # the call's own kernels are: without this CUDA would time the launches only
+    return time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------------------------------
 # Data: a fixed pool of batches, every batch stratified over the k domains, and a pool of windows per
 # domain that the target batches are drawn from (uniformly over the domains, as run lm draws them).
 class Data:
-    def __init__(self, args: argparse.Namespace, setup: Setup) -> None:
+    def __init__(self, args: argparse.Namespace, setup: Setup, device: torch.device) -> None:
+        # Drawn on the CPU from a seeded generator, then moved: the same tokens on every device.
         g = torch.Generator().manual_seed(args.seed)
+        self.device = device
         self.k, self.batch, self.seed = args.domains, setup.batch, args.seed
         # DoGE's target batch: --target-batch, else the experiment's doge_target_batch, else the batch.
         self.target_batch = args.target_batch or (setup.lm.doge_target_batch if setup.lm else 0) or self.batch
         block_size, vocab = setup.model.block_size, setup.model.vocab_size
         self.counts = allocate_counts([1.0] * self.k, self.batch).tolist()
         n = args.pool * self.batch
-        self.tokens = torch.randint(0, vocab, (n, block_size + 1), generator=g)
+        self.tokens = torch.randint(0, vocab, (n, block_size + 1), generator=g).to(device)
         ids = torch.repeat_interleave(torch.arange(self.k), torch.tensor(self.counts))
-        self.domain_ids = ids.repeat(args.pool)
+        self.domain_ids = ids.repeat(args.pool).to(device)
         self.pool = args.pool
         self.ref_cache: Tensor | None = None  # (n, T) fp16 reference per-token losses, filled by cache()
         per_domain = max(self.batch, n // self.k)
-        self.target_tokens = torch.randint(0, vocab, (self.k * per_domain, block_size + 1), generator=g)
+        self.target_tokens = torch.randint(0, vocab, (self.k * per_domain, block_size + 1), generator=g).to(
+            device
+        )
         self.target_ranges = {f"d{i}": range(i * per_domain, (i + 1) * per_domain) for i in range(self.k)}
         self.dids_examples = args.dids_examples or (setup.lm or LmConfig()).dids_examples
 
     def get(self, step: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Example ids, inputs, targets and domain ids of batch ``step`` (cycling through the pool)."""
         start = (step % self.pool) * self.batch
-        index = torch.arange(start, start + self.batch)
+        index = torch.arange(start, start + self.batch, device=self.device)
         seq = self.tokens[index]
         return index, seq[:, :-1], seq[:, 1:], self.domain_ids[index]
 
@@ -297,7 +446,7 @@ class Data:
             seed=self.seed + 1,  # a stream of its own, as in experiments.lm.probes_for
         )
         for batch in sampler:
-            yield self.target_tokens[torch.as_tensor(batch)]
+            yield self.target_tokens[torch.as_tensor(batch, device=self.device)]
 
     def dids_draw(self, per_domain: int, per_task: int) -> Callable[[int], tuple[Tensor, Tensor, Tensor]]:
         """A DIDS round's windows: ``per_domain`` of each domain (ids < k), ``per_task`` of each task.
@@ -310,13 +459,15 @@ class Data:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
             parts, ids = [], []
             for i, rows in enumerate(rows_of):
-                parts.append(self.tokens[rows[torch.randint(len(rows), (per_domain,), generator=g)]])
+                pick = torch.randint(len(rows), (per_domain,), generator=g).to(self.device)
+                parts.append(self.tokens[rows[pick]])
                 ids += [i] * per_domain
             for j, r in enumerate(self.target_ranges.values()):
-                parts.append(self.target_tokens[torch.randint(r.start, r.stop, (per_task,), generator=g)])
+                pick = torch.randint(r.start, r.stop, (per_task,), generator=g).to(self.device)
+                parts.append(self.target_tokens[pick])
                 ids += [self.k + j] * per_task
             seq = torch.cat(parts)
-            return seq[:, :-1], seq[:, 1:], torch.tensor(ids)
+            return seq[:, :-1], seq[:, 1:], torch.tensor(ids, device=self.device)
 
         return draw
 
@@ -346,17 +497,37 @@ class _FixedSink:
 
 
 # --------------------------------------------------------------------------------------------------
-# Parameter subsets for DoGE (never the tied embedding tok.weight = head.weight).
+# Parameter subsets for DoGE and VA (never the tied embedding tok.weight = head.weight).
+SUBSET_OF = {
+    "doge_subset": "subset",
+    "doge_leave_one_out": "subset",
+    "doge_subset_autograd": "subset",
+    "doge_last_mlp": "last_mlp",
+    "doge_last_mlp_out": "last_mlp_out",
+    "doge_all_blocks": "all_blocks",
+    "va_subset": "subset",
+    "va_last_mlp": "last_mlp",
+    "va_last_mlp_out": "last_mlp_out",
+    "va_all_blocks": "all_blocks",
+}
+
+
 def subset_modules(model: GPT, which: str) -> list[nn.Module]:
-    last = model.blocks[-1]
-    return {
-        "doge_subset": [last, model.ln],
-        "doge_leave_one_out": [last, model.ln],
-        "doge_subset_autograd": [last, model.ln],
-        "doge_last_mlp": [last.mlp],
-        "doge_last_mlp_out": [last.mlp[2]],
-        "doge_all_blocks": [model.blocks, model.ln],
-    }[which]
+    """The modules whose parameters form a subset, named by a variant or by its ``SUBSET_ROWS`` key."""
+    last: Any = model.blocks[-1]
+    modules: dict[str, list[nn.Module]] = {
+        "subset": [last, model.ln],
+        "last_mlp": [last.mlp],
+        "last_mlp_out": [last.mlp[2]],
+        "all_blocks": [model.blocks, model.ln],
+    }
+    return modules[SUBSET_OF.get(which, which)]
+
+
+def subset_parameters(model: GPT, which: str) -> list[tuple[str, nn.Parameter]]:
+    """The subset's named parameters, in ``named_parameters()`` order (the order the estimators use)."""
+    chosen = {id(p) for module in subset_modules(model, which) for p in module.parameters()}
+    return [(n, p) for n, p in model.named_parameters() if id(p) in chosen]
 
 
 class AutogradProducts(Probe):
@@ -392,6 +563,7 @@ class AutogradProducts(Probe):
 class Runner:
     def __init__(self, name: str, base: GPT, reference: GPT, data: Data, setup: Setup) -> None:
         self.name, self.data, self.reference, self.setup = name, data, reference, setup
+        self.device = data.device
         self.model = copy.deepcopy(base)
         self.model.train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=setup.lr, weight_decay=WEIGHT_DECAY)
@@ -418,6 +590,19 @@ class Runner:
             else:
                 self.tap = tap
                 probes.append(GradientProductProbe(tap, max_norm=setup.doge_max_norm, target=target))
+        elif name in VA_VARIANTS:
+            named = subset_parameters(self.model, name)
+            self.subset = [p for _, p in named]
+            self.subset_names = [n for n, _ in named]
+            probes.append(
+                GradientVarianceProbe(
+                    self.model,
+                    _window_loss,
+                    self.training_batch,
+                    method="per_example",
+                    params=self.subset_names,
+                )
+            )
         elif name.startswith("doremi"):
             lookup = self.cached_reference if name == "doremi_cached" else self.reference_forward
             probes.append(ReferenceLossProbe(lookup))
@@ -433,6 +618,16 @@ class Runner:
             if name == "plain"
             else WeightingController(strategy, names, update_every=1, sampler=sink, probes=probes)
         )
+
+    def training_batch(self, step: int) -> tuple[Tensor, Tensor, Tensor]:
+        """VA's draw: the inputs, targets and domain ids of the training batch of controller step ``step``.
+
+        The controller counts steps from 1 and closes a window (update_every = 1) in the step that ends
+        with ``step`` calls, the one that trained on batch ``step - 1``: keyed by the step, no state.
+        """
+        assert step == self.i, "the controller and the runner count the same steps"
+        _, x, y, ids = self.data.get(step - 1)
+        return x, y, ids
 
     def target_losses(self) -> Tensor:
         """The next target batch's per-token losses, attached to the graph (DoGE's universal target)."""
@@ -478,8 +673,23 @@ class Runner:
 
 
 # --------------------------------------------------------------------------------------------------
-# Memory: peak of live tensor bytes (CPU allocator events) during a call, relative to its start.
-def peak_tensor_bytes(fn: Callable[[], Any]) -> int | None:
+# Memory: peak of live tensor bytes during a call, relative to its start: CPU allocator events from the
+# profiler on the CPU, the CUDA caching allocator's peak statistic on CUDA (the profiler's CPU events
+# do not see device memory).
+MEMORY_KINDS = {
+    "cpu": "cpu_profiler_tensor_bytes",
+    "cuda": "cuda_max_memory_allocated",
+}
+
+
+def peak_tensor_bytes(fn: Callable[[], Any], device: torch.device | None = None) -> int | None:
+    if device is not None and device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize(device)
+        return int(torch.cuda.max_memory_allocated(device) - start)
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
@@ -494,20 +704,42 @@ def peak_tensor_bytes(fn: Callable[[], Any]) -> int | None:
     return int(peak)
 
 
-def measure_memory(runners: dict[str, Runner]) -> dict[str, Any]:
+def measure_memory(runners: dict[str, Runner], device: torch.device) -> dict[str, Any]:
+    kind = MEMORY_KINDS["cuda" if device.type == "cuda" else "cpu"]
+    how = (
+        "peak of torch.cuda.max_memory_allocated() during the call after torch.cuda.reset_peak_memory_stats()"
+        if device.type == "cuda"
+        else "peak live CPU tensor bytes during the call, from torch profiler allocator events"
+    )
     out: dict[str, Any] = {
+        "memory_kind": kind,
         "method": (
-            "matrix_bytes: the (k+1) x P_subset float64 matrix of the gradient rows (analytic, both "
-            "paths). call_peak_bytes / step_peak_bytes: "
-            "peak live CPU tensor bytes during one products call / one whole step, from torch profiler "
-            "allocator events, relative to the bytes live at its start (a universal-target call "
-            "includes the target batch's backward). max_rss_bytes: process-wide, context only."
-        )
+            "DoGE: matrix_bytes: the (k+1) x P_subset float64 matrix of the gradient rows (analytic, both "
+            "paths); call: one products call (a universal-target call includes the target batch's "
+            "backward). VA: matrix_bytes: the (k, P_subset) float64 sums; chunk_bytes: one chunk of "
+            "min(64, B) float32 per-example gradients (analytic); call: one gradient_variance on the "
+            f"batch. call_peak_bytes / step_peak_bytes (one call / one whole step): {how}, relative to "
+            "the bytes allocated at its start. max_rss_bytes: process-wide, context only."
+        ),
     }
     step_peaks = {}
     for name, runner in runners.items():
-        step_peaks[name] = peak_tensor_bytes(runner.step)
+        step_peaks[name] = peak_tensor_bytes(runner.step, device)
     for name, runner in runners.items():
+        if name in VA_VARIANTS:
+            size = sum(p.numel() for p in runner.subset)
+            _, x, y, ids = runner.data.get(0)
+            # The probe's own call (its default chunk of 64 examples), on the batch of the first step.
+            call = functools.partial(
+                gradient_variance, runner.model, _window_loss, x, y, ids, runner.k, params=runner.subset_names
+            )
+            out[name] = {
+                "parameters": size,
+                "matrix_bytes": runner.k * size * 8,
+                "chunk_bytes": min(64, len(ids)) * size * 4,
+                "call_peak_bytes": peak_tensor_bytes(call, device),
+            }
+            continue
         if name not in DOGE_VARIANTS:
             continue
         size = sum(p.numel() for p in runner.subset)
@@ -519,7 +751,7 @@ def measure_memory(runners: dict[str, Runner]) -> dict[str, Any]:
             "parameters": size,
             "matrix_bytes": (runner.k + 1) * size * 8,
             "call_peak_bytes": peak_tensor_bytes(
-                lambda r=runner, t=tok, i=ids, g=target: r.products(t, i, g)
+                lambda r=runner, t=tok, i=ids, g=target: r.products(t, i, g), device
             ),
         }
         out[name] = entry
@@ -564,7 +796,9 @@ def check_agreement(base: GPT, data: Data, setup: Setup) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------------------
-def measure(runners: dict[str, Runner], steps: int, warmup: int, repeats: int) -> dict[str, list[float]]:
+def measure(
+    runners: dict[str, Runner], steps: int, warmup: int, repeats: int, device: torch.device
+) -> dict[str, list[float]]:
     """Seconds per step of every variant and repetition, the variants interleaved step by step."""
     for runner in runners.values():
         for _ in range(warmup):
@@ -576,10 +810,7 @@ def measure(runners: dict[str, Runner], steps: int, warmup: int, repeats: int) -
         for s in range(steps):
             shift = (r * steps + s) % len(names)
             for name in names[shift:] + names[:shift]:
-                runner = runners[name]
-                start = time.perf_counter()
-                runner.step()
-                totals[name] += time.perf_counter() - start
+                totals[name] += timed(runners[name].step, device)
         for name in names:
             times[name].append(totals[name] / steps)
     return times
@@ -592,7 +823,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--config",
         choices=CONFIGS,
         default="experiment",
-        help="experiment: LmConfig()'s proxy and DoGE settings (default); legacy: the earlier 4x128 figures",
+        help="experiment: LmConfig()'s proxy and DoGE settings (default); legacy: the earlier 4x128 figures; "
+        "gpt100m: a 12x768 GPT of 110.6 M parameters with the experiment's strategies (for one CUDA GPU)",
+    )
+    parser.add_argument(
+        "--device",
+        choices=DEVICES,
+        default="cpu",
+        help="where the models and data live (default cpu; auto: cuda when torch.cuda.is_available())",
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and repetition")
     parser.add_argument("--repeats", type=int, default=5)
@@ -620,23 +858,34 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--domains", type=int, default=6)
     parser.add_argument("--pool", type=int, default=4, help="distinct batches, cycled")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-memory", action="store_true", help="skip the profiler memory measurements")
-    args = parser.parse_args(argv)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory measurements")
+    parser.add_argument("--out", default=None, help="also write the JSON report to this file (atomically)")
+    given = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(given)
+    # The command line that made the report, recorded in it.
+    args.command = shlex.join(["python", "benchmarks/strategy_overhead.py", *given])
+    try:
+        resolve_device(args.device)
+    except ValueError as error:
+        parser.error(str(error))
     if args.variants is None:
-        chosen = list(LEGACY_VARIANTS if args.config == "legacy" else VARIANTS)
+        chosen = list(DEFAULT_VARIANTS[args.config])
     else:
         chosen = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(chosen) - set(VARIANTS + OPTIONAL))
+    unknown = sorted(set(chosen) - set(ALL_VARIANTS))
     if unknown:
-        parser.error(f"unknown variants {unknown}; choose from {list(VARIANTS + OPTIONAL)}")
-    args.variants = [v for v in VARIANTS + OPTIONAL if v == "plain" or v in chosen]
-    batch = (
-        args.batch
-        if args.batch is not None
-        else (LEGACY["batch"] if args.config == "legacy" else LmConfig().batch_size)
-    )
+        parser.error(f"unknown variants {unknown}; choose from {list(ALL_VARIANTS)}")
+    args.variants = [v for v in ALL_VARIANTS if v == "plain" or v in chosen]
+    if args.batch is not None:
+        batch = args.batch
+    else:
+        batch = {"legacy": LEGACY["batch"], "gpt100m": GPT100M["batch"]}.get(
+            args.config, LmConfig().batch_size
+        )
     if batch < args.domains:
         parser.error("--batch must be at least --domains (every domain in every batch)")
+    if batch < 2 * args.domains and any(v in VA_VARIANTS for v in args.variants):
+        parser.error("the va_* variants need --batch >= 2 x --domains (a variance needs two examples)")
     return args
 
 
@@ -644,13 +893,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     setup = resolve(args)
+    device = resolve_device(args.device)
     cfg = setup.model
-    base = GPT(cfg)
-    reference = GPT(cfg).eval().requires_grad_(False)  # another init: a frozen "reference model"
-    data = Data(args, setup)
+    # Built on the CPU from the seed, then moved: the same initial weights on every device.
+    base = GPT(cfg).to(device)
+    reference = GPT(cfg).to(device).eval().requires_grad_(False)  # another init: a frozen "reference model"
+    data = Data(args, setup, device)
     data.cache(reference)
     runners = {name: Runner(name, base, reference, data, setup) for name in args.variants}
-    times = measure(runners, args.steps, args.warmup, args.repeats)
+    times = measure(runners, args.steps, args.warmup, args.repeats, device)
     plain = times["plain"]
     total = base.num_parameters()
     subsets = {
@@ -664,6 +915,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for name, runner in runners.items()
         if name in DOGE_VARIANTS
     }
+    va_subsets = {
+        name: {
+            "names": runner.subset_names,
+            "parameters": sum(p.numel() for p in runner.subset),
+            "fraction": sum(p.numel() for p in runner.subset) / total,
+            "estimator": "per_example",
+            "examples": data.batch,
+            # q after the last update: VA's statistic reached the strategy (stratified, >= 2 per domain).
+            "final_sampling": runner.controller.weights.sampling.tolist() if runner.controller else None,
+        }
+        for name, runner in runners.items()
+        if name in VA_VARIANTS
+    }
     results: dict[str, Any] = {}
     for name, ts in times.items():
         results[name] = {
@@ -675,6 +939,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         if name in subsets:
             results[name]["subset_fraction"] = subsets[name]["fraction"]
             results[name]["doge_target"] = subsets[name]["target"]
+        if name in va_subsets:
+            results[name]["subset_fraction"] = va_subsets[name]["fraction"]
     meets: dict[str, bool | None] = {}
     for name in TARGET_VARIANTS:
         if name in results:
@@ -706,24 +972,23 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         )
     else:
         doremi_settings.update(step_size=1.0, smoothing=1e-3, delay=0)
+    # gpt100m's model is its own: of LmConfig only what the strategies read is listed.
+    shape_keys = ("tokenizer", "bpe_vocab", "proxy_layers", "proxy_width")
     report: dict[str, Any] = {
         "benchmark": "strategy_overhead",
+        "command": args.command,
         "config": {
             "name": setup.name,
-            "source": (
-                "LmConfig() defaults (src/domainmix/experiments/config.py): the proxy of domainmix run lm"
-                if lm is not None
-                else "the earlier figures' 4x128 byte-level configuration (DoGE scoring leave_one_out)"
-            ),
+            "source": SOURCES[setup.name],
+            "device": device.type,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+            "float32_matmul_precision": torch.get_float32_matmul_precision(),
             "lm_config": None
             if lm is None
             else {
                 key: getattr(lm, key)
                 for key in (
-                    "tokenizer",
-                    "bpe_vocab",
-                    "proxy_layers",
-                    "proxy_width",
+                    *(shape_keys if setup.name == "experiment" else ()),
                     "block_size",
                     "batch_size",
                     "lr",
@@ -768,12 +1033,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "doge": doge_settings,
             "doremi": doremi_settings,
+            "va": {
+                "strategy": f"combine(loss=uniform(), sampling=variance_aware({data.batch})), min_count 2",
+                "update_every": 1,
+                "probe": "GradientVarianceProbe(method='per_example', params=<the subset's names>)",
+                "draw": "the step's training batch",
+                "per_example_loss": "mean per-token cross entropy of each window",
+                "chunk_size": 64,
+            },
             "variants": args.variants,
         },
         "torch": torch.__version__,
         "results": results,
         "doge_subset": subsets.get("doge_subset"),
         "doge_subsets": subsets,
+        "va_subsets": va_subsets,
+        "subset_cost": subset_cost(results, subsets, va_subsets),
         "targets": TARGETS,
         "targets_evaluated_on": setup.name,
         "meets_targets": meets,
@@ -783,8 +1058,30 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "doge_subset_autograd" in runners:
         report["doge_subset_tap_vs_autograd"] = check_agreement(base, data, setup)
     if not args.no_memory:
-        report["gradient_statistics_memory_bytes"] = measure_memory(runners)
+        report["gradient_statistics_memory_bytes"] = measure_memory(runners, device)
     return report
+
+
+def subset_cost(
+    results: dict[str, Any], doge: dict[str, dict[str, Any]], va: dict[str, dict[str, Any]]
+) -> dict[str, list[dict[str, Any]]]:
+    """The per-step cost as a function of the subset, for DoGE and VA: rows smallest subset first."""
+    tables: dict[str, list[dict[str, Any]]] = {"doge": [], "va": []}
+    for subset, pair in SUBSET_ROWS.items():
+        for method, variant, info in (("doge", pair[0], doge), ("va", pair[1], va)):
+            if variant not in info:
+                continue  # not run
+            tables[method].append(
+                {
+                    "subset": subset,
+                    "variant": variant,
+                    "parameters": info[variant]["parameters"],
+                    "fraction": info[variant]["fraction"],
+                    "seconds_per_step": results[variant]["seconds_per_step"],
+                    "ratio_vs_plain": results[variant]["ratio_vs_plain"],
+                }
+            )
+    return tables
 
 
 def dids_report(results: dict[str, Any], lm: LmConfig, data: Data) -> dict[str, Any]:
@@ -814,7 +1111,7 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"config {c['name']}: GPT {m['n_layer']}x{m['n_embd']} (T={m['block_size']}, {m['parameters']:,} "
         f"params), batch {c['batch_sequences']}x{m['block_size']}, k={c['domains']}, threads={c['threads']}, "
-        f"steps={c['steps']} x repeats={c['repeats']}, torch {report['torch']}"
+        f"steps={c['steps']} x repeats={c['repeats']}, torch {report['torch']}, device {c['device_name']}"
         + (f", overrides {c['overrides']}" if c["overrides"] else "")
     )
     print(f"{'variant':<28}{'s/step':>9}{'x plain':>9}{'subset':>8}  {'DoGE target':<14}  target")
@@ -830,6 +1127,17 @@ def print_table(report: dict[str, Any]) -> None:
             f"{name:<28}{r['seconds_per_step']:>9.4f}{r['ratio_vs_plain']:>9.3f}{share:>8}  "
             f"{r.get('doge_target', ''):<14}  {target}"
         )
+    for method, label in (("doge", "DoGE"), ("va", "VA (grad_var, per_example)")):
+        rows = report["subset_cost"][method]
+        if not rows:
+            continue
+        print(f"{label} cost by subset:")
+        print(f"  {'subset':<14}{'params':>13}{'share':>8}{'s/step':>9}{'x plain':>9}")
+        for row in rows:
+            print(
+                f"  {row['subset']:<14}{row['parameters']:>13,}{row['fraction']:>8.1%}"
+                f"{row['seconds_per_step']:>9.4f}{row['ratio_vs_plain']:>9.3f}"
+            )
     if "dids" in report:
         d = report["dids"]
         print(
@@ -855,7 +1163,10 @@ def print_table(report: dict[str, Any]) -> None:
         )
     mem = report.get("gradient_statistics_memory_bytes")
     if mem:
-        print("memory (MiB): variant, (k+1) x P float64 matrix, measured call peak, measured step peak")
+        print(
+            f"memory (MiB, {mem['memory_kind']}): variant, float64 statistics matrix, measured call peak, "
+            "measured step peak"
+        )
         for name in report["results"]:
             entry = mem.get(name, {})
             print(
@@ -868,6 +1179,8 @@ def print_table(report: dict[str, Any]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     report = run(args)
+    if args.out:
+        atomic_write_json(args.out, report, indent=2)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

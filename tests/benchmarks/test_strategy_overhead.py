@@ -27,6 +27,8 @@ LEGACY_VARIANTS = {
 }
 VARIANTS = LEGACY_VARIANTS | {"doge_leave_one_out"}
 DOGE = {name for name in VARIANTS if name.startswith("doge")}
+SUBSETS = ["last_mlp_out", "last_mlp", "subset", "all_blocks"]  # smallest first
+VA = [f"va_{s}" for s in SUBSETS]
 TINY = ["--n-layer", "2", "--n-embd", "32", "--n-head", "2", "--block-size", "16", "--batch", "12"]
 
 
@@ -58,6 +60,8 @@ def _check_common(report: dict[str, Any], variants: set[str]) -> None:
     assert config["threads"] >= 1 and config["steps"] == 3 and config["repeats"] == 1
     assert config["model"]["n_layer"] == 2 and config["batch_sequences"] == 12
     assert config["overrides"]["n_embd"] == 32 and config["overrides"]["batch"] == 12
+    assert config["device"] == "cpu" and config["device_name"] == "cpu"  # the default device
+    assert report["command"].startswith("python benchmarks/strategy_overhead.py --json")
     k = config["domains"]
     assert sum(config["domain_counts"]) == 12 and min(config["domain_counts"]) >= 1
 
@@ -90,7 +94,15 @@ def _check_common(report: dict[str, Any], variants: set[str]) -> None:
     assert report["doge_subsets"]["doge_all_blocks"]["parameters"] > subset["parameters"]
     assert report["doge_subsets"]["doge_subset_autograd"] == subset
 
+    # The DoGE subset table: the four subsets run, smallest first; VA's is empty (not in these sets).
+    table = report["subset_cost"]["doge"]
+    assert [row["subset"] for row in table] == SUBSETS and report["subset_cost"]["va"] == []
+    for row in table:
+        assert row["parameters"] == report["doge_subsets"][row["variant"]]["parameters"]
+        assert row["ratio_vs_plain"] == results[row["variant"]]["ratio_vs_plain"]
+
     memory = report["gradient_statistics_memory_bytes"]
+    assert memory["memory_kind"] == "cpu_profiler_tensor_bytes"
     assert memory["doge_subset"]["matrix_bytes"] == (k + 1) * subset["parameters"] * 8
     assert memory["doge_subset"]["parameters"] == subset["parameters"]
     peak = memory["doge_subset"]["call_peak_bytes"]
@@ -196,3 +208,139 @@ def test_dids_round_is_opt_in_and_reported() -> None:
     assert dids["amortised_ratio"] == pytest.approx(
         1 + (report["results"]["dids_round"]["ratio_vs_plain"] - 1) / bench.LmConfig().dids_round_steps
     )
+
+
+def _run_in_process(argv: list[str]) -> dict[str, Any]:
+    """``run`` in this process (the thread count restored after it); warnings recorded, not shown."""
+    import warnings
+
+    import torch
+
+    bench = _load_script()
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            report: dict[str, Any] = bench.run(bench.parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+    # Every VA window had a finite variance: no update was skipped.
+    assert not [w for w in caught if "skipping the weight update" in str(w.message)]
+    return report
+
+
+def test_va_variants_report_the_subset_tables() -> None:
+    """Fast: the four VA and four DoGE subset variants, one timed step each, on the tiny model."""
+    doge = [f"doge_{s}" for s in SUBSETS]
+    report = _run_in_process(
+        [*TINY, "--variants", ",".join(VA + doge), "--steps", "1", "--repeats", "1", "--warmup", "1"]
+    )
+    json.dumps(report, allow_nan=False)  # the report is plain JSON
+    assert set(report["results"]) == {"plain", *VA, *doge}
+    total = report["config"]["model"]["parameters"]
+    tables = report["subset_cost"]
+    assert set(tables) == {"doge", "va"}
+    for method in ("doge", "va"):
+        rows = tables[method]
+        assert [row["subset"] for row in rows] == SUBSETS
+        assert [row["variant"] for row in rows] == [f"{method}_{s}" for s in SUBSETS]
+        sizes = [row["parameters"] for row in rows]
+        assert sizes == sorted(set(sizes)) and sizes[0] > 0  # strictly increasing with the subset
+        for row in rows:
+            assert row["fraction"] == pytest.approx(row["parameters"] / total) and 0 < row["fraction"] < 1
+            assert math.isfinite(row["seconds_per_step"]) and row["seconds_per_step"] > 0
+            assert math.isfinite(row["ratio_vs_plain"]) and row["ratio_vs_plain"] > 0
+            assert row["ratio_vs_plain"] == report["results"][row["variant"]]["ratio_vs_plain"]
+    # VA estimates on the same parameters as DoGE taps, subset by subset.
+    for name in VA:
+        info = report["va_subsets"][name]
+        assert info["names"] == report["doge_subsets"][name.replace("va_", "doge_")]["names"]
+        assert report["results"][name]["subset_fraction"] == info["fraction"]
+        assert "tok.weight" not in info["names"]
+        q = info["final_sampling"]  # VA's q after its last update: stratified counts, >= 2 per domain
+        assert sum(q) == pytest.approx(1.0) and min(q) >= 2 / 12 - 1e-12
+    assert report["va_subsets"]["va_last_mlp_out"]["names"] == [
+        "blocks.1.mlp.2.weight",
+        "blocks.1.mlp.2.bias",
+    ]
+    memory = report["gradient_statistics_memory_bytes"]
+    for name in VA:
+        entry = memory[name]
+        assert entry["matrix_bytes"] == 6 * entry["parameters"] * 8
+        assert entry["chunk_bytes"] == 12 * entry["parameters"] * 4
+        assert entry["call_peak_bytes"] is None or entry["call_peak_bytes"] > 0
+    assert report["config"]["va"]["update_every"] == 1
+
+
+def test_va_variants_need_two_examples_per_domain(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load_script()
+    with pytest.raises(SystemExit):
+        bench.parse_args([*TINY[:-1], "8", "--variants", "va_subset"])
+    assert "--batch >= 2 x --domains" in capsys.readouterr().err
+
+
+def test_device_helpers_on_cpu() -> None:
+    import torch
+
+    bench = _load_script()
+    assert bench.parse_args([]).device == "cpu"  # the CPU path stays the default
+    cpu = bench.resolve_device("cpu")
+    assert cpu == torch.device("cpu")
+    assert bench.resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    bench.synchronize(cpu)  # nothing to wait for on the CPU
+    calls: list[int] = []
+    seconds = bench.timed(lambda: calls.append(1), cpu)
+    assert calls == [1] and 0 <= seconds < 1
+    peak = bench.peak_tensor_bytes(lambda: torch.zeros(1 << 16), cpu)  # 256 KiB of float32
+    assert peak is None or peak >= 4 << 16
+    with pytest.raises(ValueError, match="--device"):
+        bench.resolve_device("tpu")
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="needs a machine where torch sees no CUDA device"
+)
+def test_device_cuda_without_cuda_is_a_clear_error(capsys: pytest.CaptureFixture[str]) -> None:
+    bench = _load_script()
+    with pytest.raises(ValueError, match="--device cuda: .*sees no CUDA device"):
+        bench.resolve_device("cuda")
+    with pytest.raises(SystemExit) as exit_info:
+        bench.parse_args(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device cuda" in err and "--device cpu" in err
+
+
+def test_gpt100m_config_resolves_to_at_least_100m_parameters() -> None:
+    """The configuration only: built on the CPU (about 0.45 GB), no step run."""
+    from domainmix.experiments.config import LmConfig
+    from domainmix.experiments.gpt import GPT
+
+    bench = _load_script()
+    args = bench.parse_args(["--config", "gpt100m"])
+    setup = bench.resolve(args)
+    cfg = setup.model
+    assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.vocab_size, cfg.block_size) == (12, 768, 12, 32768, 512)
+    assert (setup.batch, setup.lr, setup.grad_clip) == (16, 3e-4, 1.0)
+    lm = LmConfig()  # DoGE as the experiment runs it
+    assert (setup.doge_mu, setup.doge_max_norm, setup.doge_target) == (
+        lm.doge_mu,
+        lm.doge_max_norm,
+        lm.doge_target,
+    )
+    assert setup.universal("doge_subset")
+    d, v, t, n = cfg.n_embd, cfg.vocab_size, cfg.block_size, cfg.n_layer
+    per_block = 12 * d * d + 13 * d  # qkv, proj, two-layer MLP (weights and biases), two LayerNorms
+    analytic = v * d + t * d + n * per_block + 2 * d  # tied embedding counted once, final LayerNorm
+    assert analytic == 110_615_040
+    assert GPT(cfg).num_parameters() == analytic >= 100_000_000
+    assert args.variants == [
+        "plain",
+        "uniform",
+        "doremi_cached",
+        "doge_subset",
+        "doge_last_mlp",
+        "doge_last_mlp_out",
+        "doge_all_blocks",
+        *VA,
+    ]
