@@ -445,6 +445,8 @@ def test_compare_seeds_with_the_dids_rows(tmp_path: Path) -> None:
         ]
         assert shares == pytest.approx([1.0, 1.0])
     assert "DIDS costs" in lm_report.markdown(summary)
+    assert set(summary["dids_ablation"]) == {"average", "worst", "target"}  # inverted minus KL, paired
+    assert summary["dids_ablation"]["target"]["n"] == 2
     lm_report.plot_dids(tmp_path / "seed-0", list(dids), tmp_path / "dids.png")
     assert (tmp_path / "dids.png").stat().st_size > 0
 

@@ -22,7 +22,7 @@ from typing import Any
 
 from domainmix._atomic import atomic_path, atomic_write_json, atomic_write_text
 from domainmix.experiments.methods import ONLINE_METHODS, PROXY_METHODS
-from domainmix.experiments.paired import paired_to_uniform
+from domainmix.experiments.paired import paired_difference, paired_to_uniform
 
 SCORE_NAMES = {
     "excess_loss": "λ (excess loss)",
@@ -130,6 +130,19 @@ def summarize(run: Path, command: str = "") -> dict[str, Any]:
         "scores": scores,
         "costs": costs,
         "dids": _dids_summary(folders, [label for label in labels if label in ONLINE_METHODS]),
+        "dids_ablation": _ablation(tables, ("average", "worst") + (("target",) if target else ())),
+    }
+
+
+def _ablation(tables: list[dict[str, Any]], names: tuple[str, ...]) -> dict[str, Any] | None:
+    """``dids-inverted`` minus ``dids`` (the reference code's impact against the KL form), paired by seed."""
+    if not all({"dids", "dids-inverted"} <= set(t) for t in tables):
+        return None
+    return {
+        n: paired_difference(
+            [t["dids-inverted"][f"log_{n}"] for t in tables], [t["dids"][f"log_{n}"] for t in tables]
+        ).as_dict()
+        for n in names
     }
 
 
@@ -272,6 +285,19 @@ def markdown(summary: dict[str, Any]) -> str:
         ],
     )
     out += _dids_markdown(summary.get("dids", {}), domains)
+    ablation = summary.get("dids_ablation")
+    if ablation:
+        out += ["", "DIDS ablation: `dids-inverted` minus `dids` (same seed), mean [95 % interval]:", ""]
+        out += _table(
+            head,
+            [
+                [
+                    f"{ablation[n]['mean']:+.4f} [{ablation[n]['low']:+.4f}, {ablation[n]['high']:+.4f}]"
+                    + (" *" if ablation[n]["distinguishable"] else "")
+                    for n in names
+                ]
+            ],
+        )
     out += ["", "Wall seconds per stage, per seed:", ""]
     out += _table(
         ["stage", *(f"seed {s}" for s in seeds)],
