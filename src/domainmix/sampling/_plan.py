@@ -23,9 +23,9 @@ __all__ = [
 ]  # fmt: skip
 
 BLOCK = 256  # batches per block: the alignment of the per-block random generators
-# Batches planned first after a weight change (then twice as many each time, up to a block). A weight
-# change discards the rest of the plan, so short plans waste little when weights change often, and long
-# ones spread the fixed cost of planning (most of it on domains past the materialisation limit).
+# The shortest plan (``DomainMixer._plan_length``). A weight change discards the rest of a plan, so short
+# plans waste little when weights change often, and long ones spread the fixed cost of planning (most
+# of it on domains past the materialisation limit).
 PLAN_ROWS = 32
 
 _TAG_BLOCK = 2  # distinguishes block generators from the per-pass permutation generators (tag 1)
