@@ -228,26 +228,33 @@ def carried_counts(base: np.ndarray, frac: np.ndarray, since: np.ndarray, nb: in
     t = int(since.sum()) // size  # batches since the change
     extras = [int(x) for x in since - t * base]  # e_i summed so far: subtask j = extras + 1 is next
     out = np.tile(base, (nb, 1))
-    tasks = [(i, int(w)) for i, w in enumerate(frac.tolist()) if w > 0]
-    m = sum(w for _, w in tasks) // d_
+    weights = {i: int(w) for i, w in enumerate(frac.tolist()) if w > 0}
+    m = sum(weights.values()) // d_
+    # each task's next subtask: (release, PD² priority key); recomputed only when the task runs
+    nxt = {i: _subtask(i, extras[i] + 1, w) for i, w in weights.items()}
     for row in range(nb):
         b = t + row
-        ready = []
-        for i, w in tasks:
-            j = extras[i] + 1
-            if ((j - 1) * d_) // w > b:
-                continue  # not released yet
-            deadline = _ceil_div(j * d_, w)
-            b_bit = deadline - (j * d_) // w
-            group = _ceil_div(_ceil_div(deadline * (d_ - w), d_) * d_, d_ - w) if 2 * w >= d_ else 0
-            ready.append((deadline, -b_bit, -group, i))
+        ready = sorted(key for release, key in nxt.values() if release <= b)
         if len(ready) < m:  # cannot happen with weights summing to m (PD² is optimal); never a short batch
             raise RuntimeError(f"carried_counts: {len(ready)} eligible domains for {m} extra slots")
-        ready.sort()
         for *_, i in ready[:m]:
             out[row, i] += 1
             extras[i] += 1
+            nxt[i] = _subtask(i, extras[i] + 1, weights[i])
     return out
+
+
+def _subtask(i: int, j: int, w: int) -> tuple[int, tuple[int, int, int, int]]:
+    """Subtask j of task i, of weight ``w / CARRY_DENOMINATOR``: its release and its PD² priority key.
+
+    The key sorts by deadline, then the larger b-bit, then the later group deadline, then the lower index.
+    """
+    d_ = CARRY_DENOMINATOR
+    release = ((j - 1) * d_) // w
+    deadline = _ceil_div(j * d_, w)
+    b_bit = deadline - (j * d_) // w
+    group = _ceil_div(_ceil_div(deadline * (d_ - w), d_) * d_, d_ - w) if 2 * w >= d_ else 0
+    return release, (deadline, -b_bit, -group, i)
 
 
 def _ceil_div(a: int, b: int) -> int:
