@@ -25,6 +25,8 @@ def test_the_docs_carry_the_tables_made_from_the_json(path: Path) -> None:
     assert tables in (ROOT / "docs" / "language-models.md").read_text(), f"re-paste {path.with_suffix('.md')}"
     assert len(summary["seeds"]) >= 3 and summary["command"].startswith("domainmix run lm --compare")
     assert (ROOT / "docs" / "images" / f"{path.stem}.png").is_file()
+    assert set(summary["dids"]) == {"dids", "dids-flat", "dids-inverted"}  # the DIDS section's rows
+    assert (ROOT / "docs" / "images" / f"{path.stem}-dids.png").is_file()
 
 
 def test_replayed_shares_of_a_stratified_run_show_its_rounding() -> None:
