@@ -20,7 +20,7 @@ Three configurations (``--config``):
   DoGE scoring ⟨g_i, Σ_{j≠i} g_j⟩ from the training batch alone, i.e. today's ``leave_one_out``; DoReMi
   with step 1), kept so that they stay reproducible. ``doge_leave_one_out`` is not among its variants
   (it is what its ``doge_subset`` already runs).
-* ``gpt100m``: the statistics' cost at scale (issue 13), meant for one CUDA GPU. A GPT built by
+* ``gpt100m``: the statistics' cost at scale, meant for one CUDA GPU. A GPT built by
   ``experiments.gpt.GPT`` of 12 layers × width 768 with 12 heads, vocabulary 32,768 and T = 512
   (110,615,040 parameters, the tied 32,768 × 768 embedding 23 % of them), batch 16 sequences (8,192
   tokens), AdamW at lr 3e-4 with ``clip_grad_norm_(1.0)``. The strategies are the experiment's
@@ -230,7 +230,7 @@ SOURCES = {
     "legacy": "the earlier figures' 4x128 byte-level configuration (DoGE scoring leave_one_out)",
     "gpt100m": (
         "a 12x768 GPT (vocabulary 32768, T=512, batch 16, AdamW lr 3e-4, clip 1.0) with LmConfig()'s "
-        "DoReMi and DoGE settings (universal target batch): the statistics' cost at scale (issue 13)"
+        "DoReMi and DoGE settings (universal target batch): the statistics' cost at scale"
     ),
 }
 # The earlier figures' configuration (DoGE reference config, docs/algorithms.md §2.3, on a 4 x 128 GPT).
@@ -247,7 +247,7 @@ LEGACY = {
     "vocab": 256,
     "grad_clip": 0.0,
 }
-# The statistics' cost at scale (issue 13): a GPT of >= 100 M parameters (110,615,040) for one CUDA GPU.
+# The statistics' cost at scale: a GPT of >= 100 M parameters (110,615,040) for one CUDA GPU.
 # DoGE's mu, max_norm, target mode and target batch are LmConfig()'s (resolve takes them from there).
 GPT100M = {
     "n_layer": 12,
