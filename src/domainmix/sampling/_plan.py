@@ -167,11 +167,7 @@ def plan_block(
         ld_after = ld_counts + np.cumsum(counts, axis=0)
         return SlotPlan(ids, None, layout, _row_orders(ids), counts, ld_after)
     if mode == Mode.STRATIFIED:
-        grouped = np.repeat(np.arange(k), alloc)  # the global batch's domain ids, grouped by domain
-        within = np.arange(g) - (np.cumsum(alloc) - alloc)[grouped]
-        cols = np.arange(rank, g, world_size)
-        ids_r, within_r = grouped[cols], within[cols]
-        order = _interleave(ids_r)
+        ids_r, within_r, order = _stratified_row(tuple(alloc.tolist()), world_size, rank)
         ids = np.broadcast_to(ids_r, (nb, batch_size))
         occ = rows * alloc[ids_r] + within_r
         counts = np.broadcast_to(alloc, (nb, k))
@@ -212,6 +208,23 @@ def rows_before_stop(
         return 0
     done = (after[:, active] >= sizes).all(axis=1)
     return int(np.argmax(done)) + 1 if done.any() else nb
+
+
+@lru_cache(maxsize=64)
+def _stratified_row(alloc: tuple[int, ...], world_size: int, rank: int) -> tuple[np.ndarray, ...]:
+    """Rank ``rank``'s row of a stratified global batch with counts ``alloc``, read-only and cached.
+
+    Its domain ids, each slot's draw number within its domain in the global batch, and the yield order:
+    the same for every batch of a weight vector, and a vector often comes back.
+    """
+    counts = np.asarray(alloc, dtype=np.int64)
+    grouped = np.repeat(np.arange(len(counts)), counts)  # the global batch's domain ids, grouped by domain
+    within = np.arange(len(grouped)) - (np.cumsum(counts) - counts)[grouped]
+    cols = np.arange(rank, len(grouped), world_size)
+    row = (grouped[cols], within[cols], _interleave(grouped[cols]))
+    for array in row:
+        array.flags.writeable = False
+    return row
 
 
 def _row_orders(ids: np.ndarray) -> np.ndarray:
