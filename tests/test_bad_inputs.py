@@ -73,6 +73,14 @@ CASES = [
         "[inf, 1.0]",
         id="inf-sampling",
     ),
+    param(  # each weight is finite but their sum is not: normalising would give all zeros
+        lambda: DomainWeights.create(NAMES, [1e308, 1e308]),
+        ValueError,
+        shape("mixture", "DomainWeights.create"),
+        "finite sum",
+        "Got [1e+308, 1e+308] instead.",
+        id="sum-overflows",
+    ),
     param(
         lambda: DomainWeights.create(NAMES, [0.0, 0.0]),
         ValueError,

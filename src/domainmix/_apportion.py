@@ -26,8 +26,8 @@ from torch import Tensor
 from domainmix._validation import Interval, check_param, check_weight_vector, param_error
 
 __all__ = [
-    "CARRY_DENOMINATOR", "allocate_counts", "as_distribution", "carried_allocation", "carried_counts",
-    "distribution", "edf_sequence", "low_discrepancy_sequence",
+    "CARRY_DENOMINATOR", "allocate_counts", "apportion", "as_distribution", "carried_allocation",
+    "carried_counts", "distribution", "edf_sequence", "low_discrepancy_sequence",
 ]  # fmt: skip
 
 # Longest period (in slots) of a rational q for which the low-discrepancy sequence is cached and tiled.
@@ -83,15 +83,22 @@ def allocate_counts(q: Tensor | np.ndarray | Sequence[float], total: int, min_co
     total = check_param(caller, "total", total, Interval(int, 0, None))
     min_count = check_param(caller, "min_count", min_count, Interval(int, 0, None))
     raw = as_distribution(caller, "q", q, normalize=False)
-    p = raw / raw.sum()
-    positive = raw > 0  # not p > 0: a subnormal weight may underflow when normalised
-    if min_count * int(positive.sum()) > total:
+    positive = int((raw > 0).sum())
+    if min_count * positive > total:
         raise param_error(
             caller,
             "min_count",
-            f"at most total // (number of positive-weight domains) = {total} // {int(positive.sum())}",
+            f"at most total // (number of positive-weight domains) = {total} // {positive}",
             min_count,
         )
+    return apportion(raw, total, min_count)
+
+
+def apportion(raw: np.ndarray, total: int, min_count: int = 0) -> np.ndarray:
+    """:func:`allocate_counts` of weights already validated (float64, non-negative, positive sum, and
+    ``min_count`` feasible): the sampler's path, which validated them when they were set."""
+    p = raw / raw.sum()
+    positive = raw > 0  # not p > 0: a subnormal weight may underflow when normalised
     target = total * p
     counts: np.ndarray = np.floor(target).astype(np.int64)
     frac = target - counts

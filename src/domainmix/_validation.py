@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from numbers import Integral, Real
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -146,27 +147,32 @@ def check_weight_vector(
         values: Any = [weights[n] for n in names]
     else:
         values = weights
+    # numpy, not torch, for the checks: a weight change in the sampler's hot path costs a few microseconds
     if isinstance(values, Tensor):
         if values.dtype == torch.bool or values.is_complex():
             raise param_error(caller, name, "a real-valued tensor", values)
-        tensor = values.detach().to(device="cpu", dtype=torch.float64).clone()
+        array = values.detach().to(device="cpu", dtype=torch.float64).numpy().copy()
     else:
         if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
             raise param_error(
                 caller, name, f"a mapping, sequence or tensor of {k} non-negative numbers", values
             )
-        if not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
+        # floats (what strategies and .tolist() produce) skip the slower abstract-class check
+        if not all(type(v) is float for v in values) and not all(
+            isinstance(v, Real) and not isinstance(v, bool) for v in values
+        ):
             raise param_error(caller, name, f"a sequence of {k} real numbers", values)
-        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64)
-    if tensor.ndim != 1 or tensor.numel() != k:
-        raise param_error(
-            caller, name, f"one weight per domain, shape ({k},)", f"shape {tuple(tensor.shape)}"
-        )
-    if not torch.isfinite(tensor).all():
-        raise param_error(caller, name, "finite (no NaN or inf)", tensor.tolist())
-    if (tensor < 0).any():
-        raise param_error(caller, name, "non-negative", tensor.tolist())
-    total = float(tensor.sum())
+        array = np.array([float(v) for v in values], dtype=np.float64)
+    if array.ndim != 1 or array.size != k:
+        raise param_error(caller, name, f"one weight per domain, shape ({k},)", f"shape {array.shape}")
+    with np.errstate(over="ignore"):
+        total = float(array.sum())  # NaN or inf when any weight is (or the sum overflows)
+    if not math.isfinite(total) or array.min() < 0:
+        if not np.isfinite(array).all():
+            raise param_error(caller, name, "finite (no NaN or inf)", array.tolist())
+        if (array < 0).any():
+            raise param_error(caller, name, "non-negative", array.tolist())
+        raise param_error(caller, name, "weights with a finite sum", array.tolist())
     if total <= 0:
-        raise param_error(caller, name, "weights with a positive sum (not all zero)", tensor.tolist())
-    return tensor / total if normalize else tensor
+        raise param_error(caller, name, "weights with a positive sum (not all zero)", array.tolist())
+    return torch.from_numpy(array / total if normalize else array)

@@ -311,6 +311,35 @@ def test_state_as_of_consumed_replays_prefetched_weight_changes() -> None:
         short.state_dict(consumed=5)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_weights_set_every_batch_keep_the_state_bounded_and_the_resume_exact(mode: str) -> None:
+    """An online method sets weights every step: the history keeps only what a resume can need, and a
+    state saved behind a prefetching loop still replays every change it had applied."""
+    ahead, history, steps, save_at = 4, 6, 120, 90
+
+    def weights(step: int) -> list[float]:
+        return np.random.default_rng(step).dirichlet(np.ones(4)).tolist()
+
+    def run(sampler: DomainBatchSampler, first: int) -> tuple[list[list[int]], Any]:
+        produced = iter(sampler)
+        queue, seen, saved = [next(produced) for _ in range(ahead)], [], None
+        for step in range(first, steps):
+            seen.append(queue.pop(0))
+            queue.append(next(produced))
+            sampler.set_weights(weights(step))  # lands `ahead` + 1 batches after the one just consumed
+            assert len(sampler.weight_history) <= history + 1
+            if step + 1 == save_at:
+                saved = json.loads(json.dumps(sampler.state_dict(consumed=save_at)))
+        return seen, saved
+
+    seen, saved = run(make(batch_size=9, mode=mode, snapshot_history=history), 0)
+    # the entry in force at the saved batch and the changes already applied after it, nothing older
+    assert [b for b, _ in saved[DomainBatchSampler.HISTORY_KEY]] == list(range(save_at, save_at + ahead + 1))
+    resumed = make(batch_size=9, mode=mode, snapshot_history=history)
+    resumed.load_state_dict(saved)
+    assert run(resumed, save_at)[0] == seen[save_at:]
+
+
 def test_state_is_identical_across_ranks_and_plain_data() -> None:
     r0, r1 = make(rank=0, world_size=2), make(rank=1, world_size=2)
     take(r0, 9), take(r1, 9)

@@ -110,6 +110,16 @@ def test_resume_equivalent(mode: str, stop: str, stateful: bool) -> None:
         assert EPOCH_END in out
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_weights_set_every_item_keep_the_history_bounded_and_the_resume_exact(mode: str) -> None:
+    def mutate(obj: DomainMixingIterable, step: int) -> None:
+        obj.set_weights(np.random.default_rng(step).dirichlet(np.ones(3)).tolist())
+        # the entry in force for the current batch and the change for the next one
+        assert len(obj.weight_history) <= 2
+
+    assert_resume_equivalent(lambda: make(mode=mode, seed=3), 61, 200, mutate)
+
+
 def _switch(step: int, w: list[float]) -> Any:
     def mutate(obj: DomainMixingIterable, s: int) -> None:
         if s == step:

@@ -204,6 +204,9 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     def _replan(self) -> None:
         self._block = None  # planned batches used the old weights or epoch; replan from the committed state
 
+    def _oldest_state(self) -> int:
+        return self._snaps.span()[0]
+
     # ------------------------------------------------------------------ control
 
     def set_epoch(self, epoch: int) -> None:

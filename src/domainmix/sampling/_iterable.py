@@ -143,6 +143,9 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
     def _replan(self) -> None:
         self._plan = None
 
+    def _oldest_state(self) -> int:
+        return self._total
+
     def set_weights(self, weights: WeightsLike) -> None:
         """Use ``weights`` from the next batch on (:meth:`DomainMixer.set_weights`).
 

@@ -107,6 +107,10 @@ class DomainMixer(ABC):
     def _replan(self) -> None:
         """Drop planned batches (the weights or the epoch changed)."""
 
+    @abstractmethod
+    def _oldest_state(self) -> int:
+        """The earliest global batch whose state can still be saved (older weight entries are dropped)."""
+
     # ------------------------------------------------------------------ weights
 
     @property
@@ -136,7 +140,14 @@ class DomainMixer(ABC):
 
     @property
     def weight_history(self) -> list[tuple[int, list[float]]]:
-        """``[(from_batch, q)]``: q is used from global batch ``from_batch`` (counted since construction)."""
+        """``[(from_batch, q)]``: q is used from global batch ``from_batch`` (counted since construction).
+
+        The entries a saved state can still need: from the one in force at the earliest batch whose state
+        can be saved (:class:`DomainBatchSampler`: ``snapshot_history`` batches back; the mixing iterable:
+        the current batch) to the latest change. Older changes are dropped, so that weights set every batch
+        keep the memory and the state bounded; for a full record, log them where they are set (the
+        ``log`` of ``WeightingController``).
+        """
         return [(b, list(q)) for b, q in self._schedule.entries]
 
     def set_weights(self, weights: WeightsLike) -> None:
@@ -152,6 +163,7 @@ class DomainMixer(ABC):
         """
         q = self._schedule.check(f"{self._caller}.set_weights", "weights", weights)
         self._schedule.set(self._clock(), q)
+        self._schedule.prune(self._oldest_state())
         self._replan()
 
     # ------------------------------------------------------------------ planning
@@ -199,12 +211,9 @@ class DomainMixer(ABC):
         change; past that point, or before a second change, it grows with the batches since the last
         change, from ``PLAN_ROWS`` to a block (long plans spread the fixed cost of planning).
         """
-        entries = self._schedule.entries
-        since = total - entries[-1][0]
-        if len(entries) > 1:
-            interval = entries[-1][0] - entries[-2][0]
-            if since < interval:
-                return interval - since
+        since, interval = total - self._schedule.entries[-1][0], self._schedule.interval
+        if interval is not None and since < interval:
+            return interval - since
         return min(BLOCK, max(PLAN_ROWS, since))
 
     # ------------------------------------------------------------------ state
@@ -230,7 +239,7 @@ class DomainMixer(ABC):
             self.LD_COUNTS_KEY: np.asarray(at.ld_counts).tolist(),
             self.LD_FROM_KEY: at.ld_from,
             **own,
-            self.HISTORY_KEY: self._schedule.as_state(),
+            self.HISTORY_KEY: self._schedule.as_state(at.total),
             self.FINGERPRINT_KEY: self._fingerprint(),
         }
 

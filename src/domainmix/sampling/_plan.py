@@ -115,6 +115,8 @@ class SlotPlan(NamedTuple):
     order: np.ndarray | None
     counts: np.ndarray  # (nb, k) global examples per domain in each batch
     ld_after: np.ndarray  # (nb, k) counts since the weight change after each batch (low-discrepancy, carry)
+    # stratified: (domain, first column, end column) of each domain's group of columns in ``ids``
+    spans: tuple[tuple[int, int, int], ...] = ()
 
 
 def in_yield_order(ids: np.ndarray, order: np.ndarray | None) -> np.ndarray:
@@ -167,11 +169,11 @@ def plan_block(
         ld_after = ld_counts + np.cumsum(counts, axis=0)
         return SlotPlan(ids, None, layout, _row_orders(ids), counts, ld_after)
     if mode == Mode.STRATIFIED:
-        ids_r, within_r, order = _stratified_row(tuple(alloc.tolist()), world_size, rank)
-        ids = np.broadcast_to(ids_r, (nb, batch_size))
+        ids_r, within_r, order, spans = _stratified_row(tuple(alloc.tolist()), world_size, rank)
         occ = rows * alloc[ids_r] + within_r
-        counts = np.broadcast_to(alloc, (nb, k))
-        return SlotPlan(ids, occ, None, order, counts, np.broadcast_to(ld_counts, (nb, k)))
+        return SlotPlan(
+            repeat_row(ids_r, nb), occ, None, order, repeat_row(alloc, nb), repeat_row(ld_counts, nb), spans
+        )
     gids: np.ndarray  # (nb, g) domain id of every global slot
     if mode == Mode.IID:
         u = _block_uniforms(seed, epoch_key, block, g)[off : off + nb]
@@ -183,6 +185,17 @@ def plan_block(
     counts = np.bincount((rows * k + gids).ravel(), minlength=nb * k).reshape(nb, k)
     ld_after = ld_counts + np.cumsum(counts, axis=0) if mode == Mode.LOW_DISCREPANCY else ld_counts
     return SlotPlan(gids[:, rank::world_size], None, gids, None, counts, np.broadcast_to(ld_after, (nb, k)))
+
+
+def repeat_row(row: np.ndarray, nb: int) -> np.ndarray:
+    """``np.broadcast_to(row, (nb, len(row)))``, read-only, for a contiguous 1-D ``row``.
+
+    A view with a zero row stride, built directly: ``broadcast_to`` costs microseconds of Python per call,
+    and a plan of one batch (weights changed every batch) makes a few of them.
+    """
+    view = np.ndarray((nb, row.size), row.dtype, np.ascontiguousarray(row), strides=(0, row.itemsize))
+    view.flags.writeable = False
+    return view
 
 
 def rows_before_stop(
@@ -211,20 +224,27 @@ def rows_before_stop(
 
 
 @lru_cache(maxsize=64)
-def _stratified_row(alloc: tuple[int, ...], world_size: int, rank: int) -> tuple[np.ndarray, ...]:
+def _stratified_row(
+    alloc: tuple[int, ...], world_size: int, rank: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[tuple[int, int, int], ...]]:
     """Rank ``rank``'s row of a stratified global batch with counts ``alloc``, read-only and cached.
 
-    Its domain ids, each slot's draw number within its domain in the global batch, and the yield order:
-    the same for every batch of a weight vector, and a vector often comes back.
+    Its domain ids, each slot's draw number within its domain in the global batch, the yield order, and
+    the ``(domain, first column, end column)`` span of each domain's columns: the same for every batch of
+    a weight vector, and a vector often comes back.
     """
     counts = np.asarray(alloc, dtype=np.int64)
     grouped = np.repeat(np.arange(len(counts)), counts)  # the global batch's domain ids, grouped by domain
     within = np.arange(len(grouped)) - (np.cumsum(counts) - counts)[grouped]
     cols = np.arange(rank, len(grouped), world_size)
-    row = (grouped[cols], within[cols], _interleave(grouped[cols]))
+    ids = grouped[cols]
+    row = (ids, within[cols], _interleave(ids))
     for array in row:
         array.flags.writeable = False
-    return row
+    per_domain = np.bincount(ids, minlength=len(counts)).tolist()
+    ends = np.cumsum(per_domain).tolist()
+    spans = tuple((d, e - c, e) for d, (c, e) in enumerate(zip(per_domain, ends, strict=True)) if c)
+    return (*row, spans)
 
 
 def _row_orders(ids: np.ndarray) -> np.ndarray:

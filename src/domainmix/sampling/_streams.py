@@ -243,11 +243,9 @@ def take_planned(
     """
     if plan.occ is not None:
         # stratified: every row lists the same domains in the same sorted columns
-        ids, occ = plan.ids[:nb], plan.occ[:nb]
+        occ = plan.occ[:nb]
         grouped = np.empty(occ.shape, dtype=np.int64)
-        bounds = np.flatnonzero(np.diff(ids[0], prepend=-1, append=-1))
-        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
-            d = int(ids[0, a])
+        for d, a, b in plan.spans:
             grouped[:, a:b] = _take(streams[d], epoch_key, int(positions[d]), occ[:, a:b])
         return in_yield_order(grouped, plan.order)
     # Other modes (and carried stratified rows): every global slot in row-major order takes its domain's

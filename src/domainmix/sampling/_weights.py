@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bisect import bisect_left, bisect_right
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -9,7 +10,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from domainmix._apportion import CARRY_DENOMINATOR, allocate_counts, carried_allocation
+from domainmix._apportion import CARRY_DENOMINATOR, apportion, carried_allocation
 from domainmix._validation import check_weight_vector, param_error
 from domainmix.sampling._plan import Mode
 
@@ -34,7 +35,8 @@ class WeightSchedule:
     Entries are sorted by ``from_batch``; the weights for global batch ``b`` are those of the last entry
     with ``from_batch <= b``. Entries after the current batch exist only after loading a state saved
     ``consumed`` batches ago: they replay ``set_weights`` calls that the prefetching sampler had already
-    applied.
+    applied. The owner drops the entries no state can need any more (:meth:`prune`), so an online method
+    that changes the weights every batch costs O(1) per change and a bounded state, however long it runs.
     """
 
     def __init__(
@@ -53,22 +55,23 @@ class WeightSchedule:
         self.min_count = min_count
         self.carry = carry  # stratified with the rounding remainders carried across batches
         self.entries: list[tuple[int, tuple[float, ...]]] = []
+        self._starts: list[int] = []  # the entries' from_batch, for bisection
+        self.interval: int | None = None  # batches between the last two changes (kept through pruning)
         self._alloc: dict[tuple[tuple[float, ...], int], np.ndarray] = {}
         self._carried: dict[tuple[tuple[float, ...], int], tuple[np.ndarray, np.ndarray]] = {}
 
     def check(self, caller: str, name: str, weights: WeightsLike | None) -> tuple[float, ...]:
         """Validate user weights (``None``: proportional to domain size) and return them normalised."""
         if weights is None:
-            q = torch.as_tensor(self.sizes, dtype=torch.float64)
-            q = q / q.sum()
+            q = self.sizes / self.sizes.sum()
         else:
             if isinstance(weights, np.ndarray) and weights.dtype.kind in "fiu":
                 weights = torch.from_numpy(weights.astype(np.float64))
-            q = check_weight_vector(caller, name, weights, self.names)
-        starved = [n for n, w, s in zip(self.names, q.tolist(), self.sizes, strict=True) if w > 0 and s == 0]
-        if starved:
+            q = check_weight_vector(caller, name, weights, self.names).numpy()
+        if ((q > 0) & (self.sizes == 0)).any():
+            starved = [n for n, w, s in zip(self.names, q, self.sizes, strict=True) if w > 0 and s == 0]
             raise param_error(caller, name, f"zero for every empty domain (empty: {starved})", q.tolist())
-        positive = int((q > 0).sum())
+        positive = int(np.count_nonzero(q))
         if self.mode == Mode.STRATIFIED and self.min_count * positive > self.global_batch:
             raise param_error(
                 caller,
@@ -80,20 +83,27 @@ class WeightSchedule:
 
     def set(self, from_batch: int, q: tuple[float, ...]) -> None:
         """Record ``q`` from ``from_batch`` on; it replaces any entry at or after that batch."""
-        self.entries = [e for e in self.entries if e[0] < from_batch]
+        cut = bisect_left(self._starts, from_batch)
+        del self.entries[cut:], self._starts[cut:]
+        if self._starts:
+            self.interval = from_batch - self._starts[-1]
         self.entries.append((from_batch, q))
+        self._starts.append(from_batch)
 
     def at(self, batch: int) -> tuple[int, tuple[float, ...]]:
         """The entry in force for global batch ``batch``."""
-        for entry in reversed(self.entries):
-            if entry[0] <= batch:
-                return entry
-        return self.entries[0]
+        return self.entries[max(bisect_right(self._starts, batch) - 1, 0)]
 
     def next_change(self, batch: int) -> int | None:
         """The first ``from_batch`` after ``batch``, if any."""
-        later = [e[0] for e in self.entries if e[0] > batch]
-        return min(later) if later else None
+        i = bisect_right(self._starts, batch)
+        return self._starts[i] if i < len(self._starts) else None
+
+    def prune(self, batch: int) -> None:
+        """Forget the entries that no batch from ``batch`` on uses (the one in force at ``batch`` stays)."""
+        cut = bisect_right(self._starts, batch) - 1
+        if cut > 0:
+            del self.entries[:cut], self._starts[:cut]
 
     def alloc(self, q: tuple[float, ...], global_batch: int | None = None) -> np.ndarray:
         """Per-global-batch counts for ``q`` (stratified mode), cached per weight vector.
@@ -104,8 +114,7 @@ class WeightSchedule:
         size = self.global_batch if global_batch is None else global_batch
         counts = self._alloc.get((q, size))
         if counts is None:
-            counts = allocate_counts(np.asarray(q), size, self.min_count)
-            self._alloc[(q, size)] = counts
+            counts = _cache(self._alloc, (q, size), apportion(np.asarray(q), size, self.min_count))
         return counts
 
     def carried(self, q: tuple[float, ...], global_batch: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -113,7 +122,7 @@ class WeightSchedule:
         size = self.global_batch if global_batch is None else global_batch
         split = self._carried.get((q, size))
         if split is None:
-            split = self._carried[(q, size)] = carried_allocation(np.asarray(q), size)
+            split = _cache(self._carried, (q, size), carried_allocation(np.asarray(q), size))
         return split
 
     def shares(self, q: tuple[float, ...]) -> np.ndarray:
@@ -129,9 +138,10 @@ class WeightSchedule:
         """(k,) bool: domains that are actually drawn, so that they count for the stop rules."""
         return self.shares(q) > 0
 
-    def as_state(self) -> list[list[Any]]:
-        """JSON-able history."""
-        return [[b, list(q)] for b, q in self.entries]
+    def as_state(self, batch: int) -> list[list[Any]]:
+        """JSON-able history from the entry in force at ``batch`` on (a resume at ``batch`` needs no more)."""
+        first = max(bisect_right(self._starts, batch) - 1, 0)
+        return [[b, list(q)] for b, q in self.entries[first:]]
 
     def load(self, caller: str, name: str, history: Any) -> None:
         """Replace the history with a saved one (validated)."""
@@ -152,3 +162,16 @@ class WeightSchedule:
             # bit, and iid / low-discrepancy draws must be exactly those of the uninterrupted run.
             entries.append((int(item[0]), saved if abs(sum(saved) - 1.0) < 1e-12 else q))
         self.entries = sorted(entries, key=lambda e: e[0])
+        self._starts = [b for b, _ in self.entries]
+        self.interval = self._starts[-1] - self._starts[-2] if len(self._starts) > 1 else None
+
+
+_CACHED = 16  # weight vectors whose allocation is kept: online methods set a new vector every update
+
+
+def _cache(cache: dict[Any, Any], key: Any, value: Any) -> Any:
+    """Store ``value`` under ``key``, dropping the oldest entry of a full cache (dicts keep insert order)."""
+    if len(cache) >= _CACHED:
+        del cache[next(iter(cache))]
+    cache[key] = value
+    return value
