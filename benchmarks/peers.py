@@ -77,6 +77,8 @@ DOMAINMIX = (
     "domainmix_low_discrepancy_new_weights",
     "domainmix_stratified_carried",
     "domainmix_keyed_permutation",
+    "domainmix_stratified_weight_change_numpy",
+    "domainmix_low_discrepancy_weight_change_numpy",
 )
 SYSTEMS = (*PEERS, *DOMAINMIX)
 PACKAGES = ("torch", "numpy", "torchdata", "datasets", "pyarrow", "lhotse", "megatron-core", "domainmix")
@@ -96,6 +98,10 @@ LABELS = {
     "domainmix_low_discrepancy_new_weights": "domainmix low_discrepancy, new random weights",
     "domainmix_stratified_carried": "domainmix stratified, `carry_remainder=True`",
     "domainmix_keyed_permutation": "domainmix stratified, keyed-permutation path",
+    "domainmix_stratified_weight_change_numpy": "domainmix stratified, alternating, `as_numpy=True`",
+    "domainmix_low_discrepancy_weight_change_numpy": (
+        "domainmix low_discrepancy, alternating, `as_numpy=True`"
+    ),
 }
 
 
@@ -262,6 +268,8 @@ class Config:
             "domainmix_low_discrepancy_new_weights": 1_000,
             "domainmix_stratified_carried": 20_000,
             "domainmix_keyed_permutation": 20_000,
+            "domainmix_stratified_weight_change_numpy": 20_000,
+            "domainmix_low_discrepancy_weight_change_numpy": 20_000,
         }
     )
     weight_change_every: int = 100
@@ -430,16 +438,23 @@ def _megatron_blend(cfg: Config) -> Source:
 
 
 def _domainmix(
-    cfg: Config, mode: str, *, change: str = "", large: bool = False, carry: bool = False
+    cfg: Config,
+    mode: str,
+    *,
+    change: str = "",
+    large: bool = False,
+    carry: bool = False,
+    as_numpy: bool = False,
 ) -> Source:
     """``change``: "" (fixed weights), "alternate" (the weights and their reverse, in turn) or "fresh"
-    (a new random weight vector each time, as an online method sets them)."""
+    (a new random weight vector each time, as an online method sets them). ``as_numpy``: batches as int64
+    arrays instead of lists."""
     sizes = [cfg.large_domain_size] * len(cfg.sizes) if large else list(cfg.sizes)
     if large and cfg.large_domain_size <= _MATERIALIZE_LIMIT:
         raise ValueError(f"large_domain_size must exceed the materialisation limit {_MATERIALIZE_LIMIT}")
     sampler = DomainBatchSampler(
         _domain_ranges(sizes), cfg.batch_size, list(cfg.weights), mode=mode, seed=cfg.seed,
-        carry_remainder=carry,
+        carry_remainder=carry, as_numpy=as_numpy,
     )  # fmt: skip
     it = iter(sampler)
     if not change:
@@ -489,6 +504,12 @@ FACTORIES: dict[str, Callable[[Config], Source]] = {
     "domainmix_low_discrepancy_new_weights": lambda cfg: _domainmix(cfg, "low_discrepancy", change="fresh"),
     "domainmix_stratified_carried": lambda cfg: _domainmix(cfg, "stratified", carry=True),
     "domainmix_keyed_permutation": lambda cfg: _domainmix(cfg, "stratified", large=True),
+    "domainmix_stratified_weight_change_numpy": lambda cfg: _domainmix(
+        cfg, "stratified", change="alternate", as_numpy=True
+    ),
+    "domainmix_low_discrepancy_weight_change_numpy": lambda cfg: _domainmix(
+        cfg, "low_discrepancy", change="alternate", as_numpy=True
+    ),
 }
 
 

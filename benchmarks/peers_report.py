@@ -137,6 +137,10 @@ AIMS = (
     ("domainmix_stratified_weight_change", "torchdata_mnws", 20.0),
     ("domainmix_low_discrepancy_weight_change", "torch_wrs", 5.0),
     ("domainmix_keyed_permutation", "torch_wrs", 1.0),
+    # the same aims for batches handed out as numpy arrays (no Python list of ints per batch)
+    ("domainmix_stratified_weight_change_numpy", "torch_wrs", 10.0),
+    ("domainmix_stratified_weight_change_numpy", "torchdata_mnws", 20.0),
+    ("domainmix_low_discrepancy_weight_change_numpy", "torch_wrs", 5.0),
 )
 
 
@@ -255,7 +259,9 @@ def render(report: dict[str, Any]) -> str:
         "fresh vector of floats every 100 batches, as an online method does: their low-discrepancy order "
         "has no short period to tile, so it is computed slot by slot in Python (earliest deadline first, "
         "about 1.5 µs a slot), the cost of its exact prefix guarantee. The `carry_remainder=True` row plans "
-        "each batch's counts with a Python loop over the domains (a Pfair schedule).",
+        "each batch's counts with a Python loop over the domains (a Pfair schedule). The `as_numpy=True` "
+        "rows hand out each batch as an int64 numpy array (what a dataset's `__getitems__` can index with "
+        "in one call) instead of a list of Python ints; every other row, and every peer, yields lists.",
         "- The machine is shared with other jobs; compare ratios within one run rather than absolute rates "
         "across runs.",
         "",

@@ -9,6 +9,11 @@ permutation (2.05M elements) inside the timed region. The torch baseline re-draw
 modes, and ``stratified_carried`` (stratified with ``carry_remainder=True``: batches of floor or ceil of
 B·q, the remainders carried, so the prefix deviation from q·t stays below one batch's rounding).
 
+``online``: what an online method pays when it sets new weights before every batch (a fresh random float
+vector each time, as DoReMi's per-step update does): microseconds per ``set_weights`` + batch, the median
+over repetitions of ``--online-batches`` batches, and the size of the JSON state after them (the weight
+history keeps only the entries a resume can still need, so it does not grow with the run).
+
 Usage: python benchmarks/sampler_throughput.py [--json] [--batches 2000] [--repeats 5]
 """
 
@@ -91,6 +96,30 @@ def _measure(n: int, repeats: int) -> dict[str, dict[str, float]]:
     return out
 
 
+def _online(n: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Microseconds per batch with ``set_weights`` before every batch, and the state size after the run."""
+    vectors = np.random.default_rng(0).dirichlet(50 * np.asarray(WEIGHTS), size=n).tolist()
+    out = {}
+    for m in ROWS:
+        sampler = DomainBatchSampler(_domains(), BATCH, WEIGHTS, **ROWS[m])
+        it = iter(sampler)
+        per_batch = []
+        for _ in range(repeats + 1):  # the first repetition warms up (first-pass permutations)
+            start = time.perf_counter()
+            for q in vectors:
+                sampler.set_weights(q)
+                next(it)
+            per_batch.append((time.perf_counter() - start) / n * 1e6)
+        state = json.dumps(sampler.state_dict())
+        out[m] = {
+            "us_per_batch": statistics.median(per_batch[1:]),
+            "weight_changes": n * (repeats + 1),
+            "state_bytes": len(state),
+            "history_entries": len(sampler.weight_history),
+        }
+    return out
+
+
 def _max_prefix_deviation(row: str, n: int, effective: bool) -> float:
     """max over t (examples) and domains of |count_i(t) - q_i t|, over n batches in yield order.
 
@@ -120,6 +149,7 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--batches", type=int, default=2000)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--online-batches", type=int, default=1000)
     args = parser.parse_args()
     measured = _measure(args.batches, args.repeats)
     torch_wrs = measured.pop("torch_wrs")
@@ -143,6 +173,7 @@ def main() -> None:
         "torch_wrs": torch_wrs,
         "modes": modes,
         "ratio_vs_torch_wrs": modes["stratified"]["ratio_vs_torch_wrs"],
+        "online": _online(args.online_batches, args.repeats),
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -154,6 +185,9 @@ def main() -> None:
         rate, cold, ratio = r["batches_per_s"], r["cold_batches_per_s"], r["ratio_vs_torch_wrs"]
         dev, dev_eff = r["max_prefix_deviation"], r["max_prefix_deviation_vs_effective"]
         print(f"{m:<26}{rate:>11.0f}{cold:>9.0f}{ratio:>7.2f}{dev:>10.2f}{dev_eff:>11.2f}")
+    print(f"\nset_weights before every batch:\n{'sampler':<26}{'us/batch':>10}{'changes':>9}{'state B':>9}")
+    for m, r in result["online"].items():
+        print(f"{m:<26}{r['us_per_batch']:>10.0f}{r['weight_changes']:>9}{r['state_bytes']:>9}")
 
 
 if __name__ == "__main__":

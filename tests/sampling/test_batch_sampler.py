@@ -397,6 +397,48 @@ def test_works_as_dataloader_batch_sampler() -> None:
     assert len(loader) == 6
 
 
+class _Vectorised(_Echo):
+    """A dataset that looks a whole batch up at once (``__getitems__``) and records what it was given."""
+
+    def __init__(self) -> None:
+        self.data, self.given = torch.arange(148) * 10, []
+
+    def __getitems__(self, indices: Any) -> list[Any]:
+        self.given.append(type(indices))
+        return [self.data[torch.as_tensor(indices)]]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("world", [1, 2])
+def test_as_numpy_yields_the_list_batches_as_int64_arrays(mode: str, world: int) -> None:
+    def run(as_numpy: bool) -> list[Any]:
+        s = make(batch_size=7, mode=mode, seed=4, rank=world - 1, world_size=world, as_numpy=as_numpy)
+        it, out = iter(s), []
+        for step in range(60):
+            if step in (13, 14, 30):  # replans mid-block, every batch for a while
+                s.set_weights(np.random.default_rng(step).dirichlet(np.ones(4)).tolist())
+            out.append(next(it))
+        return out
+
+    lists, arrays = run(False), run(True)
+    assert all(isinstance(b, list) for b in lists)
+    assert all(isinstance(b, np.ndarray) and b.dtype == np.int64 and b.shape == (7,) for b in arrays)
+    assert [b.tolist() for b in arrays] == lists
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_as_numpy_batches_reach_getitems_as_one_array(workers: int) -> None:
+    dataset = _Vectorised()
+    loader = DataLoader(
+        dataset, batch_sampler=make(batch_size=8, num_batches=6, as_numpy=True), num_workers=workers,
+        collate_fn=lambda items: items[0],
+    )  # fmt: skip
+    batches = [b.tolist() for b in loader]
+    assert batches == [[10 * i for i in b] for b in take(make(batch_size=8), 6)]
+    if workers == 0:
+        assert dataset.given == [np.ndarray] * 6
+
+
 def test_huge_range_domain_is_lazy() -> None:
     s = DomainBatchSampler({"huge": range(10**8), "small": range(10**8, 10**8 + 100)}, 64, [0.9, 0.1])
     batches = take(s, 20)
@@ -437,6 +479,7 @@ BAD = [
     ({"carry_remainder": 1}, "carry_remainder"),
     ({"carry_remainder": True, "mode": "low_discrepancy"}, "carry_remainder"),
     ({"carry_remainder": True, "min_count": 1}, "carry_remainder"),
+    ({"as_numpy": "yes"}, "as_numpy"),
 ]
 
 

@@ -76,6 +76,11 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             ``floor(B q_i)`` or ``ceil(B q_i)`` examples of domain i, with the rounding remainders
             carried across batches, so the counts since the last weight change stay within one example
             of ``b B q_i`` and the long-run shares are q (``_apportion.carried_counts``).
+        as_numpy: ``False`` (default): each batch is a list of ints, as torch's samplers yield.
+            ``True``: a 1-D int64 numpy array (a view into the planned block; the sampler never reads it
+            again). A ``DataLoader`` hands it to the dataset's ``__getitems__`` (one vectorised lookup for
+            array- or tensor-backed data) or indexes the dataset with each element, and sends it to
+            workers as one buffer; no Python int is created per index.
 
     Raises:
         ValueError: for any invalid argument, naming it.
@@ -119,6 +124,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         snapshot_history: int = 1024,
         replacement: bool = False,
         carry_remainder: bool = False,
+        as_numpy: bool = False,
     ) -> None:  # fmt: skip
         caller = "DomainBatchSampler"
         names = check_names(caller, "domains", domains)
@@ -126,7 +132,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         check_disjoint(caller, names, index)
         self._validate(
             caller, batch_size, mode, min_count, stop, num_batches, seed, snapshot_history, replacement,
-            carry_remainder,
+            carry_remainder, as_numpy,
         )  # fmt: skip
         if all(len(ix) == 0 for ix in index):
             raise param_error(
@@ -139,6 +145,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             world_size=world_size, carry_remainder=carry_remainder,
         )  # fmt: skip
         self._replacement = replacement
+        self._as_numpy = as_numpy
         tag = _REPLACEMENT_TAG if replacement else _PERMUTATION_TAG
         self._streams = [
             IndexStream(ix, (seed, tag, i), replacement=replacement) for i, ix in enumerate(index)
@@ -153,11 +160,12 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     @staticmethod
     def _validate(
         caller: str, batch_size: int, mode: str, min_count: int, stop: str, num_batches: int | None,
-        seed: int, snapshot_history: int, replacement: bool, carry_remainder: bool,
+        seed: int, snapshot_history: int, replacement: bool, carry_remainder: bool, as_numpy: bool,
     ) -> None:  # fmt: skip
         check_mix_options(caller, mode, batch_size, min_count, stop, num_batches, seed, carry_remainder)
         check_param(caller, "snapshot_history", snapshot_history, Interval(int, 1, None))
         check_param(caller, "replacement", replacement, Options((False, True)))
+        check_param(caller, "as_numpy", as_numpy, Options((False, True)))
         if replacement and stop != StopRule.CYCLE_FOREVER:
             raise param_error(
                 caller, "replacement", f"False with stop={stop!r} (with replacement no domain is ever "
@@ -241,7 +249,8 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
 
     # ------------------------------------------------------------------ iteration
 
-    def __iter__(self) -> Iterator[list[int]]:
+    # Sampler[list[int]] is what DataLoader's batch_sampler is typed to take; as_numpy batches are arrays
+    def __iter__(self) -> Iterator[list[int] | np.ndarray]:  # type: ignore[override]
         """Yield the rest of the current epoch (forever for ``cycle_forever`` without ``num_batches``).
 
         Raises:
@@ -262,7 +271,10 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
                 if block is None:
                     self._start_epoch(epoch + 1)
                     return
-            rows, append = block.values[self._row :].tolist(), self._snaps.append  # one call per block
+            rows: Any = block.values[self._row :]
+            if not self._as_numpy:
+                rows = rows.tolist()  # one call per block, not per batch
+            append = self._snaps.append
             for j, row in enumerate(rows, self._row):
                 self._row = j + 1
                 append((block, j))  # commit before yielding: state_dict() after a batch includes it
