@@ -39,7 +39,9 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy  # strict, on src/domainmix except experiments/ ([tool.mypy] in pyproject.toml)
 
 bench: $(STAMP)
-	$(PY) benchmarks/sampler_throughput.py --json
+	$(PY) benchmarks/sampler_throughput.py --json > benchmarks/results/sampler_throughput.json.tmp
+	mv benchmarks/results/sampler_throughput.json.tmp benchmarks/results/sampler_throughput.json
+	cat benchmarks/results/sampler_throughput.json
 
 $(PEERS_STAMP): $(PY) pyproject.toml
 	$(PIP) install torch==2.13.0
