@@ -14,6 +14,12 @@ vector each time, as DoReMi's per-step update does): microseconds per ``set_weig
 over repetitions of ``--online-batches`` batches, and the size of the JSON state after them (the weight
 history keeps only the entries a resume can still need, so it does not grow with the run).
 
+``loader``: the samplers inside a ``DataLoader`` (no workers) over a tensor-backed dataset whose
+``__getitems__`` gathers a whole batch of rows (16 int32 tokens per example) in one indexing call:
+batches/s for torch's sampler, ``DomainBatchSampler`` stratified (lists) and the same with
+``as_numpy=True``. ``torch.as_tensor`` of a list of Python ints converts every element; of an int64 array
+it is free, so the end-to-end gain of arrays shows here.
+
 Usage: python benchmarks/sampler_throughput.py [--json] [--batches 2000] [--repeats 5]
 """
 
@@ -27,7 +33,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, WeightedRandomSampler
+from torch import Tensor
+from torch.utils.data import BatchSampler, DataLoader, Dataset, WeightedRandomSampler
 
 from domainmix.sampling import DomainBatchSampler
 
@@ -120,6 +127,61 @@ def _online(n: int, repeats: int) -> dict[str, dict[str, float]]:
     return out
 
 
+class _TokenRows(Dataset[Tensor]):
+    """Every example is a row of tokens; ``__getitems__`` gathers a batch of rows at once."""
+
+    def __init__(self, n: int, width: int = 16) -> None:
+        self.rows = torch.arange(n * width, dtype=torch.int32).reshape(n, width)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> Tensor:
+        return self.rows[i]
+
+    def __getitems__(self, indices: Any) -> Tensor:
+        return self.rows[torch.as_tensor(indices)]
+
+
+def _loader(n: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Batches/s of a ``DataLoader`` over ``_TokenRows`` driven by each sampler, interleaved repetitions."""
+    dataset = _TokenRows(sum(SIZES))
+    per_example = torch.cat(
+        [torch.full((s,), w / s, dtype=torch.float64) for s, w in zip(SIZES, WEIGHTS, strict=True)]
+    )
+    wrs = WeightedRandomSampler(per_example, n * BATCH, generator=torch.Generator().manual_seed(0))
+    samplers: dict[str, Any] = {
+        "torch_wrs": BatchSampler(wrs, BATCH, True),
+        "stratified": DomainBatchSampler(_domains(), BATCH, WEIGHTS),
+        "stratified_as_numpy": DomainBatchSampler(_domains(), BATCH, WEIGHTS, as_numpy=True),
+    }
+    loaders = {k: DataLoader(dataset, batch_sampler=s, collate_fn=_identity) for k, s in samplers.items()}
+    streams = {k: iter(loader) for k, loader in loaders.items() if k != "torch_wrs"}
+
+    def make(k: str) -> Any:
+        return iter(loaders[k]) if k == "torch_wrs" else streams[k]  # torch: a fresh epoch, as above
+
+    rates: dict[str, list[float]] = {k: [] for k in loaders}
+    for r in range(repeats + 1):  # the first repetition warms up
+        for k in loaders:
+            rate = _time(lambda k=k: make(k), n)
+            if r:
+                rates[k].append(rate)
+    return {
+        k: {
+            "batches_per_s": statistics.median(v),
+            "ratio_vs_torch_wrs": statistics.median(
+                a / b for a, b in zip(v, rates["torch_wrs"], strict=True)
+            ),
+        }
+        for k, v in rates.items()
+    }
+
+
+def _identity(batch: Tensor) -> Tensor:
+    return batch
+
+
 def _max_prefix_deviation(row: str, n: int, effective: bool) -> float:
     """max over t (examples) and domains of |count_i(t) - q_i t|, over n batches in yield order.
 
@@ -174,6 +236,7 @@ def main() -> None:
         "modes": modes,
         "ratio_vs_torch_wrs": modes["stratified"]["ratio_vs_torch_wrs"],
         "online": _online(args.online_batches, args.repeats),
+        "loader": _loader(args.batches, args.repeats),
     }
     if args.json:
         print(json.dumps(result, indent=2))
@@ -188,6 +251,9 @@ def main() -> None:
     print(f"\nset_weights before every batch:\n{'sampler':<26}{'us/batch':>10}{'changes':>9}{'state B':>9}")
     for m, r in result["online"].items():
         print(f"{m:<26}{r['us_per_batch']:>10.0f}{r['weight_changes']:>9}{r['state_bytes']:>9}")
+    print(f"\nDataLoader with __getitems__:\n{'sampler':<26}{'batches/s':>11}{'x WRS':>7}")
+    for m, r in result["loader"].items():
+        print(f"{m:<26}{r['batches_per_s']:>11.0f}{r['ratio_vs_torch_wrs']:>7.2f}")
 
 
 if __name__ == "__main__":

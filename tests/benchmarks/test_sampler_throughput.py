@@ -15,7 +15,17 @@ SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "sampler_throughpu
 @pytest.mark.slow
 def test_benchmark_json_layout_and_discrepancy() -> None:
     done = subprocess.run(
-        [sys.executable, str(SCRIPT), "--json", "--batches", "300", "--repeats", "1"],
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--json",
+            "--batches",
+            "300",
+            "--repeats",
+            "1",
+            "--online-batches",
+            "1100",
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -32,3 +42,10 @@ def test_benchmark_json_layout_and_discrepancy() -> None:
         report["modes"]["stratified_carried"]["max_prefix_deviation"]
         < (report["modes"]["stratified"]["max_prefix_deviation"])
     )
+    # weights set before every batch: 2200 changes, yet the history holds at most snapshot_history + 1
+    # entries and the saved state only the entry in force (a few hundred bytes per domain vector)
+    for row in report["online"].values():
+        assert row["weight_changes"] == 2200 and row["history_entries"] <= 1025
+        assert row["state_bytes"] < 2000 and row["us_per_batch"] > 0
+    assert set(report["loader"]) == {"torch_wrs", "stratified", "stratified_as_numpy"}
+    assert all(row["batches_per_s"] > 0 for row in report["loader"].values())
