@@ -284,28 +284,33 @@ def _rational_period(p: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray] | No
 
 
 def _edf(p: tuple[float | Fraction, ...], counts: list[int], n: int) -> np.ndarray:
+    # The per-slot loop of every low-discrepancy plan without a short period: kept flat (local names,
+    # one list append per slot) because it runs in Python, ~1 us a slot.
     t = sum(counts)
     ready: list[tuple[float | Fraction, int, int]] = []  # (deadline, release, id) of released items
     waiting: list[tuple[int, float | Fraction, int]] = []  # (release, deadline, id) of items not yet released
-
-    def push(i: int, now: int) -> None:
-        release = math.floor(counts[i] / p[i])
-        deadline = (counts[i] + 1) / p[i]
-        if release <= now:
-            heapq.heappush(ready, (deadline, release, i))
-        else:
-            heapq.heappush(waiting, (release, deadline, i))
-
+    push, pop, floor = heapq.heappush, heapq.heappop, math.floor
     for i, w in enumerate(p):
         if w > 0:
-            push(i, t)
-    out = np.empty(n, dtype=np.int64)
+            c = counts[i]
+            release = floor(c / w)
+            if release <= t:
+                push(ready, ((c + 1) / w, release, i))
+            else:
+                push(waiting, (release, (c + 1) / w, i))
+    out: list[int] = []
+    emit = out.append
     for s in range(t, t + n):
         while waiting and waiting[0][0] <= s:
-            release, deadline, i = heapq.heappop(waiting)
-            heapq.heappush(ready, (deadline, release, i))
-        _, _, i = heapq.heappop(ready)
-        out[s - t] = i
-        counts[i] += 1
-        push(i, s + 1)
-    return out
+            release, deadline, i = pop(waiting)
+            push(ready, (deadline, release, i))
+        i = pop(ready)[2]
+        emit(i)
+        c = counts[i] = counts[i] + 1
+        w = p[i]
+        release = floor(c / w)  # item c + 1 of domain i: released at floor(c / w), due at (c + 1) / w
+        if release <= s + 1:
+            push(ready, ((c + 1) / w, release, i))
+        else:
+            push(waiting, (release, (c + 1) / w, i))
+    return np.array(out, dtype=np.int64)
