@@ -258,7 +258,7 @@ def render(report: dict[str, Any]) -> str:
         "stored, each index goes through a keyed Feistel bijection. The `new random weights` rows set a "
         "fresh vector of floats every 100 batches, as an online method does: their low-discrepancy order "
         "has no short period to tile, so it is computed slot by slot in Python (earliest deadline first, "
-        "about 1.5 µs a slot), the cost of its exact prefix guarantee. The `carry_remainder=True` row plans "
+        "about 1 µs a slot), the cost of its exact prefix guarantee. The `carry_remainder=True` row plans "
         "each batch's counts with a Python loop over the domains (a Pfair schedule). The `as_numpy=True` "
         "rows hand out each batch as an int64 numpy array (what a dataset's `__getitems__` can index with "
         "in one call) instead of a list of Python ints; every other row, and every peer, yields lists.",

@@ -142,7 +142,7 @@ def low_discrepancy_sequence(
     they are divisor methods, which Balinski & Young showed violate quota. EDF is sequential, so when
     ``q`` is rational with a period ``D <= 65536`` (q_i D integral, e.g. weights with two decimals) the
     sequence repeats every D slots: one period is computed once and tiled with numpy. Otherwise a heap
-    loop runs per slot (about 1.5 us).
+    loop runs per slot (about 1 us).
 
     Args:
         q: (k,) weights, normalised internally; zero-weight domains are never emitted.
