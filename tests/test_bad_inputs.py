@@ -14,7 +14,7 @@ import domainmix.strategies as S
 from _helpers import make_stats
 from domainmix import DomainWeights, StatsCollector, WeightingController, domain_losses, weighted_loss
 from domainmix.losses import DomainLosses
-from domainmix.sampling import DomainBatchSampler, split_heldout
+from domainmix.sampling import DomainBatchSampler, allocate_counts, split_heldout
 
 NAMES = ["a", "b"]
 NAN, INF = float("nan"), float("inf")
@@ -72,6 +72,22 @@ CASES = [
         "finite",
         "[inf, 1.0]",
         id="inf-sampling",
+    ),
+    param(  # an int beyond the float range used to escape as an OverflowError
+        lambda: DomainWeights.create(NAMES, [10**400, 1]),
+        ValueError,
+        shape("mixture", "DomainWeights.create"),
+        "finite",
+        "Got [1000",
+        id="int-overflows-float",
+    ),
+    param(  # beyond 2**53 the float targets lose whole slots and the counts no longer sum to total
+        lambda: allocate_counts([1.0, 1.0], 2**53 + 1),
+        ValueError,
+        shape("total", "allocate_counts"),
+        "an int in the range [0, 9007199254740992]",
+        "Got 9007199254740993 instead.",
+        id="allocate-total-too-large",
     ),
     param(  # each weight is finite but their sum is not: normalising would give all zeros
         lambda: DomainWeights.create(NAMES, [1e308, 1e308]),

@@ -26,9 +26,11 @@ from torch import Tensor
 from domainmix._validation import Interval, check_param, check_weight_vector, param_error
 
 __all__ = [
-    "CARRY_DENOMINATOR", "allocate_counts", "apportion", "as_distribution", "carried_allocation",
+    "CARRY_DENOMINATOR", "MAX_TOTAL", "allocate_counts", "apportion", "as_distribution", "carried_allocation",
     "carried_counts", "distribution", "edf_sequence", "low_discrepancy_sequence",
 ]  # fmt: skip
+
+MAX_TOTAL = 1 << 53  # the largest total allocate_counts splits (float64 holds every integer up to it)
 
 # Longest period (in slots) of a rational q for which the low-discrepancy sequence is cached and tiled.
 _MAX_PERIOD = 1 << 16
@@ -63,7 +65,7 @@ def allocate_counts(q: Tensor | np.ndarray | Sequence[float], total: int, min_co
 
     Args:
         q: (k,) non-negative weights with a positive sum (normalised internally).
-        total: number of slots, an int >= 0.
+        total: number of slots, an int in [0, 2**53] (``MAX_TOTAL``).
         min_count: minimum count for every domain with positive weight, an int >= 0 (default 0).
 
     Returns:
@@ -80,7 +82,8 @@ def allocate_counts(q: Tensor | np.ndarray | Sequence[float], total: int, min_co
         [6, 2, 0]
     """
     caller = "allocate_counts"
-    total = check_param(caller, "total", total, Interval(int, 0, None))
+    # up to 2**53 the float targets total * p_i are exact enough that the rounding fix-up below holds
+    total = check_param(caller, "total", total, Interval(int, 0, MAX_TOTAL))
     min_count = check_param(caller, "min_count", min_count, Interval(int, 0, None))
     raw = as_distribution(caller, "q", q, normalize=False)
     positive = int((raw > 0).sum())

@@ -9,11 +9,12 @@ change. Every message starts with ``"<Owner>.load_state_dict: "`` so a failed re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from numbers import Integral
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["check_fingerprint", "check_state_keys"]
+__all__ = ["check_fingerprint", "check_state_keys", "state_counts"]
 
 _NO_DEFAULTS: Mapping[str, Any] = MappingProxyType({})
 
@@ -79,3 +80,27 @@ def check_fingerprint(
             f"{owner}.load_state_dict: state was saved with another configuration; differs in "
             f"{'; '.join(differs)}{hint}."
         )
+
+
+def state_counts(owner: str, state_dict: Mapping[str, Any], key: str, length: int | None = None) -> Any:
+    """``state_dict[key]`` if it is a count (an int >= 0), or with ``length`` a list of that many counts.
+
+    A corrupt or hand-edited checkpoint must fail on load, naming the key, rather than at some later batch
+    (a negative cursor) or never (a float clock that silently shifts every weight change).
+
+    Raises:
+        ValueError: ``"<owner>.load_state_dict: state[key] must be ..."`` with the value found.
+    """
+    value = state_dict[key]
+
+    def count(v: Any) -> bool:
+        return isinstance(v, Integral) and not isinstance(v, bool) and int(v) >= 0
+
+    if length is None:
+        ok, wanted = count(value), "an int >= 0"
+    else:
+        ok = isinstance(value, Sequence) and len(value) == length and all(count(v) for v in value)
+        wanted = f"a list of {length} ints >= 0 (one per domain)"
+    if not ok:
+        raise ValueError(f"{owner}.load_state_dict: state[{key!r}] must be {wanted}. Got {value!r} instead.")
+    return value

@@ -60,7 +60,7 @@ class Interval:
                 return False
         elif not isinstance(value, Real) or not math.isfinite(float(value)):
             return False
-        v = float(value)
+        v = int(value) if self.kind is int else float(value)  # ints compare exactly, however large
         if self.low is not None:
             if v < self.low or (v == self.low and self.closed not in ("both", "left")):
                 return False
@@ -162,7 +162,10 @@ def check_weight_vector(
             isinstance(v, Real) and not isinstance(v, bool) for v in values
         ):
             raise param_error(caller, name, f"a sequence of {k} real numbers", values)
-        array = np.array([float(v) for v in values], dtype=np.float64)
+        try:
+            array = np.array([float(v) for v in values], dtype=np.float64)
+        except OverflowError:  # an int beyond the float range
+            raise param_error(caller, name, "finite (no NaN or inf)", values) from None
     if array.ndim != 1 or array.size != k:
         raise param_error(caller, name, f"one weight per domain, shape ({k},)", f"shape {array.shape}")
     with np.errstate(over="ignore"):

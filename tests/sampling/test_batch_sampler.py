@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from typing import Any
 
@@ -369,6 +370,14 @@ def test_fingerprint_mismatch_and_elastic_escape_hatch() -> None:
         renamed.load_state_dict(make().state_dict(), ignore_fingerprint=True)
 
 
+def test_numpy_integer_arguments_leave_a_json_state() -> None:
+    s = DomainBatchSampler(domains(), np.int64(4), seed=np.int64(3), num_batches=np.int64(5))
+    take(s, 2)
+    state = s.state_dict()
+    assert json.loads(json.dumps(state)) == state
+    assert state[DomainBatchSampler.CONFIG_KEY]["seed"] == 3 and s.batch_size == 4
+
+
 def test_load_state_dict_missing_keys() -> None:
     state = make().state_dict()
     del state[DomainBatchSampler.HISTORY_KEY]
@@ -376,6 +385,28 @@ def test_load_state_dict_missing_keys() -> None:
         ValueError, match=r"DomainBatchSampler.load_state_dict: .*missing keys \['weight_history'\]"
     ):
         make().load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("domain_cursors", [-3, 0, 0, 0], "'domain_cursors'] must be a list of 4 ints >= 0"),
+        ("domain_passes", [0, 0, 0], "'domain_passes'] must be a list of 4 ints >= 0"),
+        ("batches_in_epoch", -5, "'batches_in_epoch'] must be an int >= 0"),
+        ("total_batches", 2.9, "'total_batches'] must be an int >= 0"),
+        ("low_discrepancy_counts", [float("nan"), 0, 0, 0], "'low_discrepancy_counts'] must be a list"),
+        ("weight_history", [[5, [0.25] * 4], [5, [0.5, 0.5, 0, 0]]], "distinct from_batch"),
+        ("weight_history", [[-1, [0.25] * 4]], "from_batch >= 0"),
+    ],
+)
+def test_corrupt_states_are_refused_naming_the_key(key: str, value: Any, message: str) -> None:
+    """A hand-edited or corrupt checkpoint fails on load, not at some later batch (or never)."""
+    s = make(stop="first_exhausted")
+    take(s, 3)
+    state = json.loads(json.dumps(s.state_dict()))
+    state[key] = value
+    with pytest.raises(ValueError, match=r"DomainBatchSampler.load_state_dict.*" + re.escape(message)):
+        make(stop="first_exhausted").load_state_dict(state)
 
 
 # ---------------------------------------------------------------- integration and scale
@@ -534,6 +565,8 @@ def test_resume_under_another_loader_prefetch_depth_is_refused_at_the_first_batc
     for workers, ok in ((0, False), (1, False), (2, True)):
         again, resumed = loader(workers)
         again.load_state_dict(state)
+        # a checkpoint taken after the load and before the first batch holds the same depth
+        assert again.state_dict()[DomainBatchSampler.PREFETCH_KEY] == 4
         if ok:
             assert next(iter(resumed)).tolist() == sixth
         else:

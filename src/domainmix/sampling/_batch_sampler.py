@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Sampler
 
+from domainmix._state import state_counts
 from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.sampling._mixer import Counters, DomainMixer
 from domainmix.sampling._plan import Mode, StopRule, check_mix_options, rows_before_stop
@@ -384,13 +385,14 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         """
         at = self._load(state_dict, ignore_fingerprint=ignore_fingerprint)
         k = len(self._names)
-        passes = np.asarray(state_dict[self.PASS_KEY], dtype=np.int64).reshape(k)
-        cursors = np.asarray(state_dict[self.CURSOR_KEY], dtype=np.int64).reshape(k)
+        passes = np.asarray(state_counts(self._caller, state_dict, self.PASS_KEY, k), dtype=np.int64)
+        cursors = np.asarray(state_counts(self._caller, state_dict, self.CURSOR_KEY, k), dtype=np.int64)
         positions = passes * self._sizes + np.minimum(cursors, self._sizes)
         self._snaps.reset(Snap(at.total, at.epoch, at.batch, positions, at.ld_counts, at.ld_from))
         self._block = None
         saved_depth = state_dict.get(self.PREFETCH_KEY)  # absent from states saved before it was recorded
         self._expected_depth = None if ignore_fingerprint or saved_depth is None else int(saved_depth)
+        self._depth = 0 if saved_depth is None else int(saved_depth)  # kept by a save before the next batch
 
     def __repr__(self) -> str:
         q = ", ".join(f"{n}={w:.4g}" for n, w in zip(self._names, self.weights.tolist(), strict=True))

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from domainmix._state import state_counts
 from domainmix._validation import Interval, check_param, param_error
 from domainmix.sampling._mixer import Counters, DomainMixer
 from domainmix.sampling._plan import StopRule, check_mix_options, in_yield_order
@@ -360,12 +361,12 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         at = self._load(state_dict)
         self._epoch, self._batch, self._total = at.epoch, at.batch, at.total
         self._ld, self._ld_from = at.ld_counts, at.ld_from
-        self._offset = int(state_dict[self.OFFSET_KEY])
-        self._passes = [int(x) for x in state_dict[self.PASS_KEY]]
-        self._consumed = [int(x) for x in state_dict[self.CONSUMED_KEY]]
+        k, owner = len(self._names), self._caller
+        self._offset = int(state_counts(owner, state_dict, self.OFFSET_KEY))
+        self._passes = [int(x) for x in state_counts(owner, state_dict, self.PASS_KEY, k)]
+        self._consumed = [int(x) for x in state_counts(owner, state_dict, self.CONSUMED_KEY, k)]
         self._exhausted = [bool(x) for x in state_dict[self.EXHAUSTED_KEY]]
-        self._source_epochs = [int(x) for x in state_dict[self.SOURCE_EPOCHS_KEY]]
-        k = len(self._names)
+        self._source_epochs = [int(x) for x in state_counts(owner, state_dict, self.SOURCE_EPOCHS_KEY, k)]
         saved_states = list(state_dict[self.SOURCE_STATES_KEY])
         self._restore = [("restore", saved_states[i]) for i in range(k)]
         self._iters = [None] * k

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from domainmix._distributed import resolve_rank_world
-from domainmix._state import check_fingerprint, check_state_keys
+from domainmix._state import check_fingerprint, check_state_keys, state_counts
 from domainmix.sampling._plan import BLOCK, PLAN_ROWS, Mode, SlotPlan, StopRule, plan_block
 from domainmix.sampling._weights import WeightSchedule, WeightsLike
 
@@ -66,6 +66,7 @@ class DomainMixer(ABC):
     LD_FROM_KEY = "low_discrepancy_from"
     HISTORY_KEY = "weight_history"
     FINGERPRINT_KEY = "fingerprint"
+    _COUNTER_KEYS = (EPOCH_KEY, BATCH_KEY, TOTAL_KEY, LD_FROM_KEY)  # the scalar counters of every state
     _STATE_KEYS: ClassVar[tuple[str, ...]]  # every key a subclass's state holds
     # Fingerprint values for keys that states saved by older versions lack.
     _FINGERPRINT_DEFAULTS: ClassVar[Mapping[str, Any]] = {"carry_remainder": False}  # saved before it existed
@@ -91,11 +92,13 @@ class DomainMixer(ABC):
         self._caller = caller
         self._rank, self._world = resolve_rank_world(caller, rank, world_size)
         self._names = names
-        self._mode, self._stop, self._batch_size = mode, stop, batch_size
-        self._min_count, self._num_batches, self._seed = min_count, num_batches, seed
+        # int(): numpy integers pass the checks, and the state must hold JSON types only
+        self._mode, self._stop, self._batch_size = mode, stop, int(batch_size)
+        self._min_count, self._seed = int(min_count), int(seed)
+        self._num_batches = None if num_batches is None else int(num_batches)
         self._carry = carry_remainder
         self._schedule = WeightSchedule(
-            names, sizes, mode, batch_size * self._world, min_count, carry_remainder
+            names, sizes, mode, self._batch_size * self._world, self._min_count, carry_remainder
         )
         self._schedule.set(0, self._schedule.check(caller, "weights", weights))
 
@@ -256,12 +259,9 @@ class DomainMixer(ABC):
         check_fingerprint(
             self._caller, state_dict[self.FINGERPRINT_KEY], current, self._FINGERPRINT_DEFAULTS, hint=hint
         )
-        self._schedule.load(f"{self._caller}.load_state_dict", "state_dict", state_dict[self.HISTORY_KEY])
-        k = len(self._names)
-        return Counters(
-            int(state_dict[self.EPOCH_KEY]),
-            int(state_dict[self.BATCH_KEY]),
-            int(state_dict[self.TOTAL_KEY]),
-            np.asarray(state_dict[self.LD_COUNTS_KEY], dtype=np.int64).reshape(k),
-            int(state_dict[self.LD_FROM_KEY]),
-        )
+        k, owner = len(self._names), self._caller
+        counters = [state_counts(owner, state_dict, key) for key in self._COUNTER_KEYS]
+        ld_counts = state_counts(owner, state_dict, self.LD_COUNTS_KEY, k)
+        self._schedule.load(f"{owner}.load_state_dict", "state_dict", state_dict[self.HISTORY_KEY])
+        epoch, batch, total, ld_from = (int(c) for c in counters)
+        return Counters(epoch, batch, total, np.asarray(ld_counts, dtype=np.int64).reshape(k), ld_from)

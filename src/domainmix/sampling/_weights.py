@@ -154,8 +154,9 @@ class WeightSchedule:
                 or len(item) != 2
                 or isinstance(item[0], bool)
                 or not isinstance(item[0], int)
+                or item[0] < 0
             ):
-                raise param_error(caller, name, "a list of [from_batch, weights] pairs", history)
+                raise param_error(caller, name, "a list of [from_batch >= 0, weights] pairs", history)
             q = self.check(caller, name, list(item[1]))
             saved = tuple(float(x) for x in item[1])
             # Keep the saved floats bit for bit when already normalised: renormalising can move the last
@@ -163,6 +164,8 @@ class WeightSchedule:
             entries.append((int(item[0]), saved if abs(sum(saved) - 1.0) < 1e-12 else q))
         self.entries = sorted(entries, key=lambda e: e[0])
         self._starts = [b for b, _ in self.entries]
+        if len(set(self._starts)) < len(self._starts):
+            raise param_error(caller, name, "weight history entries with distinct from_batch", history)
         self.interval = self._starts[-1] - self._starts[-2] if len(self._starts) > 1 else None
 
 
