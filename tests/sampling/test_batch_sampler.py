@@ -370,6 +370,28 @@ def test_fingerprint_mismatch_and_elastic_escape_hatch() -> None:
         renamed.load_state_dict(make().state_dict(), ignore_fingerprint=True)
 
 
+@pytest.mark.parametrize("world", [2, 4])
+def test_elastic_resume_restarts_the_carried_remainders(world: int) -> None:
+    """Carried counts are per global batch: on another world size the carry restarts, as at a change."""
+    q = [0.2, 0.3, 0.4, 0.1]
+    single = make(batch_size=3, weights=q, carry_remainder=True, mode="stratified")
+    take(single, 1)
+    state = json.loads(json.dumps(single.state_dict()))
+    ranks = [
+        make(batch_size=3, weights=q, mode="carried", rank=r, world_size=world) for r in range(world)
+    ]
+    for r in ranks:
+        r.load_state_dict(state, ignore_fingerprint=True)
+    batches = [take(r, 10) for r in ranks]
+    whole = np.zeros(4)
+    for b in range(10):
+        counts = Counter(owner()[i] for rank in batches for i in rank[b])
+        row = np.array([counts[n] for n in SIZES])
+        assert (np.abs(row - 3 * world * np.array(q)) < 1).all()  # floor or ceil of each target
+        whole += row
+        assert (np.abs(whole - (b + 1) * 3 * world * np.array(q)) < 1).all()  # the carry, from the resume
+
+
 def test_numpy_integer_arguments_leave_a_json_state() -> None:
     s = DomainBatchSampler(domains(), np.int64(4), seed=np.int64(3), num_batches=np.int64(5))
     take(s, 2)

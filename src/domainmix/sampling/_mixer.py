@@ -264,4 +264,13 @@ class DomainMixer(ABC):
         ld_counts = state_counts(owner, state_dict, self.LD_COUNTS_KEY, k)
         self._schedule.load(f"{owner}.load_state_dict", "state_dict", state_dict[self.HISTORY_KEY])
         epoch, batch, total, ld_from = (int(c) for c in counters)
-        return Counters(epoch, batch, total, np.asarray(ld_counts, dtype=np.int64).reshape(k), ld_from)
+        ld = np.asarray(ld_counts, dtype=np.int64).reshape(k)
+        saved = state_dict[self.FINGERPRINT_KEY]
+        if (
+            self._carry
+            and saved.get("batch_size", 0) * saved.get("world_size", 0) != self._batch_size * self._world
+        ):
+            # The carried counts were per batch of another size (an elastic resume): restart the carry
+            # here, as a weight change would. Low-discrepancy counts are per slot and carry over as they are.
+            ld = np.zeros_like(ld)
+        return Counters(epoch, batch, total, ld, ld_from)
