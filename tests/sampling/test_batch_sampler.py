@@ -237,6 +237,18 @@ def test_zero_weight_domain_never_blocks_stopping() -> None:
     assert len(list(s)) == 2
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stop", ["first_exhausted", "all_exhausted"])
+def test_an_epoch_is_a_function_of_seed_epoch_and_weights(mode: str, stop: str) -> None:
+    """Reaching epoch 2 by iterating, or jumping there with set_epoch on a fresh sampler, gives the same
+    batches: the low-discrepancy and carried counts restart with the streams."""
+    walked = make(batch_size=6, mode=mode, stop=stop, seed=2)
+    list(walked), list(walked)
+    jumped = make(batch_size=6, mode=mode, stop=stop, seed=2)
+    jumped.set_epoch(2)
+    assert list(jumped) == list(walked)
+
+
 def test_set_epoch_is_reproducible_and_noop_for_current_epoch() -> None:
     s = make(stop="first_exhausted")
     e0 = list(s)

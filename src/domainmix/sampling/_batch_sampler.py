@@ -296,9 +296,13 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
 
     def _start_epoch(self, epoch: int) -> None:
         s = self._snap
-        # Only the exhaustion stop rules restart the streams; cycle_forever's run on across epochs.
-        positions = s.positions if self._stop == StopRule.CYCLE_FOREVER else np.zeros_like(s.positions)
-        self._snaps.commit(s._replace(epoch=epoch, batch=0, positions=positions))
+        # Only the exhaustion stop rules restart the streams, and the low-discrepancy / carried counts with
+        # them, so that an epoch is a function of (seed, epoch, weights); cycle_forever's run on.
+        if self._stop == StopRule.CYCLE_FOREVER:
+            self._snaps.commit(s._replace(epoch=epoch, batch=0))
+        else:
+            zeros = np.zeros_like(s.positions)
+            self._snaps.commit(s._replace(epoch=epoch, batch=0, positions=zeros, ld_counts=zeros))
         self._block = None
 
     def _make_block(self) -> Block | None:

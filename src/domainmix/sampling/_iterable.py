@@ -330,6 +330,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
             k = len(self._names)
             self._passes, self._consumed, self._exhausted = [0] * k, [0] * k, [False] * k
             self._iters, self._restore = [None] * k, [None] * k
+            self._ld = np.zeros(k, dtype=np.int64)  # as the batch sampler: an epoch starts the sequence
         self._plan = None
 
     # ------------------------------------------------------------------ state
