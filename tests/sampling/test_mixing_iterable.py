@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 from collections import Counter
 from typing import Any
 
@@ -230,6 +232,25 @@ def test_source_epochs_count_passes_and_restore_only_the_saved_pass(stop: str) -
         resumed = build()
         resumed.load_state_dict(first.state_dict())
         assert take(resumed, 60 - cut) == full[cut:]
+
+
+@pytest.mark.parametrize("stop", ["first_exhausted", "all_exhausted"])
+def test_a_state_saved_at_an_epoch_end_starts_the_next_source_epoch(stop: str) -> None:
+    """At an epoch end every pass is closed: a resume must open the next source epoch, not the saved one."""
+
+    def build() -> DomainMixingIterable:
+        return DomainMixingIterable(
+            {"a": EpochSource("a", 5), "b": EpochSource("b", 3)}, batch_size=2, stop=stop
+        )
+
+    full = build()
+    first = list(full)
+    state = json.loads(json.dumps(full.state_dict()))
+    second = list(full)
+    resumed = build()
+    resumed.load_state_dict(state)
+    assert list(resumed) == second
+    assert not set(first) & set(second)  # items are tagged with their source epoch: all new ones
 
 
 @pytest.mark.parametrize(

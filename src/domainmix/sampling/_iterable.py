@@ -369,7 +369,9 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         self._exhausted = [bool(x) for x in state_dict[self.EXHAUSTED_KEY]]
         self._source_epochs = [int(x) for x in state_counts(owner, state_dict, self.SOURCE_EPOCHS_KEY, k)]
         saved_states = list(state_dict[self.SOURCE_STATES_KEY])
-        self._restore = [("restore", saved_states[i]) for i in range(k)]
+        # A pass is open iff items were consumed from it (opening one draws at once, an epoch end closes
+        # all); a closed one must start the next source epoch, not re-enter the saved one.
+        self._restore = [("restore", saved_states[i]) if self._consumed[i] else None for i in range(k)]
         self._iters = [None] * k
         self._plan = None
         if get_worker_info() is None:
