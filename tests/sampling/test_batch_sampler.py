@@ -389,9 +389,7 @@ def test_elastic_resume_restarts_the_carried_remainders(world: int) -> None:
     single = make(batch_size=3, weights=q, carry_remainder=True, mode="stratified")
     take(single, 1)
     state = json.loads(json.dumps(single.state_dict()))
-    ranks = [
-        make(batch_size=3, weights=q, mode="carried", rank=r, world_size=world) for r in range(world)
-    ]
+    ranks = [make(batch_size=3, weights=q, mode="carried", rank=r, world_size=world) for r in range(world)]
     for r in ranks:
         r.load_state_dict(state, ignore_fingerprint=True)
     batches = [take(r, 10) for r in ranks]

@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import json
-
 from collections import Counter
 from typing import Any
 
