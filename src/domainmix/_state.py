@@ -83,7 +83,8 @@ def check_fingerprint(
 
 
 def state_counts(owner: str, state_dict: Mapping[str, Any], key: str, length: int | None = None) -> Any:
-    """``state_dict[key]`` if it is a count (an int >= 0), or with ``length`` a list of that many counts.
+    """``state_dict[key]`` if it is a count (an int >= 0), or with ``length`` a list of that many counts
+    (``length=-1``: a list of any length).
 
     A corrupt or hand-edited checkpoint must fail on load, naming the key, rather than at some later batch
     (a negative cursor) or never (a float clock that silently shifts every weight change).
@@ -98,6 +99,9 @@ def state_counts(owner: str, state_dict: Mapping[str, Any], key: str, length: in
 
     if length is None:
         ok, wanted = count(value), "an int >= 0"
+    elif length < 0:
+        ok = isinstance(value, Sequence) and all(count(v) for v in value)
+        wanted = "a list of ints >= 0"
     else:
         ok = isinstance(value, Sequence) and len(value) == length and all(count(v) for v in value)
         wanted = f"a list of {length} ints >= 0 (one per domain)"

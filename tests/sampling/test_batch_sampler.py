@@ -353,6 +353,45 @@ def test_weights_set_every_batch_keep_the_state_bounded_and_the_resume_exact(mod
     assert run(resumed, save_at)[0] == seen[save_at:]
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stop", ["first_exhausted", "all_exhausted"])
+def test_an_epoch_end_decided_ahead_of_the_loop_survives_a_resume(mode: str, stop: str) -> None:
+    """The sampler ends an epoch while the loop still has prefetched batches; a weight change made then
+    lands on the next epoch's first batch. A state saved before the end must still end the epoch there,
+    not re-apply the stop rule under the new weights (which run the epoch on)."""
+    ahead = 3
+
+    def loop(sampler: DomainBatchSampler, steps: int, first: int = 0) -> tuple[list[Any], list[Any]]:
+        produced = iter_epochs(sampler)
+        queue, seen, saved = [next(produced) for _ in range(ahead)], [], []
+        for step in range(first, steps):
+            seen.append(queue.pop(0))
+            queue.append(next(produced))
+            if sampler.epoch == 1 and not saved:  # the end of epoch 0 is decided, not yet consumed
+                sampler.set_weights([0.0, 0.0, 1.0, 0.0])  # a domain that is never exhausted
+                saved.append(json.loads(json.dumps(sampler.state_dict(consumed=step + 1))))
+        return seen, saved
+
+    seen, saved = loop(make(batch_size=6, mode=mode, stop=stop), 150)
+    assert saved and saved[0][DomainBatchSampler.EPOCH_ENDS_KEY]
+    cut = saved[0][DomainBatchSampler.TOTAL_KEY]
+    resumed = make(batch_size=6, mode=mode, stop=stop)
+    resumed.load_state_dict(saved[0])
+    again = json.loads(json.dumps(resumed.state_dict()))  # saved again before the end: still recorded
+    assert again[DomainBatchSampler.EPOCH_ENDS_KEY] == saved[0][DomainBatchSampler.EPOCH_ENDS_KEY]
+    twice = make(batch_size=6, mode=mode, stop=stop)
+    twice.load_state_dict(again)
+    rest = iter_epochs(twice)
+    assert [next(rest) for _ in range(150 - cut)] == seen[cut:]
+
+
+def iter_epochs(sampler: DomainBatchSampler) -> Any:
+    """Batches across epochs, each epoch's end marked (a loop over a DataLoader, epoch after epoch)."""
+    while True:
+        yield from sampler
+        yield EPOCH_END
+
+
 def test_state_is_identical_across_ranks_and_plain_data() -> None:
     r0, r1 = make(rank=0, world_size=2), make(rank=1, world_size=2)
     take(r0, 9), take(r1, 9)

@@ -46,6 +46,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     weight change at batch ``LD_FROM``: low-discrepancy and carried-remainder plans continue from them),
     ``WEIGHTS_KEY``, ``PREFETCH_KEY`` (how many batches the
     iterating DataLoader ran ahead; a resume under another depth is refused at its first batch),
+    ``EPOCH_ENDS_KEY`` (the totals after the saved batch at which the run had already ended an epoch),
     ``HISTORY_KEY``, ``CONFIG_KEY``, ``FINGERPRINT_KEY``.
 
     Args:
@@ -99,6 +100,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     WEIGHTS_KEY = "weights"
     CONFIG_KEY = "config"
     PREFETCH_KEY = "prefetch_depth"
+    EPOCH_ENDS_KEY = "epoch_ends"  # optional: absent from states saved before it was recorded
     _STATE_KEYS = (
         DomainMixer.EPOCH_KEY, DomainMixer.BATCH_KEY, DomainMixer.TOTAL_KEY, PASS_KEY, CURSOR_KEY,
         EXHAUSTED_KEY, DomainMixer.LD_COUNTS_KEY, DomainMixer.LD_FROM_KEY, WEIGHTS_KEY,
@@ -157,6 +159,8 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         self._row = 0
         self._depth = 0  # how far the loader iterating this sampler runs ahead (see _wrapping)
         self._expected_depth: int | None = None  # the saved depth, checked at the first batch after a load
+        # Totals at which epochs end that the saved run had already decided (see _pending_ends).
+        self._epoch_ends: list[int] = []
 
     @staticmethod
     def _validate(
@@ -227,6 +231,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         """
         epoch = check_param("DomainBatchSampler.set_epoch", "epoch", epoch, Interval(int, 0, None))
         if epoch != self._snap.epoch:
+            self._epoch_ends = []  # a jump leaves the epochs a loaded state had already ended
             self._start_epoch(epoch)
 
     def __len__(self) -> int:
@@ -315,7 +320,11 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         after = s.positions + np.cumsum(plan.counts, axis=0)  # (nb, k)
         active = self._schedule.active(planned.q)
         nb = rows_before_stop(self._stop, self._sizes, s.positions, after, active, len(plan.counts))
-        if nb == 0:
+        if self._epoch_ends:
+            nb = min(nb, self._epoch_ends[0] - s.total)
+        if nb <= 0:
+            if self._epoch_ends and self._epoch_ends[0] <= s.total:
+                del self._epoch_ends[0]
             return None
         values = take_planned(self._streams, plan, nb, planned.epoch_key, s.positions, self._rank)
         return Block(values, s, after[:nb], plan.ld_after[:nb], planned.from_batch)
@@ -349,6 +358,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             self.EXHAUSTED_KEY: ((snap.positions >= self._sizes) & (self._sizes > 0)).tolist(),
             self.WEIGHTS_KEY: list(self._schedule.at(snap.total)[1]),
             self.PREFETCH_KEY: self._depth,
+            self.EPOCH_ENDS_KEY: self._pending_ends(snap),
             self.CONFIG_KEY: {
                 "mode": self._mode,
                 "stop": self._stop,
@@ -362,6 +372,20 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             },
         }
         return self._state(Counters(snap.epoch, snap.batch, snap.total, snap.ld_counts, snap.ld_from), own)
+
+    def _pending_ends(self, snap: Snap) -> list[int]:
+        """The totals after ``snap`` at which this run has already ended an epoch.
+
+        The sampler decides an epoch's end when it plans past the last batch, which a prefetching loader
+        does batches before the loop consumes them. A ``set_weights`` made meanwhile lands on the first
+        batch after that end, so a resume from an earlier ``consumed`` state would re-apply the stop rule
+        under the new weights and could run the epoch on: the state records the decision instead.
+        """
+        ends = {e for e in self._epoch_ends if e > snap.total}
+        for entry in self._snaps:  # epoch starts are stored as snapshots, batches as (block, row)
+            if isinstance(entry, Snap) and entry.total > snap.total and entry.epoch > snap.epoch:
+                ends.add(entry.total)
+        return sorted(ends)
 
     def _find(self, consumed: int) -> Snap:
         check_param("DomainBatchSampler.state_dict", "consumed", consumed, Interval(int, 0, None), None)
@@ -397,6 +421,10 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         saved_depth = state_dict.get(self.PREFETCH_KEY)  # absent from states saved before it was recorded
         self._expected_depth = None if ignore_fingerprint or saved_depth is None else int(saved_depth)
         self._depth = 0 if saved_depth is None else int(saved_depth)  # kept by a save before the next batch
+        ends = []  # states saved before the key existed had no pending ends to record
+        if self.EPOCH_ENDS_KEY in state_dict:
+            ends = state_counts(self._caller, state_dict, self.EPOCH_ENDS_KEY, -1)
+        self._epoch_ends = sorted(int(e) for e in ends)
 
     def __repr__(self) -> str:
         q = ", ".join(f"{n}={w:.4g}" for n, w in zip(self._names, self.weights.tolist(), strict=True))
