@@ -111,6 +111,19 @@ def test_resume_equivalent(mode: str, stop: str, stateful: bool) -> None:
         assert EPOCH_END in out
 
 
+def test_a_weight_change_in_a_batch_cut_short_by_the_epoch_end_applies_to_the_next_batch() -> None:
+    m = DomainMixingIterable(
+        {"a": list(range(3)), "b": list(range(100))}, [0.5, 0.5], batch_size=4, stop="first_exhausted"
+    )
+    it = iter(m)
+    [next(it) for _ in range(5)]  # batch 0 and one item of batch 1
+    m.set_weights([0.0, 1.0])  # from the next batch on
+    list(it)  # "a" runs dry inside batch 1: the epoch ends there
+    assert m.weights.tolist() == [0.0, 1.0]
+    following = iter(m)
+    assert [next(following)[0] for _ in range(4)] == ["b"] * 4
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_weights_set_every_item_keep_the_history_bounded_and_the_resume_exact(mode: str) -> None:
     def mutate(obj: DomainMixingIterable, step: int) -> None:

@@ -188,6 +188,8 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
             try:
                 item = self._pull(i)
             except _EpochEnd:
+                if self._offset:  # the partial batch took its place on the weight clock (set_weights
+                    self._total += 1  # during it applies "from the next batch", the next epoch's first)
                 self._start_epoch(self._epoch + 1)
                 return
             self._offset += 1
