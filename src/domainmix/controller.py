@@ -82,7 +82,9 @@ class WeightingController:
         update_every: steps per statistics window, ≥ 1.
         warmup_steps: no update before this many steps, ≥ 0.
         sampler: optional; receives q after every update (``set_weights`` by name) and, if it has
-            ``effective_sampling``, supplies the realised q for :meth:`loss_multipliers`.
+            ``effective_sampling``, supplies the realised q for :meth:`loss_multipliers`. The constructor
+            sets the sampler's weights too: on resume, load the sampler's state after building the
+            controller, not before.
         collector: optional; a :class:`StatsCollector` over the same domains (made if omitted).
         ema: moving-average factor for a collector made here; ignored when ``collector`` is given.
         log: a JSON-lines file path, or a callable receiving each record.
