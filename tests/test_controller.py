@@ -12,7 +12,15 @@ import torch
 
 import domainmix.strategies as S
 from _helpers import assert_resume_equivalent, assert_same, make_stats
-from domainmix import DomainStats, DomainWeights, StatsCollector, WeightingController, domain_losses
+from domainmix import (
+    DomainStats,
+    DomainWeights,
+    StatsCollector,
+    WeightingController,
+    domain_losses,
+    weighted_loss,
+)
+from domainmix.sampling import DomainBatchSampler
 
 NAMES = ["a", "b", "c"]
 NAN = float("nan")
@@ -223,6 +231,46 @@ def test_zero_sampling_where_mixture_positive_raises() -> None:
 
 
 # --- sampler, multipliers, logs, averages ---------------------------------------------------------------
+def test_multipliers_of_an_update_step_use_the_q_its_batch_was_drawn_with() -> None:
+    """The step that trains on a batch may move q; the batch was drawn with the old q, and α/q must
+    divide by that, or the weighted loss is biased on every update step (every step with update_every=1)."""
+    sampler = DomainBatchSampler({"a": range(100), "b": range(100, 200)}, 8, [0.5, 0.5])
+    c = WeightingController(
+        S.variance_aware(8, min_count=1), DomainWeights.create(["a", "b"], [0.5, 0.5]), sampler=sampler
+    )
+    batches = iter(sampler)
+    for step in range(4):
+        ids = (torch.tensor(next(batches)) >= 100).long()
+        losses = torch.where(ids == 0, 1.0, 3.0).double()  # mean loss 1 on a, 3 on b
+        c.collector.observe_stat("grad_var", torch.tensor([1.0, 36.0 * (step + 1)]))
+        before = c.weights.mixture.clone()
+        assert c.step()  # the window closes: q moves, and the sampler draws the next batch with it
+        if step == 0:  # q moved from .5/.5; the batch in hand keeps the shares it was drawn with
+            assert sampler.batch_sampling.tolist() == [0.5, 0.5] != c.weights.sampling.tolist()
+        alpha = c.weights.mixture  # α may move too: the proxy trains on the new α (docs/design.md)
+        torch.testing.assert_close(
+            weighted_loss(losses, ids, c.loss_multipliers()), alpha[0] * 1.0 + alpha[1] * 3.0
+        )
+        assert torch.equal(before, alpha)  # variance_aware sets q only
+
+
+def test_a_never_drawn_domain_with_undefined_statistics_does_not_block_updates() -> None:
+    """α = q = 0 excludes a domain: it is never drawn, so its gradient variance is NaN by design."""
+    c = WeightingController(
+        S.variance_aware(16), DomainWeights.create(NAMES, [0.5, 0.5, 0.0], [0.5, 0.5, 0.0]), update_every=1
+    )
+    c.collector.observe_stat("grad_var", torch.tensor([1.0, 36.0, float("nan")]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "skipping the weight update" warning
+        assert c.step()
+    assert c.weights.sampling.tolist() == pytest.approx([1 / 7, 6 / 7, 0.0], abs=1 / 16)
+    assert c.weights.sampling[2] == 0
+    # a NaN on a domain that is drawn still skips the window
+    c.collector.observe_stat("grad_var", torch.tensor([float("nan"), 36.0, 1.0]))
+    with pytest.warns(RuntimeWarning, match="skipping the weight update"):
+        assert not c.step()
+
+
 def test_pushes_q_and_uses_effective_sampling_for_multipliers() -> None:
     sampler = FakeSampler(batch_size=4)
     initial = DomainWeights.create(NAMES, [0.5, 0.3, 0.2], [0.6, 0.3, 0.1])
@@ -230,9 +278,9 @@ def test_pushes_q_and_uses_effective_sampling_for_multipliers() -> None:
     assert sampler.calls[-1] == pytest.approx({"a": 0.6, "b": 0.3, "c": 0.1})
     # realised q with B = 4: floor(4q) = (2, 1, 0), remainder to the largest → (3, 1, 0) / 4
     assert sampler.effective_sampling.tolist() == [0.75, 0.25, 0.0]
-    torch.testing.assert_close(
-        c.loss_multipliers(), torch.tensor([0.5 / 0.75, 0.3 / 0.25, 0.2], dtype=torch.float64)
-    )
+    with pytest.warns(RuntimeWarning, match=r"domains \['c'\] have a positive loss weight but the sampler"):
+        multipliers = c.loss_multipliers()  # c is weighted in the loss but never drawn: said, once
+    torch.testing.assert_close(multipliers, torch.tensor([0.5 / 0.75, 0.3 / 0.25, 0.2], dtype=torch.float64))
     # without a sampler: α/q of the controller's own weights
     alone = WeightingController(eg(1.0), initial)
     torch.testing.assert_close(

@@ -19,7 +19,7 @@ from domainmix import _tree
 from domainmix._distributed import assert_same_on_all_ranks, broadcast_from_zero, is_distributed
 from domainmix._state import check_state_keys
 from domainmix._statistics import provided_by, statistic
-from domainmix._validation import Interval, check_param, param_error
+from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import domain_losses
 from domainmix.stats import Probe, StatsCollector, StepLosses
 from domainmix.strategies import AverageState, Strategy
@@ -236,21 +236,42 @@ class WeightingController:
         return self._state
 
     def loss_multipliers(self) -> Tensor:
-        """(k,) α_i / q_i with q the distribution the sampler realises (its ``effective_sampling``).
+        """(k,) α_i / q_i with q the distribution the sampler realises for the batch in hand.
 
-        A stratified sampler rounds B·q to integer counts b; using b/B here keeps the importance-weighted
-        loss exactly unbiased.
+        That is the sampler's ``batch_sampling`` (the shares of the batch it last yielded, the q it was
+        drawn with even when this step's update has since moved q), else its ``effective_sampling``,
+        else the controller's q. A stratified sampler rounds B·q to integer counts b; using b/B here
+        keeps the importance-weighted loss exactly unbiased. With DataLoader workers the batch in hand
+        was yielded ``num_workers × prefetch_factor`` batches before the last one, so for that many steps
+        after a change of q the multipliers use the new shares.
         """
-        realised = getattr(self._sampler, "effective_sampling", None)
+        realised = getattr(self._sampler, "batch_sampling", None)
+        if realised is None:
+            realised = getattr(self._sampler, "effective_sampling", None)
         weights = self._weights
         shares = None if realised is None else tuple(torch.as_tensor(realised).tolist())
         cached = self._multipliers
         # Called every step: recompute only when the weights object or the realised shares change.
         if cached is None or cached[0] is not weights or cached[1] != shares:
-            if realised is not None:
+            if shares is not None:
+                self._warn_undrawn(shares)
                 weights = weights._replace(sampling=torch.as_tensor(realised, dtype=torch.float64))
             cached = self._multipliers = (self._weights, shares, weights.loss_multipliers())
         return cached[2].clone()
+
+    def _warn_undrawn(self, shares: tuple[float, ...]) -> None:
+        """Warn (once per change of weights or shares) about domains weighted in the loss but never drawn."""
+        alpha = self._weights.mixture.tolist()
+        undrawn = [n for n, a, q in zip(self._weights.names, alpha, shares, strict=True) if a > 0 and q == 0]
+        if undrawn:
+            warnings.warn(
+                f"WeightingController: domains {undrawn} have a positive loss weight but the sampler draws "
+                "none of their examples (a stratified B·q below one half rounds to 0), so their loss is "
+                "missing from the objective. Use min_count=1 or carry_remainder=True on the sampler, or a "
+                "floor on q.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def averaged_weights(self) -> DomainWeights | None:
         """Time-averaged weights if the strategy contains ``track_average()``, else None."""
@@ -350,6 +371,7 @@ class WeightingController:
         if not isinstance(stats, DomainStats):
             raise param_error("WeightingController.update", "stats", "a DomainStats", stats)
         achieved = _shares(stats.count)
+        stats = self._undrawn_zeroed(stats)
         if not stats.is_finite():
             self._num_skipped += 1
             warnings.warn(
@@ -389,6 +411,7 @@ class WeightingController:
         Raises:
             ValueError: for invalid weights, or q_i = 0 where α_i > 0.
         """
+        check_param("WeightingController.override", "hold", hold, Options((False, True)))
         names = self._weights.names
         new = DomainWeights.create(
             names,
@@ -414,6 +437,32 @@ class WeightingController:
     def held(self) -> bool:
         """Whether hand-set weights are holding (:meth:`override` with ``hold=True``)."""
         return self._held
+
+    def _undrawn_zeroed(self, stats: DomainStats) -> DomainStats:
+        """``stats`` with the NaN/inf entries of domains at α_i = q_i = 0 set to 0.
+
+        Such a domain is never drawn, so its variance (say) is undefined by design, not a failure: it must
+        not make every update skip. Entries of a matrix statistic are zeroed along each domain axis.
+        """
+        off = (self._weights.mixture == 0) & (self._weights.sampling == 0)
+        if not bool(off.any()):
+            return stats
+        k, changes = len(off), {}
+        for name, value in stats.items():
+            bad = ~torch.isfinite(value)
+            if not bool(bad.any()):
+                continue
+            try:
+                axes = statistic(name).shape
+            except ValueError:  # not in the table: only its leading axis is known to be per domain
+                axes = ("k",) + ("",) * (value.ndim - 1)
+            touches = torch.zeros_like(bad)
+            for axis, kind in enumerate(axes):
+                if kind == "k" and value.shape[axis] == k:
+                    touches |= off.reshape([k if a == axis else 1 for a in range(value.ndim)])
+            if bool((bad & touches).any()):
+                changes[name] = torch.where(bad & touches, torch.zeros_like(value), value)
+        return stats.replace(**changes) if changes else stats
 
     def _non_finite(self, stats: DomainStats) -> dict[str, list[str]]:
         """Statistic -> the domains (rows, for a matrix) where it is NaN or inf."""

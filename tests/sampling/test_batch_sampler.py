@@ -200,6 +200,19 @@ def test_set_weights_takes_effect_next_batch_and_is_recorded() -> None:
     assert s.effective_sampling.tolist() == [0.0, 0.0, 1.0, 0.0]
 
 
+def test_batch_sampling_is_the_q_of_the_batch_last_yielded() -> None:
+    s = make(batch_size=10)
+    assert s.batch_sampling.tolist() == s.effective_sampling.tolist()  # before the first batch
+    it = iter(s)
+    next(it)
+    drawn = s.effective_sampling.tolist()
+    s.set_weights([0.0, 0.0, 1.0, 0.0])
+    assert s.batch_sampling.tolist() == drawn  # the batch in hand was drawn before the change
+    assert s.effective_sampling.tolist() == [0.0, 0.0, 1.0, 0.0]
+    next(it)
+    assert s.batch_sampling.tolist() == [0.0, 0.0, 1.0, 0.0]
+
+
 def test_effective_sampling_reflects_rounding() -> None:
     s = make(batch_size=8, weights=(0.97, 0.01, 0.01, 0.01))
     assert s.batch_counts.tolist() == [8, 0, 0, 0]

@@ -89,12 +89,15 @@ def test_set_weights_from_next_batch() -> None:
     it = make(mode="stratified")
     stream = iter(it)
     first = [next(stream) for _ in range(6)]  # a batch and a half
+    drawn = it.batch_sampling.tolist()
     it.set_weights({"a": 0.0, "b": 1.0, "c": 0.0})
+    assert it.batch_sampling.tolist() == drawn  # the batch in progress keeps its weights
     rest = [next(stream) for _ in range(6)]
     counts = Counter(n for n, _ in first + rest[:2])  # the second batch keeps the weights it started with
     assert [counts[n] for n in "abc"] == (2 * allocate_counts([0.5, 0.2, 0.3], 4)).tolist()
     assert all(n == "b" for n, _ in rest[2:])
     assert it.weight_history[1][0] == 2
+    assert it.batch_sampling.tolist() == [0.0, 1.0, 0.0]
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -220,6 +220,9 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     def _oldest_state(self) -> int:
         return self._snaps.span()[0]
 
+    def _last_batch(self) -> int:
+        return max(self._snap.total - 1, 0)
+
     # ------------------------------------------------------------------ control
 
     def set_epoch(self, epoch: int) -> None:

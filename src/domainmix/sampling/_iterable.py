@@ -145,7 +145,10 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         self._plan = None
 
     def _oldest_state(self) -> int:
-        return self._total
+        return self._last_batch()  # the state's batch, or the one before it for batch_sampling
+
+    def _last_batch(self) -> int:
+        return self._total if self._offset else max(self._total - 1, 0)
 
     def set_weights(self, weights: WeightsLike) -> None:
         """Use ``weights`` from the next batch on (:meth:`DomainMixer.set_weights`).

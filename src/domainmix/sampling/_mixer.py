@@ -114,6 +114,10 @@ class DomainMixer(ABC):
     def _oldest_state(self) -> int:
         """The earliest global batch whose state can still be saved (older weight entries are dropped)."""
 
+    @abstractmethod
+    def _last_batch(self) -> int:
+        """The global batch of the last index or item yielded (0 before any)."""
+
     # ------------------------------------------------------------------ weights
 
     @property
@@ -140,6 +144,19 @@ class DomainMixer(ABC):
     def weights(self) -> Tensor:
         """(k,) float64: the sampling distribution q for the next batch."""
         return torch.tensor(self._schedule.at(self._clock())[1], dtype=torch.float64)
+
+    @property
+    def batch_sampling(self) -> Tensor:
+        """(k,) float64: the realised shares of the batch last yielded (see ``effective_sampling``).
+
+        The q that batch was drawn with: a ``set_weights`` after it (a controller's update on the step
+        that trains on it) does not change it. When the loop consumes batches as they are yielded (no
+        DataLoader workers), this is the batch in hand, so ``alpha / batch_sampling`` weights its loss
+        without bias (``WeightingController.loss_multipliers`` uses it). Before the first batch: the
+        shares of the first one.
+        """
+        q = self._schedule.at(self._last_batch())[1]
+        return torch.from_numpy(self._schedule.shares(q).astype(np.float64))
 
     @property
     def weight_history(self) -> list[tuple[int, list[float]]]:
