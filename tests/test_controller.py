@@ -529,6 +529,18 @@ def test_override_sets_weights_pushes_q_and_logs_it() -> None:
     assert torch.equal(c.weights.mixture, twin.weights.mixture) and c.weights.mixture[1] > 1 / 3
 
 
+def test_override_restarts_a_smoothing_state_from_the_hand_set_weights() -> None:
+    """An ema() in the chain mirrors the weights; after an override it must not drag them back."""
+    noop = S.stateless("noop", lambda w, s: w, {"loss", "count"})
+    c = WeightingController(S.chain(noop, S.ema(0.9)), NAMES)
+    c.override(mixture=[0.8, 0.1, 0.1])
+    twin = WeightingController(S.chain(noop, S.ema(0.9)), DomainWeights.create(NAMES, [0.8, 0.1, 0.1]))
+    for run in (c, twin):
+        feed(run, 1.0)
+        run.step()
+    torch.testing.assert_close(c.weights.mixture, twin.weights.mixture)
+
+
 def _fresh_fingerprint() -> str:
     return WeightingController(eg(), NAMES, sampler=FakeSampler()).schedule_fingerprint
 

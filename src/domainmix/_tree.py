@@ -65,3 +65,14 @@ def find(state: Any, kind: type) -> list[Any]:
         for x in state:
             found.extend(find(x, kind))
     return found
+
+
+def replace(state: Any, kind: type, fn: Any) -> Any:
+    """``state`` with every sub-state of type ``kind`` replaced by ``fn(sub_state)``, containers rebuilt."""
+    if isinstance(state, kind):
+        return fn(state)
+    if _is_namedtuple(state):
+        return type(state)(*(replace(x, kind, fn) for x in state))
+    if isinstance(state, (tuple, list)):
+        return type(state)(replace(x, kind, fn) for x in state)
+    return state

@@ -22,7 +22,7 @@ from domainmix._statistics import provided_by, statistic
 from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import domain_losses
 from domainmix.stats import Probe, StatsCollector, StepLosses
-from domainmix.strategies import AverageState, Strategy
+from domainmix.strategies import AverageState, EmaState, Strategy
 from domainmix.types import DomainStats, DomainWeights, WeightsLike
 
 LogSink = str | os.PathLike[str] | Callable[[dict[str, Any]], None]
@@ -398,8 +398,8 @@ class WeightingController:
         """Set α and/or q by hand, now: an operator's correction in the middle of a run.
 
         The loss multipliers change at once and q reaches the sampler (from its next batch); the
-        strategy's next update starts from these weights, or, with ``hold=True``, no update happens
-        until :meth:`release`. The change is logged (``"override": true``), enters
+        strategy's next update starts from these weights (an ``ema`` in the chain restarts from them
+        too), or, with ``hold=True``, no update happens until :meth:`release`. The change is logged (``"override": true``), enters
         :attr:`schedule_fingerprint` and is kept by :meth:`state_dict`. Under ``torch.distributed``
         every rank must call it: rank 0's values are broadcast, so every rank applies the same weights.
 
@@ -423,6 +423,9 @@ class WeightingController:
             broadcast_from_zero(tensor)
         changed = self._differs(new)
         self._weights, self._held = new, bool(flags.item())
+        # Smoothing states mirror the weights: restart them from the hand-set ones, or the next update
+        # would pull the weights back towards those before the override.
+        self._state = _tree.replace(self._state, EmaState, lambda _: EmaState(new.mixture, new.sampling))
         if changed:
             self._schedule = _chain_fingerprint(self._schedule, new)
         if self._sampler is not None:
