@@ -400,8 +400,9 @@ class WeightingController:
         The loss multipliers change at once and q reaches the sampler (from its next batch); the
         strategy's next update starts from these weights (an ``ema`` in the chain restarts from them
         too), or, with ``hold=True``, no update happens until :meth:`release`. The change is logged
-        (``"override": true``), enters :attr:`schedule_fingerprint` and is kept by :meth:`state_dict`. Under ``torch.distributed``
-        every rank must call it: rank 0's values are broadcast, so every rank applies the same weights.
+        (``"override": true``), enters :attr:`schedule_fingerprint` and is kept by :meth:`state_dict`.
+        Under ``torch.distributed`` every rank must call it: rank 0's values are broadcast, so every rank
+        applies the same weights.
 
         Args:
             mixture: new α (mapping by name, sequence or tensor; normalised), or ``None`` to keep α.
