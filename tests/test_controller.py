@@ -332,8 +332,31 @@ def test_schedule_fingerprint_chains_every_change() -> None:
 
 def test_log_callable_receives_records() -> None:
     got: list[dict] = []
-    WeightingController(S.uniform(), NAMES, log=got.append)
+    c = WeightingController(S.uniform(), NAMES, log=got.append)
+    assert got == []  # the construction's record waits for the first step (see below)
+    c.step()
     assert len(got) == 1 and got[0]["step"] == 0 and got[0]["mixture"] == [1 / 3] * 3
+
+
+def test_a_resumed_statistic_free_run_logs_what_the_uninterrupted_one_did() -> None:
+    """A controller built to load a saved state must not log its own, stale, step 0."""
+
+    def run(log: list[dict], steps: int, state: dict | None = None) -> WeightingController:
+        c = WeightingController(
+            S.schedule([(0, [0.5, 0.5, 0.0]), (3, [0.9, 0.1, 0.0])]), NAMES, log=log.append
+        )
+        if state is not None:
+            c.load_state_dict(state)
+        for _ in range(steps):
+            c.step()
+        return c
+
+    full: list[dict] = []
+    run(full, 6)
+    head: list[dict] = []
+    tail: list[dict] = []
+    run(tail, 2, run(head, 4).state_dict())
+    assert [(r["step"], r["mixture"]) for r in head + tail] == [(r["step"], r["mixture"]) for r in full]
 
 
 def test_averaged_weights_with_track_average() -> None:

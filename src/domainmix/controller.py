@@ -174,10 +174,13 @@ class WeightingController:
         self._held = False  # set by override(hold=True): the strategy does not update until release()
         self._achieved: Tensor | None = None  # the last window's domain shares (see achieved)
         self._state = strategy.init(initial)
+        self._unlogged: DomainStats | None = None  # the construction's evaluation, logged at the first step
         if self.stat_free:
             # push_unchanged: the sampler may have been built with other weights; sync it even when the
-            # first evaluation leaves the controller's weights as they were.
-            self._apply(self._empty_stats(0), log_unchanged=True, push_unchanged=True)
+            # first evaluation leaves the controller's weights as they were. Its log record waits for the
+            # first step, so that a controller built to load a saved state does not log a stale step 0.
+            self._apply(self._empty_stats(0), push_unchanged=True, write_log=False)
+            self._unlogged = self._empty_stats(0)
         elif sampler is not None and not from_sampler:
             sampler.set_weights(self._by_name(initial.sampling))
 
@@ -321,6 +324,9 @@ class WeightingController:
         """
         if losses is not None and domain_ids is None:
             raise param_error("WeightingController.step", "domain_ids", "a tensor with losses", None)
+        if self._unlogged is not None:
+            self._write_log(self._unlogged, skipped=False)
+            self._unlogged = None
         step = self._step + 1
         # A step that runs the strategy is all or nothing: if the strategy (or a probe) raises, the step
         # count, the weights and the collector's window stay as they were before the call.
@@ -482,7 +488,12 @@ class WeightingController:
         return found
 
     def _apply(
-        self, stats: DomainStats, *, log_unchanged: bool = False, push_unchanged: bool = False
+        self,
+        stats: DomainStats,
+        *,
+        log_unchanged: bool = False,
+        push_unchanged: bool = False,
+        write_log: bool = True,
     ) -> bool:
         new, state = self._strategy.update(self._weights, self._state, stats)
         new = self._validated(new)
@@ -496,7 +507,7 @@ class WeightingController:
             assert_same_on_all_ranks("sampling weights", new.sampling)
         if (changed or push_unchanged) and self._sampler is not None:
             self._sampler.set_weights(self._by_name(new.sampling))
-        if changed or log_unchanged:
+        if write_log and (changed or log_unchanged):
             self._write_log(stats, skipped=False)
         return True
 
@@ -639,6 +650,7 @@ class WeightingController:
         self._collector.load_state_dict(state_dict[self.COLLECTOR_KEY])
         self._weights, self._state = weights, state
         self._step = int(state_dict[self.STEP_KEY])
+        self._unlogged = None  # the saved run logged its own construction
         self._num_updates = int(state_dict[self.UPDATES_KEY])
         self._num_skipped = int(state_dict[self.SKIPPED_KEY])
         self._schedule = str(state_dict[self.SCHEDULE_KEY])
