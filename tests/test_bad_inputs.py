@@ -615,6 +615,30 @@ CASES = [
     ),
     # --- WeightingController ---------------------------------------------------------------------------
     param(
+        lambda: WeightingController(S.uniform(), NAMES).step(None, torch.zeros(4, dtype=torch.long)),
+        ValueError,
+        shape("losses", "WeightingController.step"),
+        "a tensor when the other of losses / domain_ids is given",
+        id="step-ids-without-losses",
+    ),
+    param(
+        lambda: WeightingController(S.uniform(), NAMES).step(
+            torch.zeros(4), torch.zeros(3, dtype=torch.long)
+        ),
+        ValueError,
+        shape("domain_ids", "WeightingController.step"),
+        "a (4,) tensor, one id per example",
+        "Got (3,) instead.",
+        id="step-ids-shape",
+    ),
+    param(
+        lambda: WeightingController(S.uniform(), NAMES).override([0.5, 0.5], hold="no"),
+        ValueError,
+        shape("hold", "WeightingController.override"),
+        "one of {False, True}",
+        id="override-hold",
+    ),
+    param(
         lambda: WeightingController(S.uniform(), NAMES, update_every=0),
         ValueError,
         "The 'update_every' parameter of WeightingController must be an int in the range [1, inf). "

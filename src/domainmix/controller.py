@@ -322,8 +322,21 @@ class WeightingController:
             mask: optional 0/1 mask with the shape of ``losses`` (padding = 0).
             indices: optional (N,) dataset indices of the batch, for probes that read per-example caches.
         """
-        if losses is not None and domain_ids is None:
-            raise param_error("WeightingController.step", "domain_ids", "a tensor with losses", None)
+        caller = "WeightingController.step"
+        if (losses is None) != (domain_ids is None):  # one without the other is a mistake, not a choice
+            name, given = ("domain_ids", None) if domain_ids is None else ("losses", None)
+            raise param_error(caller, name, "a tensor when the other of losses / domain_ids is given", given)
+        if losses is not None and domain_ids is not None:
+            # shapes only: a value check (ids in [0, k)) would synchronise with the GPU every step
+            if not isinstance(losses, Tensor) or losses.ndim not in (1, 2):
+                raise param_error(caller, "losses", "a (N,) or (N, T) tensor", type(losses).__name__)
+            if not isinstance(domain_ids, Tensor) or domain_ids.shape != losses.shape[:1]:
+                shape = (
+                    tuple(domain_ids.shape) if isinstance(domain_ids, Tensor) else type(domain_ids).__name__
+                )
+                raise param_error(
+                    caller, "domain_ids", f"a ({losses.shape[0]},) tensor, one id per example", shape
+                )
         if self._unlogged is not None:
             self._write_log(self._unlogged, skipped=False)
             self._unlogged = None
