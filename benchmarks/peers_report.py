@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -149,25 +150,36 @@ def _label_of(systems: dict[str, Any], name: str) -> str:
 
 
 def _aims(report: dict[str, Any]) -> list[str]:
-    """Whether each aim of ``AIMS`` holds in this report (ratio of the median rates)."""
+    """Whether each aim of ``AIMS`` holds in this report, by two statistics: the ratio of the median rates
+    and the median of the per-repetition ratios (repetitions time both systems back to back). An aim is
+    met only when both reach it."""
     systems = report["systems"]
     lines = [
-        "Aims for domainmix, and whether this run meets them (ratio of the median rates; a weight change "
-        "every 100 batches where the row says so):",
+        "Aims for domainmix, and whether this run meets them (a weight change every 100 batches where the "
+        "row says so). Two statistics, both required: the ratio of the median rates, and the median of "
+        "the per-repetition ratios (each repetition times both systems back to back):",
         "",
-        "| domainmix row | against | aim | measured | met |",
-        "|---|---|---|---|---|",
+        "| domainmix row | against | aim | ratio of medians | median ratio (min–max) | met |",
+        "|---|---|---|---|---|---|",
     ]
     for name, reference, aim in AIMS:
         a, b = systems.get(name, {}), systems.get(reference, {})
         if not (a.get("available") and b.get("available")):
             lines.append(
-                f"| {_label_of(systems, name)} | {_label_of(systems, reference)} | ≥ {aim:g}× | n/a | n/a |"
+                f"| {_label_of(systems, name)} | {_label_of(systems, reference)} | ≥ {aim:g}× | n/a | n/a "
+                "| n/a |"
             )
             continue
         ratio = a["indices_per_s"] / b["indices_per_s"]
-        met = "yes" if ratio >= aim else "**no**"
-        lines.append(f"| {a['label']} | {b['label']} | ≥ {aim:g}× | {ratio:.2f}× | {met} |")
+        paired = [
+            x / y for x, y in zip(a["per_repeat_indices_per_s"], b["per_repeat_indices_per_s"], strict=True)
+        ]
+        median = statistics.median(paired)
+        met = "yes" if min(ratio, median) >= aim else "**no**"
+        lines.append(
+            f"| {a['label']} | {b['label']} | ≥ {aim:g}× | {ratio:.2f}× | {median:.2f}× "
+            f"({min(paired):.2f}–{max(paired):.2f}) | {met} |"
+        )
     return lines
 
 
