@@ -21,6 +21,7 @@ from domainmix import (
     weighted_loss,
 )
 from domainmix.sampling import DomainBatchSampler
+from domainmix.stats import ReferenceLossProbe
 
 NAMES = ["a", "b", "c"]
 NAN = float("nan")
@@ -231,6 +232,28 @@ def test_zero_sampling_where_mixture_positive_raises() -> None:
 
 
 # --- sampler, multipliers, logs, averages ---------------------------------------------------------------
+def test_a_probe_failing_on_a_step_that_closes_no_window_leaves_the_window_as_it_was() -> None:
+    """The training losses are observed before the probes: a probe that raises must not leave them in."""
+    calls = {"n": 0}
+
+    def reference(seen: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("cache miss")
+        return seen.losses.detach() * 0
+
+    c = WeightingController(S.doremi(), ["a", "b"], update_every=4, probes=[ReferenceLossProbe(reference)])
+    before = c.collector.state_dict()
+    losses, ids = torch.tensor([1.0, 2.0]), torch.tensor([0, 1])
+    with pytest.raises(KeyError, match="cache miss"):
+        c.step(losses, ids)
+    assert c.step_count == 0
+    assert_same(c.collector.state_dict(), before)
+    c.step(losses, ids)  # the retry is observed once, in every stream
+    window = c.collector.state_dict()["window"]
+    assert window["train.count"].tolist() == window["excess.count"].tolist() == [1.0, 1.0]
+
+
 def test_multipliers_of_an_update_step_use_the_q_its_batch_was_drawn_with() -> None:
     """The step that trains on a batch may move q; the batch was drawn with the old q, and α/q must
     divide by that, or the weighted loss is biased on every update step (every step with update_every=1)."""
