@@ -62,15 +62,20 @@ def _time(make_iter: Any, n: int) -> float:
     return n / (time.perf_counter() - start)
 
 
-def _measure(n: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Interleave the samplers in every repetition so that machine noise hits them alike."""
+def _torch_sampler(n: int) -> BatchSampler:
+    """The baseline: torch's sampler over one weight per example, ``n`` batches per ``iter()``."""
     per_example = torch.cat(
         [torch.full((s,), w / s, dtype=torch.float64) for s, w in zip(SIZES, WEIGHTS, strict=True)]
     )
     gen = torch.Generator().manual_seed(0)
-    wrs = BatchSampler(
+    return BatchSampler(
         WeightedRandomSampler(per_example, n * BATCH, replacement=True, generator=gen), BATCH, True
     )
+
+
+def _measure(n: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Interleave the samplers in every repetition so that machine noise hits them alike."""
+    wrs = _torch_sampler(n)
     streams = {m: iter(DomainBatchSampler(_domains(), BATCH, WEIGHTS, **ROWS[m])) for m in ROWS}
     for m in ROWS:  # warm-up repetition: first-pass permutations (reported separately as "cold")
         _time(lambda m=m: streams[m], n)
@@ -146,12 +151,8 @@ class _TokenRows(Dataset[Tensor]):
 def _loader(n: int, repeats: int) -> dict[str, dict[str, float]]:
     """Batches/s of a ``DataLoader`` over ``_TokenRows`` driven by each sampler, interleaved repetitions."""
     dataset = _TokenRows(sum(SIZES))
-    per_example = torch.cat(
-        [torch.full((s,), w / s, dtype=torch.float64) for s, w in zip(SIZES, WEIGHTS, strict=True)]
-    )
-    wrs = WeightedRandomSampler(per_example, n * BATCH, generator=torch.Generator().manual_seed(0))
     samplers: dict[str, Any] = {
-        "torch_wrs": BatchSampler(wrs, BATCH, True),
+        "torch_wrs": _torch_sampler(n),
         "stratified": DomainBatchSampler(_domains(), BATCH, WEIGHTS),
         "stratified_as_numpy": DomainBatchSampler(_domains(), BATCH, WEIGHTS, as_numpy=True),
     }
