@@ -179,8 +179,8 @@ class WeightingController:
             # push_unchanged: the sampler may have been built with other weights; sync it even when the
             # first evaluation leaves the controller's weights as they were. Its log record waits for the
             # first step, so that a controller built to load a saved state does not log a stale step 0.
-            self._apply(self._empty_stats(0), push_unchanged=True, write_log=False)
             self._unlogged = self._empty_stats(0)
+            self._apply(self._unlogged, push_unchanged=True, write_log=False)
         elif sampler is not None and not from_sampler:
             sampler.set_weights(self._by_name(initial.sampling))
 
