@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
+from domainmix import strategies
 from domainmix._validation import ConfigError
 from domainmix.experiments import lm
 from domainmix.experiments.config import load_config
+from domainmix.experiments.gpt import per_token_loss
 
 FIXTURE = Path(__file__).resolve().parents[1] / "fixtures" / "corpus"
 TINY = lm.LmConfig(
@@ -468,3 +470,23 @@ def test_base_batches_realise_the_weights(tmp_path: Path) -> None:
     windows = TINY.base_steps * TINY.batch_size
     for name, share in result["achieved"].items():
         assert abs(share - result["sampling"][name]) <= 1.0 / windows + 1e-12
+
+
+@pytest.mark.parametrize("check_every", [2, 50])
+def test_a_non_finite_loss_stops_the_stage_naming_its_first_step(
+    monkeypatch: pytest.MonkeyPatch, check_every: int
+) -> None:
+    calls = 0
+
+    def poisoned(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        loss = per_token_loss(logits, targets)
+        return loss * float("nan") if calls in (3, 5) else loss
+
+    monkeypatch.setattr(lm, "per_token_loss", poisoned)
+    monkeypatch.setattr(lm, "FINITE_CHECK_EVERY", check_every)
+    windows = lm.training_pool(TINY)
+    with pytest.raises(RuntimeError, match=r"base: the training loss is not finite at step 3 \(of 6\)"):
+        lm.train(TINY, "base", strategies.uniform(), windows, 6)
+    assert calls == (4 if check_every == 2 else 6)  # the flag is read every `check_every` steps

@@ -69,6 +69,9 @@ from domainmix.stats import (
 )
 
 TRAJECTORY_EVERY = 10  # steps between the recorded mixtures of the weights' trajectory
+# Steps between reads of the non-finite-loss flag: reading it every step would make the host wait for
+# the GPU every step. A stage whose loss went non-finite raises at the next read (nothing is written).
+FINITE_CHECK_EVERY = 50
 
 
 @dataclass
@@ -429,6 +432,7 @@ def train(
     scores = CancellationScores(selection_candidates(model)) if score_cancellation else None
     start, tokens = time.perf_counter(), 0
     seen = torch.zeros(len(names), dtype=torch.int64)  # windows drawn per domain: the achieved mixture
+    first_bad = torch.zeros((), dtype=torch.int64, device=device)  # first step with a non-finite loss
     trajectory: dict[str, Any] = {"step": [], "mixture": {n: [] for n in names}}
     bar = tqdm(total=steps, desc=stage, unit="step", file=sys.stderr, disable=None)  # off when not a TTY
     for step, batch in zip(range(steps), sampler, strict=False):
@@ -439,8 +443,10 @@ def train(
         # α_t from this step's statistics weights this step's update (both reference codes).
         controller.step(per_token, ids, indices=index)
         loss = weighted_loss(per_token, ids, controller.loss_multipliers())
-        if not torch.isfinite(loss.detach()):
-            raise RuntimeError(f"{stage}: the loss is {loss.item()} at step {controller.step_count}.")
+        first_bad = torch.where((first_bad == 0) & ~torch.isfinite(loss.detach()), step + 1, first_bad)
+        if (step + 1) % FINITE_CHECK_EVERY == 0 or step + 1 == steps:
+            if bad := int(first_bad):
+                raise RuntimeError(f"{stage}: the training loss is not finite at step {bad} (of {steps}).")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:

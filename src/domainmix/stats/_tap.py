@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
@@ -175,7 +176,7 @@ class GradientProductTap:
                 "GradientProductTap.products: no recorded forward leads to `losses`; run the forward that "
                 "computes them inside `with tap.record():`."
             )
-        rows = [(ids == i).nonzero().squeeze(1) for i in range(k)]
+        groups = _Groups.by_domain(ids, k)
         for (j, x, _), delta in zip(captures, deltas, strict=True):
             if delta is None:  # a forward that did not lead to ``losses`` (e.g. the target batch)
                 continue
@@ -187,9 +188,7 @@ class GradientProductTap:
                     f"layer {j} output has {delta.shape[0]}; a target batch needs a forward of its own)",
                     f"{len(ids)} rows",
                 )
-            for i, r in enumerate(rows):
-                if len(r):
-                    self._add_grad(j, delta.index_select(0, r), x.index_select(0, r), buffer.matrix[i])
+            self._add_grads(j, delta, x, groups, buffer.matrix[:k])
         if target_losses is not None:
             tm = target_elements(target_losses, target_mask)
             deltas = torch.autograd.grad(
@@ -197,8 +196,8 @@ class GradientProductTap:
             )
             for (j, x, _), delta in zip(captures, deltas, strict=True):
                 if delta is not None:
-                    self._add_grad(j, delta, x, buffer.matrix[k])
-            buffer.counts[k] = float(tm.sum())
+                    self._add_grads(j, delta, x, _Groups.single(delta.shape[0]), buffer.matrix[k:])
+            buffer.counts[k] = tm.sum()  # a tensor copy, not float(): no host sync
         self._clear()
         return buffer.finish(target=target_losses is not None, max_norm=max_norm, reduce=reduce)
 
@@ -209,25 +208,69 @@ class GradientProductTap:
 
         return hook
 
-    def _add_grad(self, j: int, delta: Tensor, x: Tensor, out: Tensor) -> None:
-        """Add layer j's weight (and bias) gradient over these rows into its slice of the row ``out``."""
+    def _add_grads(self, j: int, delta: Tensor, x: Tensor, groups: _Groups, out: Tensor) -> None:
+        """Add layer j's weight (and bias) gradient of each group of rows into its slice of ``out``'s rows."""
         layer = self._layers[j]
         # float32 whatever the forward ran in: under autocast an output (so delta) is bfloat16 while
         # its input may be float32, and a gradient summed in bfloat16 loses the products' precision.
         dtype = torch.promote_types(torch.promote_types(delta.dtype, x.dtype), torch.float32)
-        delta, x = delta.reshape(-1, delta.shape[-1]).to(dtype), x.to(dtype)
+        n = delta.shape[0]
+        delta, x = delta.reshape(n, -1, delta.shape[-1]).to(dtype), x.reshape(n, -1, x.shape[-1]).to(dtype)
         offset = self._offsets[j]
         for name, p in self._kept[j].items():
-            if name == "bias":
-                grad = delta.sum(0)
-            elif isinstance(layer, nn.LayerNorm):
-                x_hat = F.layer_norm(x.reshape(-1, x.shape[-1]), layer.normalized_shape, eps=layer.eps)
-                grad = (delta * x_hat).sum(0)
-            else:
-                grad = delta.T @ x.reshape(-1, x.shape[-1])
-            out[offset : offset + p.numel()] += grad.reshape(-1)
+            where = slice(offset, offset + p.numel())
             offset += p.numel()
+            if name == "bias":
+                out[:, where] += groups.sums(delta.sum(1))
+            elif isinstance(layer, nn.LayerNorm):
+                x_hat = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
+                out[:, where] += groups.sums((delta * x_hat).sum(1))
+            else:  # Δ_iᵀ X_i: one matmul per group, over its rows taken contiguously
+                d, z = groups.sort(delta), groups.sort(x)
+                for i, start, end in groups.spans():
+                    out[i, where] += (d[start:end].flatten(0, 1).T @ z[start:end].flatten(0, 1)).reshape(-1)
 
     def _clear(self) -> None:
         for recorded in self._captures:
             recorded.clear()
+
+
+class _Groups:
+    """The rows of a batch grouped by domain, for per-group sums and per-group matmuls.
+
+    Sums go through one ``index_add`` whatever the number of groups; matmuls need each group's rows
+    contiguous, so the rows are sorted by group once per step (one gather per tapped tensor, not one
+    per group) and the group boundaries are read on the host: one device sync per step, not k.
+    """
+
+    def __init__(self, ids: Tensor | None, order: Tensor | None, bounds: list[int]) -> None:
+        self._ids, self._order, self._bounds = ids, order, bounds
+
+    @classmethod
+    def by_domain(cls, ids: Tensor, k: int) -> _Groups:
+        """Group i: the rows with ``ids == i``, for i in [0, k)."""
+        ends = torch.bincount(ids, minlength=k).cumsum(0).tolist()
+        return cls(ids, torch.argsort(ids, stable=True), [0, *ends])
+
+    @classmethod
+    def single(cls, n: int) -> _Groups:
+        """All n rows in one group."""
+        return cls(None, None, [0, n])
+
+    def sums(self, rows: Tensor) -> Tensor:
+        """(groups, d) sums of the (N, d) ``rows`` per group."""
+        if self._ids is None:
+            return rows.sum(0, keepdim=True)
+        return torch.zeros(
+            len(self._bounds) - 1, rows.shape[1], dtype=rows.dtype, device=rows.device
+        ).index_add_(0, self._ids, rows)
+
+    def sort(self, rows: Tensor) -> Tensor:
+        """``rows`` with each group's rows contiguous, in group order."""
+        return rows if self._order is None else rows.index_select(0, self._order)
+
+    def spans(self) -> Iterator[tuple[int, int, int]]:
+        """(group, start, end) of every non-empty group in the sorted rows."""
+        for i, (start, end) in enumerate(itertools.pairwise(self._bounds)):
+            if end > start:
+                yield i, start, end
