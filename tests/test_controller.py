@@ -587,6 +587,27 @@ def test_override_restarts_a_smoothing_state_from_the_hand_set_weights() -> None
     torch.testing.assert_close(c.weights.mixture, twin.weights.mixture)
 
 
+def test_override_restarts_the_loss_weights_of_fgls_and_erma() -> None:
+    """FGLS and ERMA move their own w; after an override they start from w = α / π, not the old w."""
+    heldout = make_stats(
+        3, heldout_loss=[1.0, 1.0, 2.0], heldout_loss_var=[1.0, 3.0, 2.0], heldout_count=[50.0, 50.0, 50.0]
+    )
+    for strategy in (S.fgls(smoothing=0.1), S.erma(step_size=0.3)):
+        c = WeightingController(strategy, NAMES)
+        c.update(heldout)
+        c.override(mixture=[0.6, 0.3, 0.1])
+        c.update(heldout)
+        restarted = strategy.init(DomainWeights.create(NAMES))._replace(
+            loss_weights=torch.tensor([1.8, 0.9, 0.3], dtype=torch.float64)  # α / π, Σ π w = 1
+        )
+        expected, _ = strategy.update(DomainWeights.create(NAMES, [0.6, 0.3, 0.1]), restarted, heldout)
+        torch.testing.assert_close(c.weights.mixture, expected.mixture)
+    outside = WeightingController(S.fgls(population=[1.0, 1.0, 0.0]), NAMES)
+    with pytest.raises(ValueError, match="'mixture' parameter of WeightingController.override"):
+        outside.override(mixture=[0.0, 0.0, 1.0])  # all of α where π = 0: no w can hold it
+    assert outside.weights.mixture.tolist() == [1 / 3] * 3 and not outside.held
+
+
 def _fresh_fingerprint() -> str:
     return WeightingController(eg(), NAMES, sampler=FakeSampler()).schedule_fingerprint
 

@@ -67,12 +67,16 @@ def find(state: Any, kind: type) -> list[Any]:
     return found
 
 
-def replace(state: Any, kind: type, fn: Any) -> Any:
-    """``state`` with every sub-state of type ``kind`` replaced by ``fn(sub_state)``, containers rebuilt."""
-    if isinstance(state, kind):
-        return fn(state)
+def restart(state: Any, weights: Any) -> Any:
+    """``state`` with every sub-state that mirrors the weights restarted from ``weights``.
+
+    Such a sub-state says so with a ``restarted(weights)`` method (the EMA of the weights, FGLS's and
+    ERMA's loss weights w = α / π); containers are rebuilt around the restarted parts.
+    """
+    if _is_namedtuple(state) and hasattr(state, "restarted"):
+        return state.restarted(weights)
     if _is_namedtuple(state):
-        return type(state)(*(replace(x, kind, fn) for x in state))
+        return type(state)(*(restart(x, weights) for x in state))
     if isinstance(state, (tuple, list)):
-        return type(state)(replace(x, kind, fn) for x in state)
+        return type(state)(restart(x, weights) for x in state)
     return state

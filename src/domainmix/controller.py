@@ -22,7 +22,7 @@ from domainmix._statistics import provided_by, statistic
 from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import domain_losses
 from domainmix.stats import Probe, StatsCollector, StepLosses
-from domainmix.strategies import AverageState, EmaState, Strategy
+from domainmix.strategies import AverageState, Strategy
 from domainmix.types import DomainStats, DomainWeights, WeightsLike
 
 LogSink = str | os.PathLike[str] | Callable[[dict[str, Any]], None]
@@ -419,10 +419,10 @@ class WeightingController:
 
         The loss multipliers change at once and q reaches the sampler (from its next batch); the
         strategy's next update starts from these weights (an ``ema`` in the chain restarts from them
-        too), or, with ``hold=True``, no update happens until :meth:`release`. The change is logged
-        (``"override": true``), enters :attr:`schedule_fingerprint` and is kept by :meth:`state_dict`.
-        Under ``torch.distributed`` every rank must call it: rank 0's values are broadcast, so every rank
-        applies the same weights.
+        too, and FGLS's and ERMA's loss weights become w = α / π), or, with ``hold=True``, no update
+        happens until :meth:`release`. The change is logged (``"override": true``), enters
+        :attr:`schedule_fingerprint` and is kept by :meth:`state_dict`. Under ``torch.distributed``
+        every rank must call it: rank 0's values are broadcast, so every rank applies the same weights.
 
         Args:
             mixture: new α (mapping by name, sequence or tensor; normalised), or ``None`` to keep α.
@@ -430,7 +430,8 @@ class WeightingController:
             hold: suspend the strategy's updates until :meth:`release`.
 
         Raises:
-            ValueError: for invalid weights, or q_i = 0 where α_i > 0.
+            ValueError: for invalid weights, q_i = 0 where α_i > 0, or an α the strategy's state cannot
+                hold (FGLS, ERMA: no weight on any domain of their population).
         """
         check_param("WeightingController.override", "hold", hold, Options((False, True)))
         names = self._weights.names
@@ -442,11 +443,12 @@ class WeightingController:
         flags = torch.tensor([float(bool(hold))], dtype=torch.float64)
         for tensor in (new.mixture, new.sampling, flags):
             broadcast_from_zero(tensor)
+        # States that mirror the weights (an EMA, FGLS's and ERMA's w) restart from the hand-set ones, or
+        # the next update would pull the weights back towards those before the override. Made before
+        # anything changes: it may refuse the weights.
+        state = _tree.restart(self._state, new)
         changed = self._differs(new)
-        self._weights, self._held = new, bool(flags.item())
-        # Smoothing states mirror the weights: restart them from the hand-set ones, or the next update
-        # would pull the weights back towards those before the override.
-        self._state = _tree.replace(self._state, EmaState, lambda _: EmaState(new.mixture, new.sampling))
+        self._weights, self._held, self._state = new, bool(flags.item()), state
         if changed:
             self._schedule = _chain_fingerprint(self._schedule, new)
         if self._sampler is not None:

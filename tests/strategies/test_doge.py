@@ -66,13 +66,24 @@ def test_default_clip_never_rewards_negative_transfer() -> None:
 
 def test_out_of_domain_and_learning_rate_schedule() -> None:
     target = torch.tensor([0.0, 1.0], dtype=torch.float64)
-    strategy = S.doge(lambda step: 0.1 / step, target="out_of_domain", mu=1.0, score_clip=(-10.0, 10.0))
+    # η_t of the optimizer step t counted from 0: the window closing after 10 steps weights step t = 9.
+    strategy = S.doge(lambda t: 0.1 / (t + 1), target="out_of_domain", mu=1.0, score_clip=(-10.0, 10.0))
     weights = DomainWeights.create(["a", "b", "c"])
-    new, _ = strategy.update(
-        weights, strategy.init(weights), stats_for(GRADS, target_grad_dot=GRADS @ target)
-    )
-    scores = 0.01 * (GRADS @ target) / (GRADS.norm(dim=1).mean() + 1e-6)  # η at step 10 = 0.01
+    stats = stats_for(GRADS, target_grad_dot=GRADS @ target)
+    assert stats.step == 10
+    new, _ = strategy.update(weights, strategy.init(weights), stats)
+    scores = 0.01 * (GRADS @ target) / (GRADS.norm(dim=1).mean() + 1e-6)  # η_9 = 0.01
     torch.testing.assert_close(new.mixture, torch.softmax(scores, 0))
+    # A linear warm-up from 0 (a LambdaLR's factor at t = 0 is 0): the first step's update moves nothing.
+    warm = S.doge(lambda t: 1e-3 * t / 5, target="out_of_domain", mu=1.0, score_clip=(-10.0, 10.0))
+    first, _ = warm.update(weights, warm.init(weights), stats.replace(step=1))
+    torch.testing.assert_close(first.mixture, weights.mixture)
+    for bad in (-1e-3, float("nan")):
+        broken = S.doge(lambda t, bad=bad: bad, target="out_of_domain")
+        with pytest.raises(
+            ValueError, match=r"'learning_rate' parameter of doge must be a function returning"
+        ):
+            broken.update(weights, broken.init(weights), stats)
 
 
 def test_absent_domain_keeps_its_score() -> None:
@@ -98,15 +109,15 @@ def test_bad_arguments() -> None:
 
 def test_stale_score_keeps_its_step_size_and_zero_weight_stays_zero() -> None:
     mu = 0.05
-    strategy = S.doge(lambda step: 0.1 / step, target="leave_one_out", mu=mu, score_clip=(-100.0, 100.0))
+    strategy = S.doge(lambda t: 0.1 / (t + 1), target="leave_one_out", mu=mu, score_clip=(-100.0, 100.0))
     weights = DomainWeights.create(["a", "b", "c"], [0.5, 0.5, 0.0])
-    first, state = strategy.update(weights, strategy.init(weights), stats_for(GRADS))  # step 10: η = 0.01
-    exponent = state.states[0].scores.clone()  # s / µ, computed with η_10
+    first, state = strategy.update(weights, strategy.init(weights), stats_for(GRADS))  # 10 steps: η_9 = 0.01
+    exponent = state.states[0].scores.clone()  # s / µ, computed with η_9
     absent = make_stats(3, step=20, grad_dot=GRADS @ GRADS.T, grad_sq_norm=(GRADS * GRADS).sum(1)).replace(
         count=torch.tensor([10.0, 0.0, 10.0], dtype=torch.float64)
     )
-    second, state = strategy.update(first, state, absent)  # step 20: η = 0.005 for the present domains
-    assert state.states[0].scores[1] == exponent[1]  # the absent domain replays η_10's exponent
+    second, state = strategy.update(first, state, absent)  # 20 steps: η_19 = 0.005 for the present domains
+    assert state.states[0].scores[1] == exponent[1]  # the absent domain replays η_9's exponent
     present = [0, 2]
     mask = torch.tensor([True, False, True])
     gram = (GRADS @ GRADS.T) * (mask[:, None] & mask[None, :])

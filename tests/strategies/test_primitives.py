@@ -58,24 +58,51 @@ def test_exponentiated_gradient_initial_score_and_zero_weights() -> None:
     assert state.scores.tolist() == [1.0, 2.0, 9.0]
 
 
-def test_mix_uniform_formula() -> None:
-    w = W([0.7, 0.3, 0.0], [0.2, 0.2, 0.6])
+def test_mix_uniform_formula_over_the_domains_in_play() -> None:
+    w = W([0.5, 0.3, 0.2], [0.2, 0.2, 0.6])
     out, _ = S.mix_uniform(0.3).update(w, S.EmptyState(), make_stats(3))
-    assert out.mixture.tolist() == pytest.approx([0.7 * 0.7 + 0.1, 0.7 * 0.3 + 0.1, 0.1], rel=1e-15)
-    assert out.sampling.tolist() == [0.2, 0.2, 0.6]
-    both, _ = S.mix_uniform(1.0, target="both").update(w, S.EmptyState(), make_stats(3))
-    assert both.mixture.tolist() == pytest.approx([1 / 3] * 3) and both.sampling.tolist() == pytest.approx(
-        [1 / 3] * 3
+    assert out.mixture.tolist() == pytest.approx(
+        [0.7 * 0.5 + 0.1, 0.7 * 0.3 + 0.1, 0.7 * 0.2 + 0.1], rel=1e-15
     )
+    assert out.sampling.tolist() == [0.2, 0.2, 0.6]
+    # A domain set to 0 is excluded, not smoothed back in: the uniform part spreads over the others.
+    excluded = W([0.7, 0.3, 0.0], [0.2, 0.2, 0.6])
+    out, _ = S.mix_uniform(0.3).update(excluded, S.EmptyState(), make_stats(3))
+    assert out.mixture.tolist() == pytest.approx([0.7 * 0.7 + 0.15, 0.7 * 0.3 + 0.15, 0.0], rel=1e-15)
+    both, _ = S.mix_uniform(1.0, target="both").update(excluded, S.EmptyState(), make_stats(3))
+    assert both.mixture.tolist() == [0.5, 0.5, 0.0] and both.sampling.tolist() == pytest.approx([1 / 3] * 3)
 
 
 def test_floor_lifts_small_entries_and_keeps_zeros() -> None:
     w = W([1.0, 1.0, 0.0], [0.9, 0.1, 0.0])
     out, _ = S.floor(0.25).update(w, S.EmptyState(), make_stats(3))
-    # (0.9, max(0.1, 0.25), 0) / 1.15
-    assert out.sampling.tolist() == pytest.approx([0.9 / 1.15, 0.25 / 1.15, 0.0], rel=1e-15)
-    assert out.sampling[2] == 0.0
+    assert out.sampling.tolist() == pytest.approx([0.75, 0.25, 0.0], rel=1e-15)  # 0.1 lifted to ε exactly
     assert out.mixture.tolist() == [0.5, 0.5, 0.0]
+
+
+def test_floor_water_fills_so_that_no_positive_entry_ends_below_the_floor() -> None:
+    # k = 10, ε = 0.05: one entry holds 0.91, nine hold 0.01. Lifting and renormalising (the old rule)
+    # left them at 0.05/1.36 = 0.037; water-filling pins the nine at ε and scales the big one to 0.55.
+    x = [0.91] + [0.01] * 9
+    strategy = S.floor(0.05)
+    weights = DomainWeights.create([str(i) for i in range(10)], None, x)
+    out, _ = strategy.update(weights, strategy.init(weights), make_stats(10))
+    assert out.sampling.tolist() == pytest.approx([0.55] + [0.05] * 9, rel=1e-12)
+    # ratios above the floor are kept; entries needing no lift are not moved
+    y = [0.5, 0.3, 0.15, 0.05]
+    four = DomainWeights.create(list("abcd"), None, y)
+    out, _ = S.floor(0.1).update(four, S.EmptyState(), make_stats(4))
+    q = out.sampling.tolist()
+    assert (
+        q[3] == pytest.approx(0.1)
+        and q[0] / q[1] == pytest.approx(0.5 / 0.3)
+        and sum(q) == pytest.approx(1.0)
+    )
+    assert min(q) >= 0.1 - 1e-15
+    with pytest.raises(
+        ValueError, match=r"'min_weight' parameter of floor must be at most 1/10 for 10 domains"
+    ):
+        S.floor(0.2).init(weights)
 
 
 def test_normalize_clamps_negatives() -> None:

@@ -53,13 +53,38 @@ def test_fgls_general_form_uses_sizes_over_population() -> None:
     torch.testing.assert_close(out.mixture, torch.tensor([0.75, 0.25], dtype=torch.float64))
 
 
-def test_fgls_domain_without_heldout_data_keeps_its_weight() -> None:
+@pytest.mark.parametrize("scale", [0.01, 1.0, 100.0])
+def test_fgls_domain_without_heldout_data_keeps_its_weight_whatever_the_loss_units(scale: float) -> None:
     strategy = S.fgls(smoothing=1.0)
-    w1, s1 = step(strategy, heldout([1.0, 4.0]))
-    w2, s2 = step(strategy, heldout([9.0, 1.0], count=(100.0, 0.0)), w1, s1)
-    # only domain a is re-estimated: w̃ = (1/9, w_b) renormalised
-    target = torch.tensor([1 / 9, float(s1.loss_weights[1])], dtype=torch.float64)
-    torch.testing.assert_close(s2.loss_weights, target / (0.5 * target).sum())
+    weights = DomainWeights.create(["a", "b", "c"])
+    first = make_stats(3, heldout_loss=[1.0, 4.0, 2.0], heldout_count=[100.0, 100.0, 100.0])
+    w1, s1 = step(strategy, first, weights)
+    # c unseen: it keeps w_c; a and b share out the weight they hold, π(w_a + w_b), as 1/σ̂² says.
+    losses = [9.0 * scale, 1.0 * scale, 0.0]
+    w2, s2 = step(strategy, make_stats(3, heldout_loss=losses, heldout_count=[100.0, 100.0, 0.0]), w1, s1)
+    old = s1.loss_weights
+    assert float(s2.loss_weights[2]) == pytest.approx(float(old[2]), rel=1e-14)
+    held = float(old[0] + old[1])
+    assert s2.loss_weights[:2].tolist() == pytest.approx([held * 0.1, held * 0.9], rel=1e-14)
+    # One seen domain alone says nothing about how domains compare: nothing moves.
+    w3, s3 = step(
+        strategy, make_stats(3, heldout_loss=[5.0, 0.0, 0.0], heldout_count=[9.0, 0.0, 0.0]), w2, s2
+    )
+    torch.testing.assert_close(s3.loss_weights, s2.loss_weights)
+    torch.testing.assert_close(w3.mixture, w2.mixture)
+
+
+def test_a_population_domain_without_training_data_is_refused() -> None:
+    for factory in (S.fgls, S.erma):
+        with pytest.raises(
+            ValueError, match=r"'domain_sizes' parameter of (fgls|erma) must be n_i > 0.*\['a'\]"
+        ):
+            factory(domain_sizes=[0, 5000]).init(DomainWeights.create(NAMES))
+    with pytest.raises(ValueError, match="'domain_sizes' parameter of oracle_gls"):
+        S.oracle_gls([1.0, 1.0], domain_sizes=[0, 5000]).init(DomainWeights.create(NAMES))
+    # π_a = 0: a domain outside the population may have no data
+    state = S.fgls(population=[0.0, 1.0], domain_sizes=[0, 5000]).init(DomainWeights.create(NAMES))
+    assert state.loss_weights.tolist() == [0.0, 1.0]
 
 
 def test_erma_hand_computed_step() -> None:
@@ -88,6 +113,10 @@ def test_erma_fixed_point_is_mean_over_variance() -> None:
 def test_oracle_gls_weights() -> None:
     out, _ = step(S.oracle_gls({"a": 1.0, "b": 20.0}), heldout([0.0, 0.0]))
     torch.testing.assert_close(out.mixture, torch.tensor([20 / 21, 1 / 21], dtype=torch.float64))
+    with pytest.raises(
+        ValueError, match=r"'noise_variances' parameter of oracle_gls must be σ_i² > 0.*\['a'\]"
+    ):
+        S.oracle_gls([0.0, 20.0]).init(DomainWeights.create(NAMES))  # a noise-free domain: unbounded 1/σ²
 
 
 @pytest.mark.parametrize(

@@ -22,7 +22,7 @@ from domainmix.types import DomainWeights
 def va_step(alpha: list[float], grad_var: list[float], batch_size: int | None = None, min_count: int = 1):
     k = len(alpha)
     weights = DomainWeights.create([f"d{i}" for i in range(k)], alpha)
-    strategy = S.variance_aware(batch_size, min_count=min_count)
+    strategy = S.variance_aware(batch_size, min_count=min_count) if batch_size else S.variance_aware()
     stats = make_stats(k, grad_var=torch.tensor(grad_var, dtype=torch.float64))
     new, _ = strategy.update(weights, strategy.init(weights), stats)
     return weights, new
@@ -129,6 +129,10 @@ def test_bad_arguments_name_the_parameter() -> None:
         S.variance_aware(0)
     with pytest.raises(ValueError, match="'min_count' parameter of variance_aware"):
         S.variance_aware(4, min_count=5)
+    with pytest.raises(
+        ValueError, match="'min_count' parameter of variance_aware must be left out when batch_size"
+    ):
+        S.variance_aware(min_count=5)
     with pytest.raises(ValueError, match="cannot each get min_count=2"):
         va_step([0.2, 0.3, 0.5], [1.0, 1.0, 1.0], batch_size=5, min_count=2)
 

@@ -63,7 +63,8 @@ def doge(
     batch is (``GradientProductProbe(tap, target=...)``).
 
     Args:
-        learning_rate: η_t, the proxy optimizer's step size: a float or a function of the step.
+        learning_rate: η_t, the proxy optimizer's step size: a float, or a function of the optimizer
+            step t counted from 0 (the update an α_t weights; a ``LambdaLR``'s t) returning η_t ≥ 0.
         target: ``"universal"``, ``"out_of_domain"`` or ``"leave_one_out"``.
         mu: the Bregman coefficient µ > 0 (reference: 0.01 universal, 0.05 out-of-domain).
         score_clip: (d_min, d_max), the clip range in units of η_t (reference: (0, 5)).
@@ -113,7 +114,17 @@ def _exponent(
 
     def exponent(stats: DomainStats, weights: DomainWeights) -> Tensor:
         del weights
-        eta = float(rate(stats.step))
+        # stats.step counts the steps done, so the update it weights is the optimizer's step
+        # stats.step - 1 counted from 0, the t a LambdaLR (and the reference code's get_last_lr) sees.
+        eta = rate(stats.step - 1)
+        if not Interval(float, 0.0, None).accepts(eta):
+            raise param_error(
+                "doge",
+                "learning_rate",
+                "a function returning finite numbers >= 0",
+                f"{eta!r} at step {stats.step - 1}",
+            )
+        eta = float(eta)
         present = stats.present
         if leave_one_out:
             # Absent domains' rows and columns are zero-filled products; mask them all the same.

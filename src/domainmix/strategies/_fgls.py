@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from domainmix._validation import Interval, check_param, check_weight_vector
+from domainmix._validation import Interval, check_param, check_weight_vector, param_error
 from domainmix.strategies._base import Strategy, make_strategy
 from domainmix.strategies._population import (
     LossWeightState,
@@ -33,13 +33,15 @@ def fgls(
 
     .. math::
         \tilde w_i = \frac{n_i / \pi_i}{\max(\hat\sigma_i^2, \epsilon)}, \quad
-        \tilde w \leftarrow \tilde w / \textstyle\sum_j \pi_j \tilde w_j, \quad
+        \tilde w \leftarrow \tilde w\, \frac{\sum_j \pi_j w_j}{\sum_j \pi_j \tilde w_j}, \quad
         w \leftarrow (1 - \beta)\, w + \beta\, \tilde w, \quad \alpha = \pi \odot w .
 
-    With π ∝ n (or both left at their defaults) this is Corollary 3.2's w_i ∝ 1/σ_i². A domain with no
-    held-out data in the window keeps its weight. Warm-up and update period are the controller's
-    (``warmup_steps``, ``update_every``; the reference protocol uses 500 and 100). Held-out losses must
-    come from a split never used for gradients (``StatsCollector.observe(..., source="heldout")``).
+    The sum and the normalisation run over the domains with held-out data in the window; the others keep
+    their w exactly (so one seen domain alone changes nothing: σ̂² only compares domains). With π ∝ n
+    (or both left at their defaults) this is Corollary 3.2's w_i ∝ 1/σ_i². Warm-up and update period
+    are the controller's (``warmup_steps``, ``update_every``; the reference protocol uses 500 and
+    100). Held-out losses must come from a split never used for gradients
+    (``StatsCollector.observe(..., source="heldout")``).
     The rule moves α only; pair it with a sampling strategy through :func:`combine`.
 
     Args:
@@ -64,14 +66,20 @@ def fgls(
     def update_fn(
         weights: DomainWeights, state: FglsState, stats: DomainStats
     ) -> tuple[DomainWeights, FglsState]:
-        seen = (stats["heldout_count"] > 0) & (state.population > 0)
+        w, pi = state.loss_weights, state.population
+        seen = (stats["heldout_count"] > 0) & (pi > 0)
+        if not bool(seen.any()):
+            return weights._replace(mixture=pi * w), state
         sigma2 = stats["heldout_loss"].to(torch.float64).clamp_min(eps)
         # n_i / π_i = 1 / ratio_i (up to a constant that the normalisation removes)
-        target = torch.where(seen, 1.0 / (state.ratio.clamp_min(1e-300) * sigma2), state.loss_weights)
-        target = target / (state.population * target).sum()
-        w = (1 - beta) * state.loss_weights + beta * target
-        w = w / (state.population * w).sum()
-        return weights._replace(mixture=state.population * w), state._replace(loss_weights=w)
+        gls = torch.where(seen, 1.0 / (state.ratio.clamp_min(1e-300) * sigma2), 0.0)
+        # The seen domains share out the weight Σ_seen π_i w_i they hold now, so that the others keep
+        # their w exactly whatever the units of the loss (σ̂² only says how seen domains compare).
+        held = (pi * torch.where(seen, w, 0.0)).sum()
+        target = torch.where(seen, gls * held / (pi * gls).sum(), w)
+        w = (1 - beta) * w + beta * target
+        w = w / (pi * w).sum()
+        return weights._replace(mixture=pi * w), state._replace(loss_weights=w)
 
     return make_strategy("fgls", init_fn, update_fn, {"heldout_loss", "heldout_count"})
 
@@ -87,7 +95,7 @@ def oracle_gls(
         w_i \propto \frac{n_i / \pi_i}{\sigma_i^2}, \qquad \alpha = \pi \odot w / \textstyle\sum_j \pi_j w_j
 
     Args:
-        noise_variances: σ_i² > 0 by name or in domain order.
+        noise_variances: σ_i² by name or in domain order, > 0 wherever π_i > 0.
         population: π; uniform if omitted.
         domain_sizes: n_i; taken ∝ π if omitted.
     """
@@ -100,9 +108,17 @@ def oracle_gls(
         sigma2 = check_weight_vector(
             "oracle_gls", "noise_variances", noise_variances, weights.names, normalize=False
         )
-        w = torch.where(
-            (pi > 0) & (sigma2 > 0), 1.0 / (ratio.clamp_min(1e-300) * sigma2.clamp_min(1e-300)), 0.0
-        )
+        zero = [
+            n
+            for n, share, var in zip(weights.names, pi.tolist(), sigma2.tolist(), strict=True)
+            if share and not var
+        ]
+        if zero:  # the GLS weight 1/σ² is unbounded: a noise-free domain is not a finite weighting
+            raise param_error(
+                "oracle_gls", "noise_variances", "σ_i² > 0 for every domain with population π_i > 0",
+                f"σ² = 0 for {zero}",
+            )  # fmt: skip
+        w = torch.where(pi > 0, 1.0 / (ratio.clamp_min(1e-300) * sigma2.clamp_min(1e-300)), 0.0)
         return FglsState(w / (pi * w).sum(), pi, ratio)
 
     def update_fn(

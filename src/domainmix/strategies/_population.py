@@ -8,7 +8,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from domainmix._validation import check_weight_vector
+from domainmix._validation import check_weight_vector, param_error
+from domainmix.types import DomainWeights
 
 WeightsLike = Mapping[str, float] | Sequence[float] | Tensor
 
@@ -28,6 +29,9 @@ def population_and_ratio(
 
     c is how far a domain's per-example weight in Σ π_i w_i L̂_i departs from the plain average: the
     GLS and ERMA rules need it (docs/algorithms.md §3.2, §3.4). Domains with π_i = 0 get c_i = 0.
+
+    Raises:
+        ValueError: when a domain with π_i > 0 has n_i = 0 (no training data to weight).
     """
     k = len(names)
     pi = (
@@ -40,7 +44,14 @@ def population_and_ratio(
         if domain_sizes is None
         else check_weight_vector(caller, "domain_sizes", domain_sizes, names)
     )
-    ratio = torch.where((pi > 0) & (n > 0), pi / n.clamp_min(1e-300), torch.zeros_like(pi))
+    empty = [
+        name for name, share, size in zip(names, pi.tolist(), n.tolist(), strict=True) if share and not size
+    ]
+    if empty:  # its GLS weight n_i / π_i would be 0: the rule cannot weight data that does not exist
+        raise param_error(
+            caller, "domain_sizes", "n_i > 0 for every domain with population π_i > 0", f"n = 0 for {empty}"
+        )
+    ratio = torch.where(pi > 0, pi / n.clamp_min(1e-300), torch.zeros_like(pi))
     return pi, ratio
 
 
@@ -50,6 +61,24 @@ class LossWeightState(NamedTuple):
     loss_weights: Tensor  # (k,) w
     population: Tensor  # (k,) π
     ratio: Tensor  # (k,) c
+
+    def restarted(self, weights: DomainWeights) -> LossWeightState:
+        """The state of hand-set weights (``WeightingController.override``): w = α / π, Σ π_i w_i = 1.
+
+        α on a domain with π_i = 0 has no w to hold it; the rule's next update drops it (α = π ⊙ w).
+
+        Raises:
+            ValueError: when α puts no weight on any domain of the population.
+        """
+        pi = self.population
+        w = torch.where(pi > 0, weights.mixture.to(torch.float64) / pi.clamp_min(1e-300), 0.0)
+        total = float((pi * w).sum())
+        if not total > 0:
+            raise param_error(
+                "WeightingController.override", "mixture", "positive on some domain with population π_i > 0",
+                weights.mixture.tolist(),
+            )  # fmt: skip
+        return self._replace(loss_weights=w / total)
 
 
 def initial_loss_weights(

@@ -37,9 +37,12 @@ def normalize(target: Target = "both") -> Strategy:
 
 
 def mix_uniform(smoothing: float, target: Target = "mixture") -> Strategy:
-    r"""Mix with the uniform distribution (DoReMi's smoothing constant c).
+    r"""Mix with the uniform distribution over the domains in play (DoReMi's smoothing constant c).
 
-    .. math:: x \leftarrow (1 - c)\,x + c / k
+    .. math:: x_i \leftarrow (1 - c)\,x_i + c\,[x_i > 0] / |\{j : x_j > 0\}|
+
+    Over all k domains when every weight is positive, as in DoReMi; a domain set to weight 0 stays at
+    0 (excluding a domain is a choice the smoothing must not undo).
 
     Args:
         smoothing: c in [0, 1].
@@ -48,31 +51,65 @@ def mix_uniform(smoothing: float, target: Target = "mixture") -> Strategy:
     check_param("mix_uniform", "smoothing", smoothing, Interval(float, 0.0, 1.0))
     check_param("mix_uniform", "target", target, _TARGETS)
     c = float(smoothing)
-    return stateless(
-        f"mix_uniform({c:g})", lambda w, s: _map(w, target, lambda x: (1 - c) * x + c / x.numel())
-    )
+
+    def mix(x: Tensor) -> Tensor:
+        support = (x > 0).to(x.dtype)
+        return (1 - c) * x + c * support / support.sum().clamp_min(1.0)
+
+    return stateless(f"mix_uniform({c:g})", lambda w, s: _map(w, target, mix))
 
 
 def floor(min_weight: float, target: Target = "sampling") -> Strategy:
-    r"""Raise every positive entry to at least ``min_weight`` and renormalise.
+    r"""Lift every positive entry to at least ``min_weight``, taking the mass from the others.
 
     Keeps a sampling distribution away from zero so that α/q stays bounded. Entries that are exactly zero
-    stay zero (a zero-weight domain is a choice, not an accident).
+    stay zero (a zero-weight domain is a choice, not an accident). The result is the water-filling
 
-    .. math:: x_i \leftarrow \max(x_i, \epsilon)\,[x_i > 0] \,/\, \sum_j \max(x_j, \epsilon)[x_j > 0]
+    .. math:: x_i \leftarrow \max(s\,x_i,\ \epsilon)\,[x_i > 0], \qquad s \text{ such that } \sum_i x_i = 1,
+
+    so every positive entry ends at ε or above and the entries above ε keep their ratios.
 
     Args:
-        min_weight: ε in [0, 1); the renormalised floor is slightly below ε.
+        min_weight: ε in [0, 1/k] for k domains.
         target: which vector to act on.
     """
     check_param("floor", "min_weight", min_weight, Interval(float, 0.0, 1.0, closed="left"))
     check_param("floor", "target", target, _TARGETS)
     eps = float(min_weight)
 
-    def lift(x: Tensor) -> Tensor:
-        return renormalize(torch.where(x > 0, x.clamp_min(eps), x))
+    def init_fn(weights: DomainWeights) -> EmptyState:
+        if eps * weights.num_domains > 1:
+            raise param_error(
+                "floor",
+                "min_weight",
+                f"at most 1/{weights.num_domains} for {weights.num_domains} domains",
+                eps,
+            )
+        return EmptyState()
 
-    return stateless(f"floor({eps:g})", lambda w, s: _map(w, target, lift))
+    def lift(x: Tensor) -> Tensor:
+        x = renormalize(x)
+        positive = x > 0
+        pinned = torch.zeros_like(positive)
+        # The scale s only falls as entries are pinned at ε, so the pinned set only grows: ≤ k rounds.
+        for _ in range(x.numel()):
+            free = positive & ~pinned
+            if not bool(free.any()):  # ε · (entries in play) = 1: all at ε
+                return torch.where(positive, eps, 0.0).to(x.dtype)
+            scale = (1 - eps * int(pinned.sum())) / x[free].sum()
+            now = pinned | (positive & (x * scale < eps))
+            if torch.equal(now, pinned):
+                break
+            pinned = now
+        return torch.where(pinned, eps, torch.where(positive, x * scale, 0.0)).to(x.dtype)
+
+    def update_fn(
+        weights: DomainWeights, state: EmptyState, stats: DomainStats
+    ) -> tuple[DomainWeights, EmptyState]:
+        del stats
+        return _map(weights, target, lift), state
+
+    return make_strategy(f"floor({eps:g})", init_fn, update_fn)
 
 
 class ExponentiatedGradientState(NamedTuple):
@@ -175,6 +212,10 @@ class EmaState(NamedTuple):
 
     mixture: Tensor  # (k,)
     sampling: Tensor  # (k,)
+
+    def restarted(self, weights: DomainWeights) -> EmaState:
+        """The average restarted at hand-set weights (``WeightingController.override``)."""
+        return EmaState(weights.mixture.clone(), weights.sampling.clone())
 
 
 def ema(decay: float, target: Target = "both") -> Strategy:

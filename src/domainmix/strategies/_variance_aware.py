@@ -12,7 +12,7 @@ from domainmix.types import DomainStats, DomainWeights
 _NEGLIGIBLE = 1e-9  # relative share given to an active domain whose gradient variance is exactly 0
 
 
-def variance_aware(batch_size: int | None = None, *, min_count: int = 2) -> Strategy:
+def variance_aware(batch_size: int | None = None, *, min_count: int | None = None) -> Strategy:
     r"""Variance-Aware (VA) sampling: draw each domain in proportion to α_i times its gradient noise.
 
     With b_i examples of domain i in a batch of B and per-example loss weight α_i / b_i, the
@@ -45,7 +45,7 @@ def variance_aware(batch_size: int | None = None, *, min_count: int = 2) -> Stra
     Args:
         batch_size: the **global** batch size B (per-rank batch × world size) for the integer
             allocation, or None for the continuous shares q ∝ α v.
-        min_count: with ``batch_size``: the least number of examples of each active domain, ≥ 0
+        min_count: with ``batch_size`` only: the least number of examples of each active domain, ≥ 0
             (default 2, the fewest that define a variance).
 
     References:
@@ -53,7 +53,16 @@ def variance_aware(batch_size: int | None = None, *, min_count: int = 2) -> Stra
         Training", arXiv:2511.06913, §4 (Variance-Aware sampling, Eq. 16).
     """
     total = check_param("variance_aware", "batch_size", batch_size, Interval(int, 1, None), None)
-    minimum = check_param("variance_aware", "min_count", min_count, Interval(int, 0, None))
+    if total is None and min_count is not None:  # a silently ignored minimum would be a surprise later
+        raise param_error(
+            "variance_aware", "min_count",
+            "left out when batch_size is None (continuous shares have no counts)", min_count,
+        )  # fmt: skip
+    minimum = (
+        2
+        if min_count is None
+        else check_param("variance_aware", "min_count", min_count, Interval(int, 0, None))
+    )
     if total is not None and minimum > total:
         raise param_error("variance_aware", "min_count", f"at most batch_size = {total}", minimum)
 
