@@ -6,8 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from _helpers import assert_two_rank_run, run_torchrun
+from domainmix._distributed import collective_device
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = (3000, 1000, 2000)
@@ -37,3 +39,21 @@ def test_hand_set_weights_are_broadcast_from_rank_zero(tmp_path: Path) -> None:
     assert rank0["sampling"][13] != [0.5, 0.25, 0.25]
     assert all(q == [0.5, 0.25, 0.25] for q in rank0["sampling"][14:])  # held from step 15 on
     assert [0.5, 0.25, 0.25] in [q for _, q in rank0["history"]]
+
+
+@pytest.mark.parametrize(
+    ("device", "config", "expected"),
+    [
+        ("cpu", "cpu:gloo,cuda:nccl", None),  # both served: in place
+        ("cpu", "cpu:gloo", None),
+        ("cuda", "cpu:gloo,cuda:nccl", None),
+        ("cpu", "cuda:nccl", "cuda"),  # init_process_group("nccl"): CPU statistics go through the GPU
+        ("cpu", "xpu:xccl", "xpu"),
+        ("cuda", "cpu:gloo", "cpu"),
+    ],
+)
+def test_collectives_run_on_a_device_the_process_group_serves(
+    device: str, config: str, expected: str | None
+) -> None:
+    found = collective_device(torch.device(device), config)
+    assert (found if found is None else found.type) == expected

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -33,18 +34,43 @@ def resolve_rank_world(caller: str, rank: int | None, world_size: int | None) ->
     return rank, world_size
 
 
+def collective_device(tensor_device: torch.device, backend_config: str) -> torch.device | None:
+    """Where a collective on a tensor of ``tensor_device`` must run, or None when it can run in place.
+
+    ``backend_config`` is ``torch.distributed.get_backend_config()``, e.g. ``"cpu:gloo,cuda:nccl"``. A
+    group started with ``"nccl"`` serves CUDA tensors only (``"cuda:nccl"``), while the statistics and
+    the weights are small CPU tensors: they go through the current CUDA device.
+    """
+    served = [part.split(":")[0].strip() for part in backend_config.split(",") if ":" in part]
+    if not served or tensor_device.type in served:
+        return None
+    # No index: .to("cuda") means the current device, the one this rank's process group uses.
+    return torch.device("cuda" if "cuda" in served else served[0])
+
+
+def _in_place(tensor: torch.Tensor, collective: Callable[[torch.Tensor], object]) -> None:
+    """Run ``collective`` on ``tensor`` in place, through a copy where the group does not serve its device."""
+    device = collective_device(tensor.device, dist.get_backend_config())
+    if device is None:
+        collective(tensor)
+        return
+    moved = tensor.to(device)
+    collective(moved)
+    tensor.copy_(moved)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` across ranks in place when a process group is up; a no-op otherwise."""
     if is_distributed() and dist.get_world_size() > 1:
         # gloo has no float64 reduce on every build path; reduce in the tensor's own dtype on its device.
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        _in_place(tensor, lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM))
     return tensor
 
 
 def broadcast_from_zero(tensor: torch.Tensor) -> torch.Tensor:
     """Overwrite ``tensor`` in place with rank 0's copy when a process group is up; a no-op otherwise."""
     if is_distributed() and dist.get_world_size() > 1:
-        dist.broadcast(tensor, src=0)
+        _in_place(tensor, lambda t: dist.broadcast(t, src=0))
     return tensor
 
 
@@ -52,8 +78,7 @@ def assert_same_on_all_ranks(name: str, tensor: torch.Tensor, atol: float = 0.0)
     """Debug check: raise if ``tensor`` differs between ranks (compares against rank 0's copy)."""
     if not (is_distributed() and dist.get_world_size() > 1):
         return
-    reference = tensor.detach().clone()
-    dist.broadcast(reference, src=0)
+    reference = broadcast_from_zero(tensor.detach().clone())
     if not torch.allclose(reference, tensor.detach(), atol=atol, rtol=0.0):
         raise RuntimeError(
             f"{name} differs across ranks: rank {dist.get_rank()} has {tensor.tolist()}, "

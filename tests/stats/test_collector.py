@@ -95,7 +95,7 @@ def test_ema_of_gradient_estimates() -> None:
 
 
 @pytest.mark.parametrize("where", ["loss", "grad_var"])
-def test_nan_window_not_folded_into_ema(where) -> None:
+def test_a_nan_entry_is_returned_as_is_and_never_folded_into_its_ema(where) -> None:
     c = StatsCollector(2, ema=0.5)
     c.observe(red([1.0, 2.0], [0, 1], 2))
     c.observe_stat("grad_var", torch.tensor([1.0, 1.0]))
@@ -107,13 +107,63 @@ def test_nan_window_not_folded_into_ema(where) -> None:
         c.observe(red([3.0, 4.0], [0, 1], 2))
         c.observe_stat("grad_var", torch.tensor([NAN, 3.0]))
     bad = c.summarize(2)
-    assert not bad.is_finite()  # returned as is, so the controller can skip it
+    assert not bad.is_finite()  # the NaN comes back as it is, so the controller can skip the window
     c.observe(red([1.0, 2.0], [0, 1], 2))
     c.observe_stat("grad_var", torch.tensor([1.0, 1.0]))
     s = c.summarize(3)
-    # Had window 2 been folded in (even partly), these would differ from window 1's values.
-    assert s.loss.tolist() == [1.0, 2.0]
-    assert s.grad_var.tolist() == [1.0, 1.0]
+    # The NaN entry's average is window 1's; every finite entry of window 2 was folded (β = 0.5).
+    if where == "loss":
+        assert s.loss.tolist() == [1.0, 2.5] and s.grad_var.tolist() == [1.5, 1.5]
+    else:
+        assert s.loss.tolist() == [1.5, 2.5] and s.grad_var.tolist() == [1.0, 1.5]
+
+
+def test_ema_keeps_working_while_a_never_drawn_domain_reports_nan() -> None:
+    """A domain at α = q = 0 has an undefined variance every window; the others' EMA must go on."""
+    c = StatsCollector(3, ema=0.9)
+    for window, v in enumerate([100.0, 1.0], start=1):
+        c.observe_stat("grad_var", torch.tensor([v, 1.0, NAN]))
+        s = c.summarize(window)
+    assert s.grad_var[:2].tolist() == pytest.approx([0.9 * 100 + 0.1 * 1, 1.0]) and s.grad_var[2].isnan()
+
+
+def test_a_per_step_estimate_is_averaged_over_the_steps_that_covered_each_domain() -> None:
+    c = StatsCollector(2)
+    both, first = torch.tensor([True, True]), torch.tensor([True, False])
+    c.observe_stat("grad_sq_norm", torch.tensor([2.0, 4.0]), present=both)
+    c.observe_stat("grad_sq_norm", torch.tensor([4.0, 0.0]), present=first)  # domain 1 absent: not a 0
+    c.observe_stat("grad_dot", torch.tensor([[2.0, 1.0], [1.0, 4.0]]), present=both)
+    c.observe_stat("grad_dot", torch.tensor([[4.0, NAN], [NAN, NAN]]), present=first)
+    s = c.summarize(2)
+    assert s.grad_sq_norm.tolist() == [3.0, 4.0]
+    assert s.grad_dot.tolist() == [[3.0, 1.0], [1.0, 4.0]]
+    c.observe_stat("grad_sq_norm", torch.tensor([5.0, 0.0]), present=first)
+    s = c.summarize(3)
+    assert s.grad_sq_norm.tolist() == [5.0, 0.0]  # never covered: 0, as an absent domain's product
+    with pytest.raises(ValueError, match="'present' parameter of StatsCollector.observe_stat"):
+        c.observe_stat("grad_sq_norm", torch.tensor([5.0, 0.0]), present=torch.tensor([True]))
+
+
+def test_the_number_of_tasks_cannot_change_under_ema() -> None:
+    c = StatsCollector(2, ema=0.5)
+    c.observe_stat("task_loss", torch.tensor([1.0, 2.0]))
+    c.summarize(1)
+    with pytest.raises(
+        ValueError, match=r"'value' parameter of StatsCollector.observe_stat must be of the shape \(2,\)"
+    ):
+        c.observe_stat("task_loss", torch.tensor([1.0, 2.0, 3.0, 4.0]))
+    c.observe_stat("task_loss", torch.tensor([3.0, 2.0]))  # the window was left as it was
+    assert c.summarize(2).task_loss.tolist() == [2.0, 2.0]
+
+
+def test_an_old_state_with_one_estimate_count_loads() -> None:
+    c = StatsCollector(2)
+    c.observe_stat("grad_var", torch.tensor([1.0, 3.0]))
+    state = c.state_dict()
+    state["window"]["grad_var.n"] = torch.ones(1, dtype=torch.float64)  # the former layout
+    fresh = StatsCollector(2)
+    fresh.load_state_dict(state)
+    assert fresh.summarize(1).grad_var.tolist() == [1.0, 3.0]
 
 
 def test_observe_stat_averages_estimates_of_the_window() -> None:

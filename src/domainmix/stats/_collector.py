@@ -31,8 +31,12 @@ class StatsCollector:
 
     With ``ema=β``, each returned mean is an exponential moving average over windows,
     m ← β m + (1 − β) x, updated only for domains seen in the window (the first sighting initialises
-    it, so there is no bias towards zero). A window with a NaN or inf statistic is returned as is (the
-    controller skips it) but never folded into the moving averages.
+    it, so there is no bias towards zero). A NaN or inf entry is never folded into its moving average
+    and is returned as it is (the controller then skips the window, or zeroes it for a domain that is
+    never drawn); the finite entries of the window are folded.
+
+    The window's sums stay on the device of what is handed in (a GPU loop makes no host copy per
+    step); :meth:`summarize` brings them to the host once per window.
 
     State keys: ``num_domains``, ``ema``, ``window``, ``averages``.
 
@@ -78,10 +82,19 @@ class StatsCollector:
             for part in _PARTS:
                 self._window[f"{source}.{part}"] = zeros.clone()
         for name, row in self._estimates.items():
-            # A task axis takes its length from the window's first estimate (empty until then).
+            # A task axis takes its length from the window's first estimate (empty until then). Each
+            # entry counts the estimates that covered it (a domain absent from a step is not covered).
             dims = (0,) if row.has_task_axis else row.dims(self._k)
             self._window[f"{name}.sum"] = torch.zeros(dims, dtype=torch.float64)
-            self._window[f"{name}.n"] = torch.zeros(1, dtype=torch.float64)
+            self._window[f"{name}.n"] = torch.zeros(dims, dtype=torch.float64)
+
+    def _add(self, key: str, value: Tensor) -> None:
+        """Add ``value`` to the window entry ``key`` on ``value``'s device (the entry moves there once)."""
+        value = value.detach().to(torch.float64)
+        window = self._window[key]
+        if window.device != value.device:
+            window = self._window[key] = window.to(value.device)
+        window += value
 
     def observe(self, losses: DomainLosses, *, source: str = "train") -> None:
         """Add one reduction (a micro-batch) to the window.
@@ -100,34 +113,53 @@ class StatsCollector:
                 "StatsCollector.observe", "losses", f"a DomainLosses over {self._k} domains", losses
             )
         for part, value in zip(_PARTS, losses, strict=True):
-            self._window[f"{source}.{part}"] += value.detach().to("cpu", torch.float64)
+            self._add(f"{source}.{part}", value)
 
-    def observe_stat(self, name: str, value: Tensor) -> None:
-        """Add an estimate of a statistic; the window reports the mean of its estimates.
+    def observe_stat(self, name: str, value: Tensor, *, present: Tensor | None = None) -> None:
+        """Add an estimate of a statistic; the window reports, entry by entry, the mean of its estimates.
 
         Args:
             name: one of :attr:`estimates`, e.g. ``grad_var``, ``grad_sq_norm``, ``target_grad_dot``
                 (shape (k,)) or ``grad_dot`` (shape (k, k)).
             value: the estimate.
+            present: optional (k,) mask of the domains the estimate covers; the entries of the others
+                (along every domain axis) are not estimates and are left out of the mean. A per-step
+                probe passes the domains present in the step, so a domain seen in m of a window's E
+                steps is averaged over its m estimates, not diluted by E − m zeros.
         """
-        check_param("StatsCollector.observe_stat", "name", name, Options(self.estimates))
+        caller = "StatsCollector.observe_stat"
+        check_param(caller, "name", name, Options(self.estimates))
         row = self._estimates[name]
         window = self._window[f"{name}.sum"]
         fits = isinstance(value, Tensor) and row.fits(tuple(value.shape), self._k)
         if not fits or (window.numel() and tuple(value.shape) != tuple(window.shape)):
             shape = row.describe(self._k) if not window.numel() else tuple(window.shape)
+            raise param_error(caller, "value", f"a tensor of shape {shape} for {name!r}", value)
+        average = self._averages.get(name)
+        if average is not None and tuple(average.shape[1:]) != tuple(value.shape):
             raise param_error(
-                "StatsCollector.observe_stat", "value", f"a tensor of shape {shape} for {name!r}", value
-            )
+                caller, "value", f"of the shape {tuple(average.shape[1:])} that the moving average of "
+                f"{name!r} has (the number of tasks cannot change while ema is on)", tuple(value.shape),
+            )  # fmt: skip
+        if present is not None and (not isinstance(present, Tensor) or tuple(present.shape) != (self._k,)):
+            raise param_error(caller, "present", f"a ({self._k},) mask of the domains covered", present)
+        covered = torch.ones_like(value, dtype=torch.bool)
+        if present is not None:
+            mask = present.to(value.device).bool()
+            for axis, kind in enumerate(row.shape):
+                if kind == "k":
+                    covered = covered & mask.reshape([self._k if a == axis else 1 for a in range(value.ndim)])
         if not window.numel():
-            window = self._window[f"{name}.sum"] = torch.zeros(tuple(value.shape), dtype=torch.float64)
-        window += value.detach().to("cpu", torch.float64)
-        self._window[f"{name}.n"] += 1.0
+            self._window[f"{name}.sum"] = torch.zeros(tuple(value.shape), dtype=torch.float64)
+            self._window[f"{name}.n"] = torch.zeros(tuple(value.shape), dtype=torch.float64)
+        # where(), not a product: an uncovered entry may be NaN (a variance of nothing) and must not leak.
+        self._add(f"{name}.sum", torch.where(covered, value.detach().to(torch.float64), 0.0))
+        self._add(f"{name}.n", covered.to(torch.float64))
 
     def summarize(self, step: int) -> DomainStats:
         """Close the window: reduce across ranks, update moving averages, reset, return the statistics."""
         keys = sorted(self._window)
-        packed = torch.cat([self._window[key].flatten() for key in keys])
+        packed = torch.cat([self._window[key].flatten().cpu() for key in keys])  # the window's host copy
         all_reduce_sum(packed)
         totals: dict[str, Tensor] = {}
         offset = 0
@@ -146,18 +178,21 @@ class StatsCollector:
                 fields[row.name] = observed[0].clone()
             else:
                 window.append((row, *observed))
-        # One non-finite statistic makes the whole window unusable (the controller skips it): fold none of
-        # its statistics into the moving averages, not only the broken one.
-        clean = all(bool(torch.isfinite(value[seen]).all()) for _, value, seen in window)
         for row, value, seen in window:
-            fields[row.name] = self._average(row.name, value, seen) if clean else value
+            fields[row.name] = self._average(row.name, value, seen)
         self.reset()
         return DomainStats(step=int(step), **fields)  # type: ignore[arg-type]  # loss, count: always
 
     def _average(self, name: str, value: Tensor, seen: Tensor) -> Tensor:
-        """Fold a window value into its moving average (if enabled) for the domains seen."""
+        """Fold a window value into its moving average (if enabled) for the finite entries seen.
+
+        A seen entry that is NaN or inf is returned as it is: the average must not hide the failure.
+        """
         if self._ema is None:
             return value
+        finite = torch.isfinite(value)
+        returned_raw = seen & ~finite
+        seen = seen & finite
         previous = self._averages.get(name)
         if previous is None:
             updated = torch.where(seen, value, torch.zeros_like(value))
@@ -168,7 +203,7 @@ class StatsCollector:
             updated = torch.where(seen, blended, old)
             known = known | seen
         self._averages[name] = torch.stack([updated, known.to(updated.dtype)])
-        return updated.clone()
+        return torch.where(returned_raw, value, updated)
 
     def state_dict(self) -> dict[str, Any]:
         """Window sums and moving averages, as plain tensors."""
@@ -198,6 +233,10 @@ class StatsCollector:
         self._window = {
             key: torch.as_tensor(value, dtype=torch.float64).clone() for key, value in window.items()
         }
+        for name in self._estimates:
+            sums, n = self._window[f"{name}.sum"], self._window[f"{name}.n"]
+            if n.shape != sums.shape and n.numel() == 1:  # saved when one count covered every entry
+                self._window[f"{name}.n"] = n.expand(sums.shape).clone()
         self._averages = {
             key: torch.as_tensor(value, dtype=torch.float64).clone()
             for key, value in state_dict[self.AVERAGES_KEY].items()
@@ -211,15 +250,16 @@ def _reduce(row: Statistic, totals: Mapping[str, Tensor], k: int) -> tuple[Tenso
     """A statistic's window value and the entries it observed, or None when the window has none.
 
     The reduction rules of the statistics table (``domainmix/_statistics.py``): a loss stream's pooled
-    mean, unbiased variance (an entry needs two elements) or count; an estimate's mean over the
-    estimates handed in (the whole tensor is one observation).
+    mean, unbiased variance (an entry needs two elements) or count; an estimate's mean, entry by
+    entry, over the estimates that covered the entry.
     """
     if row.reduction == "estimate":
-        n = float(totals[f"{row.name}.n"])
-        if n == 0:
+        n = totals[f"{row.name}.n"]
+        if not bool((n > 0).any()):
             return None
-        value = totals[f"{row.name}.sum"] / n
-        return value, torch.ones_like(value, dtype=torch.bool)
+        seen = n > 0
+        # an entry no estimate covered is 0 (an absent domain's product), not 0/0
+        return torch.where(seen, totals[f"{row.name}.sum"] / n.clamp_min(1.0), 0.0), seen
     src = row.source
     reduced = DomainLosses(totals[f"{src}.sum"], totals[f"{src}.count"], totals[f"{src}.sum_sq"])
     if not bool((reduced.count > 0).any()):

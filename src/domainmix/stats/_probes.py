@@ -246,7 +246,9 @@ class GradientProductProbe(Probe):
             target_losses=self._target_losses, max_norm=self._max_norm,
         )  # fmt: skip
         self._target_losses = None
-        collector.observe_stat("grad_dot", products.grad_dot)
-        collector.observe_stat("grad_sq_norm", products.grad_sq_norm)
+        # A domain absent from the step has g_i = 0 here, not an estimate: leave it out of the window's mean.
+        present = products.count > 0
+        collector.observe_stat("grad_dot", products.grad_dot, present=present)
+        collector.observe_stat("grad_sq_norm", products.grad_sq_norm, present=present)
         if products.target_grad_dot is not None:
-            collector.observe_stat("target_grad_dot", products.target_grad_dot)
+            collector.observe_stat("target_grad_dot", products.target_grad_dot, present=present)
