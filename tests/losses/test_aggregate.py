@@ -251,3 +251,13 @@ def test_denominator_is_refused_with_per_domain_normalisation() -> None:
     w = DomainWeights.create(["a", "b"])
     with pytest.raises(ValueError, match="'denominator' parameter of weighted_loss"):
         weighted_loss(torch.ones(2), torch.tensor([0, 1]), w, normalize="per_domain", denominator=4.0)
+
+
+def test_per_domain_weighted_loss_of_bfloat16_losses_counts_past_256() -> None:
+    # 2,000 tokens of domain 0 and 10 of domain 1, every loss 2: a bfloat16 count would stop at 256.
+    losses = torch.full((2010,), 2.0, dtype=torch.bfloat16, requires_grad=True)
+    ids = torch.cat([torch.zeros(2000, dtype=torch.long), torch.ones(10, dtype=torch.long)])
+    out = weighted_loss(losses, ids, DomainWeights.create(["a", "b"]), normalize="per_domain")
+    assert out.dtype == torch.bfloat16 and float(out.detach()) == 2.0
+    out.backward()
+    assert losses.grad is not None and float(losses.grad[0]) == pytest.approx(0.5 / 2000, rel=1e-2)

@@ -84,6 +84,16 @@ def test_reference_probe_clips_per_token_before_the_mean() -> None:
         ReferenceLossProbe(lambda step: ref[:1]).observe_step(c, StepLosses(losses, ids))
 
 
+def test_reference_probe_takes_the_excess_of_bfloat16_losses_in_float32() -> None:
+    # ℓ = 8.03 in bfloat16 is 8.0 (its spacing at 8 is 1/16); against a float32 reference of 7.99 the
+    # excess must be ≈ 0.01 for every token, not lost to a reference rounded to bfloat16 (8.0).
+    losses = torch.full((2, 3), 8.03).to(torch.bfloat16)
+    ref = torch.full((2, 3), 7.99)
+    c = StatsCollector(1)
+    ReferenceLossProbe(lambda step: ref).observe_step(c, StepLosses(losses, torch.zeros(2, dtype=torch.long)))
+    assert c.summarize(1).excess_loss.tolist() == pytest.approx([8.0 - 7.99], rel=1e-4)  # was 0
+
+
 def test_gradient_variance_probe_draws_by_step_and_matches_the_function() -> None:
     model, x, y, ids = linear_task()
     drawn = []

@@ -145,3 +145,42 @@ def test_under_bfloat16_autocast_the_products_are_summed_in_float32() -> None:
         mixed = per_token_loss(model(x), y)
     got = tap.products(mixed, ids, 3)
     torch.testing.assert_close(got.grad_dot, expected.grad_dot, rtol=0.05, atol=1e-6)
+
+
+def test_silent_failures_are_refused() -> None:
+    # A layer whose own forward never runs: MultiheadAttention uses out_proj's weight functionally.
+    attn, head = nn.MultiheadAttention(8, 2, batch_first=True), nn.Linear(8, 1)
+    x, ids = torch.randn(6, 5, 8), torch.tensor([0, 0, 0, 1, 1, 1])
+    tap = GradientProductTap(attn.out_proj, head)
+    with tap.record():
+        losses = head(attn(x, x, x, need_weights=False)[0]).squeeze(-1) ** 2
+    with pytest.raises(RuntimeError, match=r"Linear layer 0'\] recorded no forward"):
+        tap.products(losses, ids, 2)
+    # Tied weights: each use would get a block of its own instead of one summed gradient.
+    first, second = nn.Linear(4, 4), nn.Linear(4, 4)
+    second.weight = first.weight
+    with pytest.raises(
+        ValueError, match="'modules' parameter of GradientProductTap must be layers that share"
+    ):
+        GradientProductTap(first, second)
+    # A target forward outside the recording would give g_target = 0.
+    model = gpt()
+    tap = GradientProductTap(model.ln)
+    (x, y), (tx, ty) = batch(), batch(4, seed=2)
+    target = per_token_loss(model(tx), ty)
+    with tap.record():
+        per_token = per_token_loss(model(x), y)
+    ids = torch.zeros(len(x), dtype=torch.long)
+    with pytest.raises(RuntimeError, match="no recorded forward leads to `target_losses`"):
+        tap.products(per_token, ids, 1, target_losses=target)
+    with tap.record():
+        per_token = per_token_loss(model(x), y)
+        target = per_token_loss(model(tx), ty)
+    with pytest.raises(
+        ValueError, match="'target_mask' parameter of GradientProductTap.products must be a tensor"
+    ):
+        tap.products(per_token, ids, 1, target_losses=target, target_mask=torch.ones(len(tx), 1))
+    with pytest.raises(ValueError, match="'target_mask' parameter of domain_gradient_products"):
+        domain_gradient_products(
+            per_token, ids, 1, list(model.ln.parameters()), target_losses=target, target_mask=torch.ones(1)
+        )

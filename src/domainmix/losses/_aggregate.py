@@ -83,7 +83,7 @@ def domain_losses(
         rows = (row_sums(values * m), row_sums(m), row_sums(values * values * m))
     # One index_add_ of the (N, 3) rows: sums, counts and squares per domain in a single pass.
     totals = torch.zeros(num_domains, 3, dtype=torch.float64, device=values.device)
-    totals.index_add_(0, domain_ids.long(), torch.stack(rows, dim=1))
+    totals.index_add_(0, domain_ids.to(values.device).long(), torch.stack(rows, dim=1))
     return DomainLosses(*totals.T)
 
 
@@ -162,7 +162,7 @@ def weighted_loss(
             denominator,
         )
     m = check_inputs("weighted_loss", losses, domain_ids, k, mask)
-    ids = domain_ids.long()
+    ids = domain_ids.to(losses.device).long()
     # Without a mask every element counts: skip the masking arithmetic (it dominates small batches).
     rows = row_sums(losses) if mask is None else masked_row_sums(losses, m)
     if normalize == "importance":
@@ -176,11 +176,14 @@ def weighted_loss(
         return per_row.sum() / torch.as_tensor(denom, dtype=losses.dtype, device=losses.device).clamp_min(
             1e-12
         )
-    sums = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, rows)
-    counts = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(0, ids, row_sums(m))
+    # Summed in at least float32 (the gradient flows through index_add all the same): a bfloat16 count
+    # stops growing at 256 and a bfloat16 sum of thousands of losses loses its digits.
+    acc = torch.promote_types(losses.dtype, torch.float32)
+    sums = torch.zeros(k, dtype=acc, device=losses.device).index_add(0, ids, rows.to(acc))
+    counts = torch.zeros(k, dtype=acc, device=losses.device).index_add(0, ids, row_sums(m).to(acc))
     assert isinstance(weights, DomainWeights)  # checked above: per_domain rejects a plain tensor
-    alpha = weights.mixture.to(losses.device, losses.dtype)
+    alpha = weights.mixture.to(losses.device, acc)
     present = counts > 0
     alpha = torch.where(present, alpha, torch.zeros_like(alpha))
     means = sums / counts.clamp_min(1.0)
-    return (alpha * means).sum() / alpha.sum().clamp_min(1e-12)
+    return ((alpha * means).sum() / alpha.sum().clamp_min(1e-12)).to(losses.dtype)

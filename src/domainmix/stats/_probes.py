@@ -124,13 +124,15 @@ class ReferenceLossProbe(Probe):
 
     def observe_step(self, collector: StatsCollector, step: StepLosses) -> None:
         """Add the batch's reference losses and clipped excess to their streams."""
-        ref = self._reference(step).to(step.losses.device, step.losses.dtype)
+        # At least float32: under bfloat16 losses a per-token excess of a few hundredths would round away.
+        dtype = torch.promote_types(step.losses.dtype, torch.float32)
+        ref = self._reference(step).to(step.losses.device, dtype)
         if ref.shape != step.losses.shape:
             raise param_error(
                 "ReferenceLossProbe", "reference", f"losses of shape {tuple(step.losses.shape)}", ref
             )
         k = collector.num_domains
-        excess = (step.losses.detach() - ref).clamp_min(0.0)
+        excess = (step.losses.detach().to(dtype) - ref).clamp_min(0.0)
         collector.observe(domain_losses(ref, step.domains, k, step.mask), source="reference")
         collector.observe(domain_losses(excess, step.domains, k, step.mask), source="excess")
 

@@ -75,7 +75,7 @@ def domain_gradient_products(
     m = check_inputs(caller, losses, domain_ids, k, mask)
     if not losses.requires_grad:
         raise param_error(caller, "losses", "an (N,) or (N, T) tensor attached to the graph", losses)
-    ids = domain_ids.long()
+    ids = domain_ids.to(losses.device).long()
     sums = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(
         0, ids, masked_row_sums(losses, m)
     )
@@ -86,20 +86,45 @@ def domain_gradient_products(
         if float(buffer.counts[i]) > 0:
             _write_flat_grad(sums[i], params, buffer.matrix[i])
     if target_losses is not None:
-        tm = target_elements(target_losses, target_mask)
+        tm = target_elements(caller, target_losses, target_mask)
         _write_flat_grad(masked_row_sums(target_losses, tm).sum(), params, buffer.matrix[k])
         buffer.counts[k] = float(tm.sum())
     return buffer.finish(target=target_losses is not None, max_norm=max_norm, reduce=reduce)
 
 
-def target_elements(target_losses: Tensor, target_mask: Tensor | None) -> Tensor:
-    """The target's 0/1 element mask as the losses' dtype (all ones without a mask)."""
-    return torch.ones_like(target_losses) if target_mask is None else target_mask.to(target_losses.dtype)
+def target_elements(caller: str, target_losses: Tensor, target_mask: Tensor | None) -> Tensor:
+    """The target's 0/1 element mask as the losses' dtype (all ones without a mask), after checking both.
+
+    The target rows have no domain ids, so :func:`~domainmix._rows.check_inputs` does not apply; the
+    same shape rules do (a broadcastable mask of another shape would miscount the target's elements).
+    """
+    if (
+        not isinstance(target_losses, Tensor)
+        or not target_losses.is_floating_point()
+        or target_losses.ndim not in (1, 2)
+    ):
+        raise param_error(
+            caller, "target_losses", "a floating-point tensor of shape (N,) or (N, T)", target_losses
+        )
+    if not target_losses.requires_grad:
+        raise param_error(caller, "target_losses", "attached to the graph", target_losses)
+    if target_mask is None:
+        return torch.ones_like(target_losses)
+    if not isinstance(target_mask, Tensor) or target_mask.shape != target_losses.shape:
+        shape = f"shape {tuple(target_mask.shape)}" if isinstance(target_mask, Tensor) else target_mask
+        raise param_error(
+            caller,
+            "target_mask",
+            f"a tensor with the shape of target_losses {tuple(target_losses.shape)}",
+            shape,
+        )
+    return target_mask.to(target_losses.dtype)
 
 
 def domain_counts(ids: Tensor, mask: Tensor, k: int) -> Tensor:
     """Elements (unmasked tokens) per domain, float64."""
-    return torch.zeros(k, dtype=torch.float64, device=ids.device).index_add(0, ids, row_sums(mask).double())
+    rows = row_sums(mask).double()
+    return torch.zeros(k, dtype=torch.float64, device=rows.device).index_add(0, ids.to(rows.device), rows)
 
 
 class ProductBuffer:

@@ -90,6 +90,13 @@ class GradientProductTap:
             for layer in layers
         ]
         self._params = [p for kept in self._kept for p in kept.values()]
+        shared = len({id(p) for p in self._params}) != len(self._params)
+        if shared:  # each use would get a block of its own: [g_1, g_2] instead of g_1 + g_2
+            raise param_error(
+                caller, "modules", "layers that share no parameter (for tied weights, tap one of the layers "
+                "or use domain_gradient_products)", f"{len(self._params)} tensors, "
+                f"{len({id(p) for p in self._params})} distinct",
+            )  # fmt: skip
         if keep is not None and len(self._params) != len(keep):
             raise param_error(caller, "only", "parameters of the tapped layers", f"{len(keep)} tensors")
         if not layers:
@@ -158,13 +165,22 @@ class GradientProductTap:
                 "GradientProductTap.products: nothing was recorded; run the forward inside "
                 "`with tap.record():` with gradients enabled."
             )
+        silent = [
+            f"{type(self._layers[j]).__name__} layer {j}" for j, got in enumerate(self._captures) if not got
+        ]
+        if silent:  # its block of every gradient would be 0 without a word
+            raise RuntimeError(
+                f"GradientProductTap.products: {silent} recorded no forward. A tapped layer's own forward "
+                "must run (nn.MultiheadAttention, say, uses out_proj's weight without calling out_proj); "
+                "tap layers whose forward runs, or use domain_gradient_products."
+            )
         for j, recorded in enumerate(self._captures):
             if any(y._version != version for _, y, version in recorded):
                 raise RuntimeError(
                     f"GradientProductTap.products: the output of {type(self._layers[j]).__name__} layer {j} "
                     "was modified in place after the forward; its gradient cannot be taken."
                 )
-        ids = domain_ids.long()
+        ids = domain_ids.to(losses.device).long()
         buffer = ProductBuffer(k, self._size, losses.device)
         buffer.counts[:k] = domain_counts(ids, m, k)
         outputs = [y for _, _, y in captures]
@@ -190,10 +206,15 @@ class GradientProductTap:
                 )
             self._add_grads(j, delta, x, groups, buffer.matrix[:k])
         if target_losses is not None:
-            tm = target_elements(target_losses, target_mask)
+            tm = target_elements(caller, target_losses, target_mask)
             deltas = torch.autograd.grad(
                 masked_row_sums(target_losses, tm).sum(), outputs, retain_graph=True, allow_unused=True
             )
+            if all(delta is None for delta in deltas):
+                raise RuntimeError(
+                    "GradientProductTap.products: no recorded forward leads to `target_losses`; run the "
+                    "target batch's forward inside the same `with tap.record():` block."
+                )
             for (j, x, _), delta in zip(captures, deltas, strict=True):
                 if delta is not None:
                     self._add_grads(j, delta, x, _Groups.single(delta.shape[0]), buffer.matrix[k:])
