@@ -12,10 +12,13 @@ ends it writes, under ``--out``, the setting's runs with their ``paired.json``, 
 ``--json``, writes as JSON) each setting's wall time and paired differences to uniform.
 ``--device cpu --smoke`` runs the same code path at a toy size on the CPU (the test suite does).
 
-The GPU configuration: block 256, batch 32 windows (8,192 tokens) per step, a 4 × 256 reference and
-proxies and a 6 × 384 base (about 12.2 M parameters with the 4,096-token vocabulary), 1,000 steps per
-stage with 50 warm-up steps (each base sees about 8.2 M tokens, 1.6 epochs of the training splits),
-every training and evaluation window. Its wall time on an H100 is in docs/language-models.md.
+The GPU configuration: block 256, batch 64 windows (16,384 tokens) per step, a 4 × 256 reference and
+proxies and a 6 × 384 base (about 12.2 M parameters with the 4,096-token vocabulary), 500 steps per
+stage with 25 warm-up steps (each base sees about 8.2 M tokens, 1.6 epochs of the training splits),
+every training and evaluation window. At 32 windows × 1,000 steps (the same tokens) an H100 took about
+12 minutes for both settings, with every stage bound by the host at 12-15 ms a step whatever the model
+size (docs/language-models.md): half the steps of twice the windows keep the tokens and, while the
+step stays host-bound, halve the time.
 
 Usage: python benchmarks/lm_gpu.py [--corpus DIR] [--out DIR] [--device cuda|auto|cpu] [--seeds 0,1,2]
        [--target drama] [--smoke] [--json]
@@ -38,8 +41,8 @@ from domainmix.experiments import lm, lm_report
 from domainmix.experiments.config import LmConfig
 
 GPU = {
-    "block_size": 256, "batch_size": 32, "proxy_steps": 1000, "base_steps": 1000, "proxy_layers": 4,
-    "proxy_width": 256, "base_layers": 6, "base_width": 384, "lr": 1e-3, "warmup_steps": 50,
+    "block_size": 256, "batch_size": 64, "proxy_steps": 500, "base_steps": 500, "proxy_layers": 4,
+    "proxy_width": 256, "base_layers": 6, "base_width": 384, "lr": 1e-3, "warmup_steps": 25,
     "train_windows": 0, "eval_windows": 0, "amp": True,
 }  # fmt: skip
 SMOKE = {
