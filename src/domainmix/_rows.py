@@ -11,7 +11,7 @@ from torch import Tensor
 
 from domainmix._validation import Interval, check_param, param_error
 
-__all__ = ["check_inputs", "masked_row_sums", "row_sums"]
+__all__ = ["check_inputs", "check_losses", "element_mask", "masked_row_sums", "row_sums"]
 
 _ID_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
@@ -35,10 +35,7 @@ def check_inputs(
         ValueError: for wrong types, shapes or dtypes, or (on CPU tensors) ids outside [0, k).
     """
     check_param(caller, "num_domains", num_domains, Interval(int, 1, None))
-    if not isinstance(losses, Tensor) or not losses.is_floating_point():
-        raise param_error(caller, "losses", "a floating-point tensor of shape (N,) or (N, T)", losses)
-    if losses.ndim not in (1, 2):
-        raise param_error(caller, "losses", "of shape (N,) or (N, T)", f"shape {tuple(losses.shape)}")
+    check_losses(caller, "losses", losses)
     if not isinstance(domain_ids, Tensor) or domain_ids.dtype not in _ID_DTYPES:
         raise param_error(caller, "domain_ids", "an integer tensor of shape (N,)", domain_ids)
     if domain_ids.shape != losses.shape[:1]:
@@ -55,13 +52,29 @@ def check_inputs(
             raise param_error(
                 caller, "domain_ids", f"ids in the range [0, {num_domains - 1}]", f"ids from {lo} to {hi}"
             )
+    return element_mask(caller, "mask", mask, losses)
+
+
+def check_losses(caller: str, name: str, losses: Tensor) -> None:
+    """Raise unless ``losses`` (the parameter ``name``) is a floating-point (N,) or (N, T) tensor."""
+    if not isinstance(losses, Tensor) or not losses.is_floating_point():
+        raise param_error(caller, name, "a floating-point tensor of shape (N,) or (N, T)", losses)
+    if losses.ndim not in (1, 2):
+        raise param_error(caller, name, "of shape (N,) or (N, T)", f"shape {tuple(losses.shape)}")
+
+
+def element_mask(caller: str, name: str, mask: Tensor | None, losses: Tensor) -> Tensor:
+    """The 0/1 element mask ``mask`` (the parameter ``name``) in the dtype of ``losses``; ones if None.
+
+    A mask of another shape is refused even when it broadcasts: it would miscount the elements.
+    """
     if mask is None:
         return torch.ones_like(losses)  # callers with a fast path for no mask ignore it
     if not isinstance(mask, Tensor) or mask.shape != losses.shape:
         raise param_error(
             caller,
-            "mask",
-            f"a tensor with the shape of losses {tuple(losses.shape)}",
+            name,
+            f"a tensor with the shape of the losses {tuple(losses.shape)}",
             mask if not isinstance(mask, Tensor) else f"shape {tuple(mask.shape)}",
         )
     return mask.to(losses.dtype)

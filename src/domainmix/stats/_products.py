@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from domainmix._distributed import all_reduce_sum
-from domainmix._rows import check_inputs, masked_row_sums, row_sums
+from domainmix._rows import check_inputs, check_losses, element_mask, masked_row_sums, row_sums
 from domainmix._validation import Interval, check_param, param_error
 
 
@@ -95,30 +95,13 @@ def domain_gradient_products(
 def target_elements(caller: str, target_losses: Tensor, target_mask: Tensor | None) -> Tensor:
     """The target's 0/1 element mask as the losses' dtype (all ones without a mask), after checking both.
 
-    The target rows have no domain ids, so :func:`~domainmix._rows.check_inputs` does not apply; the
-    same shape rules do (a broadcastable mask of another shape would miscount the target's elements).
+    The target rows have no domain ids, so :func:`~domainmix._rows.check_inputs` does not apply; its
+    rules for the losses and the mask do.
     """
-    if (
-        not isinstance(target_losses, Tensor)
-        or not target_losses.is_floating_point()
-        or target_losses.ndim not in (1, 2)
-    ):
-        raise param_error(
-            caller, "target_losses", "a floating-point tensor of shape (N,) or (N, T)", target_losses
-        )
+    check_losses(caller, "target_losses", target_losses)
     if not target_losses.requires_grad:
         raise param_error(caller, "target_losses", "attached to the graph", target_losses)
-    if target_mask is None:
-        return torch.ones_like(target_losses)
-    if not isinstance(target_mask, Tensor) or target_mask.shape != target_losses.shape:
-        shape = f"shape {tuple(target_mask.shape)}" if isinstance(target_mask, Tensor) else target_mask
-        raise param_error(
-            caller,
-            "target_mask",
-            f"a tensor with the shape of target_losses {tuple(target_losses.shape)}",
-            shape,
-        )
-    return target_mask.to(target_losses.dtype)
+    return element_mask(caller, "target_mask", target_mask, target_losses)
 
 
 def domain_counts(ids: Tensor, mask: Tensor, k: int) -> Tensor:
