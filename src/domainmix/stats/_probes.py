@@ -185,7 +185,10 @@ class GradientProductProbe(Probe):
 
     The forward runs inside :meth:`record` (the tap keeps the tapped layers' inputs and outputs); with
     ``target``, a target batch's forward runs at the end of the same block and ``target_grad_dot`` is
-    provided too (DoGE's out-of-domain mode).
+    provided too (DoGE's out-of-domain mode). Each step's products are those of that step's mean
+    gradients, so ``grad_sq_norm`` is ‖ḡ_i‖², which exceeds ‖E g_i‖² by the noise tr Cov_i / n_i (as
+    in DoGE's reference code; :meth:`DomainGradients.mean_sq_norm` gives the unbiased form). A domain
+    absent from a step is left out of the window's mean for that step, not counted as a zero.
 
     Args:
         tap: the tap on the parameter subset, or a function making it: then the tap (and its forward
