@@ -398,6 +398,36 @@ def test_an_epoch_end_decided_ahead_of_the_loop_survives_a_resume(mode: str, sto
     assert [next(rest) for _ in range(150 - cut)] == seen[cut:]
 
 
+@pytest.mark.parametrize("mode", ["stratified", "low_discrepancy", "iid"])
+def test_a_num_batches_epoch_end_saved_ahead_of_the_loop_does_not_end_the_next_epoch(mode: str) -> None:
+    """A loader that prefetches past num_batches has the end recorded in a state saved just before it;
+    the resumed epoch must end there and the next one run whole (it used to end after 0 batches)."""
+    ahead, epoch_len = 3, 10
+
+    def loop(sampler: DomainBatchSampler, steps: int, save_at: int) -> tuple[list[Any], dict[str, Any]]:
+        produced = iter_epochs(sampler)
+        queue, seen, saved = [next(produced) for _ in range(ahead)], [], {}
+        for step in range(steps):
+            seen.append(queue.pop(0))
+            queue.append(next(produced))
+            if step + 1 == save_at:
+                saved = json.loads(json.dumps(sampler.state_dict(consumed=save_at)))
+        return seen, saved
+
+    def fresh() -> DomainBatchSampler:
+        return make(batch_size=6, mode=mode, stop="cycle_forever", num_batches=epoch_len)
+
+    seen, saved = loop(fresh(), 40, save_at=8)
+    assert saved[DomainBatchSampler.EPOCH_ENDS_KEY] == [epoch_len]
+    resumed = fresh()
+    resumed.load_state_dict(saved)
+    rest = iter_epochs(resumed)
+    again = [next(rest) for _ in range(len(seen) - 8)]
+    assert again == seen[8:]
+    ends = [i for i, b in enumerate(again) if b is EPOCH_END]
+    assert ends[:3] == [2, 13, 24]  # the resumed epoch's last 2 batches, then whole epochs of 10
+
+
 def iter_epochs(sampler: DomainBatchSampler) -> Any:
     """Batches across epochs, each epoch's end marked (a loop over a DataLoader, epoch after epoch)."""
     while True:

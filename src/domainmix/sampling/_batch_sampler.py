@@ -317,7 +317,10 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         s = self._snap
         at = Counters(s.epoch, s.batch, s.total, s.ld_counts, s.ld_from)
         planned = self._plan_next(at, self._rank, self._world)
-        if planned is None:
+        if (
+            planned is None
+        ):  # num_batches reached: an end recorded here is this one (it must not end the next)
+            self._drop_reached_end(s.total)
             return None
         plan = planned.plan
         after = s.positions + np.cumsum(plan.counts, axis=0)  # (nb, k)
@@ -326,11 +329,15 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         if self._epoch_ends:
             nb = min(nb, self._epoch_ends[0] - s.total)
         if nb <= 0:
-            if self._epoch_ends and self._epoch_ends[0] <= s.total:
-                del self._epoch_ends[0]
+            self._drop_reached_end(s.total)
             return None
         values = take_planned(self._streams, plan, nb, planned.epoch_key, s.positions, self._rank)
         return Block(values, s, after[:nb], plan.ld_after[:nb], planned.from_batch)
+
+    def _drop_reached_end(self, total: int) -> None:
+        """Forget the recorded epoch end that the epoch ending at ``total`` batches is."""
+        if self._epoch_ends and self._epoch_ends[0] <= total:
+            del self._epoch_ends[0]
 
     # ------------------------------------------------------------------ state
 
