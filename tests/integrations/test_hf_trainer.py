@@ -14,10 +14,23 @@ import pytest
 pytest.importorskip("transformers")
 
 import torch  # noqa: E402
-from transformers import TrainingArguments  # noqa: E402
+from transformers import (  # noqa: E402
+    GPT2Config,
+    GPT2LMHeadModel,
+    TrainerCallback,
+    TrainingArguments,
+    default_data_collator,
+)
 
+import domainmix.strategies as S  # noqa: E402
 from _helpers import assert_two_rank_run, run_torchrun  # noqa: E402
-from domainmix.integrations.hf_trainer import STATE_FILE, DomainMixTrainer  # noqa: E402
+from domainmix import WeightingController, weighted_loss  # noqa: E402
+from domainmix.integrations.hf_trainer import (  # noqa: E402
+    STATE_FILE,
+    DomainMixTrainer,
+    causal_lm_per_example_loss,
+)
+from domainmix.sampling import DomainBatchSampler  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = ("web", "code", "books")
@@ -112,3 +125,97 @@ def test_two_processes_share_the_weights_and_resume_exactly(tmp_path: Path) -> N
         assert resumed["parameters"] == full["parameters"]  # DDP kept the ranks' models equal too
     ranks = [json.loads((tmp_path / "full" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["parameters"] == ranks[1]["parameters"]
+
+
+def test_gradient_accumulation_averages_the_micro_batches(tmp_path: Path) -> None:
+    """With accumulation 2, the optimizer sees the mean of the micro-batches' weighted-loss gradients."""
+
+    class Grab(TrainerCallback):
+        grad: torch.Tensor | None = None
+
+        def on_pre_optimizer_step(
+            self, args: Any, state: Any, control: Any, model: Any = None, **kw: Any
+        ) -> None:
+            Grab.grad = model.lm_head.weight.grad.clone()
+
+    class Keep(DomainMixTrainer):
+        batches: list[dict[str, torch.Tensor]] = []
+
+        def compute_loss(self, model: Any, inputs: dict[str, Any], *args: Any, **kwargs: Any) -> Any:
+            inputs.pop("example_id")
+            if model.training:
+                self.batches.append({k: v.clone() for k, v in inputs.items()})
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=1, per_device_train_batch_size=6, gradient_accumulation_steps=2,
+        save_strategy="no", report_to=[], use_cpu=True, seed=0, disable_tqdm=True, max_grad_norm=0.0,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    config = GPT2Config(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=1,
+        n_head=2,
+        resid_pdrop=0,
+        embd_pdrop=0,
+        attn_pdrop=0,
+    )
+    model = GPT2LMHeadModel(config)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    offsets = [sum(EXAMPLE.SIZES[:d]) for d in range(3)]
+    domains = {n: range(o, o + s) for n, o, s in zip(NAMES, offsets, EXAMPLE.SIZES, strict=True)}
+    sampler = DomainBatchSampler(domains, 6, [0.5, 0.3, 0.2], min_count=1, seed=5)
+    controller = WeightingController(S.fixed([0.2, 0.3, 0.5], [0.5, 0.3, 0.2]), list(NAMES), sampler=sampler)
+    trainer = Keep(
+        model=model, args=args, train_dataset=EXAMPLE.dataset(), data_collator=default_data_collator,
+        sampler=sampler, controller=controller, callbacks=[Grab()],
+    )  # fmt: skip
+    trainer.train()
+    reference = GPT2LMHeadModel(config)
+    reference.load_state_dict(start)
+    assert len(Keep.batches) == 2
+    for batch in Keep.batches:
+        ids = batch.pop("domain_id")
+        loss = weighted_loss(
+            causal_lm_per_example_loss(reference(**batch), batch), ids, controller.loss_multipliers()
+        )
+        (loss / 2).backward()
+    assert Grab.grad is not None
+    torch.testing.assert_close(Grab.grad, reference.lm_head.weight.grad)
+
+
+def test_resume_refusals(tmp_path: Path) -> None:
+    trainer = make(tmp_path / "none")
+    with pytest.raises(ValueError, match="no valid checkpoint found in output directory"):
+        trainer.train(resume_from_checkpoint=True)  # transformers refuses it too: never start afresh
+
+    # Accumulation 2 over epochs of 5 batches: a checkpoint 2 batches into an epoch cannot resume exactly.
+    def epochs_of(length: int, out: Path) -> DomainMixTrainer:
+        args = TrainingArguments(
+            output_dir=str(out), num_train_epochs=2, per_device_train_batch_size=6,
+            gradient_accumulation_steps=2, save_strategy="steps", save_steps=1, report_to=[], use_cpu=True,
+            seed=0, disable_tqdm=True,
+        )  # fmt: skip
+        offsets = [sum(EXAMPLE.SIZES[:d]) for d in range(3)]
+        domains = {n: range(o, o + s) for n, o, s in zip(NAMES, offsets, EXAMPLE.SIZES, strict=True)}
+        sampler = DomainBatchSampler(domains, 6, min_count=1, num_batches=length, seed=5)
+        controller = WeightingController(
+            __import__("domainmix").strategies.uniform(), list(NAMES), sampler=sampler
+        )
+        model = EXAMPLE.GPT2LMHeadModel(
+            EXAMPLE.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
+        )
+        return DomainMixTrainer(
+            model=model, args=args, train_dataset=EXAMPLE.dataset(), data_collator=default_data_collator,
+            sampler=sampler, controller=controller,
+        )  # fmt: skip
+
+    epochs_of(5, tmp_path / "five").train()
+    with pytest.raises(
+        ValueError, match="2 batches into an epoch of 5, which is not a multiple of gradient_acc"
+    ):
+        epochs_of(5, tmp_path / "five").train(resume_from_checkpoint=str(tmp_path / "five" / "checkpoint-1"))
+    epochs_of(4, tmp_path / "four").train()
+    epochs_of(4, tmp_path / "four").train(resume_from_checkpoint=str(tmp_path / "four" / "checkpoint-1"))

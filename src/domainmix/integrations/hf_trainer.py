@@ -18,6 +18,10 @@
   ``domainmix/q/<name>``, ``domainmix/achieved/<name>``) to every log entry.
 
 The controller counts micro-batches: with gradient accumulation, ``update_every`` is in loader batches.
+The loss of each micro-batch is divided by the accumulation steps (``loss_is_scaled_for_ga = False``),
+so the accumulated gradient is the mean of the micro-batches' gradients, as in the plain loop. With
+gradient accumulation, a resume inside an epoch whose length is not a multiple of the accumulation
+steps is refused: the Trainer (its data skipping off) would miss the epoch's last optimizer step.
 """
 
 from __future__ import annotations
@@ -81,6 +85,11 @@ class DomainMixTrainer(Trainer):
         ValueError: when the sampler's batch size, rank or world size disagree with the arguments'.
     """
 
+    # compute_loss returns a mean over the micro-batch, not a sum over the accumulated items: the
+    # Trainer must divide it by the accumulation steps. transformers >= 5 reads this attribute; older
+    # versions decide from model_accepts_loss_kwargs, set to False in __init__ for the same effect.
+    loss_is_scaled_for_ga = False
+
     def __init__(
         self,
         *args: Any,
@@ -100,6 +109,7 @@ class DomainMixTrainer(Trainer):
                 "batch size."
             )
         self.args.ignore_data_skip = True  # the sampler resumes itself; skipping would replay batches
+        self.model_accepts_loss_kwargs = False  # see loss_is_scaled_for_ga
         self.sampler, self.controller = sampler, controller
         self._per_example_loss, self._domain_key = per_example_loss, domain_key
         self._consumed = 0
@@ -159,10 +169,18 @@ class DomainMixTrainer(Trainer):
         """``Trainer.train``; with ``resume_from_checkpoint``, the controller and sampler resume too.
 
         Raises:
-            ValueError: when the checkpoint folder has no ``STATE_FILE``.
+            ValueError: when the checkpoint folder has no ``STATE_FILE``, when ``True`` finds no
+                checkpoint in ``output_dir`` (as ``transformers.Trainer`` does), or when the resume falls
+                inside an epoch whose length is not a multiple of the gradient accumulation steps.
         """
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call]
+            found = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call]
+            if found is None:  # starting afresh could overwrite the checkpoints the caller meant to resume
+                raise ValueError(
+                    f"DomainMixTrainer.train: no valid checkpoint found in output directory "
+                    f"({self.args.output_dir}); resume_from_checkpoint=True needs one."
+                )
+            resume_from_checkpoint = found
         if isinstance(resume_from_checkpoint, str):
             path = Path(resume_from_checkpoint) / STATE_FILE
             if not path.is_file():
@@ -171,11 +189,37 @@ class DomainMixTrainer(Trainer):
                     "DomainMixTrainer, so the weights and the sampler cannot resume."
                 )
             state = torch.load(path, weights_only=True)
+            self._check_partial_epoch(state["sampler"])
             self.controller.load_state_dict(state["controller"])
             self.sampler.load_state_dict(state["sampler"])
             self._consumed = int(state["sampler"][self.sampler.TOTAL_KEY])
             self._rng_pending = str(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def _check_partial_epoch(self, sampler_state: dict[str, Any]) -> None:
+        """Refuse a resume the Trainer would accumulate wrongly (see the module docstring).
+
+        With its data skipping off, the Trainer counts the resumed epoch's batches from 0 and closes an
+        accumulation group at every ``gradient_accumulation_steps`` batches or at the epoch's
+        ``len(loader)``-th; the resumed epoch is shorter, so a last, partial group never closes and
+        its gradient leaks into the next epoch's first step.
+        """
+        accumulation = self.args.gradient_accumulation_steps
+        if accumulation <= 1:
+            return
+        try:
+            length = len(self.sampler)
+        except TypeError:  # no epochs (cycle_forever without num_batches): nothing to close
+            return
+        in_epoch = int(sampler_state[self.sampler.BATCH_KEY])
+        if length % accumulation and in_epoch % length:
+            raise ValueError(
+                f"DomainMixTrainer.train: the checkpoint is {in_epoch} batches into an epoch of {length}, "
+                f"which is not a multiple of gradient_accumulation_steps={accumulation}; the Trainer "
+                "would miss the epoch's last optimizer step after this resume. Resume from a checkpoint "
+                "at an epoch end, or make the epoch length (the sampler's num_batches) a multiple of "
+                "the accumulation steps."
+            )
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """The Trainer's log entry, with α, q and the achieved shares per domain."""
