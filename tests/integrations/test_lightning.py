@@ -103,3 +103,34 @@ def test_a_module_without_controller_is_refused(tmp_path: Path) -> None:
                       default_root_dir=tmp_path)  # fmt: skip
     with pytest.raises(ValueError, match=r"needs a WeightingController in .weights and a DomainBatchSampler"):
         trainer.fit(example.Regression(0))
+
+
+def test_a_stateful_train_loader_resumes_at_the_consumed_batch(tmp_path: Path) -> None:
+    """torchdata's loader state is saved by Lightning's fit loop with a batch prefetched; it must not
+    override the callback's restore (the resume used to skip one batch)."""
+    pytest.importorskip("torchdata")
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from domainmix.integrations.lightning import DomainMixCallback
+    from domainmix.integrations.torchdata import StatefulDomainLoader
+
+    example = load_example()
+
+    class Stateful(example.Regression):
+        def train_dataloader(self) -> StatefulDomainLoader:
+            return StatefulDomainLoader(example.make_data(), batch_sampler=self.sampler)
+
+    def fit(ckpt: Path | None = None) -> Stateful:
+        module = Stateful(0)
+        checkpoints = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=10, save_top_k=-1)
+        trainer = Trainer(max_steps=20, accelerator="cpu", use_distributed_sampler=False, logger=False,
+                          enable_progress_bar=False, enable_model_summary=False,
+                          callbacks=[checkpoints, DomainMixCallback()])  # fmt: skip
+        trainer.fit(module, ckpt_path=ckpt)
+        return module
+
+    full = fit()
+    resumed = fit(tmp_path / "epoch=0-step=10.ckpt")
+    assert resumed.record["batches"] == full.record["batches"][10:]
+    assert resumed.record["mixture"] == full.record["mixture"][10:]

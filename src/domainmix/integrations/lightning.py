@@ -30,6 +30,7 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 
 from domainmix.controller import WeightingController
 from domainmix.integrations._logging import weight_scalars
+from domainmix.integrations._sampler_states import with_sampler_states
 from domainmix.sampling import DomainBatchSampler
 
 __all__ = ["DomainMixCallback"]
@@ -108,6 +109,11 @@ class DomainMixCallback(Callback):
             self.CONTROLLER_KEY: controller.state_dict(),
             self.SAMPLER_KEY: sampler.state_dict(consumed=self._consumed),
         }
+        # A stateful train loader (torchdata's) has its sampler state saved by the fit loop too, taken
+        # while Lightning's fetcher held a batch ahead; Lightning loads it after on_load_checkpoint, so it
+        # must be the consumed batch's as well, or the resume would skip one batch.
+        if "loops" in checkpoint:
+            checkpoint["loops"] = with_sampler_states(checkpoint["loops"], sampler, lambda _: self._consumed)
 
     def on_load_checkpoint(
         self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict[str, Any]

@@ -17,11 +17,11 @@ batch (``DomainBatchSampler.PREFETCH_KEY``): the depth decides which batch a wei
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from typing import Any
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
+from domainmix.integrations._sampler_states import with_sampler_states
 from domainmix.sampling import DomainBatchSampler
 
 __all__ = ["StatefulDomainLoader"]
@@ -49,18 +49,7 @@ class StatefulDomainLoader(StatefulDataLoader):  # type: ignore[misc]  # torchda
     def state_dict(self) -> dict[str, Any]:
         """The loader's state, with every saved sampler state carrying the full weight history."""
         sampler: DomainBatchSampler = self.batch_sampler
-        fingerprint = sampler.state_dict()[sampler.FINGERPRINT_KEY]
-        state: dict[str, Any] = _with_consumed_states(super().state_dict(), sampler, fingerprint)
+        state: dict[str, Any] = with_sampler_states(
+            super().state_dict(), sampler, lambda found: int(found[sampler.TOTAL_KEY])
+        )
         return state
-
-
-def _with_consumed_states(state: Any, sampler: DomainBatchSampler, fingerprint: Mapping[str, Any]) -> Any:
-    """``state`` with each nested state of ``sampler`` rebuilt by ``state_dict(consumed=its count)``.
-
-    The sampler's states are found by their fingerprint rather than by torchdata's private key names.
-    """
-    if not isinstance(state, Mapping):
-        return state
-    if state.get(sampler.FINGERPRINT_KEY) == fingerprint and sampler.TOTAL_KEY in state:
-        return sampler.state_dict(consumed=int(state[sampler.TOTAL_KEY]))
-    return {key: _with_consumed_states(value, sampler, fingerprint) for key, value in state.items()}
