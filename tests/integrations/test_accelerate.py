@@ -25,7 +25,9 @@ def test_prepare_loader_keeps_the_global_plan_on_two_processes(tmp_path: Path) -
 def test_accelerator_prepare_of_the_loader_is_refused(tmp_path: Path) -> None:
     done = run_torchrun(EXAMPLE, "--out", str(tmp_path), "--steps", "5", "--wrong-way")
     assert done.returncode != 0
-    assert "DomainBatchSampler is being iterated by accelerate.data_loader.BatchSamplerShard" in done.stderr
+    assert (
+        "DomainBatchSampler is being iterated under accelerate.data_loader.BatchSamplerShard" in done.stderr
+    )
     assert not list(tmp_path.glob("rank*.json"))
 
 
@@ -47,3 +49,26 @@ def test_prepare_loader_checks_the_sampler() -> None:
     batches = list(prepare_loader(accelerator, DataLoader(torch.arange(4), batch_sampler=sampler)))
     assert [sorted(b.tolist()) for b in batches] == [sorted(s) for s in DomainBatchSampler(
         {"a": range(2), "b": range(2, 4)}, 2, num_batches=3)]  # fmt: skip
+
+
+def test_batch_dispatching_is_refused() -> None:
+    """dispatch_batches (Accelerate's default for an iterable dataset): rank 0 alone iterates and splits."""
+    import torch
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from torch.utils.data import DataLoader
+
+    from domainmix.sampling import DomainBatchSampler, DomainMixingIterable
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(dispatch_batches=True))
+    sampler = DomainBatchSampler({"a": range(100), "b": range(100, 200)}, 4, num_batches=4, seed=1)
+    loader = accelerator.prepare(DataLoader(torch.arange(200), batch_sampler=sampler))
+    with pytest.raises(
+        ValueError, match="DomainBatchSampler is being iterated under accelerate.data_loader.DataLoaderD"
+    ):
+        next(iter(loader))
+    mixing = DomainMixingIterable({"a": list(range(10)), "b": list(range(10, 20))}, batch_size=4, seed=1)
+    loader = accelerator.prepare(DataLoader(mixing, batch_size=4, collate_fn=lambda items: items))
+    with pytest.raises(
+        ValueError, match="DomainMixingIterable is being iterated under accelerate.data_loader.DataL"
+    ):
+        next(iter(loader))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import sys
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, Literal, NamedTuple
 
@@ -15,6 +16,7 @@ from domainmix._validation import Interval, check_param, param_error
 from domainmix.sampling._mixer import Counters, DomainMixer
 from domainmix.sampling._plan import StopRule, check_mix_options, in_yield_order
 from domainmix.sampling._weights import WeightsLike, check_names
+from domainmix.sampling._wrapping import check_not_resharded
 
 __all__ = ["DomainMixingIterable"]
 
@@ -169,7 +171,13 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
     # ------------------------------------------------------------------ iteration
 
     def __iter__(self) -> Iterator[tuple[str, Any]]:
-        """Yield ``(domain_name, item)`` for the rest of the current epoch."""
+        """Yield ``(domain_name, item)`` for the rest of the current epoch.
+
+        Raises:
+            ValueError: under Accelerate's batch dispatching (``DataLoaderDispatcher``, its default for an
+                iterable dataset), which reads every rank's batches from rank 0's iterable alone.
+        """
+        check_not_resharded(sys._getframe(1), "DomainMixingIterable")
         rank, world, limit = self._rank, self._world, self._num_batches
         info = get_worker_info()
         if info is not None:

@@ -19,26 +19,34 @@ from torch.utils.data.dataloader import _BaseDataLoaderIter
 
 __all__ = ["check_not_resharded", "prefetch_depth"]
 
-# (module prefix, class name) of wrappers that shard batches by process
-_RESHARDERS = (("accelerate", "BatchSamplerShard"),)
+# (module prefix, class name) of wrappers that deal batches out to the processes: Accelerate's
+# BatchSamplerShard (each rank iterates the whole sampler and keeps every world-th batch) and its
+# DataLoaderDispatcher (rank 0 alone iterates and splits each batch among the ranks: dispatch_batches,
+# Accelerate's default for an IterableDataset).
+_RESHARDERS = (("accelerate", "BatchSamplerShard"), ("accelerate", "DataLoaderDispatcher"))
+_FRAMES_SEARCHED = 12  # the dispatcher sits a few frames above the DataLoader iterator that calls next()
 
 
 def check_not_resharded(caller: FrameType | None, owner: str) -> None:
-    """Raise if ``caller`` (the frame iterating the sampler) belongs to a known re-sharding wrapper.
+    """Raise if ``caller`` (the frame iterating the sampler) or a frame above it is a re-sharding wrapper.
 
     Raises:
         ValueError: naming the wrapper and the supported way.
     """
-    wrapper = caller.f_locals.get("self") if caller is not None else None
-    kind = type(wrapper)
-    if any(kind.__module__.startswith(m) and kind.__name__ == n for m, n in _RESHARDERS):
-        raise ValueError(
-            f"{owner} is being iterated by {kind.__module__}.{kind.__name__}, which deals its batches out "
-            "to the processes again; the sampler already yields this rank's share of one global plan, so "
-            "every rank would drop batches. Keep the loader out of accelerator.prepare(): use "
-            "domainmix.integrations.accelerate.prepare_loader(accelerator, loader), which places batches "
-            "on the device without re-sharding."
-        )
+    frame = caller
+    for _ in range(_FRAMES_SEARCHED):
+        if frame is None:
+            return
+        kind = type(frame.f_locals.get("self"))
+        if any(kind.__module__.startswith(m) and kind.__name__ == n for m, n in _RESHARDERS):
+            raise ValueError(
+                f"{owner} is being iterated under {kind.__module__}.{kind.__name__}, which deals its batches "
+                "out to the processes again; the sampler already yields this rank's share of one global "
+                "plan, so the ranks would drop or skip batches. Keep the loader out of accelerator.prepare() "
+                "(and out of dispatch_batches): use domainmix.integrations.accelerate.prepare_loader("
+                "accelerator, loader), which places batches on the device without re-sharding."
+            )
+        frame = frame.f_back
 
 
 def prefetch_depth(caller: FrameType | None) -> int:
