@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,10 @@ def test_config_errors_are_collected_and_raised_once(tmp_path: Path) -> None:
         load_config(LinearConfig, None, {"stepz": 3, "lr": "fast", "batch_size": 0, "methods": ["x"]})
     errors = info.value.errors
     assert any("unknown setting 'stepz'" in e for e in errors)
-    assert any("'lr' must be a number. Got 'fast'" in e for e in errors)
-    # Type errors stop before value checks; fix them and the value problems all show at once.
+    assert any("'lr' must be a finite number. Got 'fast'" in e for e in errors)
+    # The value checks of the settings that type-checked come in the same round.
+    assert any("'batch_size' must be an int >= 1. Got 0" in e for e in errors)
+    assert any("Unknown method 'x'" in e for e in errors)
     with pytest.raises(ConfigError) as info:
         load_config(LinearConfig, None, {"batch_size": 0, "methods": ["x"], "noise_variances": [1.0]})
     text = str(info.value)
@@ -55,7 +58,7 @@ def test_setting_then_file_then_overrides(tmp_path: Path) -> None:
     cfg = build_config("linear", "fig1abc", None, {})
     assert cfg.input_scales == (100.0, 1.0) and cfg.noise_variances == (1.0, 20.0)
     path = tmp_path / "c.yaml"
-    path.write_text("noise_variances: [2, 3]\nsteps: 50\nwarmup_steps: 10\n")
+    path.write_text("noise_variances: [2, 3]\nsteps: 50\nwarmup_steps: 10\nupdate_every: 10\n")
     cfg = build_config("linear", "fig1abc", str(path), {"steps": 60})
     assert cfg.input_scales == (100.0, 1.0) and cfg.noise_variances == (2.0, 3.0) and cfg.steps == 60
     with pytest.raises(ConfigError, match="unknown setting 'fig9'"):
@@ -170,10 +173,25 @@ def test_parallel_workers_match_in_process(tmp_path: Path) -> None:
         assert p["error"] == s["error"] and p["trajectory"] == s["trajectory"]
 
 
-def test_loop_refuses_to_continue_after_divergence() -> None:
-    cfg = load_config(LinearConfig, None, {"steps": 200, "lr": 10.0, "methods": ["uniform"]})
-    with pytest.raises(RuntimeError, match="diverged at step"):
-        train(linear.make_task(cfg, 0), "uniform", cfg, 0)
+def test_a_diverged_run_stops_and_reports_null_without_aborting_the_others(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cfg = load_config(
+        LinearConfig, None, {"steps": 200, "lr": 10.0, "methods": ["uniform"], "eval_every": 50}
+    )
+    run = train(linear.make_task(cfg, 0), "uniform", cfg, 0)
+    assert run["diverged_at"] is not None and run["steps"] == [0, 50, 100, 150, 200]
+    assert all(e != e for e, s in zip(run["error"], run["steps"], strict=True) if s > run["diverged_at"])
+    assert len(run["trajectory"]["loss_share"]) == len(run["steps"])
+    args = ["linear", "--out", str(tmp_path), "--steps", "200", "--seeds", "0", "--workers", "1", "--quiet",
+            "--methods", "uniform", "--set", "lr=10", "--no-plot"]  # fmt: skip
+    assert main(args) == 0
+    assert "uniform (seed 0) diverged at step" in capsys.readouterr().err
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert (
+        metrics["runs"][0]["final_error"] is None
+        and metrics["summary"]["uniform"]["final_error"]["mean"] is None
+    )
 
 
 def test_mlp_config_defaults_are_valid() -> None:
@@ -195,10 +213,46 @@ def test_bad_seeds_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert "--seeds must be comma-separated ints, e.g. 0,1,2. Got 'a,b' instead." in capsys.readouterr().err
 
 
-def test_steps_within_the_warmup_are_refused_when_a_method_waits_for_it() -> None:
-    with pytest.raises(ConfigError, match=r"'steps' must exceed 'warmup_steps' \(500\) when a method uses"):
-        load_config(LinearConfig, None, {"steps": 50, "methods": ["uniform", "fgls+va"]})
-    assert load_config(LinearConfig, None, {"steps": 50, "methods": ["uniform", "va"]}).steps == 50
+def test_runs_in_which_a_method_would_never_act_are_refused() -> None:
+    with pytest.raises(
+        ConfigError, match=r"'steps' must reach a window that closes at or after 'warmup_steps'"
+    ):
+        load_config(LinearConfig, None, {"steps": 50, "update_every": 10, "methods": ["uniform", "fgls+va"]})
+    # past the warm-up, but the last window closes at 500 < 560
+    with pytest.raises(ConfigError, match=r"the last window closes at step 500"):
+        load_config(LinearConfig, None, {"steps": 590, "warmup_steps": 560, "methods": ["fgls"]})
+    assert (
+        load_config(LinearConfig, None, {"steps": 600, "warmup_steps": 560, "methods": ["fgls"]}).steps == 600
+    )
+    with pytest.raises(
+        ConfigError, match=r"'steps' must be at least 'update_every' \(100\) when a method moves"
+    ):
+        load_config(LinearConfig, None, {"steps": 99, "methods": ["uniform", "va"]})
+    assert load_config(LinearConfig, None, {"steps": 99, "methods": ["uniform", "oracle_gls"]}).steps == 99
+
+
+def test_settings_that_would_fail_later_are_refused_now(
+    tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    cases = [
+        ({"methods": ["uniform", "uniform"]}, "'methods' must name each method once"),
+        ({"batch_size": 1}, "'batch_size' must be at least the number of domains (2)"),
+        ({"lr": float("inf")}, "'lr' must be a finite number"),
+    ]
+    for overrides, message in cases:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(LinearConfig, None, overrides)
+    with pytest.raises(ConfigError, match="oracle_gls needs the true noise variances"):
+        load_config(MlpConfig, None, {"methods": ["uniform", "oracle_gls"]})
+    # YAML 1.1 reads 1e-3 as a string: it is the number it looks like, in --set and in files alike
+    assert load_config(LinearConfig, None, {"lr": "1e-3", "input_scales": [1, "1e2"]}).lr == 1e-3
+    path = tmp_path / "twice.yaml"
+    path.write_text("steps: 20\nsteps: 30\n")
+    with pytest.raises(ConfigError, match="the key 'steps' is given twice"):
+        load_config(LinearConfig, path)
+    assert main(["linear", "--out", str(tmp_path), "--set", "seeds=[0,1"]) == 2
+    err = capsys.readouterr().err
+    assert "--set seeds: the value '[0,1' is not valid YAML" in err and "Traceback" not in err
 
 
 def test_run_help_has_no_rst_markup(capsys: pytest.CaptureFixture) -> None:

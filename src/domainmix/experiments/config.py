@@ -80,32 +80,72 @@ class TrainConfig:
         estimators = ("per_example", "micro_batch")
         _require(out, self, f"be one of {list(estimators)}", lambda v: v in estimators, "va_estimator")
         _require(out, self, "name at least one method", bool, "methods")
+        _require(out, self, "name each method once", lambda v: len(set(v)) == len(v), "methods")
         for method in self.methods:
             try:
                 parse_method(method)
             except ValueError as error:
                 out.append(f"'methods': {error}")
         _require(out, self, "be distinct ints >= 0", _distinct_non_negative, "seeds")
-        waiting = sorted({_loss_rule(m) for m in self.methods} & _AFTER_WARMUP)
-        if waiting and isinstance(self.steps, int) and isinstance(self.warmup_steps, int):
-            if self.steps <= self.warmup_steps:
-                out.append(
-                    f"'steps' must exceed 'warmup_steps' ({self.warmup_steps}) when a method uses "
-                    f"{waiting}: those loss rules act only after the warm-up, so every method would train "
-                    f"like uniform. Got {self.steps} instead (lower warmup_steps or raise steps)."
-                )
+        out.extend(self._windows_that_act())
+        k = self.num_domains()
+        if k and isinstance(self.batch_size, int) and self.batch_size < k:
+            out.append(
+                f"'batch_size' must be at least the number of domains ({k}): every batch holds every domain. "
+                f"Got {self.batch_size} instead."
+            )
+        if not isinstance(self, LinearConfig) and any(
+            _parses(m) and parse_method(m)[0] == "oracle_gls" for m in self.methods
+        ):
+            out.append(
+                "'methods': oracle_gls needs the true noise variances, which only the linear experiment has."
+            )
         return out
+
+    def _windows_that_act(self) -> list[str]:
+        """A method whose rule no window ever runs would train exactly like uniform: refuse the run."""
+        if not all(
+            isinstance(getattr(self, n), int) and getattr(self, n) >= 1 for n in ("steps", "update_every")
+        ):
+            return []  # reported above
+        last = self.steps // self.update_every * self.update_every  # the last step that closes a window
+        rules = {m: parse_method(m) for m in self.methods if _parses(m)}
+        moving = sorted(
+            m for m, (loss, sampling) in rules.items() if loss not in _STATIC or sampling != "uniform"
+        )
+        waiting = sorted({loss for loss, _ in rules.values()} & _AFTER_WARMUP)
+        if moving and last == 0:
+            return [
+                f"'steps' must be at least 'update_every' ({self.update_every}) when a method moves its "
+                f"weights ({moving}): no window would close, so they would train like uniform. Got "
+                f"{self.steps} instead."
+            ]
+        if waiting and isinstance(self.warmup_steps, int) and last < max(self.warmup_steps, 1):
+            return [
+                f"'steps' must reach a window that closes at or after 'warmup_steps' ({self.warmup_steps}) "
+                f"when a method uses {waiting}: those loss rules act only from the warm-up on, and the last "
+                f"window closes at step {last} ('update_every' {self.update_every}), so every method would "
+                f"train like uniform. Got {self.steps} instead (lower warmup_steps or raise steps)."
+            ]
+        return []
+
+    def num_domains(self) -> int | None:
+        """K, for the checks that need it (None: decided by the data)."""
+        return None
 
 
 # The loss rules of methods.LOSS_RULES built as delay(rule, warmup_steps): they never act before it.
 _AFTER_WARMUP = frozenset({"fgls", "erma"})
+# Loss rules fixed from the start (no window moves them).
+_STATIC = frozenset({"uniform", "oracle_gls"})
 
 
-def _loss_rule(method: str) -> str:
+def _parses(method: str) -> bool:
     try:
-        return parse_method(method)[0]
-    except ValueError:  # reported above
-        return ""
+        parse_method(method)
+    except ValueError:  # reported by problems()
+        return False
+    return True
 
 
 def _require(out: list[str], cfg: object, expected: str, ok: Callable[[Any], bool], *names: str) -> None:
@@ -163,6 +203,10 @@ class LinearConfig(TrainConfig):
         _require(out, self, "be an int >= 2", lambda v: v >= 2, "heldout_per_domain")
         return out
 
+    def num_domains(self) -> int | None:
+        """K: one domain per input scale."""
+        return len(self.input_scales)
+
 
 LOGISTIC_SETTINGS: dict[str, dict[str, tuple[float, ...]]] = {
     # Fig. 2's "similar" (100, 100) and "very different" (10, 100) input scales (arXiv:2511.06913);
@@ -203,6 +247,10 @@ class LogisticConfig(TrainConfig):
         _require(out, self, "be an int >= 1", lambda v: v >= 1, "dim", "train_per_domain", "test_per_domain")
         _require(out, self, "be an int >= 2", lambda v: v >= 2, "heldout_per_domain")
         return out
+
+    def num_domains(self) -> int | None:
+        """K: one domain per input scale."""
+        return len(self.input_scales)
 
 
 @dataclass(frozen=True)
@@ -451,13 +499,14 @@ def load_config(
             values[key] = _coerce(hints[key], value)
         except (TypeError, ValueError):
             errors.append(f"'{key}' must be {_describe(hints[key])}. Got {value!r} instead.")
-    if errors:
-        raise ConfigError(errors)
-    config = cls(**values)
-    problems = config.problems()
-    if problems:
-        raise ConfigError(problems)
-    return config
+    # The value checks run on what did type-check (defaults for the rest), so every problem shows at once.
+    try:
+        problems = cls(**values).problems()
+    except (TypeError, ValueError):
+        problems = []  # a check that cannot run on these values: the type errors come first
+    if errors or problems:
+        raise ConfigError(errors + problems)
+    return cls(**values)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -465,7 +514,7 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     import yaml  # an optional dependency of the experiments
 
     try:
-        loaded = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        loaded = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_unique_keys_loader())
     except OSError as error:
         raise ConfigError([f"{path}: cannot read the config file ({error.strerror or error})."]) from None
     except yaml.YAMLError as error:
@@ -478,6 +527,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
             [f"{path}: the YAML document must be a mapping of settings, not {type(loaded).__name__}."]
         )
     return dict(loaded or {})
+
+
+def _unique_keys_loader() -> Any:
+    """PyYAML's safe loader refusing a key given twice (it would keep the last one without a word)."""
+    import yaml
+
+    class UniqueKeys(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"the key {key!r} is given twice", key_node.start_mark
+                    )
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return UniqueKeys
 
 
 def as_dict(config: Any) -> dict[str, Any]:
@@ -505,7 +573,9 @@ def _coerce(hint: Any, value: Any) -> Any:
             raise TypeError(value)
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string; float() reads it as meant
+            value = float(value)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise TypeError(value)
         return float(value)
     if hint is str:
@@ -518,7 +588,9 @@ def _coerce(hint: Any, value: Any) -> Any:
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
         return f"a list of {_describe(typing.get_args(hint)[0])} values"
-    return {int: "an int", float: "a number", str: "a string", bool: "true or false"}.get(hint, str(hint))
+    return {int: "an int", float: "a finite number", str: "a string", bool: "true or false"}.get(
+        hint, str(hint)
+    )
 
 
 def parse_override(text: str) -> tuple[str, Any]:
@@ -528,7 +600,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise ConfigError([f"--set expects key=value, got {text!r}."])
-    return key.strip(), yaml.safe_load(raw)
+    try:
+        return key.strip(), yaml.safe_load(raw)
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or "invalid YAML"
+        raise ConfigError(
+            [f"--set {key.strip()}: the value {raw!r} is not valid YAML ({problem})."]
+        ) from None
 
 
 __all__ = [

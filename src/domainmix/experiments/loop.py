@@ -122,6 +122,7 @@ def train(task: Task, method: str, cfg: TrainConfig, seed: int) -> dict[str, Any
         trajectory["sampling_share"].append(sampler.effective_sampling.tolist())
 
     batches = iter(sampler)
+    diverged_at = None
     for step in range(cfg.steps):
         if step % cfg.eval_every == 0:
             record(step)
@@ -132,14 +133,25 @@ def train(task: Task, method: str, cfg: TrainConfig, seed: int) -> dict[str, Any
         controller.step(per_example, ids)
         loss = weighted_loss(per_example, ids, controller.loss_multipliers())
         if not torch.isfinite(loss.detach()):
-            raise RuntimeError(
-                f"{method} (seed {seed}) diverged at step {step}: loss {loss.detach().item()}."
-            )
+            # The run stops here, before a non-finite gradient reaches the model; its later evaluations
+            # are NaN (null in metrics.json), so the divergence shows in every mean instead of aborting
+            # the other runs of the experiment.
+            diverged_at = step
+            break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-    record(cfg.steps)
+    if diverged_at is None:
+        record(cfg.steps)
+    else:
+        for step in [*range(diverged_at + 1, cfg.steps), cfg.steps]:
+            if step % cfg.eval_every == 0 or step == cfg.steps:
+                trajectory["steps"].append(step)
+                trajectory["loss_share"].append(controller.weights.mixture.tolist())
+                trajectory["sampling_share"].append(sampler.effective_sampling.tolist())
+                for values in curves.values():
+                    values.append(math.nan)
 
     by_name = dict.fromkeys(names)
     error = curves.pop("error")
@@ -155,4 +167,5 @@ def train(task: Task, method: str, cfg: TrainConfig, seed: int) -> dict[str, Any
         "sampling_share": dict(zip(by_name, sampler.effective_sampling.tolist(), strict=True)),
         "trajectory": trajectory,
         "wall_time_s": time.perf_counter() - start,
+        "diverged_at": diverged_at,
     }

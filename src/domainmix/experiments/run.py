@@ -178,9 +178,16 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     runs = run_jobs(args.experiment, cfg, progress=not args.quiet)
+    for run in runs:
+        if run["diverged_at"] is not None:
+            print(
+                f"domainmix run {args.experiment}: {run['method']} (seed {run['seed']}) diverged at step "
+                f"{run['diverged_at']}; its later evaluations are null in metrics.json.",
+                file=sys.stderr,
+            )
     names = list(runs[0]["loss_share"])
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoints = tuple(c for c in CHECKPOINTS if c < cfg.steps)
+    checkpoints = tuple(c for c in CHECKPOINTS if c <= cfg.steps)
     summary = _report.write_outputs(
         args.out,
         experiment=args.experiment,
@@ -191,7 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         runs=runs,
         checkpoints=checkpoints,
     )
-    if not args.no_plot:
+    if args.no_plot:
+        (args.out / "figure.png").unlink(missing_ok=True)  # an earlier run's figure would pass for this one's
+    else:
         _report.plot_figure(
             args.out,
             title=f"{args.experiment} {setting}",
