@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -341,7 +342,7 @@ def test_dids_config_is_checked() -> None:
             {
                 "dids_round_steps": 400, "dids_examples": 0, "dids_clusters": 3000, "dids_sketch_dim": 0,
                 "dids_metric": "manhattan", "dids_initial": "oracle", "dids_decay": 1.0,
-                "dids_parent_floor": -0.1,
+                "dids_parent_floor": -0.1, "compare_dids": True,
             },
         )  # fmt: skip
     message = str(error.value)
@@ -356,6 +357,12 @@ def test_dids_config_is_checked() -> None:
         "'dids_parent_floor' must be in [0, 1)",
     ):
         assert expected in message
+    # Without a DIDS row the DIDS-only limits do not hold the other stages back; a DIDS base run checks them.
+    lax = load_config(lm.LmConfig, None, {"dids_round_steps": 400})
+    from domainmix.experiments import lm_dids
+
+    with pytest.raises(ConfigError, match=r"'dids_round_steps' must be <= base_steps \(300\)"):
+        lm_dids.train_dids(lax, "dids-flat", None, Path("unused"))
     with pytest.raises(ConfigError, match="'compare_dids' must be true or false"):
         load_config(lm.LmConfig, None, {"compare_dids": "yes"})
     assert load_config(lm.LmConfig, None, {"compare_dids": True}).compare_dids
@@ -393,7 +400,8 @@ def test_compare_adds_the_dids_rows_only_when_asked(tmp_path: Path, monkeypatch:
 def test_compare_reuse_trains_only_the_missing_or_changed_stages(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    first = lm.compare(TINY, tmp_path)
+    tiny = replace(TINY, dids_round_steps=3)  # DIDS must get rounds within the 6 base steps
+    first = lm.compare(tiny, tmp_path)
     trained: list[str] = []
     real_base = lm.stage_base
 
@@ -407,15 +415,28 @@ def test_compare_reuse_trains_only_the_missing_or_changed_stages(
     monkeypatch.setattr(lm, "stage_reference", refuse)
     monkeypatch.setattr(lm, "stage_proxy", refuse)
     monkeypatch.setattr(lm, "stage_base", base)
-    more = lm.compare(replace(TINY, compare_dids=True), tmp_path, reuse=True)  # compare_dids: not a stage's
+    more = lm.compare(replace(tiny, compare_dids=True), tmp_path, reuse=True)  # compare_dids: not a stage's
     assert trained == ["base-dids", "base-dids-flat", "base-dids-inverted"]
     assert {k: more[k] for k in first} == first  # the finished rows, read back as they were
-    assert lm.finished_stage(tmp_path / "base-uniform" / "metrics.json", replace(TINY, lr=0.01)) is None
-    assert lm.finished_stage(tmp_path / "reference" / "reference.json", TINY, "missing.pt") is None
+    assert lm.finished_stage(tmp_path / "base-uniform" / "metrics.json", replace(tiny, lr=0.01)) is None
+    assert lm.finished_stage(tmp_path / "reference" / "reference.json", tiny, "missing.pt") is None
     trained.clear()
     (tmp_path / "base-proportional" / "metrics.json").unlink()  # as if stopped part-way
-    lm.compare(TINY, tmp_path, reuse=True)
+    lm.compare(tiny, tmp_path, reuse=True)
     assert trained == ["base-proportional"]
+    # The same path with other contents is another corpus: nothing is reused from it.
+    moved = tmp_path / "corpus"
+    shutil.copytree(FIXTURE, moved)
+    here = replace(tiny, corpus=str(moved))
+    record = tmp_path / "base-uniform" / "metrics.json"
+    assert lm.finished_stage(record, here) is None  # another path: another config
+    payload = json.loads(record.read_text())
+    payload["config"]["corpus"] = str(moved)  # as if the run had used this path
+    record.write_text(json.dumps(payload))
+    assert lm.finished_stage(record, here) is not None
+    with (moved / "drama" / "train.txt").open("a") as f:
+        f.write("one more line\n")
+    assert lm.finished_stage(record, here) is None
     with pytest.raises(SystemExit):
         lm.main(["--stage", "base", "--weights", "uniform", "--reuse", "--out", str(tmp_path)])
 
@@ -490,3 +511,27 @@ def test_a_non_finite_loss_stops_the_stage_naming_its_first_step(
     with pytest.raises(RuntimeError, match=r"base: the training loss is not finite at step 3 \(of 6\)"):
         lm.train(TINY, "base", strategies.uniform(), windows, 6)
     assert calls == (4 if check_every == 2 else 6)  # the flag is read every `check_every` steps
+
+
+def test_the_report_pools_only_the_seeds_and_rows_of_one_configuration(tmp_path: Path) -> None:
+    from domainmix.experiments import lm_report
+
+    run = tmp_path / "run"
+    lm.compare_seeds(TINY, run, [0, 1])
+    out = {"results": tmp_path / "results", "images": tmp_path / "images"}
+    flags = ["--results", str(out["results"]), "--images", str(out["images"])]
+    # --figure-seed of a seed that did not run: refused before anything is written
+    assert lm_report.main([str(run), "--name", "x", "--figure-seed", "7", *flags]) == 2
+    assert not out["results"].exists()
+    # a row that only some seeds have yet (a --reuse run adding rows) is left out, not a KeyError
+    table = json.loads((run / "seed-1" / "comparison.json").read_text())
+    del table["doge"]
+    (run / "seed-1" / "comparison.json").write_text(json.dumps(table))
+    assert "doge" not in lm_report.summarize(run, "cmd")["base"]
+    # seeds run with other settings are not pooled under seed 0's config
+    record = run / "seed-1" / "reference" / "reference.json"
+    payload = json.loads(record.read_text())
+    payload["config"]["lr"] = 0.02
+    record.write_text(json.dumps(payload))
+    with pytest.raises(ValueError, match=r"seeds \[1\] ran with other settings than seed 0 \(\['lr'\]\)"):
+        lm_report.summarize(run, "cmd")

@@ -210,7 +210,10 @@ def test_config_file_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pyte
 
 def test_bad_seeds_name_the_flag(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["linear", "--out", str(tmp_path), "--seeds", "a,b"]) == 2
-    assert "--seeds must be comma-separated ints, e.g. 0,1,2. Got 'a,b' instead." in capsys.readouterr().err
+    assert (
+        "--seeds must be distinct comma-separated ints >= 0, e.g. 0,1,2. Got 'a,b' instead."
+        in capsys.readouterr().err
+    )
 
 
 def test_runs_in_which_a_method_would_never_act_are_refused() -> None:

@@ -445,6 +445,22 @@ class LmConfig:
         )
         dids_ints = ("dids_round_steps", "dids_examples", "dids_clusters", "dids_sketch_dim")
         _require(out, self, "be an int >= 1", lambda v: v >= 1, *dids_ints)
+        if self.compare_dids:
+            out.extend(self.dids_problems())
+        metrics = ("cosine", "euclidean")
+        _require(out, self, f"be one of {list(metrics)}", lambda v: v in metrics, "dids_metric")
+        starts = ("uniform", "proportional")
+        _require(out, self, f"be one of {list(starts)}", lambda v: v in starts, "dids_initial")
+        _require(out, self, "be in [0, 1)", lambda v: 0 <= v < 1, "dids_decay", "dids_parent_floor")
+        return out
+
+    def dids_problems(self) -> list[str]:
+        """What a DIDS run needs to act at all, checked when one runs.
+
+        ``problems()`` adds these with ``compare_dids``; a ``--weights dids...`` base stage checks them
+        itself. Runs without DIDS are not held to them.
+        """
+        out: list[str] = []
         _require(
             out,
             self,
@@ -459,11 +475,6 @@ class LmConfig:
             lambda v: self.train_windows == 0 or v <= self.train_windows,
             "dids_clusters",
         )
-        metrics = ("cosine", "euclidean")
-        _require(out, self, f"be one of {list(metrics)}", lambda v: v in metrics, "dids_metric")
-        starts = ("uniform", "proportional")
-        _require(out, self, f"be one of {list(starts)}", lambda v: v in starts, "dids_initial")
-        _require(out, self, "be in [0, 1)", lambda v: 0 <= v < 1, "dids_decay", "dids_parent_floor")
         return out
 
 
@@ -593,6 +604,23 @@ def _describe(hint: Any) -> str:
     )
 
 
+def parse_seeds(text: str) -> list[int]:
+    """``--seeds 0,1,2`` as distinct ints >= 0.
+
+    Raises:
+        ConfigError: naming ``--seeds`` and the value.
+    """
+    try:
+        seeds = [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
+        raise ConfigError(
+            [f"--seeds must be distinct comma-separated ints >= 0, e.g. 0,1,2. Got {text!r} instead."]
+        )
+    return seeds
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """``"key=value"`` from the command line; the value is read as YAML (``lr=0.01``, ``seeds=[0,1]``)."""
     import yaml
@@ -620,5 +648,6 @@ __all__ = [
     "as_dict",
     "load_config",
     "parse_override",
+    "parse_seeds",
     "read_yaml",
 ]

@@ -28,6 +28,7 @@ windows per domain (the reference's loss cache covers them).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -46,7 +47,8 @@ from tqdm import tqdm
 
 from domainmix import DomainWeights, WeightingController, domain_losses, strategies, weighted_loss
 from domainmix._atomic import atomic_path, atomic_write_json
-from domainmix.experiments.config import LmConfig, load_config, parse_override
+from domainmix._validation import ConfigError
+from domainmix.experiments.config import LmConfig, load_config, parse_override, parse_seeds
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.experiments.lm_report import plot_trajectories
 from domainmix.experiments.methods import (
@@ -125,6 +127,30 @@ def _tokens(corpus_dir: str, domain: str, split: str, tokenizer: str | None) -> 
             f"The corpus {corpus_dir} has no domain {domain!r}; its domains: {list(corpus.domains)}."
         )
     return corpus.tokens(domain, split, tokenizer)
+
+
+def corpus_digest(cfg: LmConfig) -> str:
+    """sha256 of what the stages read: the corpus's manifest and split files, and the tokenizer file.
+
+    Recorded with every stage: ``--reuse`` keeps a stage only when the corpus it was trained on is the
+    one at ``cfg.corpus`` now (the path alone says nothing of what lies there).
+    """
+    root = Path(cfg.corpus)
+    files = [root / "manifest.json", *sorted(root.glob("*/*.txt"))]
+    tokenizer = tokenizer_file(cfg)
+    if tokenizer is not None:
+        files.append(tokenizer)
+    return _digest(tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files), str(root))
+
+
+@lru_cache(maxsize=8)
+def _digest(files: tuple[tuple[str, int, int], ...], root: str) -> str:
+    """The digest of ``files`` by their names under ``root`` and contents (cached by size and mtime)."""
+    h = hashlib.sha256()
+    for name, _, _ in files:
+        h.update(os.path.relpath(name, root).encode() + b"\0")
+        h.update(Path(name).read_bytes())
+    return h.hexdigest()
 
 
 def tokenizer_file(cfg: LmConfig) -> Path | None:
@@ -511,7 +537,8 @@ def stage_reference(cfg: LmConfig, out: Path) -> dict[str, Any]:
     with atomic_path(out / "reference_losses.npy") as tmp:
         np.save(tmp, cache)
     save_model(model, out / REFERENCE_MODEL)  # DIDS's gradient features come from it
-    result = {"stage": "reference", "config": asdict(cfg), "weights": sizes, **info}
+    result = {"stage": "reference", "config": asdict(cfg), "corpus_digest": corpus_digest(cfg)}
+    result.update(weights=sizes, **info)
     atomic_write_json(out / "reference.json", result, indent=1, allow_nan=False)
     return result
 
@@ -605,6 +632,7 @@ def stage_proxy(cfg: LmConfig, out: Path, strategy_name: str, reference_dir: Pat
         "doge_subset": info.pop("doge_subset", None),
         "doge_selection": selection,
         "config": asdict(cfg),
+        "corpus_digest": corpus_digest(cfg),
         **info,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -679,6 +707,7 @@ def finish_base(
         "worst_test_log_perplexity": max(trained_log),
         "parameters": model.num_parameters(),
         "config": asdict(cfg),
+        "corpus_digest": corpus_digest(cfg),
         **info,
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -695,8 +724,9 @@ def finished_stage(record: Path, cfg: LmConfig, *companions: str) -> dict[str, A
 
     ``--compare --reuse`` runs only the stages this returns None for: a comparison stopped part-way
     goes on, and new rows (``compare_dids=true``) join finished ones. The stage's recorded ``config``
-    must equal ``cfg`` in every setting but those of ``_NOT_A_STAGE_SETTING``, and the ``companions``
-    (files next to ``record``) must exist.
+    must equal ``cfg`` in every setting but those of ``_NOT_A_STAGE_SETTING``, its recorded corpus
+    digest must be that of the corpus now at ``cfg.corpus`` (:func:`corpus_digest`), and the
+    ``companions`` (files next to ``record``) must exist.
     """
     if not record.is_file() or not all((record.parent / name).is_file() for name in companions):
         return None
@@ -705,7 +735,7 @@ def finished_stage(record: Path, cfg: LmConfig, *companions: str) -> dict[str, A
     for key in _NOT_A_STAGE_SETTING:
         wanted.pop(key, None)
         found.pop(key, None)
-    return result if found == wanted else None
+    return result if found == wanted and result.get("corpus_digest") == corpus_digest(cfg) else None
 
 
 def compare(cfg: LmConfig, out: Path, reuse: bool = False) -> dict[str, Any]:
@@ -880,7 +910,9 @@ def main(argv: list[str] | None = None) -> int:
                 overrides[key] = getattr(args, key)
         cfg = load_config(LmConfig, args.config, overrides)
         if args.compare and args.seeds is not None:
-            seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
+            if "seed" in overrides:
+                raise ConfigError(["--seed (or --set seed=...) and --seeds exclude each other."])
+            seeds = parse_seeds(args.seeds)
             print(format_paired(compare_seeds(cfg, args.out, seeds, args.reuse)))
         elif args.compare:
             table = compare(cfg, args.out, args.reuse)

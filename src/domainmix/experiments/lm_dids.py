@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from domainmix._atomic import atomic_write_json
+from domainmix._validation import ConfigError
 from domainmix.experiments import lm
 from domainmix.experiments.config import LmConfig
 from domainmix.experiments.gpt import GPT, per_token_loss
@@ -273,7 +274,14 @@ class _TimedProbe(FisherProductProbe):
 def train_dids(
     cfg: LmConfig, method: str, reference_dir: Path | None, cache: Path
 ) -> tuple[GPT, dict[str, float], dict[str, Any]]:
-    """Train the base model with DIDS moving its sampling; (model, averaged sampling by domain, info)."""
+    """Train the base model with DIDS moving its sampling; (model, averaged sampling by domain, info).
+
+    Raises:
+        ConfigError: when the settings would leave DIDS without a round (``LmConfig.dids_problems``).
+    """
+    problems = cfg.dids_problems()
+    if problems:
+        raise ConfigError(problems)
     pool = lm.training_pool(cfg)
     if method in UNCLUSTERED:
         partition, made = flat_partition(pool), {"features_seconds": 0.0, "clustering_seconds": 0.0}

@@ -75,12 +75,23 @@ def summarize(run: Path, command: str = "") -> dict[str, Any]:
         )
     folders = [run / f"seed-{s}" for s in seeds]
     reference = [_read(f / "reference" / "reference.json") for f in folders]
+    settings = [{k: v for k, v in r["config"].items() if k != "seed"} for r in reference]
+    differing = [s for s, c in zip(seeds, settings, strict=True) if c != settings[0]]
+    if differing:  # pooled, their differences would mix two experiments under one config
+        keys = sorted(k for k in settings[0] if any(c.get(k) != settings[0][k] for c in settings))
+        raise ValueError(
+            f"{run}: seeds {differing} ran with other settings than seed {seeds[0]} ({keys}); a report "
+            "pools the seeds of one configuration."
+        )
     proxies = {m: [_read(f / f"proxy-{m}" / "weights.json") for f in folders] for m in _proxies(folders[0])}
     config = {k: v for k, v in reference[0]["config"].items() if k != "seed"}
     target = config["target_domain"]
     domains = list(reference[0]["weights"])
     tables = [_read(f / "comparison.json") for f in folders]
-    labels = list(tables[0])  # the base runs of the comparison, in its order
+    # The base runs every seed has, in the comparison's order (a --reuse run adding rows seed by seed
+    # has them in some seeds only while it goes on).
+    labels = [label for label in tables[0] if all(label in t for t in tables)]
+    tables = [{label: t[label] for label in labels} for t in tables]
     base: dict[str, Any] = {}
     for label in labels:
         rows = [t[label] for t in tables]
@@ -453,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = summarize(args.run, args.command)
-    except FileNotFoundError as error:
+        if args.figure_seed is not None and args.figure_seed not in summary["seeds"]:
+            raise ValueError(f"--figure-seed {args.figure_seed} is not a finished seed of {summary['seeds']}")
+    except (FileNotFoundError, ValueError) as error:  # before anything is written
         print(f"lm_report: {error}", file=sys.stderr)
         return 2
     args.results.mkdir(parents=True, exist_ok=True)

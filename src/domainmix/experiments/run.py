@@ -31,7 +31,14 @@ from typing import Any
 import torch
 
 from domainmix._validation import ConfigError
-from domainmix.experiments.config import TrainConfig, as_dict, load_config, parse_override, read_yaml
+from domainmix.experiments.config import (
+    TrainConfig,
+    as_dict,
+    load_config,
+    parse_override,
+    parse_seeds,
+    read_yaml,
+)
 from domainmix.experiments.loop import train
 from domainmix.experiments.methods import LOSS_RULES, SAMPLING_RULES, describe
 
@@ -104,20 +111,6 @@ def build_config(
     preset = {} if setting == "custom" else dict(module.SETTINGS[setting])
     from_file = read_yaml(path) if path is not None else {}
     return load_config(module.CONFIG, None, {**preset, **from_file, **overrides})
-
-
-def parse_seeds(text: str) -> list[int]:
-    """``--seeds 0,1,2`` as ints.
-
-    Raises:
-        ConfigError: naming ``--seeds`` and the value.
-    """
-    try:
-        return [int(s) for s in text.split(",") if s.strip()]
-    except ValueError:
-        raise ConfigError(
-            [f"--seeds must be comma-separated ints, e.g. 0,1,2. Got {text!r} instead."]
-        ) from None
 
 
 def main(argv: list[str] | None = None) -> int:
