@@ -1,9 +1,10 @@
-"""Slow: the demo's claim holds when it is actually run (loss weights set the error)."""
+"""The demo: its claim holds when it is actually run (slow), and bad flags exit 2."""
 
 from __future__ import annotations
 
 import pytest
 
+from domainmix.experiments import demo
 from domainmix.experiments.demo import DemoConfig, method_strategies, train
 
 
@@ -20,3 +21,10 @@ def test_demo_loss_weights_move_the_error() -> None:
     mixture = results["inverse_loss"]["mixture"]
     assert mixture[2] < mixture[1] < mixture[0]
     assert results["inverse_loss"]["sampling"] == pytest.approx([1 / 3] * 3, abs=0.02)
+
+
+@pytest.mark.parametrize("args", [["--steps", "-5"], ["--seed", "-1"]])
+def test_bad_flags_exit_2(args: list[str], capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as stop:
+        demo.main(args)
+    assert stop.value.code == 2 and "--steps must be >= 1 and --seed >= 0" in capsys.readouterr().err

@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=DemoConfig.steps, help="SGD steps per method")
     parser.add_argument("--seed", type=int, default=DemoConfig.seed, help="random seed")
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.seed < 0:
+        parser.error(f"--steps must be >= 1 and --seed >= 0; got --steps {args.steps} --seed {args.seed}")
     cfg = DemoConfig(steps=args.steps, seed=args.seed)
     print(
         f"3 domains {NAMES}, label noise σ = {NOISE}, d = {cfg.dim}, B = {cfg.batch_size}, {cfg.steps} steps"
