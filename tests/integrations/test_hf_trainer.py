@@ -190,6 +190,16 @@ def test_resume_refusals(tmp_path: Path) -> None:
     trainer = make(tmp_path / "none")
     with pytest.raises(ValueError, match="no valid checkpoint found in output directory"):
         trainer.train(resume_from_checkpoint=True)  # transformers refuses it too: never start afresh
+    # A stop between the Trainer's files and the domain state: True resumes from the last complete one.
+    full = make(tmp_path / "full")
+    full.train()
+    (tmp_path / "full" / "checkpoint-12" / STATE_FILE).unlink()
+    resumed = make(tmp_path / "full")
+    with pytest.warns(
+        RuntimeWarning, match=r"checkpoint-12 has no domainmix_state.pt .* resuming from .*checkpoint-6"
+    ):
+        resumed.train(resume_from_checkpoint=True)
+    assert resumed.record["batches"] == full.record["batches"][6:]
 
     # Accumulation 2 over epochs of 5 batches: a checkpoint 2 batches into an epoch cannot resume exactly.
     def epochs_of(length: int, out: Path) -> DomainMixTrainer:

@@ -27,6 +27,7 @@ steps is refused: the Trainer (its data skipping off) would miss the epoch's las
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -174,13 +175,7 @@ class DomainMixTrainer(Trainer):
                 inside an epoch whose length is not a multiple of the gradient accumulation steps.
         """
         if resume_from_checkpoint is True:
-            found = get_last_checkpoint(self.args.output_dir)  # type: ignore[no-untyped-call]
-            if found is None:  # starting afresh could overwrite the checkpoints the caller meant to resume
-                raise ValueError(
-                    f"DomainMixTrainer.train: no valid checkpoint found in output directory "
-                    f"({self.args.output_dir}); resume_from_checkpoint=True needs one."
-                )
-            resume_from_checkpoint = found
+            resume_from_checkpoint = self._last_complete_checkpoint()
         if isinstance(resume_from_checkpoint, str):
             path = Path(resume_from_checkpoint) / STATE_FILE
             if not path.is_file():
@@ -195,6 +190,39 @@ class DomainMixTrainer(Trainer):
             self._consumed = int(state["sampler"][self.sampler.TOTAL_KEY])
             self._rng_pending = str(resume_from_checkpoint)
         return super().train(resume_from_checkpoint=resume_from_checkpoint or None, **kwargs)
+
+    def _last_complete_checkpoint(self) -> str:
+        """The newest ``checkpoint-N`` of ``output_dir`` that holds ``STATE_FILE``.
+
+        The state file is written after the Trainer's own files (``on_save``), so a run stopped between
+        the two leaves a newest checkpoint without it: the one before is then the last complete one.
+        """
+        output = str(self.args.output_dir)
+        if get_last_checkpoint(output) is None:  # type: ignore[no-untyped-call]
+            # starting afresh could overwrite the checkpoints the caller meant to resume
+            raise ValueError(
+                f"DomainMixTrainer.train: no valid checkpoint found in output directory ({output}); "
+                "resume_from_checkpoint=True needs one."
+            )
+        steps = sorted(
+            (int(d.name.rsplit("-", 1)[1]), d)
+            for d in Path(output).glob(f"{PREFIX_CHECKPOINT_DIR}-*")
+            if d.is_dir() and d.name.rsplit("-", 1)[1].isdigit()
+        )
+        complete = [d for _, d in steps if (d / STATE_FILE).is_file()]
+        if not complete:
+            raise ValueError(
+                f"DomainMixTrainer.train: no checkpoint in {output} holds {STATE_FILE}; they were not "
+                "written by a DomainMixTrainer, so the weights and the sampler cannot resume."
+            )
+        if complete[-1] != steps[-1][1]:
+            warnings.warn(
+                f"DomainMixTrainer.train: {steps[-1][1]} has no {STATE_FILE} (the run stopped while saving "
+                f"it); resuming from {complete[-1]}, the last complete checkpoint.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return str(complete[-1])
 
     def _check_partial_epoch(self, sampler_state: dict[str, Any]) -> None:
         """Refuse a resume the Trainer would accumulate wrongly (see the module docstring).
