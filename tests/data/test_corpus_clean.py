@@ -265,6 +265,8 @@ def test_audit_exits_1_on_a_leaking_corpus(tmp_path: Path, capsys: pytest.Captur
     assert main(["audit", str(copy), "--split", "test"]) == 1
     row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("drama"))
     assert "!" in row
+    # Not a corpus at all: 2, so that a script can tell a leak (1) from a wrong folder.
+    assert main(["audit", str(tmp_path)]) == 2
 
 
 def test_limits_and_the_interval() -> None:

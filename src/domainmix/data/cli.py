@@ -128,7 +128,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run ``domainmix data <command>``; returns the exit status (2: bad arguments, 1: build failed)."""
+    """Run ``domainmix data <command>``; returns the exit status.
+
+    2: bad arguments (for ``audit``, also a folder that is no corpus); 1: the build failed, ``verify``
+    found a file that does not match the manifest, or ``audit`` found a pair above its limit.
+    """
     parser = _parser()
     try:
         args = parser.parse_args(argv)
@@ -151,7 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except ValueError as error:  # bad values (CorpusError included: a broken corpus is bad input here)
         print(f"{prog}: error: {error}", file=sys.stderr)
-        return 2 if not isinstance(error, CorpusError) else 1
+        # A broken corpus is what verify reports (1); an audit of one cannot say anything about leaks (2).
+        return 1 if isinstance(error, CorpusError) and args.command != "audit" else 2
     except (SourceError, ImportError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 1
