@@ -72,3 +72,18 @@ def test_batch_dispatching_is_refused() -> None:
         ValueError, match="DomainMixingIterable is being iterated under accelerate.data_loader.DataL"
     ):
         next(iter(loader))
+
+
+def test_split_batches_is_refused() -> None:
+    from accelerate import Accelerator, DataLoaderConfiguration
+    from torch.utils.data import DataLoader
+
+    from domainmix.integrations.accelerate import prepare_loader
+    from domainmix.sampling import DomainBatchSampler
+
+    accelerator = Accelerator(cpu=True, dataloader_config=DataLoaderConfiguration(split_batches=True))
+    sampler = DomainBatchSampler({"a": range(4)}, 2)
+    with pytest.raises(
+        ValueError, match="'accelerator' parameter of prepare_loader must be an Accelerator without"
+    ):
+        prepare_loader(accelerator, DataLoader(list(range(4)), batch_sampler=sampler))

@@ -92,6 +92,18 @@ def test_errors(tmp_path: Path) -> None:
     args = TrainingArguments(
         output_dir=str(tmp_path), per_device_train_batch_size=4, use_cpu=True, report_to=[]
     )
+    grouped = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=6,
+        use_cpu=True,
+        report_to=[],
+        train_sampling_strategy="group_by_length",
+    )
+    with pytest.raises(
+        ValueError, match="train_sampling_strategy='group_by_length' asks for another training"
+    ):
+        DomainMixTrainer(model=trainer.model, args=grouped, train_dataset=EXAMPLE.dataset(),
+                         sampler=trainer.sampler, controller=trainer.controller)  # fmt: skip
     with pytest.raises(ValueError, match="the sampler has batch_size=6, rank 0 of 1; the arguments ask for "):
         DomainMixTrainer(model=trainer.model, args=args, train_dataset=EXAMPLE.dataset(),
                          sampler=trainer.sampler, controller=trainer.controller)  # fmt: skip

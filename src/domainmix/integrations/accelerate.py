@@ -35,14 +35,22 @@ def prepare_loader(accelerator: Accelerator, loader: DataLoader[Any]) -> Any:
         Accelerate's ``DataLoaderShard`` over the same batch sampler: batches on ``accelerator.device``.
 
     Raises:
-        ValueError: when the loader has no ``DomainBatchSampler`` or its rank or world size disagree with
-            the accelerator's.
+        ValueError: when the loader has no ``DomainBatchSampler``, its rank or world size disagree with
+            the accelerator's, or the accelerator splits batches (``split_batches=True``): the sampler's
+            batches are already each rank's own, so a split would not happen and the batch size would
+            silently be per rank, not global.
     """
     sampler = loader.batch_sampler
     if not isinstance(sampler, DomainBatchSampler):
         raise param_error(
             "prepare_loader", "loader", "a DataLoader with batch_sampler=DomainBatchSampler(...)", loader
         )
+    if getattr(accelerator, "split_batches", False):
+        raise param_error(
+            "prepare_loader", "accelerator",
+            "an Accelerator without split_batches (the sampler's batch_size is per rank; for a global batch "
+            "of G on W processes give it batch_size=G // W)", "split_batches=True",
+        )  # fmt: skip
     rank, world = sampler.rank, sampler.world_size
     if (rank, world) != (accelerator.process_index, accelerator.num_processes):
         raise param_error(

@@ -83,7 +83,11 @@ class DomainMixTrainer(Trainer):
         **kwargs: passed to ``transformers.Trainer``.
 
     Raises:
-        ValueError: when the sampler's batch size, rank or world size disagree with the arguments'.
+        ValueError: when the sampler's batch size, rank or world size disagree with the arguments', or
+            when they ask for another sampler (``train_sampling_strategy``, ``group_by_length``). The
+            loader is the sampler's: ``dataloader_drop_last`` and ``remove_unused_columns`` do not
+            apply to it (the sampler decides every batch; the dataset holds only the collator's inputs
+            and ``domain_key``).
     """
 
     # compute_loss returns a mean over the micro-batch, not a sum over the accumulated items: the
@@ -108,6 +112,17 @@ class DomainMixTrainer(Trainer):
                 f"of {sampler.world_size}; the arguments ask for per_device_train_batch_size={expected[0]}, "
                 f"rank {expected[1]} of {expected[2]}. Build the sampler after TrainingArguments, with its "
                 "batch size."
+            )
+        # A sampler choice of the arguments (transformers >= 5: train_sampling_strategy; before it:
+        # group_by_length) would be silently replaced by the domain sampler: refuse it instead.
+        strategy = getattr(self.args, "train_sampling_strategy", "random")
+        if strategy != "random" or getattr(self.args, "group_by_length", False):
+            chosen = (
+                "group_by_length=True" if strategy == "random" else f"train_sampling_strategy={strategy!r}"
+            )
+            raise ValueError(
+                f"DomainMixTrainer: {chosen} asks for another training sampler; the DomainBatchSampler "
+                "plans every batch. Leave the Trainer's sampler choice at its default."
             )
         self.args.ignore_data_skip = True  # the sampler resumes itself; skipping would replay batches
         self.model_accepts_loss_kwargs = False  # see loss_is_scaled_for_ga
