@@ -344,7 +344,7 @@ class WeightingController:
         # A step is all or nothing: if the strategy or a probe raises, the step count, the weights and the
         # collector's window stay as they were before the call (a probe may raise after the training
         # losses were observed, on any step; without probes only a closing step can fail midway).
-        saved = self._collector.state_dict() if self.closes_window or self._probes else None
+        saved = self._collector._snapshot() if self.closes_window or self._probes else None
         try:
             updated = self._advance(step, losses, domain_ids, mask, indices)
         except BaseException:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -206,12 +206,19 @@ class StatsCollector:
         return torch.where(returned_raw, value, updated)
 
     def state_dict(self) -> dict[str, Any]:
-        """Window sums and moving averages, as plain tensors."""
+        """Window sums and moving averages, as plain CPU tensors (a checkpoint loads on any machine)."""
+        return self._copied(lambda value: value.detach().to("cpu", copy=True))
+
+    def _snapshot(self) -> dict[str, Any]:
+        """:meth:`state_dict` with the window left on its device: a per-step undo point, no host copy."""
+        return self._copied(lambda value: value.clone())
+
+    def _copied(self, copy: Callable[[Tensor], Tensor]) -> dict[str, Any]:
         return {
             self.NUM_DOMAINS_KEY: self._k,
             self.EMA_KEY: self._ema,
-            self.WINDOW_KEY: {key: value.clone() for key, value in self._window.items()},
-            self.AVERAGES_KEY: {key: value.clone() for key, value in self._averages.items()},
+            self.WINDOW_KEY: {key: copy(value) for key, value in self._window.items()},
+            self.AVERAGES_KEY: {key: copy(value) for key, value in self._averages.items()},
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
