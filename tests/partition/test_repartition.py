@@ -96,6 +96,15 @@ def test_cached_to_disk_and_reloaded(tmp_path, monkeypatch) -> None:
     plain.write_text(json.dumps(tampered))
     with pytest.raises(ValueError, match="content matching its digest"):
         load_partition(plain)
+    del tampered["digest"]
+    plain.write_text(json.dumps(tampered))
+    with pytest.raises(ValueError, match=r"from_json must be a partition with names, parents, members and dig"):
+        load_partition(plain)
+    # A cache cut short by a crash (or any unreadable one) is a miss: clustered again and replaced.
+    monkeypatch.undo()
+    path.write_text(path.read_text()[:50])
+    assert repartition(features, domains, 2, cache=path) == made
+    assert json.loads(path.read_text())["partition"]["digest"] == made.digest
 
 
 def test_sampler_state_of_another_partition_refused() -> None:
@@ -123,8 +132,14 @@ def test_sampler_state_of_another_partition_refused() -> None:
         ({"metric": "manhattan"}, "'metric' parameter of repartition must be one of"),
         ({"overlap": True}, "'domains' parameter of repartition must be disjoint"),
         ({"clusters": {"web": 2}}, "'clusters' parameter of repartition must be an int or a mapping"),
+        (
+            {"float_index": True},
+            r"'domains' parameter of repartition must be integer indices \(domain 'web'\)",
+        ),
+        ({"same_rows": True}, r"domain 'web' has 1 clusters, not the 2 asked"),  # sklearn warns too
     ],
 )
+@pytest.mark.filterwarnings("ignore:Number of distinct clusters:sklearn.exceptions.ConvergenceWarning")
 def test_bad_inputs_rejected(change: dict, match: str) -> None:
     rng = np.random.default_rng(0)
     features = rng.standard_normal((12, 4))
@@ -133,6 +148,10 @@ def test_bad_inputs_rejected(change: dict, match: str) -> None:
         features[3, 1] = np.nan
     if change.pop("overlap", False):
         domains["code"] = np.arange(5, 12)
+    if change.pop("float_index", False):
+        domains["web"] = [0.2, 1.9, 2.5, 3.7, 4.0, 5.0]  # would have been truncated to 0..5
+    if change.pop("same_rows", False):
+        features[:6] = features[0]  # k-means cannot make two clusters of one point
     kwargs = {"clusters": 2, **change}
     with pytest.raises(ValueError, match=match):
         repartition(features, domains, **kwargs)
@@ -142,3 +161,14 @@ def test_public_names() -> None:
     assert domainmix.partition.__all__ == ["Partition", "load_partition", "repartition"]
     for name in domainmix.partition.__all__:
         assert getattr(domainmix.partition, name).__doc__
+
+
+def test_partition_members_must_be_non_negative_integers() -> None:
+    with pytest.raises(
+        ValueError, match="'members' parameter of Partition.create must be groups of non-negative"
+    ):
+        Partition.create(["a/0", "a/1"], ["a", "a"], [[-3, -1], [0, 1]])
+    with pytest.raises(
+        ValueError, match="'members' parameter of Partition.create must be groups of non-negative"
+    ):
+        Partition.create(["a/0"], ["a"], [[0.5, 1.5]])

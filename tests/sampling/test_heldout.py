@@ -73,3 +73,11 @@ def test_bad_arguments_are_collected() -> None:
         split_heldout(DOMAINS, 0.1, seed=-1)
     with pytest.raises(ValueError, match="'domains' parameter of split_heldout"):
         split_heldout({}, 0.1)
+
+
+def test_a_domain_with_repeated_or_no_indices_is_refused() -> None:
+    # Copies of index 5 would be split between train and held-out: the model would train on held-out data.
+    with pytest.raises(ValueError, match=r"domain 'a' has 2 repeated indices"):
+        split_heldout({"a": [0, 1, 2, 3, 4, 5, 5, 5], "b": [9, 10]}, 0.5)
+    with pytest.raises(ValueError, match=r"domain 'b' has no examples"):
+        split_heldout({"a": [0, 1], "b": []}, 0.5)

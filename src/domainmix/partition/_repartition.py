@@ -20,6 +20,7 @@ from torch import Tensor
 
 from domainmix._atomic import atomic_write_json
 from domainmix._validation import Interval, Options, check_param, param_error
+from domainmix.sampling._streams import as_domain_index
 
 Metric = Literal["cosine", "euclidean"]
 _FORMAT = 1  # version of the cache file's layout
@@ -59,7 +60,12 @@ class Partition:
             )
         if len(set(names)) != len(names):
             raise param_error(caller, "names", "unique group names", list(names))
-        arrays = tuple(np.sort(np.asarray(m, dtype=np.int64).reshape(-1)) for m in members)
+        raw = [np.asarray(m).reshape(-1) for m in members]
+        if any(a.size and (a.dtype.kind not in "iu" or int(a.min()) < 0) for a in raw):
+            raise param_error(
+                caller, "members", "groups of non-negative integer indices", [str(a.dtype) for a in raw]
+            )
+        arrays = tuple(np.sort(a.astype(np.int64)) for a in raw)
         if any(a.size == 0 for a in arrays):
             raise param_error(caller, "members", "non-empty groups", [a.size for a in arrays])
         joined = np.concatenate(arrays)
@@ -143,6 +149,14 @@ class Partition:
         """
         if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
             raise param_error("Partition.from_json", "data", f"a partition of format {_FORMAT}", type(data))
+        missing = [key for key in ("names", "parents", "members", "digest") if key not in data]
+        if missing:
+            raise param_error(
+                "Partition.from_json",
+                "data",
+                "a partition with names, parents, members and digest",
+                f"missing {missing}",
+            )
         made = cls.create(data["names"], data["parents"], data["members"])
         if made.digest != data.get("digest"):
             raise param_error(
@@ -213,15 +227,24 @@ def repartition(
     counts = _check_clusters(caller, clusters, index)
     key = _cache_key(x, index, counts, metric, seed, n_init)
     if cache is not None and Path(cache).exists():
-        saved = json.loads(Path(cache).read_text(encoding="utf-8"))
-        if isinstance(saved, Mapping) and saved.get("key") == key:
-            return Partition.from_json(saved["partition"])
+        try:  # an unreadable or foreign cache is a miss: it is clustered again and replaced
+            saved = json.loads(Path(cache).read_text(encoding="utf-8"))
+            if isinstance(saved, Mapping) and saved.get("key") == key:
+                return Partition.from_json(saved["partition"])
+        except (OSError, ValueError, KeyError):  # JSONDecodeError is a ValueError
+            pass
     names: list[str] = []
     parents: list[str] = []
     members: list[np.ndarray] = []
     for source, rows in index.items():
         labels = _cluster(x[rows], counts[source], metric, seed, n_init)
-        groups = [np.sort(rows[labels == c]) for c in np.unique(labels)]
+        found = np.unique(labels)
+        if found.size < counts[source]:  # k-means left clusters empty: fewer distinct feature rows than k
+            raise ValueError(
+                f"repartition: domain {source!r} has {found.size} clusters, not the {counts[source]} asked: "
+                f"its features have fewer distinct directions than that. Ask for at most {found.size}."
+            )
+        groups = [np.sort(rows[labels == c]) for c in found]
         groups.sort(key=lambda g: int(g[0]))
         for c, group in enumerate(groups):
             names.append(f"{source}/{c}")
@@ -270,8 +293,7 @@ def _check_domains(
     for name, rows in domains.items():
         if not isinstance(name, str) or not name or "/" in name:
             raise param_error(caller, "domains", "keyed by non-empty names without '/'", name)
-        values = rows.cpu().numpy() if isinstance(rows, Tensor) else np.asarray(rows)
-        values = values.astype(np.int64).reshape(-1)
+        values = np.asarray(as_domain_index(caller, name, rows), dtype=np.int64)  # ints, as a sampler takes
         if values.size and (values.min() < 0 or values.max() >= n):
             raise param_error(caller, "domains", f"indices of feature rows in [0, {n - 1}]", name)
         index[name] = values
@@ -316,7 +338,7 @@ def _cache_key(
     n_init: int,
 ) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([metric, seed, n_init, dict(counts), list(index)]).encode())
+    h.update(json.dumps([_FORMAT, list(x.shape), metric, seed, n_init, dict(counts), list(index)]).encode())
     h.update(np.ascontiguousarray(x, dtype="<f8").tobytes())
     for rows in index.values():
         h.update(np.int64(rows.size).tobytes())

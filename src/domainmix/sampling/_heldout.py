@@ -59,8 +59,9 @@ def split_heldout(
         A :class:`HeldoutSplit`, with domains in the order given.
 
     Raises:
-        ValueError: naming the parameter, for bad fractions or counts, unknown or missing names, or a
-            split that would leave a domain without training examples (all problems at once).
+        ValueError: naming the parameter, for bad fractions or counts, unknown or missing names, a
+            domain that is empty or lists an index twice, or a split that would leave a domain without
+            training examples (all problems at once).
     """
     caller = "split_heldout"
     if not isinstance(domains, Mapping) or not domains:
@@ -81,6 +82,14 @@ def split_heldout(
         n = len(index)
         value = per_domain.get(name)
         if value is None:
+            continue
+        if n == 0 or len(np.unique(index)) != n:
+            # A repeated index could land on both sides of the split: held-out data the model trains on.
+            what = "no examples" if n == 0 else f"{n - len(np.unique(index))} repeated indices"
+            errors.append(
+                f"split_heldout: domain {name!r} has {what}; a held-out split needs each of a domain's "
+                "examples once, and at least one."
+            )
             continue
         if count is None:
             if not Interval(float, 0.0, 1.0, closed="left").accepts(value):
