@@ -85,3 +85,11 @@ def test_load_state_dict_rejects_other_tensors() -> None:
         CancellationScores([("y", torch.zeros(1))]).load_state_dict(state)
     with pytest.raises(ValueError, match="missing keys"):
         CancellationScores([("x", torch.zeros(1))]).load_state_dict({})
+    # previous weights of another name or shape: refused before anything is assigned
+    tracker = CancellationScores([("x", torch.zeros(2))])
+    before = tracker.state_dict()
+    for previous in ({}, {"x": torch.zeros(2), "c": torch.zeros(1)}, {"x": torch.zeros(3)}):
+        bad = {**tracker.state_dict(), "steps": 5, "previous": previous}
+        with pytest.raises(ValueError, match="other tensor names|other shapes"):
+            tracker.load_state_dict(bad)
+        assert tracker.state_dict()["steps"] == before["steps"]

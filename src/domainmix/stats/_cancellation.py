@@ -91,9 +91,14 @@ class CancellationScores:
         check_state_keys(
             "CancellationScores", state_dict, (self.STEPS_KEY, self.SCORES_KEY, self.PREVIOUS_KEY)
         )
-        if set(state_dict[self.SCORES_KEY]) != set(self._params):
-            raise ValueError("CancellationScores.load_state_dict: the state scores other tensor names.")
+        previous = state_dict[self.PREVIOUS_KEY]
+        if set(state_dict[self.SCORES_KEY]) != set(self._params) or set(previous) != set(self._previous):
+            raise ValueError("CancellationScores.load_state_dict: the state holds other tensor names.")
+        shapes = {n: tuple(torch.as_tensor(t).shape) for n, t in previous.items()}
+        wrong = sorted(n for n, shape in shapes.items() if shape != tuple(self._previous[n].shape))
+        if wrong:  # checked before anything is assigned: a refused state leaves the tracker as it was
+            raise ValueError(f"CancellationScores.load_state_dict: tensors {wrong} have other shapes.")
         self._steps = int(state_dict[self.STEPS_KEY])
         self._scores = {n: float(state_dict[self.SCORES_KEY][n]) for n in self._params}
-        for n, t in state_dict[self.PREVIOUS_KEY].items():
-            self._previous[n].copy_(t)
+        for n, t in previous.items():
+            self._previous[n].copy_(torch.as_tensor(t))
