@@ -564,7 +564,8 @@ class WeightingController:
         if starved:
             raise RuntimeError(
                 f"Strategy {name!r} set q = 0 for domains with α > 0 ({starved}): their loss could never be "
-                "sampled. Add floor(...) on the sampling side. The weights were left unchanged."
+                "sampled. Keep q > 0 wherever α > 0 (follow_mixture() on the sampling side, say). The "
+                "weights were left unchanged."
             )
         return new._replace(
             mixture=torch.tensor(values["mixture"], dtype=torch.float64) / math.fsum(values["mixture"]),

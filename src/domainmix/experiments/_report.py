@@ -10,7 +10,7 @@ The training loop hands over one plain dict per (method, seed), a *run*::
      "loss_share": {"d1": 0.95, "d2": 0.05},            # final α by domain name
      "sampling_share": {"d1": 0.31, "d2": 0.69},        # final realised q = b_i / B by domain name
      "trajectory": {"steps": [...], "loss_share": [[...], ...], "sampling_share": [[...], ...]},  # optional
-     "wall_time_s": 12.3}
+     "wall_time_s": 12.3, "diverged_at": None}        # the step a non-finite loss stopped the run
 
 ``trajectory`` holds the shares after every weight update, one row per update, ordered like ``domains``.
 

@@ -23,9 +23,10 @@ def doremi(step_size: float = 1.0, smoothing: float = 1e-3, *, initial_score: fl
 
     .. math::
         \alpha' = \mathrm{softmax}(\log \alpha_{t-1} + \eta \lambda_t), \qquad
-        \alpha_t = (1 - c)\, \alpha' + c / k ,
+        \alpha_t = (1 - c)\, \alpha' + c\, [\alpha'_i > 0] / k' ,
 
-    and the deliverable is the time average ᾱ = (1/T) Σ_t α_t (``WeightingController.averaged_weights``).
+    with k' the domains in play (all k unless some are set to α_i = 0 on purpose, which stay at 0), and
+    the deliverable is the time average ᾱ = (1/T) Σ_t α_t (``WeightingController.averaged_weights``).
     A domain absent from the window reuses its last score; before its first observation the score is
     ``initial_score``, 0 by default rather than the reference code's log|V|, which with small batches
     and many domains inflates a missing domain's weight on the first steps (docs/algorithms.md §1.3). Moves α

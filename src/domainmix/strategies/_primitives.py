@@ -70,7 +70,7 @@ def floor(min_weight: float, target: Target = "sampling") -> Strategy:
     so every positive entry ends at ε or above and the entries above ε keep their ratios.
 
     Args:
-        min_weight: ε in [0, 1/k] for k domains.
+        min_weight: ε in [0, 1) with k·ε ≤ 1, k counting every domain (checked at ``init``).
         target: which vector to act on.
     """
     check_param("floor", "min_weight", min_weight, Interval(float, 0.0, 1.0, closed="left"))
