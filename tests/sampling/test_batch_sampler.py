@@ -689,3 +689,30 @@ def test_resume_under_another_loader_prefetch_depth_is_refused_at_the_first_batc
     forced, resumed = loader(0)
     forced.load_state_dict(state, ignore_fingerprint=True)
     next(iter(resumed))  # accepted on request
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_state_saved_at_an_epochs_last_batch_resumes_in_that_epoch(workers: int) -> None:
+    """Behind a prefetching loader the sampler has already started the next epoch when the loop consumes
+    the last batch; the state at that batch must still be the epoch's end, so that the usual resume loop
+    (`set_epoch(saved loop epoch)` first) does not jump back and replay the epoch."""
+
+    def make_sampler() -> DomainBatchSampler:
+        return DomainBatchSampler({"a": range(8), "b": range(8, 16)}, 4, stop="first_exhausted", seed=1)
+
+    def run(sampler: DomainBatchSampler, first_epoch: int, save_at: int | None = None) -> tuple[list, Any]:
+        loader = DataLoader(list(range(16)), batch_sampler=sampler, num_workers=workers)
+        seen, saved = [], None
+        for epoch in range(first_epoch, 3):
+            sampler.set_epoch(epoch)
+            for batch in loader:
+                seen.append(batch.tolist())
+                if len(seen) == save_at:
+                    saved = (epoch, json.loads(json.dumps(sampler.state_dict(consumed=save_at))))
+        return seen, saved
+
+    full, (epoch, state) = run(make_sampler(), 0, save_at=4)  # 4 batches an epoch: the last of epoch 0
+    assert (state[DomainBatchSampler.EPOCH_KEY], state[DomainBatchSampler.BATCH_KEY]) == (0, 4)
+    resumed = make_sampler()
+    resumed.load_state_dict(state)
+    assert run(resumed, epoch)[0] == full[4:]

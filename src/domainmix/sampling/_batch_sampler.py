@@ -278,7 +278,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
                 block, self._row = self._make_block(), 0
                 self._block = block
                 if block is None:
-                    self._start_epoch(epoch + 1)
+                    self._start_epoch(epoch + 1, ended=True)
                     return
             rows: Any = block.values[self._row :]
             if not self._as_numpy:
@@ -302,15 +302,17 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
                 "ignore_fingerprint=True to accept it)."
             )
 
-    def _start_epoch(self, epoch: int) -> None:
+    def _start_epoch(self, epoch: int, *, ended: bool = False) -> None:
+        """Start ``epoch``: after the previous one ``ended`` by itself, or by a ``set_epoch`` jump."""
         s = self._snap
         # Only the exhaustion stop rules restart the streams, and the low-discrepancy / carried counts with
         # them, so that an epoch is a function of (seed, epoch, weights); cycle_forever's run on.
         if self._stop == StopRule.CYCLE_FOREVER:
-            self._snaps.commit(s._replace(epoch=epoch, batch=0))
+            start = s._replace(epoch=epoch, batch=0)
         else:
             zeros = np.zeros_like(s.positions)
-            self._snaps.commit(s._replace(epoch=epoch, batch=0, positions=zeros, ld_counts=zeros))
+            start = s._replace(epoch=epoch, batch=0, positions=zeros, ld_counts=zeros)
+        self._snaps.commit(start, keep_previous=ended)
         self._block = None
 
     def _make_block(self) -> Block | None:
@@ -391,9 +393,11 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         batch after that end, so a resume from an earlier ``consumed`` state would re-apply the stop rule
         under the new weights and could run the epoch on: the state records the decision instead.
         """
-        ends = {e for e in self._epoch_ends if e > snap.total}
+        ends = {e for e in self._epoch_ends if e >= snap.total}
         for entry in self._snaps:  # epoch starts are stored as snapshots, batches as (block, row)
-            if isinstance(entry, Snap) and entry.total > snap.total and entry.epoch > snap.epoch:
+            # >=: an epoch that ended right at the saved batch is recorded too (the state is the one
+            # after its last batch), so the resumed sampler ends it there whatever the weights are then.
+            if isinstance(entry, Snap) and entry.total >= snap.total and entry.epoch > snap.epoch:
                 ends.add(entry.total)
         return sorted(ends)
 

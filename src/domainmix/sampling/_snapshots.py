@@ -72,10 +72,14 @@ class SnapshotRing(deque[Entry]):
         """The newest state."""
         return resolve(self[-1])
 
-    def commit(self, snap: Snap) -> None:
-        """Make ``snap`` the newest state."""
-        if self and self.current.total == snap.total:
-            # an epoch change at the same batch count supersedes the earlier snapshot
+    def commit(self, snap: Snap, *, keep_previous: bool = False) -> None:
+        """Make ``snap`` the newest state.
+
+        A state at the same batch count supersedes the newest one (``set_epoch`` jumps), unless
+        ``keep_previous``: an epoch that ends by itself keeps the state after its last batch, which is
+        what a loop that has consumed that batch must save (it may still be in that epoch's bookkeeping).
+        """
+        if self and self.current.total == snap.total and not keep_previous:
             self.pop()
         self.append(snap)
 
@@ -85,8 +89,12 @@ class SnapshotRing(deque[Entry]):
         self.commit(snap)
 
     def find(self, total: int) -> Snap | None:
-        """The newest state after ``total`` batches, or ``None`` if it has left the buffer."""
-        for entry in reversed(self):
+        """The state right after ``total`` batches, or ``None`` if it has left the buffer.
+
+        Where an epoch ended by itself at ``total``, that is the state after the epoch's last batch (the
+        next epoch's start follows it in the buffer).
+        """
+        for entry in self:
             snap = resolve(entry)
             if snap.total == total:
                 return snap
