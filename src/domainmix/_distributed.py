@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from numbers import Integral
 
 import torch
 import torch.distributed as dist
@@ -27,11 +28,11 @@ def resolve_rank_world(caller: str, rank: int | None, world_size: int | None) ->
             rank = dist.get_rank()
         else:
             rank = int(os.environ.get("RANK", "0"))
-    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+    if isinstance(world_size, bool) or not isinstance(world_size, Integral) or world_size < 1:
         raise param_error(caller, "world_size", "an int in the range [1, inf)", world_size)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise param_error(caller, "rank", f"an int in the range [0, {world_size - 1}]", rank)
-    return rank, world_size
+    if isinstance(rank, bool) or not isinstance(rank, Integral) or not 0 <= rank < world_size:
+        raise param_error(caller, "rank", f"an int in the range [0, {int(world_size) - 1}]", rank)
+    return int(rank), int(world_size)  # numpy ints too, as plain ints (they go into JSON states)
 
 
 def collective_device(tensor_device: torch.device, backend_config: str) -> torch.device | None:

@@ -643,6 +643,7 @@ def test_bad_arguments_name_the_parameter(kwargs: dict, name: str) -> None:
         {"a": torch.tensor([1.0, 2.0])},
         {"a": [1, "x"]},
         {"a": [-1, 2]},
+        {"a": np.array([2**63 + 5, 1], dtype=np.uint64)},  # would wrap to a negative int64
         {},
         {"a": [], "b": []},
     ],
@@ -716,3 +717,15 @@ def test_a_state_saved_at_an_epochs_last_batch_resumes_in_that_epoch(workers: in
     resumed = make_sampler()
     resumed.load_state_dict(state)
     assert run(resumed, epoch)[0] == full[4:]
+
+
+def test_numpy_rank_and_world_are_ints_and_ignore_fingerprint_is_a_bool() -> None:
+    sampler = DomainBatchSampler(
+        {"a": range(8), "b": range(8, 16)}, 2, rank=np.int64(1), world_size=np.int64(2)
+    )
+    assert (sampler.rank, sampler.world_size) == (1, 2) and type(sampler.rank) is int
+    state = sampler.state_dict()
+    with pytest.raises(
+        ValueError, match="'ignore_fingerprint' parameter of DomainBatchSampler.load_state_dict"
+    ):
+        sampler.load_state_dict(state, ignore_fingerprint="no")  # type: ignore[arg-type]

@@ -156,8 +156,30 @@ def test_world_size_two_ranks_split_the_global_plan() -> None:
         assert [counts[n] for n in "abc"] == target
     for rank in (0, 1):
         assert_resume_equivalent(
-            lambda rank=rank: make(rank=rank, world_size=2, stop="all_exhausted"), 13, 90
+            lambda rank=rank: make(rank=rank, world_size=2, stop="first_exhausted"), 13, 90
         )
+
+
+def test_all_exhausted_is_refused_when_the_plan_is_split() -> None:
+    """A rank whose share never draws some domain would never see it run out: its epoch would not end
+    (stratified, 2 ranks, weights .25/.75 over batches of 2: rank 1 draws only 'b')."""
+    sources = {"a": list(range(4)), "b": list(range(100, 112))}
+    with pytest.raises(
+        ValueError, match="'stop' parameter of DomainMixingIterable must be 'first_exhausted' or"
+    ):
+        DomainMixingIterable(sources, [0.25, 0.75], mode="stratified", batch_size=2, stop="all_exhausted",
+                             rank=1, world_size=2)  # fmt: skip
+    loader = DataLoader(
+        DomainMixingIterable({"a": Source("a", 4), "b": Source("b", 12)}, stop="all_exhausted"),
+        batch_size=2, num_workers=2,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="'all_exhausted' under 2 DataLoader workers"):
+        list(loader)
+
+
+def test_a_generator_source_is_refused() -> None:
+    with pytest.raises(ValueError, match="re-iterable sources, not iterators or generators \\(domain 'a'"):
+        DomainMixingIterable({"a": (i for i in range(3)), "b": [1, 2]})
 
 
 def test_dataloader_workers_split_the_plan() -> None:

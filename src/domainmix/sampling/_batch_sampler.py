@@ -77,7 +77,9 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             per domain for the whole run (see ``effective_sampling``). ``True``: batch b holds
             ``floor(B q_i)`` or ``ceil(B q_i)`` examples of domain i, with the rounding remainders
             carried across batches, so the counts since the last weight change stay within one example
-            of ``b B q_i`` and the long-run shares are q (``_apportion.carried_counts``).
+            of ``b B q_i`` and the long-run shares are q (``_apportion.carried_counts``). A weight
+            change restarts the carry: for weights that change every batch use ``False``
+            (``docs/design.md``, "Weights that change every batch").
         as_numpy: ``False`` (default): each batch is a list of ints, as torch's samplers yield.
             ``True``: a 1-D int64 numpy array (a view into the planned block; the sampler never reads it
             again). A ``DataLoader`` hands it to the dataset's ``__getitems__`` (one vectorised lookup for

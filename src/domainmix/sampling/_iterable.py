@@ -29,6 +29,15 @@ class _EpochEnd(Exception):
     """A positive-weight source ran dry under ``first_exhausted``."""
 
 
+# Each rank (and worker) ends its epoch on its own shards: one whose share of the plan never holds some
+# domain never finds that source exhausted, and its epoch would never end while the others' do.
+_ALL_EXHAUSTED_ALONE = (
+    "'first_exhausted' or 'cycle_forever' (with num_batches) when the plan is split among ranks or "
+    "DataLoader workers: 'all_exhausted' waits for every source to run out on each one, and a share of "
+    "the plan may never draw some domain, so that epoch would never end"
+)
+
+
 class _Rows(NamedTuple):
     """The planned domain ids of a block of batches, for one (rank, world) pair."""
 
@@ -69,7 +78,8 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         min_count: stratified only: minimum items per positive-weight domain per global batch.
         carry_remainder: stratified only: carry the rounding remainders across batches (see
             :class:`DomainBatchSampler`).
-        stop: ``"cycle_forever"`` (default), ``"first_exhausted"`` or ``"all_exhausted"``.
+        stop: ``"cycle_forever"`` (default), ``"first_exhausted"`` or ``"all_exhausted"`` (one rank and at
+            most one DataLoader worker only: see ``_ALL_EXHAUSTED_ALONE``).
         num_batches: planned batches per ``__iter__`` or ``None`` (default).
         seed: an int >= 0 (default 0).
         rank: default from ``torch.distributed``, then ``RANK``, then 0.
@@ -112,6 +122,12 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
                 raise param_error(
                     caller, "sources", f"a mapping to iterables (domain {name!r})", sources[name]
                 )
+            if isinstance(sources[name], Iterator):  # a second pass would find it empty
+                raise param_error(
+                    caller, "sources",
+                    f"re-iterable sources, not iterators or generators (domain {name!r}; wrap it in a list "
+                    "or an IterableDataset)", type(sources[name]).__name__,
+                )  # fmt: skip
         check_mix_options(caller, mode, batch_size, min_count, stop, num_batches, seed, carry_remainder)
         k = len(names)
         # Source lengths are unknown: size 1 each, so weights=None means uniform and no source is "empty".
@@ -120,6 +136,10 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
             stop=stop, num_batches=num_batches, seed=seed, rank=rank, world_size=world_size,
             carry_remainder=carry_remainder,
         )  # fmt: skip
+        if stop == "all_exhausted" and self._world > 1:
+            raise param_error(
+                caller, "stop", _ALL_EXHAUSTED_ALONE, f"'all_exhausted' with world_size={self._world}"
+            )
         self._sources = [sources[n] for n in names]
         self._epoch = self._batch = self._total = self._offset = 0
         self._ld = np.zeros(k, dtype=np.int64)
@@ -182,6 +202,11 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         info = get_worker_info()
         if info is not None:
             if info.num_workers > 1:
+                if self._stop == StopRule.ALL_EXHAUSTED:
+                    raise param_error(
+                        "DomainMixingIterable", "stop", _ALL_EXHAUSTED_ALONE,
+                        f"'all_exhausted' under {info.num_workers} DataLoader workers",
+                    )  # fmt: skip
                 self._check_worker_sources(info.num_workers)
                 rank, world = rank * info.num_workers + info.id, world * info.num_workers
                 if limit is not None:  # num_batches counts the rank's batches: deal them to its workers

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from domainmix._distributed import resolve_rank_world
 from domainmix._state import check_fingerprint, check_state_keys, state_counts
+from domainmix._validation import Options, check_param
 from domainmix.sampling._plan import BLOCK, PLAN_ROWS, Mode, SlotPlan, StopRule, plan_block
 from domainmix.sampling._weights import WeightSchedule, WeightsLike
 
@@ -269,6 +270,12 @@ class DomainMixer(ABC):
         With ``ignore_fingerprint`` only the domain names must match: every per-domain entry is matched by
         position.
         """
+        check_param(
+            f"{self._caller}.load_state_dict",
+            "ignore_fingerprint",
+            ignore_fingerprint,
+            Options((False, True)),
+        )
         check_state_keys(self._caller, state_dict, self._STATE_KEYS)
         current, hint = self._fingerprint(), self._FINGERPRINT_HINT
         if ignore_fingerprint:

@@ -64,6 +64,8 @@ def as_domain_index(caller: str, name: str, value: Any) -> DomainIndex:
             f"a 1-D collection of integer indices (domain {name!r})",
             f"{arr.dtype} {arr.shape}",
         )
+    if arr.size and int(arr.max()) > np.iinfo(np.int64).max:  # a uint64 past 2**63 - 1 would wrap negative
+        raise param_error(caller, "domains", f"dataset indices below 2**63 (domain {name!r})", int(arr.max()))
     if arr.size and int(arr.min()) < 0:
         raise param_error(caller, "domains", f"non-negative dataset indices (domain {name!r})", value)
     return np.ascontiguousarray(arr, dtype=np.int64)
