@@ -10,9 +10,11 @@ the :class:`~domainmix.stats.StatsCollector`, the strategies' shape checks, the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, get_args
+
+from torch import Tensor
 
 Reduction = Literal["mean", "variance", "count", "estimate"]
 REDUCTIONS: tuple[str, ...] = get_args(Reduction)
@@ -165,6 +167,21 @@ def statistic(name: str) -> Statistic:
     if found is None:
         raise ValueError(f"Unknown statistic {name!r}; declared: {list(_REGISTRY)}.")
     return found
+
+
+def domain_axis_masks(axes: Sequence[str], mask: Tensor, shape: Sequence[int]) -> list[Tensor]:
+    """The (k,) per-domain ``mask`` shaped to broadcast along each domain axis of a statistic.
+
+    ``axes`` is the statistic's ``shape`` (``("k", "k")``, say) and ``shape`` its value's; an axis counts
+    when it is a ``"k"`` axis of length k. Callers combine the masks: any axis (an entry touching a
+    domain) or every axis (an entry whose domains all qualify).
+    """
+    k = mask.shape[0]
+    return [
+        mask.reshape([k if a == axis else 1 for a in range(len(shape))])
+        for axis, kind in enumerate(axes)
+        if kind == "k" and shape[axis] == k
+    ]
 
 
 def sources(table: Mapping[str, Statistic], reductions: frozenset[str]) -> tuple[str, ...]:

@@ -18,7 +18,7 @@ from torch import Tensor
 from domainmix import _tree
 from domainmix._distributed import assert_same_on_all_ranks, broadcast_from_zero, is_distributed
 from domainmix._state import check_state_keys
-from domainmix._statistics import provided_by, statistic
+from domainmix._statistics import domain_axis_masks, provided_by, statistic
 from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import domain_losses
 from domainmix.stats import Probe, StatsCollector, StepLosses
@@ -473,7 +473,7 @@ class WeightingController:
         off = (self._weights.mixture == 0) & (self._weights.sampling == 0)
         if not bool(off.any()):
             return stats
-        k, changes = len(off), {}
+        changes = {}
         for name, value in stats.items():
             bad = ~torch.isfinite(value)
             if not bool(bad.any()):
@@ -482,10 +482,9 @@ class WeightingController:
                 axes = statistic(name).shape
             except ValueError:  # not in the table: only its leading axis is known to be per domain
                 axes = ("k",) + ("",) * (value.ndim - 1)
-            touches = torch.zeros_like(bad)
-            for axis, kind in enumerate(axes):
-                if kind == "k" and value.shape[axis] == k:
-                    touches |= off.reshape([k if a == axis else 1 for a in range(value.ndim)])
+            touches = torch.zeros_like(bad)  # an entry that belongs to any switched-off domain
+            for along in domain_axis_masks(axes, off, value.shape):
+                touches = touches | along
             if bool((bad & touches).any()):
                 changes[name] = torch.where(bad & touches, torch.zeros_like(value), value)
         return stats.replace(**changes) if changes else stats

@@ -321,9 +321,8 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         s = self._snap
         at = Counters(s.epoch, s.batch, s.total, s.ld_counts, s.ld_from)
         planned = self._plan_next(at, self._rank, self._world)
-        if (
-            planned is None
-        ):  # num_batches reached: an end recorded here is this one (it must not end the next)
+        if planned is None:
+            # num_batches reached: an end recorded here is this one (it must not end the next epoch)
             self._drop_reached_end(s.total)
             return None
         plan = planned.plan

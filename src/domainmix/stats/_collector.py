@@ -10,7 +10,7 @@ from torch import Tensor
 
 from domainmix._distributed import all_reduce_sum
 from domainmix._state import check_state_keys
-from domainmix._statistics import LOSS_REDUCTIONS, Statistic, sources, statistics
+from domainmix._statistics import LOSS_REDUCTIONS, Statistic, domain_axis_masks, sources, statistics
 from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import DomainLosses
 from domainmix.types import DomainStats
@@ -144,11 +144,9 @@ class StatsCollector:
         if present is not None and (not isinstance(present, Tensor) or tuple(present.shape) != (self._k,)):
             raise param_error(caller, "present", f"a ({self._k},) mask of the domains covered", present)
         covered = torch.ones_like(value, dtype=torch.bool)
-        if present is not None:
-            mask = present.to(value.device).bool()
-            for axis, kind in enumerate(row.shape):
-                if kind == "k":
-                    covered = covered & mask.reshape([self._k if a == axis else 1 for a in range(value.ndim)])
+        if present is not None:  # an entry counts when every domain it belongs to was covered
+            for along in domain_axis_masks(row.shape, present.to(value.device).bool(), value.shape):
+                covered = covered & along
         if not window.numel():
             self._window[f"{name}.sum"] = torch.zeros(tuple(value.shape), dtype=torch.float64)
             self._window[f"{name}.n"] = torch.zeros(tuple(value.shape), dtype=torch.float64)

@@ -12,6 +12,7 @@ from domainmix.strategies._population import (
     check_optional,
     initial_loss_weights,
     population_and_ratio,
+    zero_in_population,
 )
 from domainmix.types import DomainStats, DomainWeights
 
@@ -108,11 +109,7 @@ def oracle_gls(
         sigma2 = check_weight_vector(
             "oracle_gls", "noise_variances", noise_variances, weights.names, normalize=False
         )
-        zero = [
-            n
-            for n, share, var in zip(weights.names, pi.tolist(), sigma2.tolist(), strict=True)
-            if share and not var
-        ]
+        zero = zero_in_population(weights.names, pi, sigma2)
         if zero:  # the GLS weight 1/σ² is unbounded: a noise-free domain is not a finite weighting
             raise param_error(
                 "oracle_gls", "noise_variances", "σ_i² > 0 for every domain with population π_i > 0",

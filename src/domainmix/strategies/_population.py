@@ -44,15 +44,18 @@ def population_and_ratio(
         if domain_sizes is None
         else check_weight_vector(caller, "domain_sizes", domain_sizes, names)
     )
-    empty = [
-        name for name, share, size in zip(names, pi.tolist(), n.tolist(), strict=True) if share and not size
-    ]
+    empty = zero_in_population(names, pi, n)
     if empty:  # its GLS weight n_i / π_i would be 0: the rule cannot weight data that does not exist
         raise param_error(
             caller, "domain_sizes", "n_i > 0 for every domain with population π_i > 0", f"n = 0 for {empty}"
         )
     ratio = torch.where(pi > 0, pi / n.clamp_min(1e-300), torch.zeros_like(pi))
     return pi, ratio
+
+
+def zero_in_population(names: Sequence[str], pi: Tensor, values: Tensor) -> list[str]:
+    """The domains with population π_i > 0 whose entry of ``values`` is 0."""
+    return [n for n, share, v in zip(names, pi.tolist(), values.tolist(), strict=True) if share and not v]
 
 
 class LossWeightState(NamedTuple):
