@@ -15,7 +15,7 @@ import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar
 
 from domainmix._validation import ConfigError
 from domainmix.experiments.methods import parse_method
@@ -65,6 +65,8 @@ class TrainConfig:
     workers: int = 2
     """Processes running (method, seed) jobs in parallel."""
 
+    NOISE_KNOWN: ClassVar[bool] = False  # the data's true noise variances exist (oracle_gls can run)
+
     def problems(self) -> list[str]:
         """Every invalid value, as messages (empty when the config is valid)."""
         out: list[str] = []
@@ -81,35 +83,33 @@ class TrainConfig:
         _require(out, self, f"be one of {list(estimators)}", lambda v: v in estimators, "va_estimator")
         _require(out, self, "name at least one method", bool, "methods")
         _require(out, self, "name each method once", lambda v: len(set(v)) == len(v), "methods")
+        rules: dict[str, tuple[str, str]] = {}  # method -> (loss rule, sampling rule), the valid ones
         for method in self.methods:
             try:
-                parse_method(method)
+                rules[method] = parse_method(method)
             except ValueError as error:
                 out.append(f"'methods': {error}")
         _require(out, self, "be distinct ints >= 0", _distinct_non_negative, "seeds")
-        out.extend(self._windows_that_act())
+        out.extend(self._windows_that_act(rules))
         k = self.num_domains()
         if k and isinstance(self.batch_size, int) and self.batch_size < k:
             out.append(
                 f"'batch_size' must be at least the number of domains ({k}): every batch holds every domain. "
                 f"Got {self.batch_size} instead."
             )
-        if not isinstance(self, LinearConfig) and any(
-            _parses(m) and parse_method(m)[0] == "oracle_gls" for m in self.methods
-        ):
+        if not self.NOISE_KNOWN and any(loss == "oracle_gls" for loss, _ in rules.values()):
             out.append(
                 "'methods': oracle_gls needs the true noise variances, which only the linear experiment has."
             )
         return out
 
-    def _windows_that_act(self) -> list[str]:
+    def _windows_that_act(self, rules: Mapping[str, tuple[str, str]]) -> list[str]:
         """A method whose rule no window ever runs would train exactly like uniform: refuse the run."""
         if not all(
             isinstance(getattr(self, n), int) and getattr(self, n) >= 1 for n in ("steps", "update_every")
         ):
             return []  # reported above
         last = self.steps // self.update_every * self.update_every  # the last step that closes a window
-        rules = {m: parse_method(m) for m in self.methods if _parses(m)}
         moving = sorted(
             m for m, (loss, sampling) in rules.items() if loss not in _STATIC or sampling != "uniform"
         )
@@ -138,14 +138,6 @@ class TrainConfig:
 _AFTER_WARMUP = frozenset({"fgls", "erma"})
 # Loss rules fixed from the start (no window moves them).
 _STATIC = frozenset({"uniform", "oracle_gls"})
-
-
-def _parses(method: str) -> bool:
-    try:
-        parse_method(method)
-    except ValueError:  # reported by problems()
-        return False
-    return True
 
 
 def _require(out: list[str], cfg: object, expected: str, ok: Callable[[Any], bool], *names: str) -> None:
@@ -178,6 +170,7 @@ LINEAR_SETTINGS: dict[str, dict[str, tuple[float, ...]]] = {
 class LinearConfig(TrainConfig):
     """Linear regression y = θ_gtᵀx + ε, x ~ N(0, C_i I_d), ε ~ N(0, σ_i²) (arXiv:2511.06913, Figs. 1, 4)."""
 
+    NOISE_KNOWN: ClassVar[bool] = True
     input_scales: tuple[float, ...] = LINEAR_SETTINGS["fig1def"]["input_scales"]
     """C_i per domain (any K); the input covariance is C_i I."""
     noise_variances: tuple[float, ...] = LINEAR_SETTINGS["fig1def"]["noise_variances"]
