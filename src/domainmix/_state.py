@@ -9,12 +9,12 @@ change. Every message starts with ``"<Owner>.load_state_dict: "`` so a failed re
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from numbers import Integral
 from types import MappingProxyType
 from typing import Any
 
-__all__ = ["check_fingerprint", "check_state_keys", "state_counts"]
+__all__ = ["check_fingerprint", "check_state_keys", "state_counts", "state_list"]
 
 _NO_DEFAULTS: Mapping[str, Any] = MappingProxyType({})
 
@@ -108,3 +108,24 @@ def state_counts(owner: str, state_dict: Mapping[str, Any], key: str, length: in
     if not ok:
         raise ValueError(f"{owner}.load_state_dict: state[{key!r}] must be {wanted}. Got {value!r} instead.")
     return value
+
+
+def state_list(
+    owner: str, state_dict: Mapping[str, Any], key: str, length: int, wanted: str, accepts: Callable[[Any], bool]
+) -> list[Any]:
+    """``state_dict[key]`` as a list if it holds ``length`` entries that ``accepts`` (one per domain).
+
+    Raises:
+        ValueError: ``"<owner>.load_state_dict: state[key] must be a list of <length> <wanted> (one per
+            domain)"`` with the value found.
+    """
+    value = state_dict[key]
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != length or not all(
+        accepts(v) for v in value
+    ):
+        raise ValueError(
+            f"{owner}.load_state_dict: state[{key!r}] must be a list of {length} {wanted} (one per domain). "
+            f"Got {value!r} instead."
+        )
+    return list(value)
+

@@ -213,6 +213,28 @@ def test_batch_sampling_is_the_q_of_the_batch_last_yielded() -> None:
     assert s.batch_sampling.tolist() == [0.0, 0.0, 1.0, 0.0]
 
 
+def test_batch_sampling_survives_a_resume_saved_after_a_weight_change() -> None:
+    """The usual update-then-checkpoint order: the q of the batch in hand must come back with the state,
+    since a controller divides that batch's loss by it right after the resume."""
+    s = make(batch_size=10)
+    take(s, 3)
+    drawn = s.batch_sampling.tolist()
+    s.set_weights([0.0, 0.0, 1.0, 0.0])  # lands on the next batch
+    resumed = make(batch_size=10)
+    resumed.load_state_dict(json.loads(json.dumps(s.state_dict())))
+    assert resumed.batch_sampling.tolist() == drawn
+    assert resumed.effective_sampling.tolist() == [0.0, 0.0, 1.0, 0.0]
+    assert take(resumed, 2) == take(s, 2)
+
+
+def test_an_index_listed_twice_in_a_domain_is_refused() -> None:
+    # it would be drawn twice in a pass, and first_exhausted promises no example twice in an epoch
+    with pytest.raises(ValueError, match=r"each dataset index once per domain \(domain 'a' lists index 3 2 times"):
+        DomainBatchSampler({"a": [3, 3, 4], "b": range(10, 20)}, 4)
+    with pytest.raises(ValueError, match=r"domain 'b' lists index 7 2 times"):
+        DomainBatchSampler({"a": range(3), "b": np.array([7, 8, 7])}, 4)
+
+
 def test_effective_sampling_reflects_rounding() -> None:
     s = make(batch_size=8, weights=(0.97, 0.01, 0.01, 0.01))
     assert s.batch_counts.tolist() == [8, 0, 0, 0]
@@ -359,8 +381,9 @@ def test_weights_set_every_batch_keep_the_state_bounded_and_the_resume_exact(mod
         return seen, saved
 
     seen, saved = run(make(batch_size=9, mode=mode, snapshot_history=history), 0)
-    # the entry in force at the saved batch and the changes already applied after it, nothing older
-    assert [b for b, _ in saved[DomainBatchSampler.HISTORY_KEY]] == list(range(save_at, save_at + ahead + 1))
+    # the entry in force at the batch before the saved one (batch_sampling's) and the changes already applied
+    # after it, nothing older
+    assert [b for b, _ in saved[DomainBatchSampler.HISTORY_KEY]] == list(range(save_at - 1, save_at + ahead + 1))
     resumed = make(batch_size=9, mode=mode, snapshot_history=history)
     resumed.load_state_dict(saved)
     assert run(resumed, save_at)[0] == seen[save_at:]

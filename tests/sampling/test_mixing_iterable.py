@@ -307,6 +307,36 @@ def test_bad_arguments(kwargs: dict, name: str) -> None:
         make(**kwargs)
 
 
+def test_batch_sampling_survives_a_resume_saved_after_a_weight_change() -> None:
+    it = make(mode="stratified")
+    stream = iter(it)
+    for _ in range(8):  # two whole batches
+        next(stream)
+    drawn = it.batch_sampling.tolist()
+    it.set_weights({"a": 0.0, "b": 1.0, "c": 0.0})
+    resumed = make(mode="stratified")
+    resumed.load_state_dict(json.loads(json.dumps(it.state_dict())))
+    assert resumed.batch_sampling.tolist() == drawn
+    assert resumed.weights.tolist() == [0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "wanted"),
+    [
+        (DomainMixingIterable.EXHAUSTED_KEY, [False], "a list of 3 bools"),
+        (DomainMixingIterable.EXHAUSTED_KEY, [0, 0, 1], "a list of 3 bools"),
+        (DomainMixingIterable.EXHAUSTED_KEY, "no", "a list of 3 bools"),
+        (DomainMixingIterable.SOURCE_STATES_KEY, [], "a list of 3 source states"),
+    ],
+)
+def test_a_corrupt_per_source_entry_fails_on_load(key: str, value: Any, wanted: str) -> None:
+    """Not at some later batch (an IndexError deep in the iteration)."""
+    state = make(stop="all_exhausted").state_dict()
+    state[key] = value
+    with pytest.raises(ValueError, match=rf"DomainMixingIterable.load_state_dict: state\['{key}'\] must be {wanted}"):
+        make(stop="all_exhausted").load_state_dict(state)
+
+
 def test_bad_state() -> None:
     state = make().state_dict()
     with pytest.raises(ValueError, match="batch_size: saved 4, now 5"):

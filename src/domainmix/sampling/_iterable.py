@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from domainmix._state import state_counts
+from domainmix._state import state_counts, state_list
 from domainmix._validation import Interval, check_param, param_error
 from domainmix.sampling._mixer import Counters, DomainMixer
 from domainmix.sampling._plan import StopRule, check_mix_options, in_yield_order
@@ -404,9 +404,9 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         self._offset = int(state_counts(owner, state_dict, self.OFFSET_KEY))
         self._passes = [int(x) for x in state_counts(owner, state_dict, self.PASS_KEY, k)]
         self._consumed = [int(x) for x in state_counts(owner, state_dict, self.CONSUMED_KEY, k)]
-        self._exhausted = [bool(x) for x in state_dict[self.EXHAUSTED_KEY]]
+        self._exhausted = state_list(owner, state_dict, self.EXHAUSTED_KEY, k, "bools", _is_bool)
         self._source_epochs = [int(x) for x in state_counts(owner, state_dict, self.SOURCE_EPOCHS_KEY, k)]
-        saved_states = list(state_dict[self.SOURCE_STATES_KEY])
+        saved_states = state_list(owner, state_dict, self.SOURCE_STATES_KEY, k, "source states", _any)
         # A pass is open iff items were consumed from it (opening one draws at once, an epoch end closes
         # all); a closed one must start the next source epoch, not re-enter the saved one.
         self._restore = [("restore", saved_states[i]) if self._consumed[i] else None for i in range(k)]
@@ -416,3 +416,11 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
             self._shared[1:] = 0  # workers may start from this state again
         else:
             self._own_state = True  # a worker's own saved state (a loader that collects worker states)
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, bool)
+
+
+def _any(value: Any) -> bool:
+    return True

@@ -260,7 +260,9 @@ class DomainMixer(ABC):
             self.LD_COUNTS_KEY: np.asarray(at.ld_counts).tolist(),
             self.LD_FROM_KEY: at.ld_from,
             **own,
-            self.HISTORY_KEY: self._schedule.as_state(at.total),
+            # from the q in force at the batch before the saved one: batch_sampling reports it until the
+            # next batch, and a controller reads it for the loss multipliers right after a resume
+            self.HISTORY_KEY: self._schedule.as_state(max(at.total - 1, 0)),
             self.FINGERPRINT_KEY: self._fingerprint(),
         }
 

@@ -72,10 +72,13 @@ def as_domain_index(caller: str, name: str, value: Any) -> DomainIndex:
 
 
 def check_disjoint(caller: str, names: Sequence[str], index: Sequence[DomainIndex]) -> None:
-    """Raise, naming two domains and an index, when two domains share a dataset index.
+    """Raise, naming the domains and an index, when two domains share a dataset index or one lists an
+    index twice.
 
-    An example in two domains would be drawn under both weights and its loss counted for both. Unit-step
-    ranges are compared as intervals (O(k log k), whatever their length); index arrays are sorted once.
+    An example in two domains would be drawn under both weights and its loss counted for both; one listed
+    twice in a domain would be drawn twice in a pass (and a held-out split could put it on both sides).
+    Unit-step ranges are compared as intervals (O(k log k), whatever their length); index arrays are
+    sorted once.
     """
     spans = sorted(
         (ix.start, ix.stop, i)
@@ -86,6 +89,14 @@ def check_disjoint(caller: str, names: Sequence[str], index: Sequence[DomainInde
         if start < stop:
             _overlap(caller, names, i, j, start)
     arrays = [(i, np.unique(np.asarray(ix))) for i, ix in enumerate(index) if not _is_span(ix)]
+    for i, unique in arrays:
+        if unique.size != len(index[i]):  # a range never repeats; an array must hold each index once
+            values, counts = np.unique(np.asarray(index[i]), return_counts=True)
+            at = int(np.argmax(counts > 1))
+            raise param_error(
+                caller, "domains", f"each dataset index once per domain (domain {names[i]!r} lists index "
+                f"{int(values[at])} {int(counts[at])} times)", f"{len(index[i]) - unique.size} repeats",
+            )  # fmt: skip
     if not arrays:
         return
     values = np.concatenate([a for _, a in arrays])
