@@ -111,7 +111,12 @@ def state_counts(owner: str, state_dict: Mapping[str, Any], key: str, length: in
 
 
 def state_list(
-    owner: str, state_dict: Mapping[str, Any], key: str, length: int, wanted: str, accepts: Callable[[Any], bool]
+    owner: str,
+    state_dict: Mapping[str, Any],
+    key: str,
+    length: int,
+    wanted: str,
+    accepts: Callable[[Any], bool],
 ) -> list[Any]:
     """``state_dict[key]`` as a list if it holds ``length`` entries that ``accepts`` (one per domain).
 
@@ -120,12 +125,14 @@ def state_list(
             domain)"`` with the value found.
     """
     value = state_dict[key]
-    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence) or len(value) != length or not all(
-        accepts(v) for v in value
+    if (
+        isinstance(value, (str, bytes))
+        or not isinstance(value, Sequence)
+        or len(value) != length
+        or not all(accepts(v) for v in value)
     ):
         raise ValueError(
             f"{owner}.load_state_dict: state[{key!r}] must be a list of {length} {wanted} (one per domain). "
             f"Got {value!r} instead."
         )
     return list(value)
-

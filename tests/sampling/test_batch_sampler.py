@@ -229,7 +229,9 @@ def test_batch_sampling_survives_a_resume_saved_after_a_weight_change() -> None:
 
 def test_an_index_listed_twice_in_a_domain_is_refused() -> None:
     # it would be drawn twice in a pass, and first_exhausted promises no example twice in an epoch
-    with pytest.raises(ValueError, match=r"each dataset index once per domain \(domain 'a' lists index 3 2 times"):
+    with pytest.raises(
+        ValueError, match=r"each dataset index once per domain \(domain 'a' lists index 3 2 times"
+    ):
         DomainBatchSampler({"a": [3, 3, 4], "b": range(10, 20)}, 4)
     with pytest.raises(ValueError, match=r"domain 'b' lists index 7 2 times"):
         DomainBatchSampler({"a": range(3), "b": np.array([7, 8, 7])}, 4)
@@ -383,7 +385,9 @@ def test_weights_set_every_batch_keep_the_state_bounded_and_the_resume_exact(mod
     seen, saved = run(make(batch_size=9, mode=mode, snapshot_history=history), 0)
     # the entry in force at the batch before the saved one (batch_sampling's) and the changes already applied
     # after it, nothing older
-    assert [b for b, _ in saved[DomainBatchSampler.HISTORY_KEY]] == list(range(save_at - 1, save_at + ahead + 1))
+    assert [b for b, _ in saved[DomainBatchSampler.HISTORY_KEY]] == list(
+        range(save_at - 1, save_at + ahead + 1)
+    )
     resumed = make(batch_size=9, mode=mode, snapshot_history=history)
     resumed.load_state_dict(saved)
     assert run(resumed, save_at)[0] == seen[save_at:]

@@ -77,7 +77,9 @@ def test_bad_arguments_are_collected() -> None:
 
 def test_a_domain_with_repeated_or_no_indices_is_refused() -> None:
     # Copies of index 5 would be split between train and held-out: the model would train on held-out data.
-    with pytest.raises(ValueError, match=r"each dataset index once per domain \(domain 'a' lists index 5 3 times"):
+    with pytest.raises(
+        ValueError, match=r"each dataset index once per domain \(domain 'a' lists index 5 3 times"
+    ):
         split_heldout({"a": [0, 1, 2, 3, 4, 5, 5, 5], "b": [9, 10]}, 0.5)
     with pytest.raises(ValueError, match=r"domain 'b' has no examples"):
         split_heldout({"a": [0, 1], "b": []}, 0.5)

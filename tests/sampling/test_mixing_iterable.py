@@ -333,7 +333,9 @@ def test_a_corrupt_per_source_entry_fails_on_load(key: str, value: Any, wanted: 
     """Not at some later batch (an IndexError deep in the iteration)."""
     state = make(stop="all_exhausted").state_dict()
     state[key] = value
-    with pytest.raises(ValueError, match=rf"DomainMixingIterable.load_state_dict: state\['{key}'\] must be {wanted}"):
+    with pytest.raises(
+        ValueError, match=rf"DomainMixingIterable.load_state_dict: state\['{key}'\] must be {wanted}"
+    ):
         make(stop="all_exhausted").load_state_dict(state)
 
 

@@ -184,3 +184,47 @@ def test_silent_failures_are_refused() -> None:
         domain_gradient_products(
             per_token, ids, 1, list(model.ln.parameters()), target_losses=target, target_mask=torch.ones(1)
         )
+
+
+def test_under_torch_compile_only_uncompiled_tapped_layers_are_accepted() -> None:
+    """Traced into a compiled graph, the kept outputs are extra graph outputs that the loss does not flow
+    through: the products came out 0 or wrong without a word. Refused; compiling the other blocks works."""
+    x, y = batch()
+    ids = torch.tensor([0, 1, 0, 1, 0, 0, 1, 1, 0, 2])
+    torch._dynamo.reset()
+    model = gpt()
+    tap = GradientProductTap(model.blocks[-1], model.ln)
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(2):  # the first call traces, the second runs the cached graph
+        with tap.record():
+            per_token = per_token_loss(compiled(x), y)
+        with pytest.raises(RuntimeError, match="the tapped layers ran inside a torch.compile graph"):
+            tap.products(per_token, ids, 3)
+    # Only the block before the tapped one compiled: its products equal the eager model's.
+    torch._dynamo.reset()
+    model = gpt()
+    tap = GradientProductTap(model.blocks[-1], model.ln)
+    model.blocks[0].compile(backend="aot_eager")
+    for _ in range(2):
+        with tap.record():
+            per_token = per_token_loss(model(x), y)
+        got = tap.products(per_token, ids, 3)
+    expected = domain_gradient_products(per_token, ids, 3, tap.parameters())
+    assert_same(got, expected)
+    # A tap made after the compiled graph exists is never called: the error says why.
+    late = GradientProductTap(model.blocks[0].ln1)
+    with late.record():
+        per_token = per_token_loss(model(x), y)
+    with pytest.raises(RuntimeError, match="make the tap before that forward"):
+        late.products(per_token, ids, 3)
+    torch._dynamo.reset()
+
+
+def test_a_tapped_output_that_does_not_lead_to_the_loss_is_refused() -> None:
+    first, head = nn.Linear(4, 4), nn.Linear(4, 1)
+    tap = GradientProductTap(first, head)
+    x, ids = torch.randn(6, 4), torch.tensor([0, 0, 0, 1, 1, 1])
+    with tap.record():
+        losses = head(torch.tanh(first(x)).detach()).squeeze(-1) ** 2  # first's block would be 0
+    with pytest.raises(RuntimeError, match=r"outputs of \['Linear layer 0'\] do not lead to `losses`"):
+        tap.products(losses, ids, 2)

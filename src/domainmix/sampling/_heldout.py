@@ -84,7 +84,9 @@ def split_heldout(
         if value is None:
             continue
         if n == 0:  # (check_disjoint refused an index listed twice: it could land on both sides)
-            errors.append(f"split_heldout: domain {name!r} has no examples; a held-out split needs at least one.")
+            errors.append(
+                f"split_heldout: domain {name!r} has no examples; a held-out split needs at least one."
+            )
             continue
         if count is None:
             if not Interval(float, 0.0, 1.0, closed="left").accepts(value):

@@ -72,8 +72,7 @@ def as_domain_index(caller: str, name: str, value: Any) -> DomainIndex:
 
 
 def check_disjoint(caller: str, names: Sequence[str], index: Sequence[DomainIndex]) -> None:
-    """Raise, naming the domains and an index, when two domains share a dataset index or one lists an
-    index twice.
+    """Raise, naming the domains and an index, when two domains share an index or one lists it twice.
 
     An example in two domains would be drawn under both weights and its loss counted for both; one listed
     twice in a domain would be drawn twice in a pass (and a held-out split could put it on both sides).

@@ -109,6 +109,7 @@ class GradientProductTap:
         self._size = sum(sizes)
         self._captures: list[list[tuple[Tensor, Tensor, int]]] = [[] for _ in layers]
         self._recording = False
+        self._compiled = False  # a tapped layer ran inside a torch.compile graph since the last record()
         self._handles: list[RemovableHandle] = [
             layer.register_forward_hook(self._hook(j)) for j, layer in enumerate(layers)
         ]
@@ -159,11 +160,22 @@ class GradientProductTap:
             raise param_error(caller, "losses", "an (N,) or (N, T) tensor attached to the graph", losses)
         if not self._handles:
             raise RuntimeError("GradientProductTap.products: the tap was removed.")
+        if self._compiled:
+            # Inside a compiled graph a kept output is an extra output of the graph, which the loss does
+            # not flow through: its gradient would be None (the layer's block 0) or its version wrong. A
+            # graph break at the layer is no way out: torch (2.13) then skips a nested module's hooks.
+            raise RuntimeError(
+                "GradientProductTap.products: the tapped layers ran inside a torch.compile graph, whose "
+                "intermediate outputs autograd cannot differentiate the loss by. Leave the tapped layers "
+                "uncompiled (compile the other blocks, e.g. `block.compile()` for each block before the "
+                "tapped ones), or use domain_gradient_products."
+            )
         captures = [(j, x, y) for j, recorded in enumerate(self._captures) for x, y, _ in recorded]
         if not captures:
             raise RuntimeError(
                 "GradientProductTap.products: nothing was recorded; run the forward inside "
-                "`with tap.record():` with gradients enabled."
+                "`with tap.record():` with gradients enabled. (A model compiled with torch.compile does not "
+                "see hooks added after its first compiled forward: make the tap before that forward.)"
             )
         silent = [
             f"{type(self._layers[j]).__name__} layer {j}" for j, got in enumerate(self._captures) if not got
@@ -191,6 +203,17 @@ class GradientProductTap:
             raise RuntimeError(
                 "GradientProductTap.products: no recorded forward leads to `losses`; run the forward that "
                 "computes them inside `with tap.record():`."
+            )
+        reached = {j for (j, _, _), delta in zip(captures, deltas, strict=True) if delta is not None}
+        unreached = [
+            f"{type(self._layers[j]).__name__} layer {j}"
+            for j in range(len(self._layers))
+            if j not in reached
+        ]
+        if unreached:  # their blocks of every gradient would be 0 without a word
+            raise RuntimeError(
+                f"GradientProductTap.products: the recorded outputs of {unreached} do not lead to `losses`; "
+                "tap layers that the loss depends on, through the recorded outputs themselves."
             )
         groups = _Groups.by_domain(ids, k)
         for (j, x, _), delta in zip(captures, deltas, strict=True):
@@ -225,6 +248,8 @@ class GradientProductTap:
     def _hook(self, j: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
         def hook(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
             if self._recording and torch.is_grad_enabled():
+                if torch.compiler.is_compiling():  # traced: the compiled graph replays this at every call
+                    self._compiled = True
                 self._captures[j].append((args[0].detach(), out, out._version))
 
         return hook
@@ -254,6 +279,7 @@ class GradientProductTap:
     def _clear(self) -> None:
         for recorded in self._captures:
             recorded.clear()
+        self._compiled = False
 
 
 class _Groups:
