@@ -254,6 +254,49 @@ def test_a_probe_failing_on_a_step_that_closes_no_window_leaves_the_window_as_it
     assert window["train.count"].tolist() == window["excess.count"].tolist() == [1.0, 1.0]
 
 
+def test_accumulated_micro_batches_observed_then_one_step_equal_one_big_step() -> None:
+    """Gradient accumulation: every micro-batch is observed, the optimizer step ends the step. The
+    weights follow those of one step over the concatenated micro-batches, and α holds within a step."""
+    g = torch.Generator().manual_seed(0)
+    accumulated = WeightingController(eg(), NAMES, update_every=2, warmup_steps=2)
+    whole = WeightingController(eg(), NAMES, update_every=2, warmup_steps=2)
+    for _ in range(8):
+        micro = [(torch.rand(6, generator=g), torch.randint(0, 3, (6,), generator=g)) for _ in range(4)]
+        alphas = set()
+        for losses, ids in micro:
+            accumulated.observe(losses, ids)
+            alphas.add(tuple(accumulated.loss_multipliers().tolist()))
+        assert len(alphas) == 1  # one α for every micro-batch of an optimizer step
+        assert accumulated.step() == whole.step(
+            torch.cat([m[0] for m in micro]), torch.cat([m[1] for m in micro])
+        )
+        assert accumulated.weights.mixture.tolist() == whole.weights.mixture.tolist()
+    assert accumulated.step_count == 8
+    assert accumulated.weights.mixture.tolist() != [1 / 3] * 3  # the windows did move α
+
+
+def test_observe_leaves_a_warm_up_window_and_a_failed_probe_unobserved() -> None:
+    c = WeightingController(eg(), NAMES, update_every=2, warmup_steps=4)
+    before = c.collector.state_dict()
+    c.observe(torch.ones(3), torch.tensor([0, 1, 2]))  # step 1's window closes before the warm-up ends
+    assert_same(c.collector.state_dict(), before)
+    with pytest.raises(ValueError, match="'domain_ids' parameter of WeightingController.observe"):
+        c.observe(torch.ones(3), torch.tensor([0, 1]))
+    calls = {"n": 0}
+
+    def reference(seen: Any) -> torch.Tensor:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyError("cache miss")
+        return seen.losses.detach() * 0
+
+    d = WeightingController(S.doremi(), ["a", "b"], update_every=4, probes=[ReferenceLossProbe(reference)])
+    before = d.collector.state_dict()
+    with pytest.raises(KeyError, match="cache miss"):
+        d.observe(torch.tensor([1.0, 2.0]), torch.tensor([0, 1]))
+    assert_same(d.collector.state_dict(), before)
+
+
 def test_multipliers_of_an_update_step_use_the_q_its_batch_was_drawn_with() -> None:
     """The step that trains on a batch may move q; the batch was drawn with the old q, and α/q must
     divide by that, or the weighted loss is biased on every update step (every step with update_every=1)."""

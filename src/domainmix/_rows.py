@@ -80,15 +80,18 @@ def element_mask(caller: str, name: str, mask: Tensor | None, losses: Tensor) ->
     return mask.to(losses.dtype)
 
 
-def row_sums(x: Tensor) -> Tensor:
-    """(N,) sum of each row of an (N, T) tensor; an (N,) tensor is returned as it is."""
-    return x if x.ndim == 1 else x.sum(dim=1)
+def row_sums(x: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """(N,) sum of each row of an (N, T) tensor, accumulated in ``dtype`` (default: ``x``'s); an (N,)
+    tensor is returned as it is (cast to ``dtype``)."""
+    if x.ndim == 1:
+        return x if dtype is None else x.to(dtype)
+    return x.sum(dim=1, dtype=dtype)
 
 
-def masked_row_sums(losses: Tensor, m: Tensor) -> Tensor:
-    """(N,) per-row sums of ``losses`` under the element mask ``m``: Σ_t m_t ℓ_t.
+def masked_row_sums(losses: Tensor, m: Tensor, dtype: torch.dtype | None = None) -> Tensor:
+    """(N,) per-row sums of ``losses`` under the element mask ``m``: Σ_t m_t ℓ_t, accumulated in ``dtype``.
 
     where(), not a product alone, so that a NaN or inf on a masked-out (padding) element cannot leak in
     (0 · inf is NaN).
     """
-    return row_sums(torch.where(m > 0, losses, torch.zeros_like(losses)) * m)
+    return row_sums(torch.where(m > 0, losses, torch.zeros_like(losses)) * m, dtype)

@@ -230,7 +230,7 @@ class WeightingController:
 
     @property
     def step_count(self) -> int:
-        """Optimizer steps completed (calls to :meth:`step`)."""
+        """Calls to :meth:`step`: optimizer steps (accumulated micro-batches go to :meth:`observe`)."""
         return self._step
 
     @property
@@ -326,17 +326,8 @@ class WeightingController:
         if (losses is None) != (domain_ids is None):  # one without the other is a mistake, not a choice
             name, given = ("domain_ids", None) if domain_ids is None else ("losses", None)
             raise param_error(caller, name, "a tensor when the other of losses / domain_ids is given", given)
-        if losses is not None and domain_ids is not None:
-            # shapes only: a value check (ids in [0, k)) would synchronise with the GPU every step
-            if not isinstance(losses, Tensor) or losses.ndim not in (1, 2):
-                raise param_error(caller, "losses", "a (N,) or (N, T) tensor", type(losses).__name__)
-            if not isinstance(domain_ids, Tensor) or domain_ids.shape != losses.shape[:1]:
-                shape = (
-                    tuple(domain_ids.shape) if isinstance(domain_ids, Tensor) else type(domain_ids).__name__
-                )
-                raise param_error(
-                    caller, "domain_ids", f"a ({losses.shape[0]},) tensor, one id per example", shape
-                )
+        if losses is not None:
+            _check_losses(caller, losses, domain_ids)
         if self._unlogged is not None:
             self._write_log(self._unlogged, skipped=False)
             self._unlogged = None
@@ -346,7 +337,9 @@ class WeightingController:
         # losses were observed, on any step; without probes only a closing step can fail midway).
         saved = self._collector._snapshot() if self.closes_window or self._probes else None
         try:
-            updated = self._advance(step, losses, domain_ids, mask, indices)
+            if losses is not None and domain_ids is not None:
+                self._observe(losses, domain_ids, mask, indices)
+            updated = self._advance(step)
         except BaseException:
             if saved is not None:
                 self._collector.load_state_dict(saved)
@@ -354,22 +347,53 @@ class WeightingController:
         self._step = step
         return updated
 
-    def _advance(
+    def observe(
         self,
-        step: int,
-        losses: Tensor | None,
-        domain_ids: Tensor | None,
-        mask: Tensor | None,
-        indices: Tensor | None,
-    ) -> bool:
-        """Observe the step that brings the count to ``step`` and run the strategy if a window closes."""
-        if losses is not None and domain_ids is not None and self._observes_coming_step():
-            if self._reads_train:
-                k = self._collector.num_domains
-                self._collector.observe(domain_losses(losses.detach(), domain_ids, k, mask))
-            seen = StepLosses(losses, domain_ids, mask, indices)
-            for probe in self._probes:
-                probe.observe_step(self._collector, seen)
+        losses: Tensor,
+        domain_ids: Tensor,
+        *,
+        mask: Tensor | None = None,
+        indices: Tensor | None = None,
+    ) -> None:
+        """Observe one micro-batch of the coming step without ending the step (gradient accumulation).
+
+        With A micro-batches per optimizer step, call ``observe`` after each micro-batch's forward (inside
+        :meth:`record`, as ``step`` would be) and ``step()`` without losses once the optimizer has
+        stepped. Every micro-batch of an optimizer step is then weighted by the same α (and, without
+        prefetching workers, drawn with the same q), and the steps counted by ``update_every``,
+        ``warmup_steps`` and the log are optimizer steps; the weights a window produces apply from the
+        next optimizer step (docs/design.md, "Gradient accumulation"). Arguments as in :meth:`step`.
+        All or nothing: if a probe raises, the window is left as it was before the call.
+        """
+        caller = "WeightingController.observe"
+        for name, value in (("losses", losses), ("domain_ids", domain_ids)):
+            if value is None:
+                raise param_error(caller, name, "a tensor", value)
+        _check_losses(caller, losses, domain_ids)
+        saved = self._collector._snapshot() if self._probes else None
+        try:
+            self._observe(losses, domain_ids, mask, indices)
+        except BaseException:
+            if saved is not None:
+                self._collector.load_state_dict(saved)
+            raise
+
+    def _observe(
+        self, losses: Tensor, domain_ids: Tensor, mask: Tensor | None, indices: Tensor | None
+    ) -> None:
+        """Feed the training losses (if the strategy reads them) and the probes; not in a warm-up window."""
+        if not self._observes_coming_step():
+            return
+        if self._reads_train:
+            self._collector.observe(
+                domain_losses(losses.detach(), domain_ids, self._collector.num_domains, mask)
+            )
+        seen = StepLosses(losses, domain_ids, mask, indices)
+        for probe in self._probes:
+            probe.observe_step(self._collector, seen)
+
+    def _advance(self, step: int) -> bool:
+        """End the step that brings the count to ``step``; run the strategy if a window closes."""
         if self.stat_free:
             return False if self._held else self._apply(self._empty_stats(step))
         if step % self._update_every != 0:
@@ -397,8 +421,10 @@ class WeightingController:
             warnings.warn(
                 f"WeightingController: skipping the weight update at step {stats.step}: non-finite "
                 f"statistics {self._non_finite(stats)}. The weights stay as they were "
-                f"(windows skipped so far: {self._num_skipped}; a frequent cause is a variance of a "
-                "domain with fewer than two examples in the window).",
+                f"(windows skipped so far: {self._num_skipped}). Frequent causes: a variance of a domain "
+                "with fewer than two examples in the window; a non-finite loss; gradients that overflow "
+                "float16 (a probe differentiates the unscaled loss, which GradScaler does not protect: "
+                "use bfloat16 autocast).",
                 RuntimeWarning,
                 stacklevel=2,
             )
@@ -673,6 +699,15 @@ class WeightingController:
         self._held = bool(state_dict[self.HOLD_KEY])
         achieved = state_dict[self.ACHIEVED_KEY]
         self._achieved = None if achieved is None else torch.as_tensor(achieved, dtype=torch.float64).clone()
+
+
+def _check_losses(caller: str, losses: Any, domain_ids: Any) -> None:
+    # shapes only: a value check (ids in [0, k)) would synchronise with the GPU every step
+    if not isinstance(losses, Tensor) or losses.ndim not in (1, 2):
+        raise param_error(caller, "losses", "a (N,) or (N, T) tensor", type(losses).__name__)
+    if not isinstance(domain_ids, Tensor) or domain_ids.shape != losses.shape[:1]:
+        shape = tuple(domain_ids.shape) if isinstance(domain_ids, Tensor) else type(domain_ids).__name__
+        raise param_error(caller, "domain_ids", f"a ({losses.shape[0]},) tensor, one id per example", shape)
 
 
 def _shares(count: Tensor) -> Tensor:

@@ -261,3 +261,19 @@ def test_per_domain_weighted_loss_of_bfloat16_losses_counts_past_256() -> None:
     assert out.dtype == torch.bfloat16 and float(out.detach()) == 2.0
     out.backward()
     assert losses.grad is not None and float(losses.grad[0]) == pytest.approx(0.5 / 2000, rel=1e-2)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_importance_weighted_loss_of_float16_tokens_sums_past_65504(masked: bool) -> None:
+    """A float16 sum of a batch's token losses overflows: the loss was inf (NaN with a mask, and zero
+    gradients that GradScaler takes for a good step). Summed in float32, only the mean is float16."""
+    losses = torch.full((16, 2048), 10.0, dtype=torch.float16, requires_grad=True)
+    ids = torch.arange(16) % 2
+    mask = torch.ones(16, 2048) if masked else None
+    out = weighted_loss(losses, ids, torch.tensor([1.0, 2.0]), mask=mask)
+    assert out.dtype == torch.float16 and float(out.detach()) == 15.0  # (10 + 20) / 2
+    out.backward()
+    assert losses.grad is not None and float(losses.grad[1, 0]) == pytest.approx(2.0 / (16 * 2048), rel=1e-3)
+    # a denominator past 65504 (the tokens of an accumulated batch) is not inf in float16 either
+    big = weighted_loss(losses.detach(), ids, torch.tensor([1.0, 1.0]), mask=mask, denominator=4 * 16 * 2048)
+    assert float(big) == pytest.approx(2.5, rel=1e-3)

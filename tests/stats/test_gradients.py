@@ -422,3 +422,19 @@ def test_unknown_param_lists_the_allowed_names() -> None:
     x, y, ids = mlp_problem()
     with pytest.raises(ValueError, match=r"from \['0.weight', '0.bias', '2.weight', '2.bias'\].*'nope'"):
         per_example_gradients(model, cross_entropy, x, y, ids, 3, params=["0.weight", "nope"])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_per_example_gradients_under_the_callers_autocast(dtype: torch.dtype) -> None:
+    """vmap of a LayerNorm under autocast failed ("expected scalar type BFloat16 but found Float") when
+    controller.step ran inside the training loop's autocast block; autocast is off inside."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Linear(8, 3))
+    x, y, ids = torch.randn(12, 6), torch.randint(0, 3, (12,)), torch.arange(12) % 2
+    expected = per_example_gradients(
+        model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, ids, 2
+    )
+    with torch.autocast("cpu", dtype=dtype):
+        got = per_example_gradients(model, lambda o, t: F.cross_entropy(o, t, reduction="none"), x, y, ids, 2)
+    torch.testing.assert_close(got.sum, expected.sum)
+    torch.testing.assert_close(got.sq_norm, expected.sq_norm)

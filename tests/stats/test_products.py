@@ -65,3 +65,14 @@ def test_bad_inputs_name_the_parameter() -> None:
         domain_gradient_products(losses, ids, 3, [])
     with pytest.raises(ValueError, match="'max_norm' parameter"):
         domain_gradient_products(losses, ids, 3, params, max_norm=0.0)
+
+
+def test_token_counts_of_a_bfloat16_mask_are_exact() -> None:
+    # the mask takes the losses' dtype; summed in bfloat16 the counts came out [5824, 5824, 5824]
+    w = torch.ones((), requires_grad=True)
+    losses = (w * torch.ones(3, 6000)).to(torch.bfloat16)
+    mask = torch.zeros(3, 6000)
+    for row, n in enumerate((5826, 5821, 5819)):
+        mask[row, :n] = 1.0
+    got = domain_gradient_products(losses, torch.tensor([0, 1, 2]), 3, [w], mask=mask)
+    assert got.count.tolist() == [5826.0, 5821.0, 5819.0]

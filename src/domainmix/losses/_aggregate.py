@@ -163,24 +163,25 @@ def weighted_loss(
         )
     m = check_inputs("weighted_loss", losses, domain_ids, k, mask)
     ids = domain_ids.to(losses.device).long()
+    # Summed in at least float32, only the result in the losses' dtype: a float16 sum of a batch's token
+    # losses passes 65504 (inf; with a mask, NaN and zero gradients that GradScaler takes for a good
+    # step), and a bfloat16 count stops growing at 256.
+    acc = torch.promote_types(losses.dtype, torch.float32)
     # Without a mask every element counts: skip the masking arithmetic (it dominates small batches).
-    rows = row_sums(losses) if mask is None else masked_row_sums(losses, m)
+    rows = row_sums(losses, acc) if mask is None else masked_row_sums(losses, m, acc)
     if normalize == "importance":
         multipliers = weights.loss_multipliers() if isinstance(weights, DomainWeights) else weights
-        per_row = rows * multipliers.to(losses.device, losses.dtype)[ids]
+        total = (rows * multipliers.to(losses.device, acc)[ids]).sum()
         if denominator is None and mask is None:
-            return per_row.sum() / max(losses.numel(), 1)
-        denom = m.sum() if denominator is None else denominator
+            return (total / max(losses.numel(), 1)).to(losses.dtype)
+        denom = m.sum(dtype=acc) if denominator is None else denominator
         if denominator is not None and not (math.isfinite(float(denom)) and float(denom) > 0):
             raise param_error("weighted_loss", "denominator", "a finite positive number", denominator)
-        return per_row.sum() / torch.as_tensor(denom, dtype=losses.dtype, device=losses.device).clamp_min(
-            1e-12
-        )
-    # Summed in at least float32 (the gradient flows through index_add all the same): a bfloat16 count
-    # stops growing at 256 and a bfloat16 sum of thousands of losses loses its digits.
-    acc = torch.promote_types(losses.dtype, torch.float32)
-    sums = torch.zeros(k, dtype=acc, device=losses.device).index_add(0, ids, rows.to(acc))
-    counts = torch.zeros(k, dtype=acc, device=losses.device).index_add(0, ids, row_sums(m).to(acc))
+        scale = torch.as_tensor(denom, dtype=acc, device=losses.device).clamp_min(1e-12)
+        return (total / scale).to(losses.dtype)
+    # the gradient flows through index_add all the same
+    sums = torch.zeros(k, dtype=acc, device=losses.device).index_add(0, ids, rows)
+    counts = torch.zeros(k, dtype=acc, device=losses.device).index_add(0, ids, row_sums(m, acc))
     assert isinstance(weights, DomainWeights)  # checked above: per_domain rejects a plain tensor
     alpha = weights.mixture.to(losses.device, acc)
     present = counts > 0

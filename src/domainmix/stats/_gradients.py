@@ -533,9 +533,16 @@ def _run(
     x: tuple[Tensor, ...],
     y: Tensor,
 ) -> dict[str, Tensor]:
-    """Call the vectorised gradient, turning vmap's terse refusals into advice."""
+    """Call the vectorised gradient, turning vmap's terse refusals into advice.
+
+    Autocast is off inside, whatever the caller's: under it, vmap of a LayerNorm fails in torch 2.13
+    ("expected scalar type BFloat16 but found Float"), and per-example gradients in the parameters'
+    precision are the better estimate anyway.
+    """
+    device_type = next(iter(theta.values())).device.type
     try:
-        return fn(theta, x, y)
+        with torch.autocast(device_type, enabled=False):
+            return fn(theta, x, y)
     except RuntimeError as error:
         text = str(error)
         if "randomness" in text:

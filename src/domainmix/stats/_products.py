@@ -76,9 +76,8 @@ def domain_gradient_products(
     if not losses.requires_grad:
         raise param_error(caller, "losses", "an (N,) or (N, T) tensor attached to the graph", losses)
     ids = domain_ids.to(losses.device).long()
-    sums = torch.zeros(k, dtype=losses.dtype, device=losses.device).index_add(
-        0, ids, masked_row_sums(losses, m)
-    )
+    acc = torch.promote_types(losses.dtype, torch.float32)  # a float16 sum of a domain's losses overflows
+    sums = torch.zeros(k, dtype=acc, device=losses.device).index_add(0, ids, masked_row_sums(losses, m, acc))
     size = sum(p.numel() for p in params)
     buffer = ProductBuffer(k, size, params[0].device)
     buffer.counts[:k] = domain_counts(ids, m, k)
@@ -88,7 +87,7 @@ def domain_gradient_products(
     if target_losses is not None:
         tm = target_elements(caller, target_losses, target_mask)
         _write_flat_grad(masked_row_sums(target_losses, tm).sum(), params, buffer.matrix[k])
-        buffer.counts[k] = float(tm.sum())
+        buffer.counts[k] = float(tm.sum(dtype=torch.float64))
     return buffer.finish(target=target_losses is not None, max_norm=max_norm, reduce=reduce)
 
 
@@ -106,7 +105,7 @@ def target_elements(caller: str, target_losses: Tensor, target_mask: Tensor | No
 
 def domain_counts(ids: Tensor, mask: Tensor, k: int) -> Tensor:
     """Elements (unmasked tokens) per domain, float64."""
-    rows = row_sums(mask).double()
+    rows = row_sums(mask, torch.float64)  # summed in float64: a bfloat16 count is off by a few tokens
     return torch.zeros(k, dtype=torch.float64, device=rows.device).index_add(0, ids.to(rows.device), rows)
 
 

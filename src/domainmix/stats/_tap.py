@@ -241,7 +241,7 @@ class GradientProductTap:
             for (j, x, _), delta in zip(captures, deltas, strict=True):
                 if delta is not None:
                     self._add_grads(j, delta, x, _Groups.single(delta.shape[0]), buffer.matrix[k:])
-            buffer.counts[k] = tm.sum()  # a tensor copy, not float(): no host sync
+            buffer.counts[k] = tm.sum(dtype=torch.float64)  # a tensor copy, not float(): no host sync
         self._clear()
         return buffer.finish(target=target_losses is not None, max_norm=max_norm, reduce=reduce)
 
