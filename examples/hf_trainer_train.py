@@ -57,13 +57,13 @@ class RecordingTrainer(DomainMixTrainer):
 
 
 def build(
-    out: Path, steps: int, trainer_class: type[RecordingTrainer] = RecordingTrainer
+    out: Path, steps: int, trainer_class: type[RecordingTrainer] = RecordingTrainer, accumulation: int = 1
 ) -> RecordingTrainer:
     """The trainer; ``trainer_class`` lets a test record what it sees."""
     args = TrainingArguments(
         output_dir=str(out), max_steps=steps, per_device_train_batch_size=6, learning_rate=1e-3,
         save_strategy="steps", save_steps=6, logging_steps=3, report_to=[], use_cpu=True, seed=0,
-        lr_scheduler_type="constant", disable_tqdm=True,
+        lr_scheduler_type="constant", disable_tqdm=True, gradient_accumulation_steps=accumulation,
     )  # fmt: skip
     torch.manual_seed(0)
     # GPT-2's dropout (0.1) stays on: the random state resumes too

@@ -79,6 +79,23 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path: Path) -
         assert torch.equal(a, b)
 
 
+def test_with_gradient_accumulation_the_controller_steps_once_per_optimizer_step(tmp_path: Path) -> None:
+    """Each micro-batch is observed and the optimizer step ends the controller's step: the micro-batches
+    of an optimizer step share α, update_every counts optimizer steps, and a resume stays exact."""
+    full = EXAMPLE.build(tmp_path / "full", 12, Recording, accumulation=2)
+    full.train()
+    mixtures = full.record["mixture"]
+    assert len(mixtures) == 24 and full.controller.step_count == 12
+    assert all(mixtures[2 * i] == mixtures[2 * i + 1] for i in range(12))  # one α per optimizer step
+    assert len({tuple(m) for m in mixtures}) > 1  # and it moved
+    resumed = EXAMPLE.build(tmp_path / "full", 12, Recording, accumulation=2)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-6"))
+    assert resumed.record["batches"] == full.record["batches"][12:]
+    assert torch.equal(resumed.controller.weights.mixture, full.controller.weights.mixture)
+    for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
+        assert torch.equal(a, b)
+
+
 def test_errors(tmp_path: Path) -> None:
     trainer = make(tmp_path)
     batch = {"input_ids": torch.zeros(2, 4, dtype=torch.long), "labels": torch.zeros(2, 4, dtype=torch.long)}

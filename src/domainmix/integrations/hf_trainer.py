@@ -17,8 +17,12 @@
 - adds α, q and the last window's achieved shares per domain (``domainmix/alpha/<name>``,
   ``domainmix/q/<name>``, ``domainmix/achieved/<name>``) to every log entry.
 
-The controller counts micro-batches: with gradient accumulation, ``update_every`` is in loader batches.
-The loss of each micro-batch is divided by the accumulation steps (``loss_is_scaled_for_ga = False``),
+With gradient accumulation (``gradient_accumulation_steps`` A > 1) each micro-batch goes to
+``controller.observe`` and the controller steps once per optimizer step, after it
+(``docs/design.md``, "Gradient accumulation"): every micro-batch of an optimizer step has the same α,
+``update_every`` and ``warmup_steps`` count optimizer steps, and the weights a window yields apply from
+the next optimizer step. The loss of each micro-batch is divided by the accumulation steps
+(``loss_is_scaled_for_ga = False``),
 so the accumulated gradient is the mean of the micro-batches' gradients, as in the plain loop. With
 gradient accumulation, a resume inside an epoch whose length is not a multiple of the accumulation
 steps is refused: the Trainer (its data skipping off) would miss the epoch's last optimizer step.
@@ -130,7 +134,7 @@ class DomainMixTrainer(Trainer):
         self._per_example_loss, self._domain_key = per_example_loss, domain_key
         self._consumed = 0
         self._rng_pending: str | None = None  # a checkpoint whose RNG state is still to be loaded
-        self.add_callback(_SaveDomainState(self))
+        self.add_callback(_DomainCallback(self))
 
     def get_train_dataloader(self) -> Any:
         """The training loader on the domain sampler, on the device, not re-sharded."""
@@ -175,7 +179,10 @@ class DomainMixTrainer(Trainer):
         with self.controller.record():
             outputs = model(**inputs)
             per_example = self._per_example_loss(outputs, inputs)
-        self.controller.step(per_example, ids)
+        if self.args.gradient_accumulation_steps > 1:
+            self.controller.observe(per_example, ids)  # the step ends after the optimizer's (on_step_end)
+        else:
+            self.controller.step(per_example, ids)
         loss = weighted_loss(per_example, ids, self.controller.loss_multipliers())
         return (loss, outputs) if return_outputs else loss
 
@@ -277,11 +284,18 @@ class DomainMixTrainer(Trainer):
         }
 
 
-class _SaveDomainState(TrainerCallback):
-    """Writes the trainer's domain state into each checkpoint folder (main process only)."""
+class _DomainCallback(TrainerCallback):
+    """Ends the controller's step after an accumulated optimizer step; saves the domain state.
+
+    The state goes into each checkpoint folder, from the main process only.
+    """
 
     def __init__(self, trainer: DomainMixTrainer) -> None:
         self._trainer = trainer
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if args.gradient_accumulation_steps > 1:  # the micro-batches were observed: the optimizer step ends
+            self._trainer.controller.step()
 
     def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if not state.is_world_process_zero:
