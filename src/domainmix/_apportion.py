@@ -7,7 +7,8 @@ building blocks, both deterministic (no randomness at all):
   Hamilton's method) with an optional per-domain minimum. The stratified sampler uses it once per weight
   change for the composition of every global batch; ``variance_aware`` uses it for its batch allocation.
 * :func:`low_discrepancy_sequence` emits a domain id per slot such that every prefix of the sequence
-  (counted from the last weight change) has ``|count_i(t) - q_i t| < 1`` for every domain.
+  (counted from the last weight change) has ``|count_i(t) - q_i t| < 1`` for every domain;
+  :func:`carried_lag` carries each domain's lag across a weight change.
 * :func:`carried_counts` gives each batch ``floor(B q_i)`` or ``ceil(B q_i)`` examples of domain i, so
   that the counts summed over the batches since the last weight change stay within one of ``b B q_i``.
 """
@@ -19,6 +20,7 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 from torch import Tensor
@@ -27,7 +29,7 @@ from domainmix._validation import Interval, check_param, check_weight_vector, pa
 
 __all__ = [
     "CARRY_DENOMINATOR", "MAX_TOTAL", "allocate_counts", "apportion", "as_distribution", "carried_allocation",
-    "carried_counts", "distribution", "edf_sequence", "low_discrepancy_sequence",
+    "carried_counts", "carried_lag", "distribution", "edf_sequence", "low_discrepancy_sequence",
 ]  # fmt: skip
 
 MAX_TOTAL = 1 << 53  # the largest total allocate_counts splits (float64 holds every integer up to it)
@@ -160,23 +162,53 @@ def low_discrepancy_sequence(
     return edf_sequence(tuple(p.tolist()), counts, n)
 
 
-def edf_sequence(p: tuple[float, ...], counts: np.ndarray | Sequence[int], n: int) -> np.ndarray:
+def edf_sequence(
+    p: tuple[float, ...], counts: np.ndarray | Sequence[int], n: int, lag: tuple[float, ...] | None = None
+) -> np.ndarray:
     """:func:`low_discrepancy_sequence` without the argument checks, for ``p`` from :func:`distribution`.
 
     The samplers' weights are validated once, when they are set, and planned many times.
+
+    ``lag``: each domain's lag (its target minus its count) carried from before the weight change
+    (:func:`carried_lag`); the sequence then treats domain i as if it had ``-lag_i`` items at slot 0:
+    item j is released at ``floor((j - 1 - lag_i) / q_i)`` and due at ``(j - lag_i) / q_i``. With a
+    rational q of period D the EDF order returns to its state once a period realises exactly ``q D``
+    (within the first two periods in every case tried): that period is found once and repeated.
     """
     c = np.asarray(counts, dtype=np.int64)
     t = int(c.sum())
-    period = _rational_period(p)
+    if lag is not None and not any(lag):
+        lag = None
+    period = _rational_period(p) if lag is None else _lagged_period(p, lag)
     if period is not None:
-        seq, prefix = period
-        d = len(seq)
-        expected = (t // d) * prefix[-1] + prefix[t % d]
-        if np.array_equal(expected, c):
+        head, cycle = period
+        h, d = len(head.ids), len(cycle.ids)
+        if t < h and np.array_equal(head.prefix[t], c):
+            return np.concatenate([head.ids[t:], np.resize(cycle.ids, max(n - (h - t), 0))])[:n]
+        u = t - h
+        if u >= 0 and np.array_equal(head.prefix[h] + (u // d) * cycle.prefix[d] + cycle.prefix[u % d], c):
             # the sequence from slot t: one rotation of the period, repeated (a copy, not a gather)
-            return np.resize(np.roll(seq, -(t % d)), n)
+            return np.resize(np.roll(cycle.ids, -(u % d)), n)
         # counts off the periodic path (not produced by this function): fall through to the exact loop
-    return _edf(p, c.tolist(), n)
+    return _edf(p, c.tolist(), n, lag)
+
+
+def carried_lag(
+    lag: np.ndarray, q: tuple[float, ...], counts: np.ndarray, new_q: tuple[float, ...]
+) -> tuple[float, ...]:
+    """Each domain's lag (target minus count, in slots) when q changes to ``new_q``.
+
+    ``lag`` was carried into the schedule that ran with ``q`` and emitted ``counts``; its lag is now
+    ``lag + q t - counts`` (t = sum(counts)). A domain that ``new_q`` leaves out (weight 0) cannot be
+    drawn to catch up: its lag is dropped and the others are shifted to sum to 0, as every lag of an
+    EDF schedule does (the slots are all given out).
+    """
+    t = int(counts.sum())
+    now = np.asarray(lag, dtype=np.float64) + np.asarray(q) * t - counts
+    active = np.asarray(new_q) > 0
+    now[~active] = 0.0
+    now[active] -= now[active].sum() / active.sum()
+    return tuple(now.tolist())
 
 
 @lru_cache(maxsize=64)
@@ -271,36 +303,82 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-@lru_cache(maxsize=64)
-def _rational_period(p: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray] | None:
-    fracs = [Fraction(x).limit_denominator(_MAX_PERIOD) for x in p]
+class _Run(NamedTuple):
+    """A stretch of a low-discrepancy sequence: its ids and the (len + 1, k) counts after each prefix."""
+
+    ids: np.ndarray
+    prefix: np.ndarray
+
+
+def _run(ids: np.ndarray, k: int) -> _Run:
+    onehot = np.zeros((len(ids) + 1, k), dtype=np.int64)
+    onehot[np.arange(1, len(ids) + 1), ids] = 1
+    return _Run(ids, np.cumsum(onehot, axis=0))
+
+
+def _period_of(p: tuple[float, ...]) -> tuple[tuple[Fraction, ...], int] | None:
+    """q as exact fractions and its period D (q_i D integral), if D is at most ``_MAX_PERIOD``."""
+    fracs = tuple(Fraction(x).limit_denominator(_MAX_PERIOD) for x in p)
     if any(abs(float(f) - x) > 1e-15 for f, x in zip(fracs, p, strict=True)) or sum(fracs) != 1:
         return None
     d = math.lcm(*(f.denominator for f in fracs))
-    if d > _MAX_PERIOD:
+    return None if d > _MAX_PERIOD else (fracs, d)
+
+
+@lru_cache(maxsize=64)
+def _rational_period(p: tuple[float, ...]) -> tuple[_Run, _Run] | None:
+    """(empty head, one period) of the sequence from slot 0 without a lag, for a q with a short period."""
+    found = _period_of(p)
+    if found is None:
         return None
+    fracs, d = found
     # Exact rational rates make the period exact: at t = D every lag is 0 and EDF starts over.
-    seq = _edf(tuple(fracs), [0] * len(p), d)
-    onehot = np.zeros((d + 1, len(p)), dtype=np.int64)
-    onehot[np.arange(1, d + 1), seq] = 1
-    return seq, np.cumsum(onehot, axis=0)
+    return _run(np.zeros(0, dtype=np.int64), len(p)), _run(_edf(fracs, [0] * len(p), d), len(p))
 
 
-def _edf(p: tuple[float | Fraction, ...], counts: list[int], n: int) -> np.ndarray:
+_LAGGED_PERIODS = 2  # periods searched for the one that realises q D exactly
+
+
+@lru_cache(maxsize=16)
+def _lagged_period(p: tuple[float, ...], lag: tuple[float, ...]) -> tuple[_Run, _Run] | None:
+    """(head, period) of the sequence from slot 0 with a carried lag: the head runs until the first
+    period that realises exactly q D; from there the EDF state (the lags) repeats every D slots."""
+    found = _period_of(p)
+    if found is None:
+        return None
+    fracs, d = found
+    target = np.array([int(f * d) for f in fracs], dtype=np.int64)
+    seq = _edf(fracs, [0] * len(p), _LAGGED_PERIODS * d, tuple(Fraction(x) for x in lag))
+    for j in range(_LAGGED_PERIODS):
+        cycle = seq[j * d : (j + 1) * d]
+        if np.array_equal(np.bincount(cycle, minlength=len(p)), target):
+            return _run(seq[: j * d], len(p)), _run(cycle, len(p))
+    return None
+
+
+def _edf(
+    p: tuple[float | Fraction, ...],
+    counts: list[int],
+    n: int,
+    lag: tuple[float | Fraction, ...] | None = None,
+) -> np.ndarray:
     # The per-slot loop of every low-discrepancy plan without a short period: kept flat (local names,
     # one list append per slot) because it runs in Python, ~1 us a slot.
+    # A lag l_i shifts domain i's items: v = count - l_i items are "done" (item v + 1 released at
+    # floor(v / w), due at (v + 1) / w). Without a lag, v is the count itself.
     t = sum(counts)
+    shift = [0] * len(p) if lag is None else lag
     ready: list[tuple[float | Fraction, int, int]] = []  # (deadline, release, id) of released items
     waiting: list[tuple[int, float | Fraction, int]] = []  # (release, deadline, id) of items not yet released
     push, pop, floor = heapq.heappush, heapq.heappop, math.floor
     for i, w in enumerate(p):
         if w > 0:
-            c = counts[i]
-            release = floor(c / w)
+            v = counts[i] - shift[i]
+            release = floor(v / w)
             if release <= t:
-                push(ready, ((c + 1) / w, release, i))
+                push(ready, ((v + 1) / w, release, i))
             else:
-                push(waiting, (release, (c + 1) / w, i))
+                push(waiting, (release, (v + 1) / w, i))
     out: list[int] = []
     emit = out.append
     for s in range(t, t + n):
@@ -309,11 +387,12 @@ def _edf(p: tuple[float | Fraction, ...], counts: list[int], n: int) -> np.ndarr
             push(ready, (deadline, release, i))
         i = pop(ready)[2]
         emit(i)
-        c = counts[i] = counts[i] + 1
+        counts[i] += 1
         w = p[i]
-        release = floor(c / w)  # item c + 1 of domain i: released at floor(c / w), due at (c + 1) / w
+        v = counts[i] - shift[i]
+        release = floor(v / w)  # item v + 1 of domain i: released at floor(v / w), due at (v + 1) / w
         if release <= s + 1:
-            push(ready, ((c + 1) / w, release, i))
+            push(ready, ((v + 1) / w, release, i))
         else:
-            push(waiting, (release, (c + 1) / w, i))
+            push(waiting, (release, (v + 1) / w, i))
     return np.array(out, dtype=np.int64)

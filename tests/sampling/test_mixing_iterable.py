@@ -131,8 +131,9 @@ def test_a_weight_change_in_a_batch_cut_short_by_the_epoch_end_applies_to_the_ne
 def test_weights_set_every_item_keep_the_history_bounded_and_the_resume_exact(mode: str) -> None:
     def mutate(obj: DomainMixingIterable, step: int) -> None:
         obj.set_weights(np.random.default_rng(step).dirichlet(np.ones(3)).tolist())
-        # the entry in force for the current batch and the change for the next one
-        assert len(obj.weight_history) <= 2
+        # the entry in force for the current batch and the change for the next one (low-discrepancy: and
+        # the one its counts ran with, from which the lags carry)
+        assert len(obj.weight_history) <= (3 if mode == "low_discrepancy" else 2)
 
     assert_resume_equivalent(lambda: make(mode=mode, seed=3), 61, 200, mutate)
 

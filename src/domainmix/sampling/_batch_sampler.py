@@ -156,7 +156,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             IndexStream(ix, (seed, tag, i), replacement=replacement) for i, ix in enumerate(index)
         ]
         zeros = np.zeros(len(names), dtype=np.int64)
-        self._snaps = SnapshotRing(snapshot_history, Snap(0, 0, 0, zeros, zeros, 0))
+        self._snaps = SnapshotRing(snapshot_history, Snap(0, 0, 0, zeros, zeros, 0, (0.0,) * len(index)))
         self._block: Block | None = None
         self._row = 0
         self._depth = 0  # how far the loader iterating this sampler runs ahead (see _wrapping)
@@ -220,7 +220,8 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         self._block = None  # planned batches used the old weights or epoch; replan from the committed state
 
     def _oldest_state(self) -> int:
-        return self._snaps.span()[0]
+        oldest = self._snaps.oldest
+        return self._needs_from(oldest.total, oldest.ld_from)
 
     def _last_batch(self) -> int:
         return max(self._snap.total - 1, 0)
@@ -313,13 +314,15 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             start = s._replace(epoch=epoch, batch=0)
         else:
             zeros = np.zeros_like(s.positions)
-            start = s._replace(epoch=epoch, batch=0, positions=zeros, ld_counts=zeros)
+            start = s._replace(
+                epoch=epoch, batch=0, positions=zeros, ld_counts=zeros, ld_lag=(0.0,) * len(zeros)
+            )
         self._snaps.commit(start, keep_previous=ended)
         self._block = None
 
     def _make_block(self) -> Block | None:
         s = self._snap
-        at = Counters(s.epoch, s.batch, s.total, s.ld_counts, s.ld_from)
+        at = Counters(s.epoch, s.batch, s.total, s.ld_counts, s.ld_from, s.ld_lag)
         planned = self._plan_next(at, self._rank, self._world)
         if planned is None:
             # num_batches reached: an end recorded here is this one (it must not end the next epoch)
@@ -335,7 +338,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             self._drop_reached_end(s.total)
             return None
         values = take_planned(self._streams, plan, nb, planned.epoch_key, s.positions, self._rank)
-        return Block(values, s, after[:nb], plan.ld_after[:nb], planned.from_batch)
+        return Block(values, s, after[:nb], plan.ld_after[:nb], planned.from_batch, planned.lag)
 
     def _drop_reached_end(self, total: int) -> None:
         """Forget the recorded epoch end that the epoch ending at ``total`` batches is."""
@@ -384,7 +387,8 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
                 "carry_remainder": self._carry,
             },
         }
-        return self._state(Counters(snap.epoch, snap.batch, snap.total, snap.ld_counts, snap.ld_from), own)
+        at = Counters(snap.epoch, snap.batch, snap.total, snap.ld_counts, snap.ld_from, snap.ld_lag)
+        return self._state(at, own)
 
     def _pending_ends(self, snap: Snap) -> list[int]:
         """The totals after ``snap`` at which this run has already ended an epoch.
@@ -406,7 +410,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         check_param("DomainBatchSampler.state_dict", "consumed", consumed, Interval(int, 0, None), None)
         snap = self._snaps.find(consumed)
         if snap is None:
-            lo, hi = self._snaps.span()
+            lo, hi = self._snaps.oldest.total, self._snap.total
             raise param_error(
                 "DomainBatchSampler.state_dict", "consumed",
                 f"a batch count in the snapshot buffer [{lo}, {hi}]", consumed,
@@ -431,7 +435,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         passes = np.asarray(state_counts(self._caller, state_dict, self.PASS_KEY, k), dtype=np.int64)
         cursors = np.asarray(state_counts(self._caller, state_dict, self.CURSOR_KEY, k), dtype=np.int64)
         positions = passes * self._sizes + np.minimum(cursors, self._sizes)
-        self._snaps.reset(Snap(at.total, at.epoch, at.batch, positions, at.ld_counts, at.ld_from))
+        self._snaps.reset(Snap(at.total, at.epoch, at.batch, positions, at.ld_counts, at.ld_from, at.ld_lag))
         self._block = None
         saved_depth = state_dict.get(self.PREFETCH_KEY)  # absent from states saved before it was recorded
         self._expected_depth = None if ignore_fingerprint or saved_depth is None else int(saved_depth)

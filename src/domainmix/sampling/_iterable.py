@@ -46,6 +46,7 @@ class _Rows(NamedTuple):
     ld_after: np.ndarray  # (nb, k) low-discrepancy counts after each row
     from_batch: int  # the weight-history entry the block was planned with
     where: tuple[int, int]  # (rank, world), with DataLoader workers counted as ranks
+    lag: tuple[float, ...]  # the low-discrepancy lags carried into the schedule from from_batch
 
 
 class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
@@ -144,6 +145,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         self._epoch = self._batch = self._total = self._offset = 0
         self._ld = np.zeros(k, dtype=np.int64)
         self._ld_from = 0
+        self._ld_lag: tuple[float, ...] = (0.0,) * k
         self._passes = [0] * k
         self._consumed = [0] * k
         self._exhausted = [False] * k
@@ -167,7 +169,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         self._plan = None
 
     def _oldest_state(self) -> int:
-        return self._last_batch()  # the state's batch, or the one before it for batch_sampling
+        return self._needs_from(self._total + (1 if self._offset else 0), self._ld_from)
 
     def _last_batch(self) -> int:
         return self._total if self._offset else max(self._total - 1, 0)
@@ -288,7 +290,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         return bool(np.asarray(self._exhausted)[active].all())
 
     def _counters(self) -> Counters:
-        return Counters(self._epoch, self._batch, self._total, self._ld, self._ld_from)
+        return Counters(self._epoch, self._batch, self._total, self._ld, self._ld_from, self._ld_lag)
 
     def _batch_ids(self, rank: int, world: int) -> np.ndarray:
         plan = self._plan
@@ -302,7 +304,9 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
             assert planned is not None  # _epoch_over() was False when this batch began
             p = planned.plan
             ids = in_yield_order(p.ids, p.order)
-            self._plan = plan = _Rows(self._total, ids, p.ld_after, planned.from_batch, (rank, world))
+            self._plan = plan = _Rows(
+                self._total, ids, p.ld_after, planned.from_batch, (rank, world), planned.lag
+            )
         row: np.ndarray = plan.ids[self._total - plan.first]
         return row
 
@@ -311,6 +315,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         assert plan is not None  # set by _batch_ids for the batch being finished
         self._ld = np.asarray(plan.ld_after[self._total - plan.first]).copy()
         self._ld_from = plan.from_batch
+        self._ld_lag = plan.lag
         self._total += 1
         self._batch += 1
         self._offset = 0
@@ -369,6 +374,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
             self._passes, self._consumed, self._exhausted = [0] * k, [0] * k, [False] * k
             self._iters, self._restore = [None] * k, [None] * k
             self._ld = np.zeros(k, dtype=np.int64)  # as the batch sampler: an epoch starts the sequence
+            self._ld_lag = (0.0,) * k
         self._plan = None
 
     # ------------------------------------------------------------------ state
@@ -399,7 +405,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         """
         at = self._load(state_dict)
         self._epoch, self._batch, self._total = at.epoch, at.batch, at.total
-        self._ld, self._ld_from = at.ld_counts, at.ld_from
+        self._ld, self._ld_from, self._ld_lag = at.ld_counts, at.ld_from, at.ld_lag
         k, owner = len(self._names), self._caller
         self._offset = int(state_counts(owner, state_dict, self.OFFSET_KEY))
         self._passes = [int(x) for x in state_counts(owner, state_dict, self.PASS_KEY, k)]

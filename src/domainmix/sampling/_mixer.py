@@ -9,6 +9,7 @@ check on load, and the choice of the next block of batches to plan.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -17,8 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from domainmix._apportion import carried_lag, distribution
 from domainmix._distributed import resolve_rank_world
-from domainmix._state import check_fingerprint, check_state_keys, state_counts
+from domainmix._state import check_fingerprint, check_state_keys, state_counts, state_list
 from domainmix._validation import Options, check_param
 from domainmix.sampling._plan import BLOCK, PLAN_ROWS, Mode, SlotPlan, StopRule, plan_block
 from domainmix.sampling._weights import WeightSchedule, WeightsLike
@@ -34,6 +36,7 @@ class Counters(NamedTuple):
     total: int  # batches since construction: the clock of the weight history
     ld_counts: np.ndarray  # (k,) low-discrepancy counts since the weight change at ld_from
     ld_from: int
+    ld_lag: tuple[float, ...]  # (k,) low-discrepancy lags carried into the schedule starting at ld_from
 
 
 class Planned(NamedTuple):
@@ -43,6 +46,7 @@ class Planned(NamedTuple):
     q: tuple[float, ...]
     epoch_key: int  # 0 while cycling forever (streams run on across epochs), else the epoch
     plan: SlotPlan
+    lag: tuple[float, ...]  # the lags carried into the schedule starting at from_batch
 
 
 class DomainMixer(ABC):
@@ -65,6 +69,7 @@ class DomainMixer(ABC):
     TOTAL_KEY = "total_batches"
     LD_COUNTS_KEY = "low_discrepancy_counts"
     LD_FROM_KEY = "low_discrepancy_from"
+    LD_LAG_KEY = "low_discrepancy_lag"  # optional: absent from states saved before lags were carried
     HISTORY_KEY = "weight_history"
     FINGERPRINT_KEY = "fingerprint"
     _COUNTER_KEYS = (EPOCH_KEY, BATCH_KEY, TOTAL_KEY, LD_FROM_KEY)  # the scalar counters of every state
@@ -199,7 +204,10 @@ class DomainMixer(ABC):
         of ``batch_size * world`` slots, which may exceed the configured one (DataLoader workers).
         """
         from_batch, q = self._schedule.at(at.total)
-        ld_counts = at.ld_counts if at.ld_from == from_batch else np.zeros_like(at.ld_counts)
+        if at.ld_from == from_batch:
+            ld_counts, lag = at.ld_counts, at.ld_lag
+        else:  # q changed since: the counts restart, the low-discrepancy lags carry over
+            ld_counts, lag = np.zeros_like(at.ld_counts), self._lag_at_change(at, q)
         # Cycling streams never restart, so batches are keyed by the absolute count; otherwise per epoch.
         cycling = self._stop == StopRule.CYCLE_FOREVER
         epoch_key, batch_key = (0, at.total) if cycling else (at.epoch, at.batch)
@@ -220,9 +228,30 @@ class DomainMixer(ABC):
         plan = plan_block(
             self._mode, np.asarray(q), alloc, ld_counts, seed=self._seed, epoch_key=epoch_key,
             batch_key=batch_key, nb=nb, batch_size=self._batch_size, world_size=world, rank=rank,
-            carry=carry,
+            carry=carry, lag=lag,
         )  # fmt: skip
-        return Planned(from_batch, q, epoch_key, plan)
+        return Planned(from_batch, q, epoch_key, plan, lag)
+
+    def _needs_from(self, total: int, ld_from: int) -> int:
+        """The first batch whose weights a state after ``total`` batches (counts from ``ld_from``) needs.
+
+        The batch before it: ``batch_sampling`` reports its q until the next batch, and a controller
+        divides by it right after a resume. In low-discrepancy mode also ``ld_from``: the lags carried
+        at the next change start from the q its counts ran with.
+        """
+        last = max(total - 1, 0)
+        return min(last, ld_from) if self._mode == Mode.LOW_DISCREPANCY else last
+
+    def _lag_at_change(self, at: Counters, q: tuple[float, ...]) -> tuple[float, ...]:
+        """The low-discrepancy lags carried into a schedule that starts after ``at`` (zeros otherwise).
+
+        Restarting the sequence at every change would give the same first slots to the same domains
+        every time: with weights changed every batch, a systematic error in the realised shares.
+        """
+        if self._mode != Mode.LOW_DISCREPANCY:
+            return at.ld_lag
+        previous = self._schedule.at(at.ld_from)[1]
+        return carried_lag(np.asarray(at.ld_lag), distribution(previous), at.ld_counts, distribution(q))
 
     def _plan_length(self, total: int) -> int:
         """How many batches to plan from batch ``total``: up to where the next weight change is expected.
@@ -259,10 +288,9 @@ class DomainMixer(ABC):
             self.TOTAL_KEY: at.total,
             self.LD_COUNTS_KEY: np.asarray(at.ld_counts).tolist(),
             self.LD_FROM_KEY: at.ld_from,
+            self.LD_LAG_KEY: list(at.ld_lag),
             **own,
-            # from the q in force at the batch before the saved one: batch_sampling reports it until the
-            # next batch, and a controller reads it for the loss multipliers right after a resume
-            self.HISTORY_KEY: self._schedule.as_state(max(at.total - 1, 0)),
+            self.HISTORY_KEY: self._schedule.as_state(self._needs_from(at.total, at.ld_from)),
             self.FINGERPRINT_KEY: self._fingerprint(),
         }
 
@@ -299,4 +327,11 @@ class DomainMixer(ABC):
             # The carried counts were per batch of another size (an elastic resume): restart the carry
             # here, as a weight change would. Low-discrepancy counts are per slot and carry over as they are.
             ld = np.zeros_like(ld)
-        return Counters(epoch, batch, total, ld, ld_from)
+        lag = (0.0,) * k  # a state saved before lags were carried: the old restart, until the next change
+        if self.LD_LAG_KEY in state_dict:
+            lag = tuple(state_list(owner, state_dict, self.LD_LAG_KEY, k, "finite floats", _finite_float))
+        return Counters(epoch, batch, total, ld, ld_from, lag)
+
+
+def _finite_float(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

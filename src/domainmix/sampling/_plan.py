@@ -38,7 +38,8 @@ class Mode:
         STRATIFIED: every global batch holds exactly ``allocate_counts(q, batch_size * world_size,
             min_count)`` examples per domain, each domain's slots spread evenly over the batch.
         LOW_DISCREPANCY: a deterministic domain sequence (earliest-deadline-first) whose counts stay within
-            one example of ``q_i t`` for every prefix of ``t`` examples since the last weight change.
+            one example of ``q_i t`` for every prefix of ``t`` examples since the last weight change; each
+            domain's lag is carried across a change, so the counts follow the running sum of q.
         IID: each slot's domain is drawn independently from ``q``.
     """
 
@@ -145,6 +146,7 @@ def plan_block(
     world_size: int,
     rank: int,
     carry: tuple[np.ndarray, np.ndarray] | None = None,
+    lag: tuple[float, ...] | None = None,
 ) -> SlotPlan:
     """Plan ``nb`` batches starting at absolute batch ``batch_key`` (must not cross a BLOCK boundary).
 
@@ -154,6 +156,7 @@ def plan_block(
     examples fill the slots is random through the per-pass permutations). Other modes:
     rank r owns global slots r, r + W, r + 2W, ...
 
+    ``lag``: low-discrepancy, the lags carried from before the weight change (``carried_lag``).
     ``carry``: stratified with the remainders carried across batches, ``(base, frac)`` from
     ``carried_allocation``; the counts of each batch come from ``carried_counts`` (``ld_counts`` are the
     counts since the weight change), laid out and split between ranks as above, row by row.
@@ -181,7 +184,7 @@ def plan_block(
         # round-off can leave u above the last cumulative sum: give it to the last positive-weight domain
         np.minimum(gids, int(np.flatnonzero(q > 0)[-1]), out=gids)
     else:
-        gids = edf_sequence(distribution(tuple(q.tolist())), ld_counts, nb * g).reshape(nb, g)
+        gids = edf_sequence(distribution(tuple(q.tolist())), ld_counts, nb * g, lag).reshape(nb, g)
     counts = np.bincount((rows * k + gids).ravel(), minlength=nb * k).reshape(nb, k)
     ld_after = ld_counts + np.cumsum(counts, axis=0) if mode == Mode.LOW_DISCREPANCY else ld_counts
     return SlotPlan(gids[:, rank::world_size], None, gids, None, counts, np.broadcast_to(ld_after, (nb, k)))

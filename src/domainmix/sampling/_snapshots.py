@@ -26,6 +26,7 @@ class Snap(NamedTuple):
     positions: np.ndarray  # (k,) draws from each domain's stream (see _streams)
     ld_counts: np.ndarray  # (k,) low-discrepancy counts since the weight change at ld_from
     ld_from: int
+    ld_lag: tuple[float, ...]  # (k,) low-discrepancy lags carried into the schedule from ld_from
 
 
 class Block(NamedTuple):
@@ -36,12 +37,19 @@ class Block(NamedTuple):
     positions: np.ndarray  # (nb, k) stream positions after each row
     ld_after: np.ndarray  # (nb, k) low-discrepancy counts after each row
     ld_from: int
+    ld_lag: tuple[float, ...]
 
     def snap(self, j: int) -> Snap:
         """State after row ``j``, built on demand (a snapshot per batch would cost more than the batch)."""
         b = self.base
         return Snap(
-            b.total + j + 1, b.epoch, b.batch + j + 1, self.positions[j], self.ld_after[j], self.ld_from
+            b.total + j + 1,
+            b.epoch,
+            b.batch + j + 1,
+            self.positions[j],
+            self.ld_after[j],
+            self.ld_from,
+            self.ld_lag,
         )
 
 
@@ -100,6 +108,7 @@ class SnapshotRing(deque[Entry]):
                 return snap
         return None
 
-    def span(self) -> tuple[int, int]:
-        """The oldest and the newest batch count in the buffer."""
-        return resolve(self[0]).total, self.current.total
+    @property
+    def oldest(self) -> Snap:
+        """The oldest state in the buffer."""
+        return resolve(self[0])
