@@ -6,7 +6,9 @@
 
 ``training_step`` keeps the plain loop's order (forward under ``controller.record()``, then
 ``controller.step``, then ``weighted_loss``), so the weights of a step are final before Lightning's
-``ModelCheckpoint`` runs. ``DomainMixCallback`` checks the sampler's rank, stores the controller and the
+``ModelCheckpoint`` runs. With ``--accumulate A`` (``accumulate_grad_batches``) it calls
+``controller.observe`` instead and the callback ends the controller's step after each optimizer step.
+``DomainMixCallback`` checks the sampler's rank, stores the controller and the
 sampler (at the consumed batch) in every checkpoint, restores them on ``ckpt_path=...`` and logs α and
 q. Each rank writes ``rank{r}.json``: its batches, the weights after every step, the sampler's weight
 history and the final parameters.
@@ -42,11 +44,11 @@ def make_data() -> TensorDataset:
 
 
 class Regression(LightningModule):
-    def __init__(self, workers: int) -> None:
+    def __init__(self, workers: int, accumulate: int = 1) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.net = nn.Linear(8, 1)
-        self.workers = workers
+        self.workers, self.accumulate = workers, accumulate
         self.record: dict[str, list[Any]] = {"batches": [], "mixture": [], "sampling": []}
 
     def setup(self, stage: str) -> None:
@@ -78,7 +80,10 @@ class Regression(LightningModule):
         self.record["batches"].append(idx.tolist())
         with self.controller.record():  # the one order of a step: docs/design.md, "One step"
             per_example = ((self.net(x) - y) ** 2).squeeze(1)
-        self.controller.step(per_example, ids)
+        if self.accumulate > 1:  # the callback ends the step after each optimizer step
+            self.controller.observe(per_example, ids)
+        else:
+            self.controller.step(per_example, ids)
         self.record["mixture"].append(self.controller.weights.mixture.tolist())
         self.record["sampling"].append(self.controller.weights.sampling.tolist())
         return weighted_loss(per_example, ids, self.controller.loss_multipliers())
@@ -95,11 +100,13 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (prefetching)")
     parser.add_argument("--ckpt-every", type=int, default=10)
     parser.add_argument("--resume", type=Path, default=None, help="a checkpoint to resume from")
+    parser.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     args = parser.parse_args()
 
-    module = Regression(args.workers)
+    module = Regression(args.workers, args.accumulate)
     trainer = Trainer(
         max_steps=args.steps,
+        accumulate_grad_batches=args.accumulate,
         accelerator="cpu",
         devices=args.devices,
         strategy="ddp" if args.devices > 1 else "auto",

@@ -92,6 +92,31 @@ def test_a_sampler_with_the_wrong_rank_is_refused(tmp_path: Path) -> None:
         trainer.fit(Early(0))
 
 
+def test_with_gradient_accumulation_the_callback_steps_once_per_optimizer_step(tmp_path: Path) -> None:
+    """training_step observes each micro-batch; the callback ends the step after the optimizer's: the two
+    micro-batches of an optimizer step share α, and a resume from a checkpoint stays exact."""
+    run(tmp_path / "full", "--steps", "20", "--accumulate", "2")
+    mixtures = json.loads((tmp_path / "full" / "rank0.json").read_text())["mixture"]
+    assert len(mixtures) == 40 and all(mixtures[2 * i] == mixtures[2 * i + 1] for i in range(20))
+    assert len({tuple(m) for m in mixtures}) == 4  # update_every=5 optimizer steps: 3 updates seen
+    ckpt = tmp_path / "full/ckpt/epoch=0-step=10.ckpt"  # 10 optimizer steps: 20 batches
+    run(tmp_path / "resumed", "--steps", "20", "--accumulate", "2", "--resume", str(ckpt))
+    assert_resumed(tmp_path / "full", tmp_path / "resumed", cut=20)
+
+
+def test_a_training_step_that_steps_the_controller_under_accumulation_is_refused(tmp_path: Path) -> None:
+    from lightning.pytorch import Trainer
+
+    from domainmix.integrations.lightning import DomainMixCallback
+
+    example = load_example()
+    trainer = Trainer(max_steps=2, accelerator="cpu", accumulate_grad_batches=2,
+                      callbacks=[DomainMixCallback()], logger=False, enable_progress_bar=False,
+                      enable_checkpointing=False, default_root_dir=tmp_path)  # fmt: skip
+    with pytest.raises(ValueError, match="training_step must call controller.observe"):
+        trainer.fit(example.Regression(0, accumulate=1))  # its training_step calls controller.step
+
+
 def test_a_module_without_controller_is_refused(tmp_path: Path) -> None:
     from lightning.pytorch import Trainer
 

@@ -19,7 +19,12 @@ module's own ``on_train_batch_end`` would run after it, and a resume would diver
   (Lightning's data fetcher pulls the first batch before ``on_train_start``);
 - it logs α, q and the last window's achieved shares per domain (``domainmix/alpha/<name>``,
   ``domainmix/q/<name>``, ``domainmix/achieved/<name>``) with
-  ``LightningModule.log_dict``, which reaches the logger every ``log_every_n_steps``.
+  ``LightningModule.log_dict``, which reaches the logger every ``log_every_n_steps``;
+- with ``Trainer(accumulate_grad_batches=A)``, A > 1, it ends the controller's step after each
+  optimizer step (in its ``on_train_batch_end``, before ``ModelCheckpoint``): ``training_step`` then
+  calls ``controller.observe(per_example, domain_ids)`` instead of ``step``, so the micro-batches of an
+  optimizer step share α and ``update_every`` counts optimizer steps (``docs/design.md``, "Gradient
+  accumulation"). A ``training_step`` that still calls ``step`` is refused at its first batch.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ class DomainMixCallback(Callback):
         self._attrs = (controller, sampler)
         self._log = bool(log)
         self._consumed = 0  # global batches the loop has consumed, as the sampler counts them
+        self._steps_before = 0  # the controller's step count when the batch began (accumulation check)
 
     def _parts(self, module: LightningModule) -> tuple[WeightingController, DomainBatchSampler]:
         controller, sampler = (getattr(module, name, None) for name in self._attrs)
@@ -91,13 +97,34 @@ class DomainMixCallback(Callback):
             )
         self._consumed = int(sampler.state_dict()[sampler.TOTAL_KEY])
 
+    def on_train_batch_start(
+        self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
+    ) -> None:
+        """Note the controller's step count (with accumulation, ``training_step`` must not step it)."""
+        self._steps_before = self._parts(pl_module)[0].step_count
+
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        """Count the consumed batch (before ``ModelCheckpoint`` runs) and log the weights."""
+        """Count the consumed batch, end an accumulated optimizer step's controller step, log the weights.
+
+        Both before ``ModelCheckpoint`` runs, so a checkpoint holds the step's state.
+        """
         self._consumed += 1
+        controller, _ = self._parts(pl_module)
+        accumulation = trainer.accumulate_grad_batches
+        if accumulation > 1:
+            if controller.step_count != self._steps_before:
+                raise ValueError(
+                    f"DomainMixCallback: with accumulate_grad_batches={accumulation}, training_step must "
+                    "call controller.observe(per_example, domain_ids), not controller.step: the callback "
+                    "ends the step after each optimizer step, so that its micro-batches share α."
+                )
+            # Lightning's own rule: the optimizer steps every A batches and at the epoch's last batch
+            progress = trainer.fit_loop.epoch_loop.batch_progress
+            if (batch_idx + 1) % accumulation == 0 or progress.is_last_batch:
+                controller.step()
         if self._log:  # Lightning passes them to its logger every log_every_n_steps
-            controller, _ = self._parts(pl_module)
             pl_module.log_dict(weight_scalars(controller), on_step=True, on_epoch=False)
 
     def on_save_checkpoint(
