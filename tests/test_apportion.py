@@ -190,7 +190,8 @@ def test_the_tiled_sequence_with_a_lag_is_the_exact_loop(seed: int, start: int) 
     fracs = found[0]
     exact = _edf(fracs, [0] * 4, start + 300, tuple(Fraction(x) for x in lag))
     counts = np.bincount(exact[:start], minlength=4)
-    assert np.array_equal(edf_sequence(q, counts, 300, lag), exact[start:])
+    assert np.array_equal(edf_sequence(q, counts, 300, lag), exact[start:])  # longer than 2 D: tiled
+    assert np.array_equal(edf_sequence(q, counts, 7, lag), exact[start : start + 7])  # short: the loop
 
 
 def test_ties_go_to_the_lower_index() -> None:

@@ -179,7 +179,17 @@ def edf_sequence(
     t = int(c.sum())
     if lag is not None and not any(lag):
         lag = None
-    period = _rational_period(p) if lag is None else _lagged_period(p, lag)
+    if lag is None:
+        period = _rational_period(p)
+        loop: tuple[tuple[float | Fraction, ...], tuple[float | Fraction, ...] | None] = (p, None)
+    else:
+        found = _period_of(p)
+        if found is None:  # no short period: the loop, in floats
+            return _edf(p, c.tolist(), n, lag)
+        # Exact arithmetic, so that the loop from any counts and the tiled period are one sequence.
+        loop = (found[0], tuple(Fraction(x) for x in lag))
+        # A short plan (weights that change every few batches) is cheaper to loop than to search a period.
+        period = None if n <= _LAGGED_PERIODS * found[1] else _lagged_period(p, lag)
     if period is not None:
         head, cycle = period
         h, d = len(head.ids), len(cycle.ids)
@@ -190,7 +200,7 @@ def edf_sequence(
             # the sequence from slot t: one rotation of the period, repeated (a copy, not a gather)
             return np.resize(np.roll(cycle.ids, -(u % d)), n)
         # counts off the periodic path (not produced by this function): fall through to the exact loop
-    return _edf(p, c.tolist(), n, lag)
+    return _edf(loop[0], c.tolist(), n, loop[1])
 
 
 def carried_lag(
@@ -208,7 +218,8 @@ def carried_lag(
     active = np.asarray(new_q) > 0
     now[~active] = 0.0
     now[active] -= now[active].sum() / active.sum()
-    return tuple(now.tolist())
+    # on a grid of 2**-20 slots: exact, small fractions for the exact-arithmetic sequence of a rational q
+    return tuple((np.round(now * _LAG_GRID) / _LAG_GRID).tolist())
 
 
 @lru_cache(maxsize=64)
@@ -316,6 +327,7 @@ def _run(ids: np.ndarray, k: int) -> _Run:
     return _Run(ids, np.cumsum(onehot, axis=0))
 
 
+@lru_cache(maxsize=64)
 def _period_of(p: tuple[float, ...]) -> tuple[tuple[Fraction, ...], int] | None:
     """q as exact fractions and its period D (q_i D integral), if D is at most ``_MAX_PERIOD``."""
     fracs = tuple(Fraction(x).limit_denominator(_MAX_PERIOD) for x in p)
@@ -337,6 +349,7 @@ def _rational_period(p: tuple[float, ...]) -> tuple[_Run, _Run] | None:
 
 
 _LAGGED_PERIODS = 2  # periods searched for the one that realises q D exactly
+_LAG_GRID = 1 << 20  # carried lags are multiples of 1 / _LAG_GRID
 
 
 @lru_cache(maxsize=16)
