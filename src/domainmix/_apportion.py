@@ -8,7 +8,8 @@ building blocks, both deterministic (no randomness at all):
   change for the composition of every global batch; ``variance_aware`` uses it for its batch allocation.
 * :func:`low_discrepancy_sequence` emits a domain id per slot such that every prefix of the sequence
   (counted from the last weight change) has ``|count_i(t) - q_i t| < 1`` for every domain;
-  :func:`carried_lag` carries each domain's lag across a weight change.
+  :func:`carried_lag` carries each domain's lag across a weight change, after which the bound is on
+  ``count_i(t) - q_i t - lag_i``.
 * :func:`carried_counts` gives each batch ``floor(B q_i)`` or ``ceil(B q_i)`` examples of domain i, so
   that the counts summed over the batches since the last weight change stay within one of ``b B q_i``.
 """

@@ -246,14 +246,15 @@ def test_low_discrepancy_realises_the_mean_q_when_q_changes_every_batch() -> Non
     domains = {d: range(i * size, (i + 1) * size) for i, d in enumerate("abc")}
     s = DomainBatchSampler(domains, 8, [0.3, 0.3, 0.4], mode="low_discrepancy", seed=0)
     it, counts, target, worst = iter(s), np.zeros(3), np.zeros(3), 0.0
-    for _ in range(1000):
+    for _ in range(3000):
         q = np.abs(np.array([0.3, 0.3, 0.4]) + rng.normal(0, 0.01, 3))
         q /= q.sum()
         s.set_weights(q.tolist())
         counts += np.bincount(np.asarray(next(it)) // size, minlength=3)
         target += 8 * q
         worst = max(worst, float(np.abs(counts - target).max()))
-    assert worst < 1.1  # measured 0.80 over 3,000 batches (the restart: 354 slots)
+    assert worst < 1.1  # measured 0.80 (the restart: 354 slots)
+    assert np.abs(counts / counts.sum() - target / target.sum()).max() < 1e-4  # (.2998, .2999, .4002)
 
 
 def test_the_low_discrepancy_lags_are_in_the_state_and_checked_on_load() -> None:

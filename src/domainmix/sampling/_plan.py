@@ -38,8 +38,9 @@ class Mode:
         STRATIFIED: every global batch holds exactly ``allocate_counts(q, batch_size * world_size,
             min_count)`` examples per domain, each domain's slots spread evenly over the batch.
         LOW_DISCREPANCY: a deterministic domain sequence (earliest-deadline-first) whose counts stay within
-            one example of ``q_i t`` for every prefix of ``t`` examples since the last weight change; each
-            domain's lag is carried across a change, so the counts follow the running sum of q.
+            one example of ``q_i t + lag_i`` for every prefix of ``t`` examples since the last weight
+            change, ``lag_i`` being the lag carried in at the change (0 before any), so the counts follow
+            the running sum of q across changes (docs/design.md, "Modes").
         IID: each slot's domain is drawn independently from ``q``.
     """
 
