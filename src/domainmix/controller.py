@@ -238,17 +238,20 @@ class WeightingController:
         """The strategy's current state (read-only by convention)."""
         return self._state
 
-    def loss_multipliers(self) -> Tensor:
+    def loss_multipliers(self, sampling: Tensor | None = None) -> Tensor:
         """(k,) α_i / q_i with q the distribution the sampler realises for the batch in hand.
 
-        That is the sampler's ``batch_sampling`` (the shares of the batch it last yielded, the q it was
-        drawn with even when this step's update has since moved q), else its ``effective_sampling``,
-        else the controller's q. A stratified sampler rounds B·q to integer counts b; using b/B here
-        keeps the importance-weighted loss exactly unbiased. With DataLoader workers the batch in hand
-        was yielded ``num_workers × prefetch_factor`` batches before the last one, so for that many steps
-        after a change of q the multipliers use the new shares.
+        That is ``sampling`` if given, else the sampler's ``batch_sampling`` (the shares of the batch it
+        last yielded, the q it was drawn with even when this step's update has since moved q), else its
+        ``effective_sampling``, else the controller's q. A stratified sampler rounds B·q to integer
+        counts b; using b/B here keeps the importance-weighted loss exactly unbiased. Behind a loader
+        that prefetches (DataLoader workers, Accelerate's ``DataLoaderShard``) the batch last yielded is
+        not the batch in hand: pass ``sampling=sampler.sampling_of(n)`` for the n-th batch (0-based), or
+        for as many steps as the loader runs ahead of a change of q the multipliers use the new shares.
         """
-        realised = getattr(self._sampler, "batch_sampling", None)
+        realised = sampling
+        if realised is None:
+            realised = getattr(self._sampler, "batch_sampling", None)
         if realised is None:
             realised = getattr(self._sampler, "effective_sampling", None)
         weights = self._weights

@@ -25,6 +25,7 @@ from transformers import (  # noqa: E402
 import domainmix.strategies as S  # noqa: E402
 from _helpers import assert_two_rank_run, run_torchrun  # noqa: E402
 from domainmix import WeightingController, weighted_loss  # noqa: E402
+from domainmix.integrations import hf_trainer  # noqa: E402
 from domainmix.integrations.hf_trainer import (  # noqa: E402
     STATE_FILE,
     DomainMixTrainer,
@@ -94,6 +95,33 @@ def test_with_gradient_accumulation_the_controller_steps_once_per_optimizer_step
     assert torch.equal(resumed.controller.weights.mixture, full.controller.weights.mixture)
     for a, b in zip(full.model.parameters(), resumed.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_multipliers_divide_by_the_shares_of_the_batch_in_hand(tmp_path: Path, accumulation: int) -> None:
+    """Accelerate's DataLoaderShard pulls a batch ahead, so the sampler's last batch is the next one: on
+    the batch after each change of q, α/q divided by the new shares while the batch had the old ones."""
+    trainer = EXAMPLE.build(tmp_path, 12, Recording, accumulation=accumulation)
+    moving_q = S.chain(  # q far from uniform and moving: batches of 6 then differ in composition
+        S.exponentiated_gradient(lambda s, w: s.loss, step_size=5.0, target="sampling"), S.floor(0.1)
+    )
+    trainer.controller = WeightingController(moving_q, list(NAMES), update_every=2, sampler=trainer.sampler)
+    seen: list[tuple[list[float], list[float], list[float]]] = []
+    real = hf_trainer.weighted_loss
+
+    def spy(losses: torch.Tensor, ids: torch.Tensor, multipliers: torch.Tensor, **kw: Any) -> torch.Tensor:
+        drawn = (torch.bincount(ids, minlength=3) / len(ids)).tolist()  # stratified: the batch's own shares
+        seen.append((drawn, multipliers.tolist(), trainer.controller.weights.mixture.tolist()))
+        return real(losses, ids, multipliers, **kw)
+
+    hf_trainer.weighted_loss = spy
+    try:
+        trainer.train()
+    finally:
+        hf_trainer.weighted_loss = real
+    assert len(seen) == 12 * accumulation and len({tuple(d) for d, _, _ in seen}) > 1  # q moved
+    for drawn, multipliers, alpha in seen:
+        assert [m * d for m, d in zip(multipliers, drawn, strict=True)] == pytest.approx(alpha)
 
 
 def test_errors(tmp_path: Path) -> None:

@@ -278,6 +278,24 @@ def test_the_low_discrepancy_lags_are_in_the_state_and_checked_on_load() -> None
             make(mode="low_discrepancy").load_state_dict({**state, DomainBatchSampler.LD_LAG_KEY: bad})
 
 
+def test_sampling_of_a_batch_is_the_q_it_was_drawn_with() -> None:
+    s = make(batch_size=10, snapshot_history=2)
+    it = iter(s)
+    first = s.effective_sampling.tolist()
+    next(it)
+    s.set_weights([0.0, 0.0, 1.0, 0.0])  # from batch 1 on
+    next(it)
+    next(it)  # a loop behind a prefetching loader still holds batch 0
+    assert s.sampling_of(0).tolist() == first and s.sampling_of(2).tolist() == [0.0, 0.0, 1.0, 0.0]
+    for _ in range(4):
+        s.set_weights([0.25, 0.25, 0.25, 0.25])
+        next(it)
+    with pytest.raises(
+        ValueError, match="'batch' parameter of DomainBatchSampler.sampling_of must be a batch from"
+    ):
+        s.sampling_of(0)  # its weights have left the bounded history
+
+
 def test_effective_sampling_reflects_rounding() -> None:
     s = make(batch_size=8, weights=(0.97, 0.01, 0.01, 0.01))
     assert s.batch_counts.tolist() == [8, 0, 0, 0]

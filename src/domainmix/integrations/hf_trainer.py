@@ -183,7 +183,9 @@ class DomainMixTrainer(Trainer):
             self.controller.observe(per_example, ids)  # the step ends after the optimizer's (on_step_end)
         else:
             self.controller.step(per_example, ids)
-        loss = weighted_loss(per_example, ids, self.controller.loss_multipliers())
+        # Accelerate's DataLoaderShard pulls a batch ahead: divide by the shares of the batch in hand
+        in_hand = self.sampler.sampling_of(self._consumed - 1)
+        loss = weighted_loss(per_example, ids, self.controller.loss_multipliers(in_hand))
         return (loss, outputs) if return_outputs else loss
 
     def train(  # type: ignore[override]  # the Trainer's other arguments pass through **kwargs

@@ -21,7 +21,7 @@ from torch import Tensor
 from domainmix._apportion import carried_lag, distribution
 from domainmix._distributed import resolve_rank_world
 from domainmix._state import check_fingerprint, check_state_keys, state_counts, state_list
-from domainmix._validation import Options, check_param
+from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.sampling._plan import BLOCK, PLAN_ROWS, Mode, SlotPlan, StopRule, plan_block
 from domainmix.sampling._weights import WeightSchedule, WeightsLike
 
@@ -162,6 +162,27 @@ class DomainMixer(ABC):
         shares of the first one.
         """
         q = self._schedule.at(self._last_batch())[1]
+        return torch.from_numpy(self._schedule.shares(q).astype(np.float64))
+
+    def sampling_of(self, batch: int) -> Tensor:
+        """(k,) float64: the realised shares of global batch ``batch`` (0-based, counted since construction).
+
+        ``batch_sampling`` is that of the batch last yielded; a loop behind a loader that prefetches
+        (DataLoader workers, Accelerate's ``DataLoaderShard``, which pulls one batch ahead) knows which
+        batch it holds, and its loss multipliers must divide by that batch's shares
+        (``WeightingController.loss_multipliers(sampling=...)``).
+
+        Raises:
+            ValueError: for a batch whose weights have left the bounded history (``weight_history``).
+        """
+        caller = f"{self._caller}.sampling_of"
+        batch = check_param(caller, "batch", batch, Interval(int, 0, None))
+        first = self._schedule.entries[0][0]
+        if batch < first:
+            raise param_error(
+                caller, "batch", f"a batch from {first} on (older weights have left the history)", batch
+            )
+        q = self._schedule.at(batch)[1]
         return torch.from_numpy(self._schedule.shares(q).astype(np.float64))
 
     @property
