@@ -308,6 +308,17 @@ def test_multipliers_of_an_update_step_use_the_q_its_batch_was_drawn_with() -> N
         assert torch.equal(before, alpha)  # variance_aware sets q only
 
 
+def test_loss_multipliers_of_the_batch_in_hand_behind_a_prefetching_loader() -> None:
+    sampler = FakeSampler()
+    c = WeightingController(S.fixed([0.5, 0.25, 0.25], [0.5, 0.25, 0.25]), NAMES, sampler=sampler)
+    held = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64)  # the shares the loop's batch was drawn with
+    assert c.loss_multipliers(held).tolist() == [2.0, 1.0, 0.5]
+    c.set_batch_sampling(held)
+    assert c.loss_multipliers().tolist() == [2.0, 1.0, 0.5]
+    c.set_batch_sampling(None)  # back to the sampler's shares
+    assert c.loss_multipliers().tolist() == [1.0, 1.0, 1.0]
+
+
 def test_a_never_drawn_domain_with_undefined_statistics_does_not_block_updates() -> None:
     """α = q = 0 excludes a domain: it is never drawn, so its gradient variance is NaN by design."""
     c = WeightingController(

@@ -169,6 +169,7 @@ class WeightingController:
         self._num_updates = 0
         self._num_skipped = 0
         self._multipliers: tuple[DomainWeights, tuple[float, ...] | None, Tensor] | None = None
+        self._in_hand: Tensor | None = None  # set_batch_sampling: the shares of the batch the loop holds
         self._weights = initial
         self._schedule = _chain_fingerprint("", initial)
         self._held = False  # set by override(hold=True): the strategy does not update until release()
@@ -241,15 +242,18 @@ class WeightingController:
     def loss_multipliers(self, sampling: Tensor | None = None) -> Tensor:
         """(k,) α_i / q_i with q the distribution the sampler realises for the batch in hand.
 
-        That is ``sampling`` if given, else the sampler's ``batch_sampling`` (the shares of the batch it
-        last yielded, the q it was drawn with even when this step's update has since moved q), else its
-        ``effective_sampling``, else the controller's q. A stratified sampler rounds B·q to integer
-        counts b; using b/B here keeps the importance-weighted loss exactly unbiased. Behind a loader
-        that prefetches (DataLoader workers, Accelerate's ``DataLoaderShard``) the batch last yielded is
-        not the batch in hand: pass ``sampling=sampler.sampling_of(n)`` for the n-th batch (0-based), or
-        for as many steps as the loader runs ahead of a change of q the multipliers use the new shares.
+        That is ``sampling`` if given, else the shares of :meth:`set_batch_sampling`, else the sampler's
+        ``batch_sampling`` (the shares of the batch it last yielded, the q it was drawn with even when
+        this step's update has since moved q), else its ``effective_sampling``, else the controller's q.
+        A stratified sampler rounds B·q to integer counts b; using b/B here keeps the importance-weighted
+        loss exactly unbiased. Behind a loader
+        that prefetches (DataLoader workers, Accelerate's ``DataLoaderShard``, Lightning's fetcher) the
+        batch last yielded is not the batch in hand: pass ``sampling=sampler.sampling_of(n)`` for the
+        n-th batch (0-based), or set it once per batch with :meth:`set_batch_sampling` (the Lightning
+        callback does), or for as many steps as the loader runs ahead of a change of q the multipliers
+        use the new shares.
         """
-        realised = sampling
+        realised = sampling if sampling is not None else self._in_hand
         if realised is None:
             realised = getattr(self._sampler, "batch_sampling", None)
         if realised is None:
@@ -264,6 +268,15 @@ class WeightingController:
                 weights = weights._replace(sampling=torch.as_tensor(realised, dtype=torch.float64))
             cached = self._multipliers = (self._weights, shares, weights.loss_multipliers())
         return cached[2].clone()
+
+    def set_batch_sampling(self, shares: Tensor | None) -> None:
+        """The realised shares of the batch the loop holds, for :meth:`loss_multipliers` from now on.
+
+        For a framework integration that counts the batches its loop consumes, behind a loader that
+        prefetches (``sampler.sampling_of(n)`` for the n-th batch): the training code then calls
+        ``loss_multipliers()`` as usual. ``None`` goes back to the sampler's ``batch_sampling``.
+        """
+        self._in_hand = None if shares is None else torch.as_tensor(shares, dtype=torch.float64)
 
     def _warn_undrawn(self, shares: tuple[float, ...]) -> None:
         """Warn (once per change of weights or shares) about domains weighted in the loss but never drawn."""

@@ -117,6 +117,34 @@ def test_a_training_step_that_steps_the_controller_under_accumulation_is_refused
         trainer.fit(example.Regression(0, accumulate=1))  # its training_step calls controller.step
 
 
+def test_multipliers_divide_by_the_shares_of_the_batch_in_hand(tmp_path: Path) -> None:
+    """Lightning's fetcher pulls a batch ahead: without the callback's set_batch_sampling, the batch after
+    each change of q was weighted by the shares of the next batch."""
+    import torch
+    from lightning.pytorch import Trainer
+
+    from domainmix.integrations.lightning import DomainMixCallback
+
+    example = load_example()
+    seen: list[tuple[list[float], list[float], list[float]]] = []
+    real = example.weighted_loss
+    module = example.Regression(0)
+
+    def spy(losses: torch.Tensor, ids: torch.Tensor, multipliers: torch.Tensor) -> torch.Tensor:
+        drawn = (torch.bincount(ids, minlength=3) / len(ids)).tolist()  # stratified: the batch's own shares
+        seen.append((drawn, multipliers.tolist(), module.controller.weights.mixture.tolist()))
+        return real(losses, ids, multipliers)
+
+    example.weighted_loss = spy
+    trainer = Trainer(max_steps=30, accelerator="cpu", callbacks=[DomainMixCallback()], logger=False,
+                      enable_progress_bar=False, enable_checkpointing=False,
+                      default_root_dir=tmp_path)  # fmt: skip
+    trainer.fit(module)
+    assert len(seen) == 30 and len({tuple(d) for d, _, _ in seen}) > 1  # the batches' composition moved
+    for drawn, multipliers, alpha in seen:
+        assert [m * d for m, d in zip(multipliers, drawn, strict=True)] == pytest.approx(alpha)
+
+
 def test_a_module_without_controller_is_refused(tmp_path: Path) -> None:
     from lightning.pytorch import Trainer
 

@@ -17,6 +17,9 @@ module's own ``on_train_batch_end`` would run after it, and a resume would diver
   (``state_dict(consumed=n)``, prefetching workers included) in Lightning's checkpoints, and restores
   both in ``on_load_checkpoint``, which runs after ``setup()`` and before the loader is iterated
   (Lightning's data fetcher pulls the first batch before ``on_train_start``);
+- Lightning's data fetcher pulls one batch ahead, so before each batch it gives the controller the
+  shares of the batch in hand (``controller.set_batch_sampling(sampler.sampling_of(n))``): the
+  ``loss_multipliers()`` of ``training_step`` divide by the q that batch was drawn with;
 - it logs α, q and the last window's achieved shares per domain (``domainmix/alpha/<name>``,
   ``domainmix/q/<name>``, ``domainmix/achieved/<name>``) with
   ``LightningModule.log_dict``, which reaches the logger every ``log_every_n_steps``;
@@ -100,8 +103,15 @@ class DomainMixCallback(Callback):
     def on_train_batch_start(
         self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int
     ) -> None:
-        """Note the controller's step count (with accumulation, ``training_step`` must not step it)."""
-        self._steps_before = self._parts(pl_module)[0].step_count
+        """Give the controller the shares of the batch in hand, and note its step count.
+
+        Lightning's fetcher pulls a batch ahead, so the sampler's last batch is the next one; the loss
+        multipliers must divide by the shares of this one. With accumulation, ``training_step`` must not
+        step the controller (checked at the batch's end).
+        """
+        controller, sampler = self._parts(pl_module)
+        controller.set_batch_sampling(sampler.sampling_of(self._consumed))
+        self._steps_before = controller.step_count
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
