@@ -66,12 +66,13 @@ def main() -> None:
     model, opt = accelerator.prepare(model, torch.optim.SGD(model.parameters(), lr=0.05))
 
     record: dict[str, list] = {"batches": [], "mixture": [], "sampling": []}
-    for _, (idx, xb, yb, ids) in zip(range(args.steps), loader, strict=False):
+    for step, (idx, xb, yb, ids) in zip(range(args.steps), loader, strict=False):
         record["batches"].append(idx.tolist())
         with controller.record():  # the one order of a step: docs/design.md, "One step"
             per_example = ((model(xb) - yb) ** 2).squeeze(1)
         controller.step(per_example, ids)
-        loss = weighted_loss(per_example, ids, controller.loss_multipliers())
+        # Accelerate's loader pulls a batch ahead: divide by the shares of the batch in hand (step `step`)
+        loss = weighted_loss(per_example, ids, controller.loss_multipliers(sampler.sampling_of(step)))
         opt.zero_grad()
         accelerator.backward(loss)
         opt.step()

@@ -92,22 +92,20 @@ def state_counts(owner: str, state_dict: Mapping[str, Any], key: str, length: in
     Raises:
         ValueError: ``"<owner>.load_state_dict: state[key] must be ..."`` with the value found.
     """
+    if length is not None and length >= 0:
+        return state_list(owner, state_dict, key, length, "ints >= 0", _count)
     value = state_dict[key]
-
-    def count(v: Any) -> bool:
-        return isinstance(v, Integral) and not isinstance(v, bool) and int(v) >= 0
-
     if length is None:
-        ok, wanted = count(value), "an int >= 0"
-    elif length < 0:
-        ok = isinstance(value, Sequence) and all(count(v) for v in value)
-        wanted = "a list of ints >= 0"
+        ok, wanted = _count(value), "an int >= 0"
     else:
-        ok = isinstance(value, Sequence) and len(value) == length and all(count(v) for v in value)
-        wanted = f"a list of {length} ints >= 0 (one per domain)"
+        ok, wanted = isinstance(value, Sequence) and all(_count(v) for v in value), "a list of ints >= 0"
     if not ok:
         raise ValueError(f"{owner}.load_state_dict: state[{key!r}] must be {wanted}. Got {value!r} instead.")
     return value
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool) and int(value) >= 0
 
 
 def state_list(

@@ -44,8 +44,9 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
     in this epoch), ``TOTAL_KEY`` (batches since construction), ``PASS_KEY`` / ``CURSOR_KEY`` /
     ``EXHAUSTED_KEY`` (per domain), ``LD_COUNTS_KEY`` / ``LD_FROM_KEY`` (examples per domain since the
     weight change at batch ``LD_FROM``: low-discrepancy and carried-remainder plans continue from them),
-    ``WEIGHTS_KEY``, ``PREFETCH_KEY`` (how many batches the
-    iterating DataLoader ran ahead; a resume under another depth is refused at its first batch),
+    ``LD_LAG_KEY`` (the low-discrepancy lags carried in at that change), ``WEIGHTS_KEY``,
+    ``PREFETCH_KEY`` (how many batches the iterating DataLoader ran ahead; a resume under another depth
+    is refused at its first batch),
     ``EPOCH_ENDS_KEY`` (the totals after the saved batch at which the run had already ended an epoch),
     ``HISTORY_KEY``, ``CONFIG_KEY``, ``FINGERPRINT_KEY``.
 

@@ -63,7 +63,8 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
     pass of non-persistent workers from this object's (never advanced) state, raises in the worker.
 
     State keys (``state_dict``): ``EPOCH_KEY``, ``BATCH_KEY``, ``TOTAL_KEY``, ``OFFSET_KEY`` (items of the
-    current batch already yielded), ``LD_COUNTS_KEY`` / ``LD_FROM_KEY``, and per source ``PASS_KEY``,
+    current batch already yielded), ``LD_COUNTS_KEY`` / ``LD_FROM_KEY`` / ``LD_LAG_KEY``, and per source
+    ``PASS_KEY``,
     ``CONSUMED_KEY`` (items read in the current pass), ``EXHAUSTED_KEY``, ``SOURCE_EPOCHS_KEY`` (passes
     begun since construction), ``SOURCE_STATES_KEY``; then
     ``HISTORY_KEY`` and ``FINGERPRINT_KEY``. The state describes the object in the calling process:
