@@ -31,8 +31,9 @@ def assert_resumed(full: Path, resumed: Path, ranks: int = 1, cut: int = 10) -> 
         a, b = (json.loads((d / f"rank{r}.json").read_text()) for d in (full, resumed))
         assert b["batches"] == a["batches"][cut:]
         assert b["mixture"] == a["mixture"][cut:]
-        # a saved state holds the weight entries from the one in force at the saved batch on
-        start = max(batch for batch, _ in a["history"] if batch <= cut)
+        # a saved state holds the weight entries from the one in force at the batch before the saved one
+        # (batch_sampling's) on
+        start = max(batch for batch, _ in a["history"] if batch <= max(cut - 1, 0))
         assert b["history"] == [h for h in a["history"] if h[0] >= start]
         assert b["params"] == a["params"]
 
