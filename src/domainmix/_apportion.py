@@ -174,7 +174,8 @@ def edf_sequence(
     (:func:`carried_lag`); the sequence then treats domain i as if it had ``-lag_i`` items at slot 0:
     item j is released at ``floor((j - 1 - lag_i) / q_i)`` and due at ``(j - lag_i) / q_i``. With a
     rational q of period D the EDF order returns to its state once a period realises exactly ``q D``
-    (within the first two periods in every case tried): that period is found once and repeated.
+    (within the first two periods in every case tried): for a plan longer than two periods that period
+    is found once and repeated, a shorter one is looped; both in exact arithmetic, so they agree.
     """
     c = np.asarray(counts, dtype=np.int64)
     t = int(c.sum())

@@ -248,10 +248,10 @@ class WeightingController:
         A stratified sampler rounds B·q to integer counts b; using b/B here keeps the importance-weighted
         loss exactly unbiased. Behind a loader
         that prefetches (DataLoader workers, Accelerate's ``DataLoaderShard``, Lightning's fetcher) the
-        batch last yielded is not the batch in hand: pass ``sampling=sampler.sampling_of(n)`` for the
-        n-th batch (0-based), or set it once per batch with :meth:`set_batch_sampling` (the Lightning
-        callback does), or for as many steps as the loader runs ahead of a change of q the multipliers
-        use the new shares.
+        batch last yielded is not the batch in hand: pass ``sampling=sampler.sampling_of(n)`` for global
+        batch n (counted from 0 since construction), or set it once per batch with
+        :meth:`set_batch_sampling` (the Lightning callback does), or for as many steps as the loader
+        runs ahead of a change of q the multipliers use the new shares.
         """
         realised = sampling if sampling is not None else self._in_hand
         if realised is None:
@@ -375,8 +375,8 @@ class WeightingController:
 
         With A micro-batches per optimizer step, call ``observe`` after each micro-batch's forward (inside
         :meth:`record`, as ``step`` would be) and ``step()`` without losses once the optimizer has
-        stepped. Every micro-batch of an optimizer step is then weighted by the same α (and, without
-        prefetching workers, drawn with the same q), and the steps counted by ``update_every``,
+        stepped. Every micro-batch of an optimizer step is then weighted by the same α (and, behind a
+        loader that does not prefetch, drawn with the same q), and the steps counted by ``update_every``,
         ``warmup_steps`` and the log are optimizer steps; the weights a window produces apply from the
         next optimizer step (docs/design.md, "Gradient accumulation"). Arguments as in :meth:`step`.
         All or nothing: if a probe raises, the window is left as it was before the call.

@@ -6,8 +6,10 @@
   Accelerate without re-sharding (:func:`domainmix.integrations.accelerate.prepare_loader`; the
   Trainer's own ``accelerator.prepare`` would deal the sampler's per-rank batches out a second time);
 - computes each training batch's loss in the plain loop's order (``docs/design.md``, "One step"): the
-  forward under ``controller.record()``, ``controller.step(per_example, domain_ids)``, then
-  ``weighted_loss`` with the controller's multipliers α/q;
+  forward under ``controller.record()``, ``controller.step(per_example, domain_ids)``
+  (``controller.observe`` with gradient accumulation, see below), then ``weighted_loss`` with the
+  multipliers α over the shares of the batch in hand (``sampler.sampling_of(n)``: Accelerate's
+  ``DataLoaderShard`` pulls a batch ahead, so the sampler's last batch is the next one);
 - writes the controller's state and the sampler's state at the consumed batch to
   ``STATE_FILE`` in every ``checkpoint-N`` folder, and restores both on
   ``train(resume_from_checkpoint=...)``. The Trainer's own data skipping on resume is switched off

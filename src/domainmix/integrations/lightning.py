@@ -2,7 +2,8 @@
 
 The training step keeps the plain loop's order (``docs/design.md``, "One step"): inside
 ``training_step``, the forward under ``controller.record()``, then ``controller.step(per_example,
-domain_ids)``, then the loss ``weighted_loss(per_example, domain_ids, controller.loss_multipliers())``.
+domain_ids)`` (``controller.observe`` with gradient accumulation, see below), then the loss
+``weighted_loss(per_example, domain_ids, controller.loss_multipliers())``.
 So every update of a step happens before any checkpoint of that step can be written (Lightning runs
 ``ModelCheckpoint`` after the other callbacks' ``on_train_batch_end``; a controller stepped in the
 module's own ``on_train_batch_end`` would run after it, and a resume would diverge).

@@ -189,11 +189,12 @@ class DomainMixer(ABC):
     def weight_history(self) -> list[tuple[int, list[float]]]:
         """``[(from_batch, q)]``: q is used from global batch ``from_batch`` (counted since construction).
 
-        The entries a saved state can still need: from the one in force at the earliest batch whose state
-        can be saved (:class:`DomainBatchSampler`: ``snapshot_history`` batches back; the mixing iterable:
-        the current batch) to the latest change. Older changes are dropped, so that weights set every batch
-        keep the memory and the state bounded; for a full record, log them where they are set (the
-        ``log`` of ``WeightingController``).
+        The entries a saved state can still need: from the one in force at the batch before the earliest
+        batch whose state can be saved (:class:`DomainBatchSampler`: ``snapshot_history`` batches back;
+        the mixing iterable: the current batch), or, in ``low_discrepancy`` mode, from the one its counts
+        started under if older, to the latest change. Older changes are dropped, so that weights set
+        every batch keep the memory and the state bounded; for a full record, log them where they are
+        set (the ``log`` of ``WeightingController``).
         """
         return [(b, list(q)) for b, q in self._schedule.entries]
 

@@ -36,7 +36,9 @@ class GradientProductTap:
 
     Requirements, checked where they can be: the first axis of every tapped layer's output is the row
     axis of ``losses`` (no BatchNorm or other mixing of examples before the loss); a tapped output is not
-    modified in place afterwards; the forward whose losses are passed runs inside :meth:`record`.
+    modified in place afterwards; the forward whose losses are passed runs inside :meth:`record`; every
+    tapped output leads to ``losses``; the tapped layers do not run inside a ``torch.compile`` graph
+    (compile the other blocks), and the tap exists before a compiled model's first forward.
     A target batch (out-of-domain DoGE) runs in a forward of its own inside the same :meth:`record`
     block (its rows are not ``losses``'s rows).
 
