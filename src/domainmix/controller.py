@@ -246,12 +246,11 @@ class WeightingController:
         ``batch_sampling`` (the shares of the batch it last yielded, the q it was drawn with even when
         this step's update has since moved q), else its ``effective_sampling``, else the controller's q.
         A stratified sampler rounds B·q to integer counts b; using b/B here keeps the importance-weighted
-        loss exactly unbiased. Behind a loader
-        that prefetches (DataLoader workers, Accelerate's ``DataLoaderShard``, Lightning's fetcher) the
-        batch last yielded is not the batch in hand: pass ``sampling=sampler.sampling_of(n)`` for global
-        batch n (counted from 0 since construction), or set it once per batch with
-        :meth:`set_batch_sampling` (the Lightning callback does), or for as many steps as the loader
-        runs ahead of a change of q the multipliers use the new shares.
+        loss exactly unbiased. Behind a loader that prefetches (DataLoader workers, Accelerate's
+        ``DataLoaderShard``, Lightning's fetcher) the batch last yielded is not the batch in hand: pass
+        ``sampling=sampler.sampling_of(n)`` for global batch n (counted from 0 since construction), or
+        set it once per batch with :meth:`set_batch_sampling` (the Lightning callback does), or for as
+        many steps as the loader runs ahead of a change of q the multipliers use the new shares.
         """
         realised = sampling if sampling is not None else self._in_hand
         if realised is None:
@@ -351,15 +350,10 @@ class WeightingController:
         # A step is all or nothing: if the strategy or a probe raises, the step count, the weights and the
         # collector's window stay as they were before the call (a probe may raise after the training
         # losses were observed, on any step; without probes only a closing step can fail midway).
-        saved = self._collector._snapshot() if self.closes_window or self._probes else None
-        try:
+        with self._window_restored_on_error(self.closes_window or bool(self._probes)):
             if losses is not None and domain_ids is not None:
                 self._observe(losses, domain_ids, mask, indices)
             updated = self._advance(step)
-        except BaseException:
-            if saved is not None:
-                self._collector.load_state_dict(saved)
-            raise
         self._step = step
         return updated
 
@@ -381,14 +375,19 @@ class WeightingController:
         next optimizer step (docs/design.md, "Gradient accumulation"). Arguments as in :meth:`step`.
         All or nothing: if a probe raises, the window is left as it was before the call.
         """
-        caller = "WeightingController.observe"
-        for name, value in (("losses", losses), ("domain_ids", domain_ids)):
-            if value is None:
-                raise param_error(caller, name, "a tensor", value)
-        _check_losses(caller, losses, domain_ids)
-        saved = self._collector._snapshot() if self._probes else None
-        try:
+        _check_losses("WeightingController.observe", losses, domain_ids)
+        with self._window_restored_on_error(bool(self._probes)):
             self._observe(losses, domain_ids, mask, indices)
+
+    @contextmanager
+    def _window_restored_on_error(self, needed: bool) -> Iterator[None]:
+        """Put the collector's window back as it was if the block raises.
+
+        ``needed``: something in the block can fail after the window has changed (else no snapshot).
+        """
+        saved = self._collector._snapshot() if needed else None
+        try:
+            yield
         except BaseException:
             if saved is not None:
                 self._collector.load_state_dict(saved)

@@ -170,7 +170,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         self._plan = None
 
     def _oldest_state(self) -> int:
-        return self._needs_from(self._total + (1 if self._offset else 0), self._ld_from)
+        return self._needs_from(self._clock(), self._ld_from)
 
     def _last_batch(self) -> int:
         return self._total if self._offset else max(self._total - 1, 0)
