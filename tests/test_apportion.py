@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from domainmix._apportion import (
     CARRY_DENOMINATOR,
+    Periodic,
     _edf,
     _lagged_period,
     _period_of,
@@ -18,6 +19,7 @@ from domainmix._apportion import (
     carried_counts,
     carried_lag,
     distribution,
+    edf_plan,
     edf_sequence,
     low_discrepancy_sequence,
 )
@@ -192,6 +194,34 @@ def test_the_tiled_sequence_with_a_lag_is_the_exact_loop(seed: int, start: int) 
     counts = np.bincount(exact[:start], minlength=4)
     assert np.array_equal(edf_sequence(q, counts, 300, lag), exact[start:])  # longer than 2 D: tiled
     assert np.array_equal(edf_sequence(q, counts, 7, lag), exact[start : start + 7])  # short: the loop
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10_000), st.integers(0, 400), st.integers(0, 700), st.booleans())
+def test_a_periodic_plan_gives_the_ids_counts_and_draw_numbers_of_its_slots(
+    seed: int, start: int, n: int, lagged: bool
+) -> None:
+    """The sampler reads a low-discrepancy plan's per-row counts and each slot's draw number (how many
+    slots of its domain come before it in the plan) from the period's prefix counts, without a scan:
+    they must be those of the slots, from any start, inside the head or the repeats."""
+    previous, q = _changes(seed, 4, 2, True)
+    lag = None
+    if lagged:
+        drawn = np.bincount(edf_sequence(previous, np.zeros(4, np.int64), 37), minlength=4)
+        lag = carried_lag(np.zeros(4), previous, drawn, q)
+    found = _period_of(q)
+    assert found is not None
+    n += 2 * found[1] + 1  # longer than two periods: the period is searched and repeated
+    exact = edf_sequence(q, np.zeros(4, np.int64), start + n, lag)
+    plan = edf_plan(q, np.bincount(exact[:start], minlength=4), n, lag)
+    assert isinstance(plan, Periodic)
+    slots = exact[start:]
+    assert np.array_equal(plan.ids(), slots)
+    draws = [int(np.count_nonzero(slots[:s] == i)) for s, i in enumerate(slots)]
+    assert plan.draws().tolist() == draws
+    cuts = np.array([0, 1, n // 3, n - 1, n])
+    expected = [np.bincount(slots[:c], minlength=4) for c in cuts]
+    assert np.array_equal(plan.prefix(start + cuts) - plan.prefix(np.array([start])), expected)
 
 
 def test_ties_go_to_the_lower_index() -> None:

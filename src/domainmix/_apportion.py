@@ -30,7 +30,8 @@ from domainmix._validation import Interval, check_param, check_weight_vector, pa
 
 __all__ = [
     "CARRY_DENOMINATOR", "MAX_TOTAL", "allocate_counts", "apportion", "as_distribution", "carried_allocation",
-    "carried_counts", "carried_lag", "distribution", "edf_sequence", "low_discrepancy_sequence",
+    "carried_counts", "carried_lag", "distribution", "edf_plan", "edf_sequence", "low_discrepancy_sequence",
+    "Periodic",
 ]  # fmt: skip
 
 MAX_TOTAL = 1 << 53  # the largest total allocate_counts splits (float64 holds every integer up to it)
@@ -177,6 +178,14 @@ def edf_sequence(
     (within the first two periods in every case tried): for a plan longer than two periods that period
     is found once and repeated, a shorter one is looped; both in exact arithmetic, so they agree.
     """
+    seq = edf_plan(p, counts, n, lag)
+    return seq if isinstance(seq, np.ndarray) else seq.ids()
+
+
+def edf_plan(
+    p: tuple[float, ...], counts: np.ndarray | Sequence[int], n: int, lag: tuple[float, ...] | None = None
+) -> Periodic | np.ndarray:
+    """:func:`edf_sequence` as a :class:`Periodic` where it repeats a period, else as its ids."""
     c = np.asarray(counts, dtype=np.int64)
     t = int(c.sum())
     if lag is not None and not any(lag):
@@ -193,16 +202,69 @@ def edf_sequence(
         # A short plan (weights that change every few batches) is cheaper to loop than to search a period.
         period = None if n <= _LAGGED_PERIODS * found[1] else _lagged_period(p, lag)
     if period is not None:
-        head, cycle = period
-        h, d = len(head.ids), len(cycle.ids)
-        if t < h and np.array_equal(head.prefix[t], c):
-            return np.concatenate([head.ids[t:], np.resize(cycle.ids, max(n - (h - t), 0))])[:n]
-        u = t - h
-        if u >= 0 and np.array_equal(head.prefix[h] + (u // d) * cycle.prefix[d] + cycle.prefix[u % d], c):
-            # the sequence from slot t: one rotation of the period, repeated (a copy, not a gather)
-            return np.resize(np.roll(cycle.ids, -(u % d)), n)
+        seq = Periodic(*period, t, n)
+        if np.array_equal(seq.prefix(np.array([t]))[0], c):
+            return seq
         # counts off the periodic path (not produced by this function): fall through to the exact loop
     return _edf(loop[0], c.tolist(), n, loop[1])
+
+
+class _Run(NamedTuple):
+    """A stretch of a low-discrepancy sequence: its ids and the (len + 1, k) counts after each prefix."""
+
+    ids: np.ndarray
+    prefix: np.ndarray
+
+
+class Periodic(NamedTuple):
+    """Slots ``[start, start + n)`` of a sequence that emits ``head`` and then repeats ``cycle``.
+
+    Absolute slot ``a`` holds ``head.ids[a]`` below ``h = len(head.ids)``, else ``cycle.ids[(a - h) % d]``.
+    Counts and draw numbers follow from the two runs' prefix counts, in O(k) per slot boundary asked and
+    O(1) per slot, without scanning or sorting the slots (the low-discrepancy sampler's plans).
+    """
+
+    head: _Run
+    cycle: _Run
+    start: int
+    n: int
+
+    def ids(self) -> np.ndarray:
+        """(n,) the domain ids of the slots."""
+        h, d = len(self.head.ids), len(self.cycle.ids)
+        lead = self.head.ids[self.start : self.start + self.n]
+        # the repeats start at cycle position 0 after the head, else where ``start`` falls in the cycle
+        tail = _repeat(self.cycle.ids, self.n - len(lead), max(self.start - h, 0) % d)
+        return np.concatenate([lead, tail]) if len(lead) else tail
+
+    def prefix(self, a: np.ndarray) -> np.ndarray:
+        """(len(a), k) ids of each domain in absolute slots ``[0, a)``, for an int64 array ``a``."""
+        h, d = len(self.head.ids), len(self.cycle.ids)
+        repeats, within = np.divmod(np.maximum(a - h, 0), d)
+        counts: np.ndarray = self.head.prefix[np.minimum(a, h)] + self.cycle.prefix[within]
+        counts += repeats[:, None] * self.cycle.prefix[d]
+        return counts
+
+    def draws(self) -> np.ndarray:
+        """(n,) each slot's draw number within its domain: its domain's ids in ``[start, slot)``."""
+        h, d = len(self.head.ids), len(self.cycle.ids)
+        before = self.prefix(np.array([self.start]))[0]  # (k,) counted before the plan starts
+        at = np.arange(self.start, min(h, self.start + self.n))
+        lead = self.head.prefix[at, self.head.ids[at]] - before[self.head.ids[at]]
+        # Slot h + m d + j (domain i = cycle[j]) has draw number first[j] + m per[j]: the count of i
+        # after the head and j cycle slots, plus m whole cycles of it.
+        cycle = self.cycle.ids
+        first = self.head.prefix[h, cycle] + self.cycle.prefix[np.arange(d), cycle] - before[cycle]
+        per = self.cycle.prefix[d, cycle]
+        n, (m0, j0) = self.n - len(lead), divmod(max(self.start - h, 0), d)
+        repeats = np.arange(m0, m0 - (-(j0 + n) // d))[:, None]  # the cycles the tail touches
+        tail = (first + repeats * per).ravel()[j0 : j0 + n]
+        return np.concatenate([lead, tail]) if len(lead) else tail
+
+
+def _repeat(cycle: np.ndarray, n: int, skip: int = 0) -> np.ndarray:
+    """Elements ``skip`` to ``skip + n`` of ``cycle`` repeated (``np.resize`` of ``np.roll``, faster)."""
+    return np.tile(cycle, -(-(skip + n) // len(cycle)))[skip : skip + n]
 
 
 def carried_lag(
@@ -314,13 +376,6 @@ def _subtask(i: int, j: int, w: int) -> tuple[int, tuple[int, int, int, int]]:
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
-
-
-class _Run(NamedTuple):
-    """A stretch of a low-discrepancy sequence: its ids and the (len + 1, k) counts after each prefix."""
-
-    ids: np.ndarray
-    prefix: np.ndarray
 
 
 def _run(ids: np.ndarray, k: int) -> _Run:

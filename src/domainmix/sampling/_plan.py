@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from domainmix._apportion import carried_counts, distribution, edf_sequence
+from domainmix._apportion import Periodic, carried_counts, distribution, edf_plan
 from domainmix._validation import Interval, Options, check_param, param_error
 
 __all__ = [
@@ -105,19 +105,20 @@ class SlotPlan(NamedTuple):
 
     Slots are listed grouped by domain (``ids`` is sorted within each row in stratified mode); ``order``
     is the yield order: row j of the rank's batch is ``row[order[j]]``. Which draw of its domain a slot
-    gets: stratified, ``occ``; other modes, the slot's rank among its domain's slots of ``global_ids``
-    in row-major order (every rank's slots included).
+    gets: ``occ`` where given (stratified, and low-discrepancy plans that repeat a period), else the
+    slot's rank among its domain's slots of ``global_ids`` in row-major order (every rank's slots
+    included), which is what ``occ`` holds too.
     """
 
     ids: np.ndarray  # (nb, batch_size) domain id of each of this rank's slots
-    occ: np.ndarray | None  # stratified: (nb, batch_size) the slot's draw number within its domain
+    occ: np.ndarray | None  # (nb, batch_size) the slot's draw number within its domain, or None
     global_ids: np.ndarray | None  # other modes: (nb, batch_size * world_size), rank r has columns r::W
     # yield order (stratified interleave): (batch_size,) for every row, or (nb, batch_size) per row
     # (carried remainders: the rows differ); None: as listed
     order: np.ndarray | None
     counts: np.ndarray  # (nb, k) global examples per domain in each batch
     ld_after: np.ndarray  # (nb, k) counts since the weight change after each batch (low-discrepancy, carry)
-    # stratified: (domain, first column, end column) of each domain's group of columns in ``ids``
+    # stratified (every row alike): (domain, first column, end column) of each domain's columns in ``ids``
     spans: tuple[tuple[int, int, int], ...] = ()
 
 
@@ -179,16 +180,23 @@ def plan_block(
             repeat_row(ids_r, nb), occ, None, order, repeat_row(alloc, nb), repeat_row(ld_counts, nb), spans
         )
     gids: np.ndarray  # (nb, g) domain id of every global slot
+    occ = None
     if mode == Mode.IID:
         u = _block_uniforms(seed, epoch_key, block, g)[off : off + nb]
         gids = np.searchsorted(np.cumsum(q), u, side="right")
         # round-off can leave u above the last cumulative sum: give it to the last positive-weight domain
         np.minimum(gids, int(np.flatnonzero(q > 0)[-1]), out=gids)
+        seq: Periodic | np.ndarray = gids
     else:
-        gids = edf_sequence(distribution(tuple(q.tolist())), ld_counts, nb * g, lag).reshape(nb, g)
-    counts = np.bincount((rows * k + gids).ravel(), minlength=nb * k).reshape(nb, k)
+        seq = edf_plan(distribution(tuple(q.tolist())), ld_counts, nb * g, lag)
+        gids = (seq if isinstance(seq, np.ndarray) else seq.ids()).reshape(nb, g)
+    if isinstance(seq, Periodic):  # counts and draw numbers from the period's prefix counts: no scan
+        counts = np.diff(seq.prefix(seq.start + np.arange(nb + 1) * g), axis=0)
+        occ = seq.draws().reshape(nb, g)[:, rank::world_size]
+    else:
+        counts = np.bincount((rows * k + gids).ravel(), minlength=nb * k).reshape(nb, k)
     ld_after = ld_counts + np.cumsum(counts, axis=0) if mode == Mode.LOW_DISCREPANCY else ld_counts
-    return SlotPlan(gids[:, rank::world_size], None, gids, None, counts, np.broadcast_to(ld_after, (nb, k)))
+    return SlotPlan(gids[:, rank::world_size], occ, gids, None, counts, np.broadcast_to(ld_after, (nb, k)))
 
 
 def repeat_row(row: np.ndarray, nb: int) -> np.ndarray:

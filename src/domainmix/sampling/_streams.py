@@ -253,21 +253,30 @@ def take_planned(
     Returns:
         (nb, batch_size) int64 dataset indices, in yield order.
     """
-    if plan.occ is not None:
+    if plan.spans:
         # stratified: every row lists the same domains in the same sorted columns
+        assert plan.occ is not None
         occ = plan.occ[:nb]
         grouped = np.empty(occ.shape, dtype=np.int64)
         for d, a, b in plan.spans:
             grouped[:, a:b] = _take(streams[d], epoch_key, int(positions[d]), occ[:, a:b])
         return in_yield_order(grouped, plan.order)
     # Other modes (and carried stratified rows): every global slot in row-major order takes its domain's
-    # next draw, so each domain's draws are one run of its stream; fill them all, keep this rank's columns.
+    # next draw, so each domain's draws are one run of its stream.
+    counts = plan.counts[:nb].sum(axis=0)
+    ends = np.cumsum(counts)
+    if plan.occ is not None:  # the draw numbers are given: gather this rank's slots from the runs
+        runs = [
+            streams[i].take_run(epoch_key, int(positions[i]), int(counts[i]))
+            for i in np.flatnonzero(counts).tolist()
+        ]
+        drawn: np.ndarray = np.concatenate(runs)[(ends - counts)[plan.ids[:nb]] + plan.occ[:nb]]
+        return in_yield_order(drawn, plan.order)
+    # else fill every global slot (grouped by domain with one sort) and keep this rank's columns
     assert plan.global_ids is not None
     gids = plan.global_ids[:nb]
     flat = gids.ravel()
     order = stable_order(flat, len(streams))
-    counts = np.bincount(flat, minlength=len(streams))
-    ends = np.cumsum(counts)
     values = np.empty(flat.size, dtype=np.int64)
     for i in np.flatnonzero(counts).tolist():
         values[order[ends[i] - counts[i] : ends[i]]] = streams[i].take_run(
