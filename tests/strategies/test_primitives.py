@@ -228,3 +228,34 @@ def test_exponentiated_gradient_refuses_a_score_of_the_wrong_shape(bad) -> None:
         ValueError, match=r"The 'score' parameter of eg must be a function returning a tensor"
     ):
         strategy.update(weights, strategy.init(weights), make_stats(3))
+
+
+def test_a_step_that_underflows_a_weight_does_not_exclude_its_domain() -> None:
+    """exp(-800) is 0 in float64: the step used to leave α_b = α_c = 0 exactly, which the smoothing and
+    every later step read as domains left out on purpose (DoReMi then kept α = (1, 0, 0) for good, the
+    paper's α_i >= c / k broken). A positive weight now stays positive, and the domains recover."""
+    doremi = S.chain(S.exponentiated_gradient(loss_score, 1.0), S.mix_uniform(1e-3))
+    w = W([1 / 3, 1 / 3, 1 / 3])
+    w, state = doremi.update(w, doremi.init(w), make_stats(3, loss=[800.0, 0.0, 0.0]))
+    assert w.mixture.tolist() == pytest.approx([1 - 2e-3 / 3, 1e-3 / 3, 1e-3 / 3], rel=1e-12)
+    for _ in range(20):
+        w, state = doremi.update(w, state, make_stats(3, loss=[0.0, 5.0, 5.0]))
+    assert float(w.mixture[0]) < 1e-3 and w.mixture[1:].tolist() == pytest.approx([0.5, 0.5], abs=1e-3)
+    eg = S.exponentiated_gradient(loss_score, 1.0)
+    left_out = W([0.5, 0.5, 0.0])  # a weight of exactly 0 stays 0 whatever its score
+    moved, _ = eg.update(left_out, eg.init(left_out), make_stats(3, loss=[0.0, 0.0, 900.0]))
+    assert moved.mixture.tolist() == [0.5, 0.5, 0.0]
+
+
+@pytest.mark.parametrize(
+    ("eta", "loss", "param"), [(1e308, [1.0, 2.0, 3.0], "step_size"), (1.0, [1.0, math.inf, 0.0], "score")]
+)
+def test_exponentiated_gradient_names_a_step_that_is_not_finite(
+    eta: float, loss: list[float], param: str
+) -> None:
+    """Finite statistics with a huge step size (or a score function returning inf) overflowed to an all-NaN
+    mixture and an error naming neither."""
+    eg = S.exponentiated_gradient(loss_score, eta)
+    w = W([1 / 3, 1 / 3, 1 / 3])
+    with pytest.raises(ValueError, match=f"'{param}' parameter of exponentiated_gradient"):
+        eg.update(w, eg.init(w), make_stats(3, loss=loss))

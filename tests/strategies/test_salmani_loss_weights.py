@@ -144,3 +144,17 @@ def test_erma_unit_step_oscillates_but_stays_near_the_fixed_point() -> None:
         shares.append(float(weights.mixture[0]))
     assert all(abs(x - 20 / 21) < 0.05 for x in shares[-50:])
     assert max(shares[-50:]) - min(shares[-50:]) > 1e-3  # γ = 1 does not settle here: why 0.5 is default
+
+
+def test_erma_large_finite_step_does_not_overflow() -> None:
+    """w_b near its fixed point 1e-4, then one window where b's held-out loss jumps 1e4-fold: the step
+    γ π_b L_b / L̄ is about 2,500, whose exp overflowed to inf and the mixture to NaN. In log space the
+    mixture moves to b (the rule's own, large, step) and stays a distribution with a's weight positive."""
+    strategy = S.erma()
+    weights, state = step(strategy, heldout([1.0, 1.0], [1.0, 1e4]))
+    for _ in range(400):
+        weights, state = step(strategy, heldout([1.0, 1.0], [1.0, 1e4]), weights, state)
+    assert float(weights.mixture[1]) < 1e-3
+    weights, state = step(strategy, heldout([1.0, 1e4], [1.0, 1e4]), weights, state)
+    assert torch.isfinite(weights.mixture).all() and float(weights.mixture.sum()) == pytest.approx(1.0)
+    assert 0 < float(weights.mixture[0]) < 1e-300 and float(weights.mixture[1]) == pytest.approx(1.0)

@@ -210,6 +210,20 @@ def uniform_like(x: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, 1.0 / x.numel())
 
 
+def multiplicative_step(x: torch.Tensor, log_step: torch.Tensor) -> torch.Tensor:
+    r"""The distribution :math:`x_i e^{s_i} / \sum_j x_j e^{s_j}`, computed in log space.
+
+    Entries at exactly 0 stay 0 (a domain left out stays out); a positive entry stays positive, at
+    least the smallest normal float64: a step that drives it below that is an underflow, not an
+    exclusion, and the smoothing and the later steps must still see the domain. The steps of the
+    positive entries must be finite (the callers check them, naming their parameter).
+    """
+    logits = torch.where(x > 0, x.log() + log_step, torch.full_like(x, -torch.inf))
+    moved = torch.softmax(logits, 0)
+    moved = torch.where(x > 0, moved.clamp_min(torch.finfo(moved.dtype).tiny), moved)
+    return moved / moved.sum()
+
+
 def renormalize(x: torch.Tensor) -> torch.Tensor:
     """Clamp to non-negative and divide by the sum (uniform if the sum vanishes)."""
     x = x.clamp_min(0.0)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from domainmix._validation import Interval, check_param
-from domainmix.strategies._base import Strategy, make_strategy
+from domainmix._validation import Interval, check_param, param_error
+from domainmix.strategies._base import Strategy, make_strategy, multiplicative_step
 from domainmix.strategies._population import (
     LossWeightState,
     WeightsLike,
@@ -72,7 +72,13 @@ def erma(
         if not seen.any() or float(level) <= 0 or float(spread) <= 0:
             return weights._replace(mixture=pi * w), state  # no usable estimate in this window
         step = torch.where(seen, gamma * pi * (mean / level - c * w * var / spread), 0.0)
-        w = w * torch.exp(step)
+        if not torch.isfinite(step).all():
+            raise param_error(
+                "erma", "step_size", "small enough for a finite step γ π_i (L_i / L̄ - c_i w_i S_i² / S²) "
+                f"(held-out losses {mean.tolist()}, variances {var.tolist()})", gamma,
+            )  # fmt: skip
+        # in log space: exp(step) of a finite but large step overflows; the weights are π-normalised after
+        w = multiplicative_step(w, step)
         w = w / (pi * w).sum()
         return weights._replace(mixture=pi * w), state._replace(loss_weights=w)
 

@@ -10,7 +10,14 @@ from torch import Tensor
 
 from domainmix._statistics import statistics
 from domainmix._validation import Interval, Options, check_param, param_error
-from domainmix.strategies._base import EmptyState, Strategy, make_strategy, renormalize, stateless
+from domainmix.strategies._base import (
+    EmptyState,
+    Strategy,
+    make_strategy,
+    multiplicative_step,
+    renormalize,
+    stateless,
+)
 from domainmix.types import DomainStats, DomainWeights
 
 Target = Literal["mixture", "sampling", "both"]
@@ -169,8 +176,13 @@ def exponentiated_gradient(
         fresh = fresh.to(torch.float64)
         scores = torch.where(stats.present, fresh, state.scores)
         x = getattr(weights, target)
-        logits = torch.where(x > 0, x.log() + eta * scores, torch.full_like(x, -torch.inf))
-        moved = torch.softmax(logits, 0)
+        live = x > 0
+        if not torch.isfinite(scores[live]).all():
+            raise param_error(name, "score", "a function returning finite scores", scores.tolist())
+        if not torch.isfinite(eta * scores[live]).all():
+            need = f"small enough that step_size * score is finite (scores {scores.tolist()})"
+            raise param_error(name, "step_size", need, eta)
+        moved = multiplicative_step(x, eta * scores)
         new = weights._replace(mixture=moved) if target == "mixture" else weights._replace(sampling=moved)
         return new, ExponentiatedGradientState(scores)
 
