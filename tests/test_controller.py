@@ -498,6 +498,33 @@ def test_resume_equivalence_stat_free_schedule() -> None:
     assert outputs[3][1].tolist() == pytest.approx([1 / 3] * 3) and outputs[-1][1].tolist() == [0.2, 0.2, 0.6]
 
 
+def test_a_resume_under_other_static_arguments_follows_them() -> None:
+    """The saved state of a static strategy is its resolved arguments: loading it used to bring back the
+    old fixed weights, stages or population over the ones the resumed run was constructed with."""
+    cases = [
+        (S.fixed([0.6, 0.2, 0.2]), S.fixed([0.2, 0.2, 0.6]), [0.2, 0.2, 0.6]),
+        (
+            S.schedule([(0, [1.0, 1.0, 1.0]), (2, [1.0, 0.0, 0.0])]),
+            S.schedule([(0, [0.0, 0.0, 1.0])]),
+            [0, 0, 1],
+        ),
+    ]
+    for saved_under, resumed_under, expected in cases:
+        old = WeightingController(saved_under, NAMES)
+        for _ in range(3):
+            old.step()
+        new = WeightingController(resumed_under, NAMES)
+        new.load_state_dict(old.state_dict())
+        new.step()
+        assert new.weights.mixture.tolist() == pytest.approx(expected)
+    fgls = WeightingController(S.combine(loss=S.fgls(), sampling=S.uniform()), NAMES)
+    resumed = WeightingController(S.combine(loss=S.fgls(population=[8, 1, 1]), sampling=S.uniform()), NAMES)
+    resumed.load_state_dict(fgls.state_dict())
+    assert resumed.state_dict()["strategy_state"]["loss"]["population"].tolist() == pytest.approx(
+        [0.8, 0.1, 0.1]
+    )
+
+
 def test_resume_restores_nan_skip_counter() -> None:
     c = WeightingController(eg(), NAMES)
     feed(c, NAN)
@@ -545,6 +572,30 @@ def test_load_state_dict_invalid_weights() -> None:
     state["weights"]["mixture"] = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)
     with pytest.raises(ValueError, match="'mixture' parameter"):
         WeightingController(eg(), NAMES).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "match"),
+    [
+        ("weights", {"mixture": [2.0, 2.0, 2.0], "sampling": [1 / 3] * 3}, "must sum to 1"),
+        ("num_updates", "many", r"state\['num_updates'\] must be an int >= 0"),
+        ("step", -5, r"state\['step'\] must be an int >= 0"),
+        ("held", "yes", r"state\['held'\] must be a bool"),
+    ],
+)
+def test_a_corrupt_state_is_refused_before_anything_is_loaded(key: str, value: Any, match: str) -> None:
+    """Weights summing to 6 passed (validated normalised, kept raw: every loss multiplier x6); a bad
+    counter failed with a bare int() error after the weights and the collector were already loaded."""
+    source = WeightingController(eg(), NAMES)
+    source.step()
+    state = source.state_dict()
+    state[key] = value
+    target = WeightingController(eg(), NAMES)
+    before = (target.weights, target.step_count, target.state_dict()["collector"])
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(state)
+    assert target.weights is before[0] and target.step_count == before[1]
+    assert_same(target.state_dict()["collector"], before[2])
 
 
 def test_collector_given_is_used() -> None:

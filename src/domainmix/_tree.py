@@ -2,9 +2,26 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+
+_T = TypeVar("_T")
+_ARGUMENT_FIELDS: dict[type, frozenset[str]] = {}
+
+
+def from_arguments(cls: type[_T], *fields: str) -> type[_T]:
+    """Mark ``fields`` of the NamedTuple state ``cls`` as resolved from its strategy's arguments.
+
+    :func:`from_plain` keeps their freshly initialised values instead of the saved ones, so that a run
+    resumed under other arguments (other fixed weights, another population) follows those arguments;
+    what the strategy learned is restored.
+    """
+    unknown = set(fields) - set(getattr(cls, "_fields", ()))
+    if unknown:
+        raise ValueError(f"from_arguments: {cls.__name__} has no fields {sorted(unknown)}")
+    _ARGUMENT_FIELDS[cls] = frozenset(fields)
+    return cls
 
 
 def _is_namedtuple(x: Any) -> bool:
@@ -32,9 +49,12 @@ def from_plain(template: Any, plain: Any, path: str = "state") -> Any:
             raise ValueError(
                 f"{path}: expected fields {list(template._fields)} of {type(template).__name__}, got {got}"
             )
-        return type(template)(
-            **{f: from_plain(getattr(template, f), plain[f], f"{path}.{f}") for f in template._fields}
-        )
+        fresh = _ARGUMENT_FIELDS.get(type(template), frozenset())  # kept from the template (from_arguments)
+        fields = {
+            f: getattr(template, f) if f in fresh else from_plain(value, plain[f], f"{path}.{f}")
+            for f, value in zip(template._fields, template, strict=True)
+        }
+        return type(template)(**fields)
     if isinstance(template, (tuple, list)):
         if not isinstance(plain, (tuple, list)) or len(plain) != len(template):
             raise ValueError(f"{path}: expected a sequence of {len(template)} entries, got {plain!r}")

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from domainmix import _tree
 from domainmix._distributed import assert_same_on_all_ranks, broadcast_from_zero, is_distributed
-from domainmix._state import check_state_keys
+from domainmix._state import check_state_keys, state_counts
 from domainmix._statistics import domain_axis_masks, provided_by, statistic
 from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import domain_losses
@@ -695,6 +695,11 @@ class WeightingController:
                 f"WeightingController.load_state_dict: saved for strategy {state_dict[self.STRATEGY_KEY]!r}, "
                 f"this controller runs {self._strategy.name!r}."
             )
+        # Everything is checked before anything is assigned: a corrupt checkpoint leaves the controller as
+        # it was, and fails naming the key.
+        owner = "WeightingController"
+        counters = (self.STEP_KEY, self.UPDATES_KEY, self.SKIPPED_KEY)
+        step, updates, skipped = (state_counts(owner, state_dict, key) for key in counters)
         saved = state_dict[self.WEIGHTS_KEY]
         DomainWeights.create(self._weights.names, saved["mixture"], saved["sampling"])  # validates
         # Keep the saved tensors bit for bit: renormalising would perturb the resumed trajectory.
@@ -703,17 +708,32 @@ class WeightingController:
             torch.as_tensor(saved["mixture"], dtype=torch.float64).clone(),
             torch.as_tensor(saved["sampling"], dtype=torch.float64).clone(),
         )
+        for side in ("mixture", "sampling"):
+            total = float(getattr(weights, side).sum())
+            if abs(total - 1.0) > 1e-9:  # a state_dict() always holds normalised weights
+                raise ValueError(
+                    f"{owner}.load_state_dict: state[{self.WEIGHTS_KEY!r}][{side!r}] must sum to 1 (a saved "
+                    f"state is normalised). Got a sum of {total!r} instead."
+                )
+        hold, achieved = state_dict[self.HOLD_KEY], state_dict[self.ACHIEVED_KEY]
+        if not isinstance(hold, bool):
+            key = self.HOLD_KEY
+            raise ValueError(f"{owner}.load_state_dict: state[{key!r}] must be a bool. Got {hold!r} instead.")
+        if achieved is not None:
+            achieved = torch.as_tensor(achieved, dtype=torch.float64).clone()
+            if tuple(achieved.shape) != (len(self._weights.names),):
+                raise ValueError(
+                    f"{owner}.load_state_dict: state[{self.ACHIEVED_KEY!r}] must be None or one share per "
+                    f"domain. Got shape {tuple(achieved.shape)} instead."
+                )
         state = _tree.from_plain(self._strategy.init(weights), state_dict[self.STRATEGY_STATE_KEY])
         self._collector.load_state_dict(state_dict[self.COLLECTOR_KEY])
         self._weights, self._state = weights, state
-        self._step = int(state_dict[self.STEP_KEY])
+        self._step, self._num_updates, self._num_skipped = step, updates, skipped
         self._unlogged = None  # the saved run logged its own construction
-        self._num_updates = int(state_dict[self.UPDATES_KEY])
-        self._num_skipped = int(state_dict[self.SKIPPED_KEY])
         self._schedule = str(state_dict[self.SCHEDULE_KEY])
-        self._held = bool(state_dict[self.HOLD_KEY])
-        achieved = state_dict[self.ACHIEVED_KEY]
-        self._achieved = None if achieved is None else torch.as_tensor(achieved, dtype=torch.float64).clone()
+        self._held = hold
+        self._achieved = achieved
 
 
 def _check_losses(caller: str, losses: Any, domain_ids: Any) -> None:

@@ -72,3 +72,18 @@ def test_bad_arguments() -> None:
         S.doremi(step_size=0.0)
     with pytest.raises(ValueError, match="'smoothing' parameter of doremi"):
         S.doremi(smoothing=1.5)
+
+
+def test_a_domain_never_seen_sinks_to_the_smoothing_share() -> None:
+    """The documented start (docs/design.md): score 0 is the lowest excess, so an unseen domain loses
+    weight to those with a positive excess, down to c/k, and recovers once it appears."""
+    strategy = S.doremi()  # η = 1, c = 1e-3
+    w = DomainWeights.create(("a", "b", "late"))
+    state = strategy.init(w)
+    for _ in range(50):
+        w, state = strategy.update(w, state, make_stats(3, excess_loss=[0.2, 0.2, 0.0], count=[8, 8, 0]))
+    assert w.mixture.tolist() == pytest.approx([0.4991, 0.4991, 0.0019], abs=5e-5)
+    assert float(w.mixture[2]) > 1e-3 / 3  # never below the smoothing share
+    for _ in range(50):
+        w, state = strategy.update(w, state, make_stats(3, excess_loss=[0.2, 0.2, 0.5], count=[8, 8, 8]))
+    assert float(w.mixture[2]) > 0.9

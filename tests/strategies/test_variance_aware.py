@@ -133,7 +133,7 @@ def test_bad_arguments_name_the_parameter() -> None:
         ValueError, match="'min_count' parameter of variance_aware must be left out when batch_size"
     ):
         S.variance_aware(min_count=5)
-    with pytest.raises(ValueError, match="cannot each get min_count=2"):
+    with pytest.raises(ValueError, match=r"'min_count' parameter .* batch_size // active domains = 5 // 3"):
         va_step([0.2, 0.3, 0.5], [1.0, 1.0, 1.0], batch_size=5, min_count=2)
 
 
@@ -215,3 +215,13 @@ def test_va_with_one_slot_on_the_training_batch_says_why_it_skips() -> None:
     controller, warned = _va_on_the_training_batch(S.variance_aware(16, min_count=1))
     assert controller.state_dict()["num_skipped"] > 0
     assert "{'grad_var': ['a'" in warned[-1] and "fewer than two examples" in warned[-1]
+
+
+def test_a_minimum_the_batch_cannot_hold_is_refused_at_init() -> None:
+    """20 domains cannot each get 2 of a batch of 32: refused when the controller is built, naming
+    min_count, instead of at the first update after the warm-up."""
+    strategy = S.variance_aware(32)
+    wanted = r"'min_count' parameter of variance_aware must be at most .*32 // 20"
+    with pytest.raises(ValueError, match=wanted):
+        strategy.init(DomainWeights.create(tuple(f"d{i}" for i in range(20))))
+    strategy.init(DomainWeights.create(tuple(f"d{i}" for i in range(16))))  # 16 x 2 = 32 fits

@@ -8,6 +8,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from domainmix._tree import from_arguments
 from domainmix._validation import check_weight_vector, param_error
 from domainmix.types import DomainWeights
 
@@ -82,6 +83,9 @@ class LossWeightState(NamedTuple):
                 weights.mixture.tolist(),
             )  # fmt: skip
         return self._replace(loss_weights=w / total)
+
+
+from_arguments(LossWeightState, "population", "ratio")  # re-resolved on a resume, not restored
 
 
 def initial_loss_weights(

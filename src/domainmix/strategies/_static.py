@@ -13,6 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from domainmix._tree import from_arguments
 from domainmix._validation import Interval, check_param, check_weight_vector, param_error
 from domainmix.strategies._base import Strategy, make_strategy
 from domainmix.types import DomainStats, DomainWeights
@@ -26,6 +27,9 @@ class StaticState(NamedTuple):
 
     mixture: Tensor  # (k,)
     sampling: Tensor  # (k,)
+
+
+from_arguments(StaticState, "mixture", "sampling")  # re-resolved on a resume, not restored
 
 
 def _static(name: str, resolve: Callable[[tuple[str, ...]], tuple[Tensor, Tensor]]) -> Strategy:
@@ -133,6 +137,9 @@ class ScheduleState(NamedTuple):
 
     starts: tuple[int, ...]
     mixtures: Tensor  # (stages, k)
+
+
+from_arguments(ScheduleState, "starts", "mixtures")  # re-resolved on a resume, not restored
 
 
 def schedule(stages: Sequence[tuple[int, WeightsLike]]) -> Strategy:

@@ -66,6 +66,17 @@ def variance_aware(batch_size: int | None = None, *, min_count: int | None = Non
     if total is not None and minimum > total:
         raise param_error("variance_aware", "min_count", f"at most batch_size = {total}", minimum)
 
+    def check_minimum(active: int) -> None:
+        if total is not None and minimum * active > total:
+            raise param_error(
+                "variance_aware", "min_count",
+                f"at most batch_size // active domains = {total} // {active} = {total // active}", minimum,
+            )  # fmt: skip
+
+    def init_fn(weights: DomainWeights) -> EmptyState:
+        check_minimum(int((weights.mixture > 0).sum()))  # at construction, not hours later at an update
+        return EmptyState()
+
     def update_fn(
         weights: DomainWeights, state: EmptyState, stats: DomainStats
     ) -> tuple[DomainWeights, EmptyState]:
@@ -80,12 +91,8 @@ def variance_aware(batch_size: int | None = None, *, min_count: int | None = Non
         if total is None:
             q = score / score.sum()
         else:
-            if minimum * int(active.sum()) > total:
-                raise ValueError(
-                    f"variance_aware: {int(active.sum())} active domains cannot each get min_count="
-                    f"{minimum} examples of a batch of {total}."
-                )
+            check_minimum(int(active.sum()))  # α may have gained domains since init
             q = torch.as_tensor(allocate_counts(score, total, minimum), dtype=torch.float64) / total
         return weights._replace(sampling=q), state
 
-    return make_strategy("variance_aware", None, update_fn, {"grad_var"})
+    return make_strategy("variance_aware", init_fn, update_fn, {"grad_var"})
