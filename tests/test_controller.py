@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -523,6 +524,18 @@ def test_a_resume_under_other_static_arguments_follows_them() -> None:
     assert resumed.state_dict()["strategy_state"]["loss"]["population"].tolist() == pytest.approx(
         [0.8, 0.1, 0.1]
     )
+
+
+def test_a_statistic_the_strategy_does_not_read_never_skips_its_update() -> None:
+    """Losses near 1e160 overflow their variance to inf; DoReMi-like strategies (reading the loss only)
+    skipped every window for it. Only the statistics a strategy reads (and the counts) are checked."""
+    c = WeightingController(eg(), NAMES)
+    stats = make_stats(3, step=1, loss=[1.0, 2.0, 3.0], loss_var=[1.0, math.inf, math.nan])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert c.update(stats)
+    with pytest.warns(RuntimeWarning, match=r"non-finite statistics \{'loss': \['c'\]\}"):
+        assert not c.update(make_stats(3, step=2, loss=[1.0, 2.0, math.inf], loss_var=[1.0, math.inf, 1.0]))
 
 
 def test_resume_restores_nan_skip_counter() -> None:

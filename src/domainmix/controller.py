@@ -431,11 +431,14 @@ class WeightingController:
             raise param_error("WeightingController.update", "stats", "a DomainStats", stats)
         achieved = _shares(stats.count)
         stats = self._undrawn_zeroed(stats)
-        if not stats.is_finite():
+        # Only what the strategy reads can corrupt the weights: an overflowing statistic it never reads
+        # (a loss variance of huge losses, say) must not skip its every update.
+        non_finite = self._non_finite(stats, self._strategy.requires | {"count"})
+        if non_finite:
             self._num_skipped += 1
             warnings.warn(
                 f"WeightingController: skipping the weight update at step {stats.step}: non-finite "
-                f"statistics {self._non_finite(stats)}. The weights stay as they were "
+                f"statistics {non_finite}. The weights stay as they were "
                 f"(windows skipped so far: {self._num_skipped}). Frequent causes: a variance of a domain "
                 "with fewer than two examples in the window; a non-finite loss; gradients that overflow "
                 "float16 (a probe differentiates the unscaled loss, which GradScaler does not protect: "
@@ -530,11 +533,13 @@ class WeightingController:
                 changes[name] = torch.where(bad & touches, torch.zeros_like(value), value)
         return stats.replace(**changes) if changes else stats
 
-    def _non_finite(self, stats: DomainStats) -> dict[str, list[str]]:
-        """Statistic -> the domains (rows, for a matrix) where it is NaN or inf."""
+    def _non_finite(self, stats: DomainStats, fields: frozenset[str]) -> dict[str, list[str]]:
+        """Statistic (of ``fields``) -> the domains (rows, for a matrix) where it is NaN or inf."""
         names = self._weights.names
         found: dict[str, list[str]] = {}
         for field, value in stats.items():
+            if field not in fields:
+                continue
             bad = ~torch.isfinite(value)
             if bool(bad.any()):
                 rows = bad.reshape(len(names), -1).any(1) if value.shape[:1] == (len(names),) else None
