@@ -759,3 +759,11 @@ def test_resume_equivalence_with_a_held_override() -> None:
 
     outputs = assert_resume_equivalent(lambda: Run(eg_chain), drive_with_override, midpoint=6, total=14)
     assert [o[5] for o in outputs[3:9]] == [True] * 6 and outputs[-1][5] is False
+
+
+def test_a_scalar_loss_is_refused_showing_its_shape() -> None:
+    c = WeightingController(eg(), NAMES)
+    with pytest.raises(
+        ValueError, match=r"'losses' parameter .* a \(N,\) or \(N, T\) tensor. Got 'shape \(\)' instead"
+    ):
+        c.step(torch.tensor(1.0), torch.tensor([0]))

@@ -744,7 +744,8 @@ class WeightingController:
 def _check_losses(caller: str, losses: Any, domain_ids: Any) -> None:
     # shapes only: a value check (ids in [0, k)) would synchronise with the GPU every step
     if not isinstance(losses, Tensor) or losses.ndim not in (1, 2):
-        raise param_error(caller, "losses", "a (N,) or (N, T) tensor", type(losses).__name__)
+        got = f"shape {tuple(losses.shape)}" if isinstance(losses, Tensor) else type(losses).__name__
+        raise param_error(caller, "losses", "a (N,) or (N, T) tensor", got)
     if not isinstance(domain_ids, Tensor) or domain_ids.shape != losses.shape[:1]:
         shape = tuple(domain_ids.shape) if isinstance(domain_ids, Tensor) else type(domain_ids).__name__
         raise param_error(caller, "domain_ids", f"a ({losses.shape[0]},) tensor, one id per example", shape)

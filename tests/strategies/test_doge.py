@@ -103,6 +103,7 @@ def test_bad_arguments() -> None:
         S.doge(0.1, target="mix")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="'score_clip' parameter of doge"):
         S.doge(0.1, score_clip=(5.0, 0.0))
+    S.doge(0.1, score_clip=[0.0, 5.0])  # a list, as YAML configs give it
     with pytest.raises(ValueError, match="'mu' parameter of doge"):
         S.doge(0.1, mu=0.0)
 

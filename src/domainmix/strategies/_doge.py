@@ -149,7 +149,7 @@ def _constant(value: float) -> Callable[[int], float]:
 
 def _check_clip(score_clip: tuple[float, float]) -> tuple[float, float]:
     ok = (
-        isinstance(score_clip, tuple)
+        isinstance(score_clip, (tuple, list))
         and len(score_clip) == 2
         and all(Interval(float, None, None).accepts(v) for v in score_clip)
         and score_clip[0] <= score_clip[1]
