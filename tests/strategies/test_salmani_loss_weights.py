@@ -158,3 +158,10 @@ def test_erma_large_finite_step_does_not_overflow() -> None:
     weights, state = step(strategy, heldout([1.0, 1e4], [1.0, 1e4]), weights, state)
     assert torch.isfinite(weights.mixture).all() and float(weights.mixture.sum()) == pytest.approx(1.0)
     assert 0 < float(weights.mixture[0]) < 1e-300 and float(weights.mixture[1]) == pytest.approx(1.0)
+
+
+def test_erma_warns_when_losses_are_not_positive() -> None:
+    """ERMA divides by the mean held-out loss: with negative losses it stayed put forever, silently."""
+    with pytest.warns(RuntimeWarning, match="not positive"):
+        out, state = step(S.erma(), heldout([-1.0, -2.0], [1.0, 8.0]))
+    assert out.mixture.tolist() == [0.5, 0.5]

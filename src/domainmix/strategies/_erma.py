@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from domainmix._validation import Interval, check_param, param_error
@@ -69,6 +71,15 @@ def erma(
         var = torch.where(seen, stats["heldout_loss_var"].to(torch.float64), 0.0)
         level = (pi * w * mean).sum()
         spread = (c * pi * w * w * var).sum()
+        if seen.any() and float(level) <= 0:
+            # the step divides by L̄: losses that are not positive (a log-likelihood, a shifted loss) would
+            # stop ERMA for good without a word
+            warnings.warn(
+                f"erma: the held-out mean loss L̄ = {float(level):.4g} is not positive; ERMA's step needs "
+                "positive losses (it divides by L̄). The weights stay as they were.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if not seen.any() or float(level) <= 0 or float(spread) <= 0:
             return weights._replace(mixture=pi * w), state  # no usable estimate in this window
         step = torch.where(seen, gamma * pi * (mean / level - c * w * var / spread), 0.0)
