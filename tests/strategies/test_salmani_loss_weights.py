@@ -165,3 +165,11 @@ def test_erma_warns_when_losses_are_not_positive() -> None:
     with pytest.warns(RuntimeWarning, match="not positive"):
         out, state = step(S.erma(), heldout([-1.0, -2.0], [1.0, 8.0]))
     assert out.mixture.tolist() == [0.5, 0.5]
+
+
+def test_fgls_warns_on_negative_heldout_losses() -> None:
+    """FGLS reads the held-out loss as a variance: a negative one is clamped to the floor, and the
+    domain takes nearly all the weight; that is now said, not silent."""
+    with pytest.warns(RuntimeWarning, match="negative held-out losses"):
+        out, _ = step(S.fgls(), heldout([-1.0, 2.0], [1.0, 1.0]))
+    assert float(out.mixture[0]) > 0.7

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from domainmix._validation import Interval, check_param, check_weight_vector, param_error
@@ -71,7 +73,16 @@ def fgls(
         seen = (stats["heldout_count"] > 0) & (pi > 0)
         if not bool(seen.any()):
             return weights._replace(mixture=pi * w), state
-        sigma2 = stats["heldout_loss"].to(torch.float64).clamp_min(eps)
+        loss = stats["heldout_loss"].to(torch.float64)
+        if bool((seen & (loss < 0)).any()):
+            warnings.warn(
+                f"fgls: negative held-out losses {loss.tolist()}; FGLS reads the held-out loss as a noise "
+                f"variance σ̂² >= 0 (a squared-error loss), and clamps it to floor={eps:g}, which gives such "
+                "a domain nearly all the weight.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        sigma2 = loss.clamp_min(eps)
         # n_i / π_i = 1 / ratio_i (up to a constant that the normalisation removes)
         gls = torch.where(seen, 1.0 / (state.ratio.clamp_min(1e-300) * sigma2), 0.0)
         # The seen domains share out the weight Σ_seen π_i w_i they hold now, so that the others keep
