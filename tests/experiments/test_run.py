@@ -232,6 +232,14 @@ def test_runs_in_which_a_method_would_never_act_are_refused() -> None:
     ):
         load_config(LinearConfig, None, {"steps": 99, "methods": ["uniform", "va"]})
     assert load_config(LinearConfig, None, {"steps": 99, "methods": ["uniform", "oracle_gls"]}).steps == 99
+    # VA needs two gradients per domain: one example (or one micro-batch of 8) skipped every window
+    with pytest.raises(ConfigError, match=r"'va_samples' must be at least 2 with va_estimator='per_example'"):
+        load_config(LinearConfig, None, {"va_samples": 1, "methods": ["va"]})
+    with pytest.raises(
+        ConfigError, match=r"'va_samples' must be at least 16 with va_estimator='micro_batch'"
+    ):
+        load_config(LinearConfig, None, {"va_samples": 15, "va_estimator": "micro_batch", "methods": ["va"]})
+    assert load_config(LinearConfig, None, {"va_samples": 1, "methods": ["fgls"]}).va_samples == 1
 
 
 def test_settings_that_would_fail_later_are_refused_now(
@@ -247,6 +255,10 @@ def test_settings_that_would_fail_later_are_refused_now(
             load_config(LinearConfig, None, overrides)
     with pytest.raises(ConfigError, match="oracle_gls needs the true noise variances"):
         load_config(MlpConfig, None, {"methods": ["uniform", "oracle_gls"]})
+    with pytest.raises(
+        ConfigError, match=re.escape("'batch_size' must be at least the number of domains (2)")
+    ):
+        load_config(MlpConfig, None, {"batch_size": 1})  # crashed in a worker
     # YAML 1.1 reads 1e-3 as a string: it is the number it looks like, in --set and in files alike
     assert load_config(LinearConfig, None, {"lr": "1e-3", "input_scales": [1, "1e2"]}).lr == 1e-3
     path = tmp_path / "twice.yaml"

@@ -91,6 +91,7 @@ class TrainConfig:
                 out.append(f"'methods': {error}")
         _require(out, self, "be distinct ints >= 0", _distinct_non_negative, "seeds")
         out.extend(self._windows_that_act(rules))
+        out.extend(self._variance_estimable(rules))
         k = self.num_domains()
         if k and isinstance(self.batch_size, int) and self.batch_size < k:
             out.append(
@@ -129,11 +130,30 @@ class TrainConfig:
             ]
         return []
 
+    def _variance_estimable(self, rules: Mapping[str, tuple[str, str]]) -> list[str]:
+        """Refuse VA with fewer than two gradients per domain.
+
+        With one there is no variance: every window is skipped (NaN) and VA trains like uniform sampling.
+        """
+        va = sorted(m for m, (_, sampling) in rules.items() if sampling == "va")
+        if not va or not isinstance(self.va_samples, int) or self.va_estimator not in _VA_PER_GRADIENT:
+            return []
+        need = 2 * _VA_PER_GRADIENT[self.va_estimator]
+        if self.va_samples >= need:
+            return []
+        return [
+            f"'va_samples' must be at least {need} with va_estimator={self.va_estimator!r} when a method "
+            f"uses VA ({va}): the variance needs two gradients per domain, or every window is skipped and "
+            f"VA trains like uniform. Got {self.va_samples} instead."
+        ]
+
     def num_domains(self) -> int | None:
         """K, for the checks that need it (None: decided by the data)."""
         return None
 
 
+# Examples per gradient of each VA estimator (micro_batch: gradient_variance's micro_batch_size default).
+_VA_PER_GRADIENT = {"per_example": 1, "micro_batch": 8}
 # The loss rules of methods.LOSS_RULES built as delay(rule, warmup_steps): they never act before it.
 _AFTER_WARMUP = frozenset({"fgls", "erma"})
 # Loss rules fixed from the start (no window moves them).
@@ -281,6 +301,10 @@ class MlpConfig(TrainConfig):
         _require(out, self, "be one or more ints >= 1", lambda v: bool(v) and min(v) >= 1, "hidden")
         _require(out, self, "be in (0, 0.5)", lambda v: 0 < v < 0.5, "test_fraction", "heldout_fraction")
         return out
+
+    def num_domains(self) -> int | None:
+        """K: the clean group and the noisy group."""
+        return 2
 
 
 @dataclass(frozen=True)
