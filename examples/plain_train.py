@@ -72,6 +72,8 @@ def main() -> None:
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     step = 0
     if args.resume:
+        if not ckpt.exists():
+            parser.error(f"--resume: no checkpoint at {ckpt} (run once without --resume first)")
         state = torch.load(ckpt, weights_only=False)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -80,8 +82,10 @@ def main() -> None:
         step = state["step"]
 
     loader = DataLoader(make_data(), batch_sampler=sampler, num_workers=2)
+    # resumed from a finished run: nothing to do (the sampler never ends, the check in the loop comes late)
+    batches = loader if step < args.steps else []
     with open(args.out / "batches.jsonl", "a") as log:
-        for idx, x, y, ids in loader:
+        for idx, x, y, ids in batches:
             with controller.record():  # the one order of a step: docs/design.md, "One step"
                 per_example = ((model(x) - y) ** 2).squeeze(1)
             controller.step(per_example, ids)
@@ -97,7 +101,7 @@ def main() -> None:
                     "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "controller": controller.state_dict(), "sampler": sampler.state_dict(consumed=step),
                 })  # fmt: skip
-            if step == args.steps:
+            if step >= args.steps:
                 break
     final = {
         "params": [p.tolist() for p in model.parameters()],

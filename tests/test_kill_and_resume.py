@@ -44,3 +44,13 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path: Pat
     )
     assert batches(killed) == batches(full)
     assert json.loads((killed / "final.json").read_text()) == json.loads((full / "final.json").read_text())
+    # resuming a finished run ends at once with the same result (it ran on forever: the sampler never
+    # ends and the loop only checked for the last step after a step)
+    before = (full / "batches.jsonl").read_text()
+    subprocess.run(
+        [sys.executable, str(SCRIPT), "--out", str(full), "--steps", str(STEPS), "--resume"],
+        check=True,
+        timeout=120,
+    )
+    assert (full / "batches.jsonl").read_text() == before
+    assert json.loads((full / "final.json").read_text()) == json.loads((killed / "final.json").read_text())
