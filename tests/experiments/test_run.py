@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -288,3 +293,42 @@ def test_top_level_command_line(capsys: pytest.CaptureFixture) -> None:
     assert all(word in out for word in ("lm", "verify", "train-bpe", "build-corpus"))
     done = subprocess.run([sys.executable, "-m", "domainmix", "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "commands:" in done.stdout
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process groups from /proc (Linux)")
+def test_ctrl_c_stops_a_parallel_run_at_once_leaving_no_worker(tmp_path: Path) -> None:
+    """Ctrl-C reaches the whole process group. It used to interrupt the workers too (a pool then waits
+    forever for the task a dead worker took) or, pressed twice, the pool's own shutdown: 2 of 9 tries
+    hung. The workers ignore it, the parent terminates them and exits 130."""
+    cmd = [sys.executable, "-m", "domainmix.experiments", "run", "linear", "--methods", "uniform,fgls",
+           "--seeds", "0,1", "--steps", "100000", "--out", str(tmp_path)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stderr is not None
+    seen = ""
+    while "linear runs" not in seen:  # the progress bar: the workers are starting or running
+        line = proc.stderr.read(1)
+        assert line, f"the run ended before it started: {seen}"
+        seen += line
+    time.sleep(1.0)
+    for _ in range(2):  # a terminal's Ctrl-C, pressed twice
+        os.killpg(proc.pid, signal.SIGINT)
+        time.sleep(0.05)
+    rest = proc.communicate(timeout=60)[1]
+    # 130; or, when the second press lands after the cleanup, Python's own exit on SIGINT
+    assert proc.returncode in (130, -signal.SIGINT), seen + rest
+    assert "interrupted; nothing written" in rest, rest
+    assert _live_members(proc.pid) == [], "a worker outlived the run"
+
+
+def _live_members(group: int) -> list[int]:
+    """The processes of a process group that still run (zombies excluded: reaping them is up to init)."""
+    live = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # it ended meanwhile
+            if int(fields[2]) == group and fields[0] != "Z":  # fields: state, ppid, pgrp, ...
+                live.append(int(entry.name))
+    return live

@@ -20,10 +20,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import multiprocessing
+import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -63,6 +65,23 @@ def _job(experiment: str, cfg: TrainConfig, method: str, seed: int) -> dict[str,
     return train(module.make_task(cfg, seed), method, cfg, seed)
 
 
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored inside the block (in the main thread; elsewhere it cannot be changed or received)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _star_job(job: tuple[str, TrainConfig, str, int]) -> dict[str, Any]:
+    return _job(*job)
+
+
 def run_jobs(experiment: str, cfg: TrainConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """Train every (method, seed) of ``cfg``; ``cfg.workers`` processes (1: in this process)."""
     jobs = [(method, seed) for method in cfg.methods for seed in cfg.seeds]
@@ -76,12 +95,24 @@ def run_jobs(experiment: str, cfg: TrainConfig, *, progress: bool = True) -> lis
     else:
         # spawn, not fork: a forked child inherits the parent's torch thread pools and can deadlock.
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=context) as pool:
-            futures = [pool.submit(_job, experiment, cfg, method, seed) for method, seed in jobs]
-            for future in as_completed(futures):
-                results.append(future.result())
+        # A terminal's Ctrl-C reaches the whole process group: a worker it interrupts mid-start or mid-job
+        # takes its task with it and the pool waits for the result forever. So the workers ignore SIGINT
+        # from their start (SIG_IGN survives the spawn's exec) and the parent alone handles it, by
+        # terminating them; a second Ctrl-C must not interrupt that half-way either.
+        with _sigint_ignored():
+            pool = context.Pool(min(cfg.workers, len(jobs)))
+        try:
+            for result in pool.imap_unordered(_star_job, [(experiment, cfg, m, s) for m, s in jobs]):
+                results.append(result)
                 if bar is not None:
                     bar.update(1)
+        except BaseException:  # KeyboardInterrupt included: no worker outlives the run
+            with _sigint_ignored():
+                pool.terminate()
+                pool.join()
+            raise
+        pool.close()
+        pool.join()
     if bar is not None:
         bar.close()
     order = {job: i for i, job in enumerate(jobs)}
@@ -170,7 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     start = time.perf_counter()
-    runs = run_jobs(args.experiment, cfg, progress=not args.quiet)
+    try:
+        runs = run_jobs(args.experiment, cfg, progress=not args.quiet)
+    except KeyboardInterrupt:
+        print(f"\ndomainmix run {args.experiment}: interrupted; nothing written.", file=sys.stderr)
+        return 130
     for run in runs:
         if run["diverged_at"] is not None:
             print(
