@@ -106,21 +106,18 @@ def test_round_trip_and_summary(tmp_path: Path) -> None:
     assert summary["fgls+va"]["final_error"]["mean"] == pytest.approx(0.5 * 5 + 1)
 
 
-def test_checkpoint_uses_last_evaluation_step_at_or_before_it(tmp_path: Path) -> None:
+def test_a_checkpoint_reports_the_evaluation_at_that_step_only(tmp_path: Path) -> None:
+    """An earlier evaluation stood in for a checkpoint that was not evaluated (with eval_every=2100,
+    "@2000" showed step 0's error); a checkpoint now needs an evaluation at that very step."""
     summary = write(tmp_path, checkpoints=(1000, 2000, 5000, 6000, 7000))
     error_at = summary["uniform"]["error_at"]
-    # STEPS index: 1000 -> 1; 2000 -> 1500 (index 2); 5000 -> 4000 (index 4); 6000 -> index 5.
-    for checkpoint, index in ((1000, 1), (2000, 2), (5000, 4), (6000, 5)):
-        assert error_at[str(checkpoint)] == pytest.approx(1.0 * (10 - index) + 1.0)  # mean seed is 1
-    # Past the last evaluation step the curve says nothing about the checkpoint: skipped.
-    assert "7000" not in error_at
-
-
-def test_checkpoint_before_first_step_is_skipped(tmp_path: Path) -> None:
+    # STEPS index: 1000 -> 1, 6000 -> 5; 2000, 5000 and 7000 were not evaluation steps
+    assert error_at == {"1000": pytest.approx(10.0), "6000": pytest.approx(6.0)}  # 10 - index + mean seed 1
     runs = [make_run("uniform", 0, 1.0)]
     runs[0]["steps"] = [s + 100 for s in STEPS]
-    summary = write(tmp_path, runs=runs, checkpoints=(50, 1200))
-    assert summary["uniform"]["error_at"] == {"1200": pytest.approx(9.0)}
+    assert write(tmp_path, runs=runs, checkpoints=(50, 1100))["uniform"]["error_at"] == {
+        "1100": pytest.approx(9.0)
+    }
 
 
 def test_nan_and_inf_are_written_as_null(tmp_path: Path) -> None:
@@ -264,16 +261,16 @@ def test_method_colours_are_stable() -> None:
 def test_format_table(tmp_path: Path) -> None:
     runs = make_runs()
     runs[0]["final_error"] = math.nan
-    summary = write(tmp_path, runs=runs)
-    table = format_table(summary, domains=DOMAINS, checkpoints=(2000, 5000, 9000))
+    summary = write(tmp_path, runs=runs, checkpoints=(1000, 6000, 9000))
+    table = format_table(summary, domains=DOMAINS, checkpoints=(1000, 6000, 9000))
     lines = table.splitlines()
-    assert lines[0].split()[:4] == ["method", "@2000", "@5000", "@9000"]
+    assert lines[0].split()[:4] == ["method", "@1000", "@6000", "@9000"]
     assert set(lines[1]) == {"-"}
     assert len({len(line) for line in lines}) == 1  # fixed width
     fgls = lines[3]
     assert fgls.startswith("fgls+va")
-    # fgls+va: error_at 2000 -> index 2 -> 0.5 * 8 + 1 = 5; final 0.5 * 5 + 1 = 3.5 ± std; shares 0.6 / 0.4.
-    assert fgls.split()[1:3] == ["5", "4"]
+    # fgls+va: error_at 1000 -> index 1 -> 0.5 * 9 + 1 = 5.5, 6000 -> 3.5; final 3.5 ± std; shares .6 / .4.
+    assert fgls.split()[1:3] == ["5.5", "3.5"]
     assert "3.5 ± 0.82" in fgls
     assert fgls.split()[-3:] == ["0.600", "0.400", "2.0"]
     assert fgls.split()[3] == "-"  # no evaluation reaches 9000

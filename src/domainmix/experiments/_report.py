@@ -228,12 +228,12 @@ def _summarize(
 
 
 def _error_at(run: Mapping[str, Any], checkpoint: int) -> float | None:
-    """The error at the last evaluation step ≤ checkpoint, or None if the curve does not reach it."""
+    """The error evaluated at step ``checkpoint``, or None if the run was not evaluated there.
+
+    Not an earlier evaluation: with ``eval_every=2100`` that would be step 0's error under "@2000".
+    """
     steps = list(run["steps"])
-    if not steps or checkpoint < steps[0] or checkpoint > steps[-1]:
-        return None
-    i = max(j for j, step in enumerate(steps) if step <= checkpoint)
-    return _float(run["error"][i])
+    return _float(run["error"][steps.index(checkpoint)]) if checkpoint in steps else None
 
 
 def _float(value: Any) -> float:

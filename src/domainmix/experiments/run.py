@@ -215,7 +215,9 @@ def main(argv: list[str] | None = None) -> int:
             )
     names = list(runs[0]["loss_share"])
     args.out.mkdir(parents=True, exist_ok=True)
-    checkpoints = tuple(c for c in CHECKPOINTS if c <= cfg.steps)
+    # the checkpoints that are evaluation steps (every eval_every steps, and the last)
+    evaluated = [c for c in CHECKPOINTS if c <= cfg.steps and (c % cfg.eval_every == 0 or c == cfg.steps)]
+    checkpoints = tuple(evaluated)
     summary = _report.write_outputs(
         args.out,
         experiment=args.experiment,
