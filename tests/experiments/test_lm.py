@@ -441,6 +441,29 @@ def test_compare_reuse_trains_only_the_missing_or_changed_stages(
         lm.main(["--stage", "base", "--weights", "uniform", "--reuse", "--out", str(tmp_path)])
 
 
+def test_bad_weights_and_threads_are_refused_naming_what_is_allowed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A typo, a folder or a metrics.json as --weights, and --threads 0, ended in tracebacks."""
+    for argv, message in [
+        (
+            ["--weights", "unifrom"],
+            "--weights must be a weights.json file or one of ['uniform', 'proportional'",
+        ),
+        (["--weights", str(tmp_path)], "got '" + str(tmp_path)),
+        (["--weights", "uniform", "--threads", "0"], "--threads must be an int >= 1; got 0"),
+    ]:
+        with pytest.raises(SystemExit) as stop:
+            lm.main(["--stage", "base", *argv, "--out", str(tmp_path / "out")])
+        assert stop.value.code == 2 and message in capsys.readouterr().err
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text('{"final": {"a": 1}}')
+    with pytest.raises(ValueError, match="not a proxy stage's weights.json"):
+        lm.read_weights(metrics)
+    with pytest.raises(ValueError, match="cannot read it"):
+        lm.read_weights(tmp_path / "missing.json")
+
+
 @pytest.mark.slow
 def test_compare_seeds_with_the_dids_rows(tmp_path: Path) -> None:
     from domainmix.experiments import lm_report

@@ -668,7 +668,7 @@ def stage_base(
     elif weights == "proportional":
         alpha = sizes
     else:
-        alpha = json.loads(Path(weights).read_text(encoding="utf-8"))["averaged"]
+        alpha = read_weights(Path(weights))
     # low_discrepancy: the batches realise the weights over the run (a stratified batch rounds B·q the
     # same way every step: uniform over 6 domains in 32 windows would give the first two 6/32 each).
     strategy = strategies.fixed(alpha, alpha)
@@ -676,6 +676,26 @@ def stage_base(
     del info["trajectory"]  # fixed weights
     sampling = {n: v / sum(alpha.values()) for n, v in alpha.items()}
     return finish_base(cfg, out, weights, model, sampling, info)
+
+
+def read_weights(path: Path) -> dict[str, float]:
+    """The time-averaged weights of a proxy stage's ``weights.json``.
+
+    Raises:
+        ValueError: naming the path, when it cannot be read or is not such a file.
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        message = f"--weights {path}: cannot read it as a proxy stage's weights.json ({error})"
+        raise ValueError(message) from error
+    averaged = data.get("averaged") if isinstance(data, dict) else None
+    if not isinstance(averaged, dict) or not all(isinstance(v, (int, float)) for v in averaged.values()):
+        raise ValueError(
+            f"--weights {path}: not a proxy stage's weights.json (it needs an 'averaged' mapping from domain "
+            "to weight)"
+        )
+    return {str(name): float(value) for name, value in averaged.items()}
 
 
 def finish_base(
@@ -902,6 +922,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give exactly one of --stage and --compare")
     if (args.seeds is not None or args.reuse) and not args.compare:
         parser.error("--seeds and --reuse go with --compare")
+    if args.threads < 1:
+        parser.error(f"--threads must be an int >= 1; got {args.threads}")
+    named = ("uniform", "proportional", *ONLINE_METHODS)
+    if args.weights is not None and args.weights not in named and not Path(args.weights).is_file():
+        parser.error(f"--weights must be a weights.json file or one of {list(named)}; got {args.weights!r}")
     torch.set_num_threads(args.threads)
     try:
         overrides = dict(parse_override(text) for text in args.set)
