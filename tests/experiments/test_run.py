@@ -59,6 +59,20 @@ def test_config_errors_are_collected_and_raised_once(tmp_path: Path) -> None:
         load_config(LinearConfig, path)
 
 
+def test_every_command_line_error_is_reported_at_once(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """A bad setting, bad seeds or a malformed --set hid every later problem of the command line."""
+    argv = ["linear", "--out", str(tmp_path), "--setting", "nope", "--seeds", "a", "--set", "foo",
+            "--set", "stpes=1", "--set", "lr=1", "--set", "lr=x"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    problems = [
+        "unknown setting 'nope' for linear", "--seeds must be", "--set expects key=value, got 'foo'",
+        "unknown setting 'stpes'", "--set lr: given twice", "'lr' must be a finite number",
+    ]  # fmt: skip
+    for problem in problems:
+        assert problem in err, (problem, err)
+
+
 def test_setting_then_file_then_overrides(tmp_path: Path) -> None:
     cfg = build_config("linear", "fig1abc", None, {})
     assert cfg.input_scales == (100.0, 1.0) and cfg.noise_variances == (1.0, 20.0)

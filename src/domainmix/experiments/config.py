@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
@@ -615,10 +615,13 @@ def _coerce(hint: Any, value: Any) -> Any:
 
 def _describe(hint: Any) -> str:
     if typing.get_origin(hint) is tuple:
-        return f"a list of {_describe(typing.get_args(hint)[0])} values"
+        return f"a list of {_ITEMS.get(typing.get_args(hint)[0], 'values')}"
     return {int: "an int", float: "a finite number", str: "a string", bool: "true or false"}.get(
         hint, str(hint)
     )
+
+
+_ITEMS = {int: "ints", float: "finite numbers", str: "strings", bool: "booleans"}
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -654,6 +657,25 @@ def parse_override(text: str) -> tuple[str, Any]:
         ) from None
 
 
+def parse_overrides(texts: Iterable[str]) -> tuple[dict[str, Any], list[str]]:
+    """Every ``--set key=value`` that parses, as a dict, and the errors of the others.
+
+    A key given twice is an error too. The caller reports them together with the errors of the values.
+    """
+    overrides: dict[str, Any] = {}
+    errors: list[str] = []
+    for text in texts:
+        try:
+            key, value = parse_override(text)
+        except ConfigError as error:
+            errors.extend(error.errors)
+            continue
+        if key in overrides:
+            errors.append(f"--set {key}: given twice (keep one).")
+        overrides[key] = value
+    return overrides, errors
+
+
 __all__ = [
     "LINEAR_SETTINGS",
     "LOGISTIC_SETTINGS",
@@ -665,6 +687,7 @@ __all__ = [
     "as_dict",
     "load_config",
     "parse_override",
+    "parse_overrides",
     "parse_seeds",
     "read_yaml",
 ]

@@ -48,7 +48,7 @@ from tqdm import tqdm
 from domainmix import DomainWeights, WeightingController, domain_losses, strategies, weighted_loss
 from domainmix._atomic import atomic_path, atomic_write_json
 from domainmix._validation import ConfigError
-from domainmix.experiments.config import LmConfig, load_config, parse_override, parse_seeds
+from domainmix.experiments.config import LmConfig, load_config, parse_overrides, parse_seeds
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.experiments.lm_report import plot_trajectories
 from domainmix.experiments.methods import (
@@ -929,11 +929,16 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--weights must be a weights.json file or one of {list(named)}; got {args.weights!r}")
     torch.set_num_threads(args.threads)
     try:
-        overrides = dict(parse_override(text) for text in args.set)
+        overrides, errors = parse_overrides(args.set)
         for key in ("corpus", "proxy_steps", "base_steps", "seed", "device"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
-        cfg = load_config(LmConfig, args.config, overrides)
+        try:
+            cfg = load_config(LmConfig, args.config, overrides)
+        except ConfigError as error:
+            raise ConfigError(errors + error.errors) from None
+        if errors:
+            raise ConfigError(errors)
         if args.compare and args.seeds is not None:
             if "seed" in overrides:
                 raise ConfigError(["--seed (or --set seed=...) and --seeds exclude each other."])

@@ -10,7 +10,8 @@ Outputs in ``--out DIR`` (a documented interface, read by other tools):
 
 Examples:
     domainmix run linear --setting fig1def --out runs/fig1def
-    domainmix run linear --setting custom --set input_scales=[1,10,100] --set noise_variances=[1,4,20]
+    domainmix run linear --setting custom --set input_scales=[1,10,100] --set noise_variances=[1,4,20] \
+        --out runs/custom
     domainmix run logistic --setting fig2def --seeds 0,1,2 --out runs/logistic
     domainmix run mlp --out runs/mlp --config my.yaml
 """
@@ -37,7 +38,7 @@ from domainmix.experiments.config import (
     TrainConfig,
     as_dict,
     load_config,
-    parse_override,
+    parse_overrides,
     parse_seeds,
     read_yaml,
 )
@@ -132,16 +133,19 @@ def build_config(
 ) -> TrainConfig:
     """Defaults, then the named setting's values, then the YAML file, then ``--set`` overrides."""
     module = experiment_module(experiment)
-    if setting != "custom" and setting not in module.SETTINGS:
-        raise ConfigError(
-            [
-                f"unknown setting {setting!r} for {experiment}; "
-                f"choose one of {sorted(module.SETTINGS)} or 'custom'."
-            ]
-        )
-    preset = {} if setting == "custom" else dict(module.SETTINGS[setting])
-    from_file = read_yaml(path) if path is not None else {}
-    return load_config(module.CONFIG, None, {**preset, **from_file, **overrides})
+    errors = []
+    if setting != "custom" and setting not in module.SETTINGS:  # reported with the others, checked alone
+        known = sorted(module.SETTINGS)
+        errors.append(f"unknown setting {setting!r} for {experiment}; choose one of {known} or 'custom'.")
+    preset = dict(module.SETTINGS.get(setting, {}))
+    try:
+        from_file = read_yaml(path) if path is not None else {}
+        cfg = load_config(module.CONFIG, None, {**preset, **from_file, **overrides})
+    except ConfigError as error:
+        raise ConfigError(errors + error.errors) from None
+    if errors:
+        raise ConfigError(errors)
+    return cfg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         formatter_class=argparse.RawTextHelpFormatter,
     )
     parser.add_argument(
-        "experiment", choices=sorted(EXPERIMENTS), help="or 'lm': see domainmix run lm --help"
+        "experiment", choices=[*sorted(EXPERIMENTS), "lm"], help="'lm': see domainmix run lm --help"
     )
     parser.add_argument(
         "--setting", default=None, help="a named setting of the paper (default: the first) or 'custom'"
@@ -184,19 +188,23 @@ def main(argv: list[str] | None = None) -> int:
 
     module = experiment_module(args.experiment)
     setting = args.setting or next(iter(module.SETTINGS))
-    try:
-        overrides: dict[str, Any] = dict(parse_override(text) for text in args.set)
-        if args.methods is not None:
-            overrides["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-        if args.seeds is not None:
+    overrides, errors = parse_overrides(args.set)  # every problem of the command line, reported at once
+    if args.methods is not None:
+        overrides["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if args.seeds is not None:
+        try:
             overrides["seeds"] = parse_seeds(args.seeds)
-        for key in ("steps", "workers"):
-            if getattr(args, key) is not None:
-                overrides[key] = getattr(args, key)
+        except ConfigError as error:
+            errors.extend(error.errors)
+    for key in ("steps", "workers"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    try:
         cfg = build_config(args.experiment, setting, args.config, overrides)
     except (ConfigError, ValueError) as error:
-        errors = error.errors if isinstance(error, ConfigError) else [str(error)]
-        shown = errors[0] if len(errors) == 1 else f"\n{error}"
+        errors.extend(error.errors if isinstance(error, ConfigError) else [str(error)])
+    if errors:
+        shown = errors[0] if len(errors) == 1 else "\n" + "\n".join(f"- {e}" for e in errors)
         print(f"domainmix run {args.experiment}: invalid configuration: {shown}", file=sys.stderr)
         return 2
 
