@@ -23,6 +23,12 @@ rate at which each system hands out example indices (indices per second), in one
   ``domainmix_keyed_permutation``: stratified over 8 domains of 125 M examples
   (10^9 in all, past the materialisation limit of ``domainmix.sampling._streams``), where every index goes
   through the keyed Feistel bijection instead of a stored permutation.
+* ``list_floor`` (a reference, not a sampler): random indices drawn before timing, handed out as lists with
+  one ``tolist()`` per 100 batches; the cost of yielding lists of Python ints at all, under every row that
+  does (all but the ``*_numpy`` rows and Megatron).
+* ``permutation_floor`` (a reference): every domain in turn, a fresh ``Generator.permutation`` of it cut
+  into batches of arrays; the cost of drawing indices through stored per-pass permutations, as the
+  stratified and low-discrepancy rows do, without planning.
 
 Protocol: every system is set up (not timed), then runs one untimed warm-up repetition, whose indices give
 the achieved domain shares; the streaming ones (all but torch and Megatron) then continue from where they
@@ -32,7 +38,7 @@ per repetition (``config.batches_per_repeat``) so that each timing lasts about h
 whose package or compiled extension is missing is reported as unavailable, with the reason, never with a
 number.
 
-Usage: python benchmarks/peers.py [--json] [--out benchmarks/results/peers.json] [--repeats 5] [--scale 1]
+Usage: python benchmarks/peers.py [--json] [--out benchmarks/results/peers.json] [--repeats 15] [--scale 1]
        [--systems torch_wrs,domainmix_stratified,...] [--quick]
 """
 
@@ -80,7 +86,9 @@ DOMAINMIX = (
     "domainmix_stratified_weight_change_numpy",
     "domainmix_low_discrepancy_weight_change_numpy",
 )
-SYSTEMS = (*PEERS, *DOMAINMIX)
+# Not a sampler: handing out ready-made lists, the floor under every row that yields lists of Python ints.
+REFERENCE = ("list_floor", "permutation_floor")
+SYSTEMS = (*PEERS, *DOMAINMIX, *REFERENCE)
 PACKAGES = ("torch", "numpy", "torchdata", "datasets", "pyarrow", "lhotse", "megatron-core", "domainmix")
 
 LABELS = {
@@ -102,6 +110,8 @@ LABELS = {
     "domainmix_low_discrepancy_weight_change_numpy": (
         "domainmix low_discrepancy, alternating, `as_numpy=True`"
     ),
+    "list_floor": "floor: ready-made lists, no sampling (one `tolist()` per 100 batches)",
+    "permutation_floor": "floor: per-pass permutations sliced into arrays, no plan",
 }
 
 
@@ -228,7 +238,16 @@ CAPABILITIES: dict[str, dict[str, Any]] = {
         ],
     },
     **{name: _DOMAINMIX_CAPABILITIES for name in DOMAINMIX},
+    "list_floor": {
+        **{
+            key: _answer("no", "not a sampler: the same few blocks of indices, drawn before timing")
+            for key in ("online_weight_change", "exact_resume", "rank_consistent_plan")
+        },
+        "plan": "none (reference)",
+        "sources": ["benchmarks/peers.py"],
+    },
 }
+CAPABILITIES["permutation_floor"] = CAPABILITIES["list_floor"]
 
 
 @dataclass(frozen=True)
@@ -239,7 +258,9 @@ class Config:
         sizes: examples per domain; domain i holds the indices ``[sum(sizes[:i]), sum(sizes[:i+1]))``.
         weights: the target domain weights.
         batch_size: indices per batch.
-        repeats: timed repetitions (each after one untimed warm-up repetition).
+        repeats: timed repetitions (each after one untimed warm-up repetition). 15: on a shared 2-core
+            machine one system's rate moved twofold between the repetitions of one run (stratified,
+            alternating: 9.8 to 20.8 M indices/s over 5), so a median of 5 moved by 10 % between runs.
         batches_per_repeat: batches each system hands out per repetition (Megatron: the index built has
             ``batches * batch_size`` entries).
         weight_change_every: batches between two ``set_weights`` calls in the ``*_weight_change`` variants.
@@ -251,7 +272,7 @@ class Config:
     sizes: tuple[int, ...] = tuple(SIZES)
     weights: tuple[float, ...] = tuple(WEIGHTS)
     batch_size: int = BATCH
-    repeats: int = 5
+    repeats: int = 15
     batches_per_repeat: Mapping[str, int] = field(
         default_factory=lambda: {
             "torch_wrs": 4000,
@@ -270,6 +291,8 @@ class Config:
             "domainmix_keyed_permutation": 20_000,
             "domainmix_stratified_weight_change_numpy": 20_000,
             "domainmix_low_discrepancy_weight_change_numpy": 20_000,
+            "list_floor": 40_000,
+            "permutation_floor": 40_000,
         }
     )
     weight_change_every: int = 100
@@ -489,6 +512,54 @@ def _domainmix(
     return Source(batches, _by_bounds(_bounds(sizes)), targets)
 
 
+def _list_floor(cfg: Config) -> Source:
+    """Lists of Python ints out of ready-made index blocks: what handing out a list costs without sampling.
+
+    Every row that yields lists pays this (``ndarray.tolist()`` creates and later frees one Python int
+    per index), so no sampler yielding lists can beat it; the ``as_numpy=True`` rows do not pay it.
+    """
+    rng = np.random.default_rng(cfg.seed)
+    blocks = rng.integers(0, sum(cfg.sizes), (_FLOOR_BLOCKS, _FLOOR_ROWS, cfg.batch_size))  # not timed
+    done = [0]
+
+    def batches(n: int) -> Iterator[list[int]]:
+        start = done[0]
+        for b in range(start // _FLOOR_ROWS, -(-(start + n) // _FLOOR_ROWS)):
+            rows = blocks[b % _FLOOR_BLOCKS].tolist()
+            lo, hi = max(start - b * _FLOOR_ROWS, 0), min(start + n - b * _FLOOR_ROWS, _FLOOR_ROWS)
+            yield from rows[lo:hi]
+        done[0] = start + n
+
+    return Source(batches, _by_bounds(_bounds(cfg.sizes)), _static(cfg.sizes))
+
+
+_FLOOR_ROWS = 100  # batches per ``tolist()``: the block length of the alternating rows
+_FLOOR_BLOCKS = 4
+
+
+def _permutation_floor(cfg: Config) -> Source:
+    """Each domain in turn, a fresh permutation of it (numpy's ``Generator.permutation``, as the sampler's
+    streams draw a pass) cut into batches of consecutive slices, as int64 arrays: the cost of drawing every
+    index through a stored per-pass permutation, without a plan, a weight or a list."""
+    starts = np.cumsum([0, *cfg.sizes[:-1]]).tolist()
+
+    def passes() -> Iterator[np.ndarray]:
+        for p in itertools.count():
+            for d, (start, size) in enumerate(zip(starts, cfg.sizes, strict=True)):
+                yield np.random.default_rng([cfg.seed, d, p]).permutation(size) + start
+
+    def batches_forever() -> Iterator[np.ndarray]:
+        left = np.zeros(0, dtype=np.int64)
+        for perm in passes():
+            perm = np.concatenate([left, perm]) if len(left) else perm
+            cut = len(perm) - len(perm) % cfg.batch_size
+            yield from perm[:cut].reshape(-1, cfg.batch_size)
+            left = perm[cut:]
+
+    it = batches_forever()
+    return Source(lambda n: _pull(it, n), _by_bounds(_bounds(cfg.sizes)), _static(cfg.sizes))
+
+
 FACTORIES: dict[str, Callable[[Config], Source]] = {
     "torch_wrs": _torch_wrs,
     "torchdata_mnws": _torchdata_mnws,
@@ -510,6 +581,8 @@ FACTORIES: dict[str, Callable[[Config], Source]] = {
     "domainmix_low_discrepancy_weight_change_numpy": lambda cfg: _domainmix(
         cfg, "low_discrepancy", change="alternate", as_numpy=True
     ),
+    "list_floor": _list_floor,
+    "permutation_floor": _permutation_floor,
 }
 
 
@@ -711,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--json", action="store_true", help="write the JSON report to --out (atomically)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 5; quick: 2)")
+    parser.add_argument("--repeats", type=int, default=None, help="timed repetitions (default 15; quick: 2)")
     parser.add_argument(
         "--scale", type=float, default=1.0, help="multiply every system's batches per repetition"
     )

@@ -180,6 +180,29 @@ def _aims(report: dict[str, Any]) -> list[str]:
             f"| {a['label']} | {b['label']} | ≥ {aim:g}× | {ratio:.2f}× | {median:.2f}× "
             f"({min(paired):.2f}–{max(paired):.2f}) | {met} |"
         )
+    return lines + _floor(systems)
+
+
+def _floor(systems: dict[str, Any]) -> list[str]:
+    """What the two floors (the reference rows) leave a sampler within each aim against torch's sampler."""
+    names = ("torch_wrs", "list_floor", "permutation_floor")
+    if not all(systems.get(name, {}).get("available") for name in names):
+        return []
+    torch_ns, list_ns, perm_ns = (1e9 / systems[name]["indices_per_s"] for name in names)
+    lines = [
+        "",
+        f"Two floors, from the reference rows (medians): handing out ready-made lists takes {list_ns:.1f} ns "
+        f"per index, drawing indices through per-pass permutations {perm_ns:.1f} ns; torch's sampler takes "
+        f"{torch_ns:.1f} ns. A stratified or low-discrepancy row pays the second, and the first when it "
+        "yields lists. What an aim leaves for planning and bookkeeping, per index:",
+        "",
+        "| aim against torch's sampler | time per index | left, arrays | left, lists |",
+        "|---|---|---|---|",
+    ]
+    for aim in sorted({aim for _, reference, aim in AIMS if reference == "torch_wrs" and aim > 1}):
+        budget = torch_ns / aim
+        arrays, lists = budget - perm_ns, budget - perm_ns - list_ns
+        lines.append(f"| {aim:g}× | {budget:.1f} ns | {arrays:.1f} ns | {lists:.1f} ns |")
     return lines
 
 

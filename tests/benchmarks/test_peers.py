@@ -25,6 +25,8 @@ CORE = [
     "domainmix_stratified_weight_change",
     "domainmix_low_discrepancy_weight_change",
     "domainmix_keyed_permutation",
+    "list_floor",
+    "permutation_floor",
 ]
 
 
@@ -129,6 +131,21 @@ def test_a_missing_package_is_reported_unavailable_not_measured(
     _check_report(report, ["torch_wrs", system], repeats=2)
     entry = report["systems"][system]
     assert entry["available"] is False and named in entry["reason"] and "domainmix[peers]" in entry["reason"]
+
+
+def test_the_floors_budget_the_aims(report_module: ModuleType, peers: ModuleType) -> None:
+    """The page turns the two floors into what each aim leaves per index: torch's time / aim, minus the
+    permutation floor (arrays), minus both floors (lists)."""
+    report = peers.measure(peers.quick_config(), ["torch_wrs", "list_floor", "permutation_floor"])
+    rate = {name: 1e9 / 10.0 for name in ("list_floor", "permutation_floor")}  # 10 ns per index each
+    rate["torch_wrs"] = 1e9 / 400.0
+    for name, r in rate.items():
+        report["systems"][name]["indices_per_s"] = r
+    page = report_module.render(report)
+    assert "| 5× | 80.0 ns | 70.0 ns | 60.0 ns |" in page
+    assert "| 10× | 40.0 ns | 30.0 ns | 20.0 ns |" in page
+    del report["systems"]["list_floor"]
+    assert "Two floors" not in report_module.render(report)
 
 
 def test_unknown_system_is_refused(peers: ModuleType) -> None:
