@@ -458,6 +458,8 @@ def test_bad_weights_and_threads_are_refused_naming_what_is_allowed(
         assert stop.value.code == 2 and message in capsys.readouterr().err
     metrics = tmp_path / "metrics.json"
     metrics.write_text('{"final": {"a": 1}}')
+    assert lm.main(["--stage", "base", "--weights", str(metrics), "--out", str(tmp_path / "out")]) == 2
+    assert "not a proxy stage's weights.json" in capsys.readouterr().err
     with pytest.raises(ValueError, match="not a proxy stage's weights.json"):
         lm.read_weights(metrics)
     with pytest.raises(ValueError, match="cannot read it"):

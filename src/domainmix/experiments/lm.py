@@ -929,6 +929,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--weights must be a weights.json file or one of {list(named)}; got {args.weights!r}")
     torch.set_num_threads(args.threads)
     try:
+        if args.weights is not None and args.weights not in named:
+            read_weights(Path(args.weights))  # a wrong file fails now, not after the training pool is built
         overrides, errors = parse_overrides(args.set)
         for key in ("corpus", "proxy_steps", "base_steps", "seed", "device"):
             if getattr(args, key) is not None:
