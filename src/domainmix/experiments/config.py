@@ -12,13 +12,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar
 
 from domainmix._validation import ConfigError
 from domainmix.experiments.methods import parse_method
+from domainmix.stats._gradients import MICRO_BATCH_SIZE
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,8 @@ class TrainConfig:
         return None
 
 
-# Examples per gradient of each VA estimator (micro_batch: gradient_variance's micro_batch_size default).
-_VA_PER_GRADIENT = {"per_example": 1, "micro_batch": 8}
+# Examples per gradient of each VA estimator (the probe runs gradient_variance with its default).
+_VA_PER_GRADIENT = {"per_example": 1, "micro_batch": MICRO_BATCH_SIZE}
 # The loss rules of methods.LOSS_RULES built as delay(rule, warmup_steps): they never act before it.
 _AFTER_WARMUP = frozenset({"fgls", "erma"})
 # Loss rules fixed from the start (no window moves them).
@@ -503,19 +504,27 @@ C = TypeVar("C", bound=_Checked)
 
 
 def load_config(
-    cls: type[C], path: str | Path | None = None, overrides: Mapping[str, Any] | None = None
+    cls: type[C],
+    path: str | Path | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    earlier: Sequence[str] = (),
 ) -> C:
     """Build ``cls`` from its defaults, then a YAML mapping at ``path``, then ``overrides``.
 
     Values are checked against the dataclass's type hints (ints stay ints, tuples may be given as
-    lists) and against ``problems()``; every error is collected and raised once.
+    lists) and against ``problems()``; every error is collected and raised once, after ``earlier``
+    (errors the caller found first, on the command line).
 
     Raises:
         ConfigError: listing each unknown key, wrongly typed value and invalid setting.
     """
-    data: dict[str, Any] = {} if path is None else read_yaml(path)
+    try:
+        data: dict[str, Any] = {} if path is None else read_yaml(path)
+    except ConfigError as error:
+        raise ConfigError([*earlier, *error.errors]) from None
     data.update(overrides or {})
-    errors: list[str] = []
+    errors: list[str] = list(earlier)
     hints = typing.get_type_hints(cls)
     known = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}

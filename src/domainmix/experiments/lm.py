@@ -935,12 +935,7 @@ def main(argv: list[str] | None = None) -> int:
         for key in ("corpus", "proxy_steps", "base_steps", "seed", "device"):
             if getattr(args, key) is not None:
                 overrides[key] = getattr(args, key)
-        try:
-            cfg = load_config(LmConfig, args.config, overrides)
-        except ConfigError as error:
-            raise ConfigError(errors + error.errors) from None
-        if errors:
-            raise ConfigError(errors)
+        cfg = load_config(LmConfig, args.config, overrides, earlier=errors)
         if args.compare and args.seeds is not None:
             if "seed" in overrides:
                 raise ConfigError(["--seed (or --set seed=...) and --seeds exclude each other."])

@@ -140,12 +140,9 @@ def build_config(
     preset = dict(module.SETTINGS.get(setting, {}))
     try:
         from_file = read_yaml(path) if path is not None else {}
-        cfg = load_config(module.CONFIG, None, {**preset, **from_file, **overrides})
     except ConfigError as error:
         raise ConfigError(errors + error.errors) from None
-    if errors:
-        raise ConfigError(errors)
-    return cfg
+    return load_config(module.CONFIG, None, {**preset, **from_file, **overrides}, earlier=errors)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ Inputs = Tensor | tuple[Tensor, ...]
 
 _INTEGER_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 _MAX_LISTED_NAMES = 20  # an error message listing every parameter of a large model helps nobody
+MICRO_BATCH_SIZE = 8  # gradient_variance's default examples per micro-batch (method="micro_batch")
 
 
 class DomainGradients(NamedTuple):
@@ -354,7 +355,7 @@ def gradient_variance(
     params: Sequence[str] | None = None,
     method: Literal["per_example", "micro_batch"] = "per_example",
     chunk_size: int = 64,
-    micro_batch_size: int = 8,
+    micro_batch_size: int = MICRO_BATCH_SIZE,
     reduce: bool = True,
 ) -> Tensor:
     r"""(k,) within-domain gradient variances v̂_i² = tr Cov_i[∇ℓ], ready for ``observe_stat("grad_var", ·)``.
