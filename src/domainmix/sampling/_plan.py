@@ -105,7 +105,8 @@ class SlotPlan(NamedTuple):
 
     Slots are listed grouped by domain (``ids`` is sorted within each row in stratified mode); ``order``
     is the yield order: row j of the rank's batch is ``row[order[j]]``. Which draw of its domain a slot
-    gets: ``occ`` where given (stratified, and low-discrepancy plans that repeat a period), else the
+    gets: in stratified plans (``spans`` given), slot j of row r is draw ``r * counts[0, d] + within[j]``
+    of its domain d; else ``occ`` where given (low-discrepancy plans that repeat a period), else the
     slot's rank among its domain's slots of ``global_ids`` in row-major order (every rank's slots
     included), which is what ``occ`` holds too.
     """
@@ -120,13 +121,18 @@ class SlotPlan(NamedTuple):
     ld_after: np.ndarray  # (nb, k) counts since the weight change after each batch (low-discrepancy, carry)
     # stratified (every row alike): (domain, first column, end column) of each domain's columns in ``ids``
     spans: tuple[tuple[int, int, int], ...] = ()
+    # stratified: (batch_size,) each slot's draw number within its domain in one global batch
+    within: np.ndarray | None = None
 
 
 def in_yield_order(ids: np.ndarray, order: np.ndarray | None) -> np.ndarray:
     """Rows of ``ids`` (or of values laid out like them, maybe fewer rows) reordered by a plan's ``order``."""
     if order is None:
         return ids
-    return ids[:, order] if order.ndim == 1 else np.take_along_axis(ids, order[: len(ids)], axis=1)
+    # np.take with an axis gathers faster than the equivalent fancy index ids[:, order]
+    if order.ndim == 1:
+        return np.take(ids, order, axis=1)
+    return np.take_along_axis(ids, order[: len(ids)], axis=1)
 
 
 def block_rng(seed: int, epoch_key: int, block: int) -> np.random.Generator:
@@ -166,7 +172,6 @@ def plan_block(
     k = len(q)
     g = batch_size * world_size
     block, off = divmod(batch_key, BLOCK)
-    rows = np.arange(nb, dtype=np.int64)[:, None]
     if mode == Mode.STRATIFIED and carry is not None:
         counts = carried_counts(carry[0], carry[1], ld_counts, nb)
         layout = np.repeat(np.tile(np.arange(k), nb), counts.ravel()).reshape(nb, g)  # grouped rows
@@ -175,10 +180,10 @@ def plan_block(
         return SlotPlan(ids, None, layout, _row_orders(ids), counts, ld_after)
     if mode == Mode.STRATIFIED:
         ids_r, within_r, order, spans = _stratified_row(tuple(alloc.tolist()), world_size, rank)
-        occ = rows * alloc[ids_r] + within_r
         return SlotPlan(
-            repeat_row(ids_r, nb), occ, None, order, repeat_row(alloc, nb), repeat_row(ld_counts, nb), spans
-        )
+            repeat_row(ids_r, nb), None, None, order, repeat_row(alloc, nb), repeat_row(ld_counts, nb),
+            spans, within_r,
+        )  # fmt: skip
     gids: np.ndarray  # (nb, g) domain id of every global slot
     occ = None
     if mode == Mode.IID:
@@ -194,6 +199,7 @@ def plan_block(
         counts = np.diff(seq.prefix(seq.start + np.arange(nb + 1) * g), axis=0)
         occ = seq.draws().reshape(nb, g)[:, rank::world_size]
     else:
+        rows = np.arange(nb, dtype=np.int64)[:, None]
         counts = np.bincount((rows * k + gids).ravel(), minlength=nb * k).reshape(nb, k)
     ld_after = ld_counts + np.cumsum(counts, axis=0) if mode == Mode.LOW_DISCREPANCY else ld_counts
     return SlotPlan(gids[:, rank::world_size], occ, gids, None, counts, np.broadcast_to(ld_after, (nb, k)))

@@ -255,11 +255,16 @@ def take_planned(
     """
     if plan.spans:
         # stratified: every row lists the same domains in the same sorted columns
-        assert plan.occ is not None
-        occ = plan.occ[:nb]
-        grouped = np.empty(occ.shape, dtype=np.int64)
+        assert plan.within is not None
+        per_batch = plan.counts[0]
+        grouped = np.empty((nb, len(plan.within)), dtype=np.int64)
         for d, a, b in plan.spans:
-            grouped[:, a:b] = _take(streams[d], epoch_key, int(positions[d]), occ[:, a:b])
+            start, width, stride = int(positions[d]), b - a, int(per_batch[d])
+            if width == stride:  # this rank draws every slot of the domain: the rows are one run of draws
+                grouped[:, a:b] = streams[d].take_run(epoch_key, start, nb * width).reshape(nb, width)
+            else:
+                occ = np.arange(0, nb * stride, stride, dtype=np.int64)[:, None] + plan.within[a:b]
+                grouped[:, a:b] = streams[d].take(epoch_key, start, occ)
         return in_yield_order(grouped, plan.order)
     # Other modes (and carried stratified rows): every global slot in row-major order takes its domain's
     # next draw, so each domain's draws are one run of its stream.
@@ -284,18 +289,6 @@ def take_planned(
         )
     world = gids.shape[1] // plan.ids.shape[1]
     return in_yield_order(values.reshape(gids.shape)[:, rank::world], plan.order)
-
-
-def _take(stream: IndexStream, epoch_key: int, start: int, occ: np.ndarray) -> np.ndarray:
-    """``stream.take`` of positions that increase in row-major order; a slice when they are consecutive.
-
-    One rank of one process (or a stratified domain's columns on a single rank) draws a run of consecutive
-    positions, and slicing it out of the permutation avoids a gather over the whole block.
-    """
-    first, last = int(occ.flat[0]), int(occ.flat[-1])
-    if last - first + 1 == occ.size:  # strictly increasing and spanning exactly its size: consecutive
-        return stream.take_run(epoch_key, start + first, occ.size).reshape(occ.shape)
-    return stream.take(epoch_key, start, occ)
 
 
 def _feistel(x: np.ndarray, n: int, keys: np.ndarray) -> np.ndarray:
