@@ -203,7 +203,8 @@ def test_a_periodic_plan_gives_the_ids_counts_and_draw_numbers_of_its_slots(
 ) -> None:
     """The sampler reads a low-discrepancy plan's per-row counts and each slot's draw number (how many
     slots of its domain come before it in the plan) from the period's prefix counts, without a scan:
-    they must be those of the slots, from any start, inside the head or the repeats."""
+    they must be those of the slots, from any start, inside the head or the repeats; ``take`` must put
+    every domain's values in its slots in draw order."""
     previous, q = _changes(seed, 4, 2, True)
     lag = None
     if lagged:
@@ -219,6 +220,14 @@ def test_a_periodic_plan_gives_the_ids_counts_and_draw_numbers_of_its_slots(
     assert np.array_equal(plan.ids(), slots)
     draws = [int(np.count_nonzero(slots[:s] == i)) for s, i in enumerate(slots)]
     assert plan.draws().tolist() == draws
+    # take: each slot gets its domain's value at its draw number (short plans take the per-slot path)
+    runs = [np.arange(np.count_nonzero(slots == i)) * 4 + i for i in range(4)]
+    for length in (n, found[1] // 2):
+        short = plan._replace(n=length)
+        expected_values = [runs[i][m] for i, m in zip(slots[:length], draws[:length], strict=False)]
+        assert short.take(
+            [r[: np.count_nonzero(slots[:length] == i)] for i, r in enumerate(runs)]
+        ).tolist() == (expected_values)
     cuts = np.array([0, 1, n // 3, n - 1, n])
     expected = [np.bincount(slots[:c], minlength=4) for c in cuts]
     assert np.array_equal(plan.prefix(start + cuts) - plan.prefix(np.array([start])), expected)

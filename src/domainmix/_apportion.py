@@ -261,6 +261,50 @@ class Periodic(NamedTuple):
         tail = (first + repeats * per).ravel()[j0 : j0 + n]
         return np.concatenate([lead, tail]) if len(lead) else tail
 
+    def take(self, runs: Sequence[np.ndarray]) -> np.ndarray:
+        """(n,) each slot's value ``runs[i][m]``, i its domain and m its draw number.
+
+        ``runs[i]`` holds domain i's values for the plan, in draw order (as many as it has slots). The
+        repeats are filled as a grid of whole cycles: each domain's columns of the grid, sorted by domain,
+        take one contiguous slice of its run, and one gather puts the columns in cycle order. So the
+        cost per slot is a few copies, with no per-slot index (:meth:`draws`) unless the cycle is longer
+        than the plan.
+        """
+        h, d = len(self.head.ids), len(self.cycle.ids)
+        lead_n = max(min(h, self.start + self.n) - self.start, 0)
+        tail_n = self.n - lead_n
+        if tail_n < d:  # a grid of whole cycles would be mostly outside the plan
+            return self._gather(runs)
+        # the head (at most _LAGGED_PERIODS cycles): a gather of its slots' draws
+        used = np.zeros(len(runs), dtype=np.int64)  # each run's values that the head takes
+        head = None
+        if lead_n:
+            lead = self._replace(n=lead_n)
+            used = np.diff(lead.prefix(np.array([self.start, self.start + lead_n])), axis=0)[0]
+            head = lead._gather([run[:c] for run, c in zip(runs, used.tolist(), strict=True)])
+        # the repeats: rows of whole cycles from the one the tail starts in, then cut to the tail's slots
+        j0 = max(self.start - h, 0) % d
+        rows = -(-(j0 + tail_n) // d)
+        columns = np.argsort(self.cycle.ids, kind="stable")  # the cycle's positions grouped by domain
+        per_cycle, skipped = self.cycle.prefix[d], self.cycle.prefix[j0]  # skipped: before j0 in row 0
+        grid = np.empty((rows, d), dtype=np.result_type(*runs))
+        first = 0
+        for i, per in enumerate(per_cycle.tolist()):
+            if per:
+                block = np.empty(rows * per, dtype=grid.dtype)
+                drawn = runs[i][used[i] :]
+                block[skipped[i] : skipped[i] + len(drawn)] = drawn
+                grid[:, first : first + per] = block.reshape(rows, per)
+                first += per
+        tail = np.take(grid, np.argsort(columns), axis=1).ravel()[j0 : j0 + tail_n]
+        return tail if head is None else np.concatenate([head, tail])
+
+    def _gather(self, runs: Sequence[np.ndarray]) -> np.ndarray:
+        """:meth:`take` slot by slot: the runs end to end, gathered at each slot's run offset plus draw."""
+        lengths = np.array([len(r) for r in runs], dtype=np.int64)
+        gathered: np.ndarray = np.concatenate(runs)[(np.cumsum(lengths) - lengths)[self.ids()] + self.draws()]
+        return gathered
+
 
 def _repeat(cycle: np.ndarray, n: int, skip: int = 0) -> np.ndarray:
     """Elements ``skip`` to ``skip + n`` of ``cycle`` repeated (``np.resize`` of ``np.roll``, faster)."""

@@ -106,9 +106,10 @@ class SlotPlan(NamedTuple):
     Slots are listed grouped by domain (``ids`` is sorted within each row in stratified mode); ``order``
     is the yield order: row j of the rank's batch is ``row[order[j]]``. Which draw of its domain a slot
     gets: in stratified plans (``spans`` given), slot j of row r is draw ``r * counts[0, d] + within[j]``
-    of its domain d; else ``occ`` where given (low-discrepancy plans that repeat a period), else the
-    slot's rank among its domain's slots of ``global_ids`` in row-major order (every rank's slots
-    included), which is what ``occ`` holds too.
+    of its domain d; else ``occ`` where given (low-discrepancy plans that repeat a period, on several
+    ranks; on one rank, ``periodic`` places the draws itself), else the slot's rank among its domain's
+    slots of ``global_ids`` in row-major order (every rank's slots included), which is what ``occ``
+    holds too.
     """
 
     ids: np.ndarray  # (nb, batch_size) domain id of each of this rank's slots
@@ -123,6 +124,8 @@ class SlotPlan(NamedTuple):
     spans: tuple[tuple[int, int, int], ...] = ()
     # stratified: (batch_size,) each slot's draw number within its domain in one global batch
     within: np.ndarray | None = None
+    # low-discrepancy on one rank, when the plan repeats a period: the plan's slots, for Periodic.take
+    periodic: Periodic | None = None
 
 
 def in_yield_order(ids: np.ndarray, order: np.ndarray | None) -> np.ndarray:
@@ -195,14 +198,19 @@ def plan_block(
     else:
         seq = edf_plan(distribution(tuple(q.tolist())), ld_counts, nb * g, lag)
         gids = (seq if isinstance(seq, np.ndarray) else seq.ids()).reshape(nb, g)
+    periodic = None
     if isinstance(seq, Periodic):  # counts and draw numbers from the period's prefix counts: no scan
         counts = np.diff(seq.prefix(seq.start + np.arange(nb + 1) * g), axis=0)
-        occ = seq.draws().reshape(nb, g)[:, rank::world_size]
+        if world_size == 1:
+            periodic = seq
+        else:
+            occ = seq.draws().reshape(nb, g)[:, rank::world_size]
     else:
         rows = np.arange(nb, dtype=np.int64)[:, None]
         counts = np.bincount((rows * k + gids).ravel(), minlength=nb * k).reshape(nb, k)
     ld_after = ld_counts + np.cumsum(counts, axis=0) if mode == Mode.LOW_DISCREPANCY else ld_counts
-    return SlotPlan(gids[:, rank::world_size], occ, gids, None, counts, np.broadcast_to(ld_after, (nb, k)))
+    ld_after = np.broadcast_to(ld_after, (nb, k))
+    return SlotPlan(gids[:, rank::world_size], occ, gids, None, counts, ld_after, periodic=periodic)
 
 
 def repeat_row(row: np.ndarray, nb: int) -> np.ndarray:

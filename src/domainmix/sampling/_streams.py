@@ -269,6 +269,13 @@ def take_planned(
     # Other modes (and carried stratified rows): every global slot in row-major order takes its domain's
     # next draw, so each domain's draws are one run of its stream.
     counts = plan.counts[:nb].sum(axis=0)
+    if plan.periodic is not None:  # one rank, a plan that repeats a period: it places the runs
+        width = plan.ids.shape[1]
+        runs = [
+            streams[i].take_run(epoch_key, int(positions[i]), c) if c else np.zeros(0, dtype=np.int64)
+            for i, c in enumerate(counts.tolist())
+        ]
+        return plan.periodic._replace(n=nb * width).take(runs).reshape(nb, width)
     ends = np.cumsum(counts)
     if plan.occ is not None:  # the draw numbers are given: gather this rank's slots from the runs
         runs = [
