@@ -66,7 +66,10 @@ def check_losses(caller: str, name: str, losses: Tensor) -> None:
 def element_mask(caller: str, name: str, mask: Tensor | None, losses: Tensor) -> Tensor:
     """The 0/1 element mask ``mask`` (the parameter ``name``) in the dtype of ``losses``; ones if None.
 
-    A mask of another shape is refused even when it broadcasts: it would miscount the elements.
+    A mask of another shape is refused even when it broadcasts: it would miscount the elements. On CPU
+    its values are checked too (0 or 1: a negative entry would count an element it leaves out, a NaN
+    would reach the loss, a fraction would make counts that are not counts); on an accelerator that check
+    would synchronise every step.
     """
     if mask is None:
         return torch.ones_like(losses)  # callers with a fast path for no mask ignore it
@@ -77,6 +80,11 @@ def element_mask(caller: str, name: str, mask: Tensor | None, losses: Tensor) ->
             f"a tensor with the shape of the losses {tuple(losses.shape)}",
             mask if not isinstance(mask, Tensor) else f"shape {tuple(mask.shape)}",
         )
+    if mask.device.type == "cpu" and mask.dtype != torch.bool and mask.numel():
+        bad = mask[(mask != 0) & (mask != 1)]  # NaN is unequal to both
+        if bad.numel():
+            got = f"{bad.numel()} entries that are neither 0 nor 1, such as {bad[0].item()}"
+            raise param_error(caller, name, "0/1 values (0 = padding) or a bool tensor", got)
     return mask.to(losses.dtype)
 
 

@@ -196,7 +196,8 @@ class WeightingController:
         """(k,) each domain's share of the loss elements the last closed window observed, or None.
 
         The batches' real composition, to read next to q (``weights.sampling``); None before a window
-        has closed.
+        has closed. Elements are what the losses hold: examples, or with per-token losses unmasked
+        tokens, so with sequences of unequal length these are token shares, not q's sequence shares.
         """
         return None if self._achieved is None else self._achieved.clone()
 

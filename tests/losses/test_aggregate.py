@@ -277,3 +277,63 @@ def test_importance_weighted_loss_of_float16_tokens_sums_past_65504(masked: bool
     # a denominator past 65504 (the tokens of an accumulated batch) is not inf in float16 either
     big = weighted_loss(losses.detach(), ids, torch.tensor([1.0, 1.0]), mask=mask, denominator=4 * 16 * 2048)
     assert float(big) == pytest.approx(2.5, rel=1e-3)
+
+
+@pytest.mark.parametrize("normalize", ["importance", "per_domain"])
+def test_an_inf_loss_in_a_zero_weight_domain_leaves_the_loss_finite(normalize: str) -> None:
+    # DoGE's out-of-domain target, say: drawn (q > 0) but weighted 0 in the loss; 0 · inf would be NaN.
+    w = DomainWeights.create(["a", "b"], [1.0, 0.0], [0.5, 0.5])
+    losses = torch.tensor([1.0, 2.0, float("inf"), NAN], requires_grad=True)
+    out = weighted_loss(losses, torch.tensor([0, 0, 1, 1]), w, normalize=normalize)  # type: ignore[arg-type]
+    out.backward()
+    assert out.item() == pytest.approx(1.5)  # per_domain: the mean of a; importance: 2 · (1 + 2) / 4
+    assert torch.isfinite(losses.grad).all() and losses.grad[2:].tolist() == [0.0, 0.0]
+
+
+def test_fixed_denominator_makes_masked_token_loss_unbiased_whatever_q() -> None:
+    """With per-token losses q draws sequences: the default token-count denominator is a ratio whose
+    scale moves with q when the domains' lengths differ, a fixed one (here N) gives Σ α_i S_i, S_i the
+    summed loss of a domain-i sequence, for every q (exact batches, as a stratified sampler draws)."""
+    alpha = [0.5, 0.5]
+    # domain a: 2 real tokens of loss 1 per sequence (S = 2); domain b: 8 of loss 3 (S = 24)
+    row = {0: ([1.0] * 2 + [0.0] * 6, [1.0] * 2 + [0.0] * 6), 1: ([3.0] * 8, [1.0] * 8)}
+    results = {}
+    for counts in ((2, 2), (1, 3), (3, 1)):
+        ids = torch.tensor([0] * counts[0] + [1] * counts[1])
+        losses = torch.tensor([row[int(i)][0] for i in ids])
+        mask = torch.tensor([row[int(i)][1] for i in ids])
+        w = DomainWeights.create(["a", "b"], alpha, [c / 4 for c in counts])
+        fixed = weighted_loss(losses, ids, w, mask=mask, denominator=len(ids)).item()
+        default = weighted_loss(losses, ids, w, mask=mask).item()
+        results[counts] = (fixed, default)
+        assert fixed == pytest.approx(0.5 * 2 + 0.5 * 24)
+    assert len({round(d, 6) for _, d in results.values()}) == 3  # the default's scale depends on q
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"denominator": "5"}, "'denominator' parameter of weighted_loss must be a finite positive"),
+        ({"denominator": True}, "'denominator' parameter"),
+        ({"denominator": torch.tensor([1.0, 2.0])}, "'denominator' parameter"),
+        ({"denominator": 0}, "'denominator' parameter"),
+        ({"mask": torch.tensor([-1.0, 1.0, 1.0])}, "'mask' parameter .* such as -1.0"),
+        ({"mask": torch.tensor([NAN, 1.0, 1.0])}, "'mask' parameter .* such as nan"),
+        ({"mask": torch.tensor([0.5, 1.0, 1.0])}, "'mask' parameter .* 0/1 values"),
+    ],
+)
+def test_bad_denominators_and_masks_are_named(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        weighted_loss(torch.ones(3), torch.tensor([0, 1, 1]), ALPHA_Q, **kwargs)
+
+
+def test_a_multiplier_tensor_shorter_than_the_ids_names_the_weights() -> None:
+    with pytest.raises(ValueError, match=r"'weights' parameter .*\(domain_ids reach 1, so at least 2\)"):
+        weighted_loss(torch.ones(2), torch.tensor([0, 1]), torch.tensor([1.0]))
+
+
+def test_a_bool_mask_is_accepted() -> None:
+    got = weighted_loss(
+        torch.tensor([1.0, 3.0]), torch.tensor([0, 0]), ALPHA_Q, mask=torch.tensor([True, False])
+    )
+    assert got.item() == pytest.approx(2.0)

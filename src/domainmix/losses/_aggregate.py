@@ -111,6 +111,13 @@ def weighted_loss(
     multipliers of the distribution the sampler *realised* (``WeightingController.loss_multipliers()``
     does): a stratified sampler's rounded counts.
 
+    Per-token losses: q draws sequences, so the unbiased form holds per sequence, with L_i the
+    expected *summed* loss of a domain-i sequence (T̄_i tokens times its per-token loss), when the
+    denominator is fixed: ``denominator=N`` (sequences) or N·T (token capacity) gives
+    E 𝓛 = Σ_i α_i T̄_i L_i^tok / (1 or T), whatever q is. The default divides by the batch's unmasked
+    tokens, about N Σ_j q_j T̄_j: a ratio whose scale moves with q when domains differ in length. So α
+    weights a domain's tokens, not its per-token mean; for α on per-token means use ``"per_domain"``.
+
     ``normalize="per_domain"`` averages within each domain present in the batch and mixes the means by α,
     renormalised over the present domains:
 
@@ -125,9 +132,10 @@ def weighted_loss(
             (``"importance"`` only).
         mask: optional 0/1 mask with the shape of ``losses``.
         normalize: ``"importance"`` or ``"per_domain"``.
-        denominator: ``"importance"`` only: divide by this instead of the number of unmasked elements,
-            e.g. the token count of the whole accumulated batch, so that micro-batches of unequal size
-            sum to the exact loss.
+        denominator: ``"importance"`` only: a positive number (or one-element tensor) to divide by
+            instead of the number of unmasked elements: the token count of the whole accumulated batch,
+            so that micro-batches of unequal size sum to the exact loss, or a fixed count, so that the
+            loss's scale does not move with q (above).
 
     Returns:
         A scalar tensor in the dtype of ``losses``.
@@ -161,6 +169,15 @@ def weighted_loss(
             "None when normalize='per_domain' (it averages per domain)",
             denominator,
         )
+    if denominator is not None:
+        _check_denominator(denominator)
+    if isinstance(weights, Tensor) and domain_ids.device.type == "cpu" and domain_ids.numel():
+        top = int(domain_ids.max())  # a multiplier tensor too short for the ids, named as such
+        if top >= k:
+            raise param_error(
+                "weighted_loss", "weights", f"one loss multiplier per domain (domain_ids reach {top}, "
+                f"so at least {top + 1})", f"{k} multipliers",
+            )  # fmt: skip
     m = check_inputs("weighted_loss", losses, domain_ids, k, mask)
     ids = domain_ids.to(losses.device).long()
     # Summed in at least float32, only the result in the losses' dtype: a float16 sum of a batch's token
@@ -171,12 +188,12 @@ def weighted_loss(
     rows = row_sums(losses, acc) if mask is None else masked_row_sums(losses, m, acc)
     if normalize == "importance":
         multipliers = weights.loss_multipliers() if isinstance(weights, DomainWeights) else weights
-        total = (rows * multipliers.to(losses.device, acc)[ids]).sum()
+        per_row = multipliers.to(losses.device, acc)[ids]
+        # where(): a zero-weight domain's inf loss must not make 0 · inf = NaN of the whole loss
+        total = torch.where(per_row > 0, rows * per_row, torch.zeros_like(rows)).sum()
         if denominator is None and mask is None:
             return (total / max(losses.numel(), 1)).to(losses.dtype)
         denom = m.sum(dtype=acc) if denominator is None else denominator
-        if denominator is not None and not (math.isfinite(float(denom)) and float(denom) > 0):
-            raise param_error("weighted_loss", "denominator", "a finite positive number", denominator)
         scale = torch.as_tensor(denom, dtype=acc, device=losses.device).clamp_min(1e-12)
         return (total / scale).to(losses.dtype)
     # the gradient flows through index_add all the same
@@ -187,4 +204,19 @@ def weighted_loss(
     present = counts > 0
     alpha = torch.where(present, alpha, torch.zeros_like(alpha))
     means = sums / counts.clamp_min(1.0)
-    return ((alpha * means).sum() / alpha.sum().clamp_min(1e-12)).to(losses.dtype)
+    mixed = torch.where(alpha > 0, alpha * means, torch.zeros_like(means))  # as above: no 0 · inf
+    return (mixed.sum() / alpha.sum().clamp_min(1e-12)).to(losses.dtype)
+
+
+def _check_denominator(denominator: object) -> None:
+    """Raise unless ``denominator`` is a finite positive real number or one-element real tensor."""
+    if isinstance(denominator, Tensor):
+        ok = denominator.numel() == 1 and not denominator.is_complex() and denominator.dtype != torch.bool
+        value = float(denominator) if ok else math.nan
+    else:
+        ok = isinstance(denominator, (int, float)) and not isinstance(denominator, bool)
+        value = float(denominator) if ok else math.nan  # type: ignore[arg-type]
+    if not (math.isfinite(value) and value > 0):
+        raise param_error(
+            "weighted_loss", "denominator", "a finite positive number or one-element tensor", denominator
+        )
