@@ -42,6 +42,26 @@ def test_string_column_groups_rows_and_ids_match_the_sampler_order() -> None:
         assert torch.equal(batch["domain_id"], torch.tensor([ds["domain_id"][int(x)] for x in batch["x"]]))
 
 
+@pytest.mark.parametrize(
+    "reorder",
+    [
+        lambda ds: ds.shuffle(seed=1),
+        lambda ds: ds.select([7, 1, 4, 0]),
+        lambda ds: ds.filter(lambda row: row["source"] != "code"),
+        lambda ds: ds.train_test_split(test_size=3, seed=0)["train"],
+    ],
+    ids=["shuffle", "select", "filter", "split"],
+)
+def test_rows_are_read_through_the_index_mapping(reorder) -> None:
+    # shuffle / select / filter / splits keep the stored table and add an index mapping over it
+    ds = reorder(table())
+    out, domains = domains_from_column(ds, "source")
+    assert sum(len(ix) for ix in domains.values()) == len(ds)
+    for name, ix in domains.items():
+        assert [ds[int(i)]["source"] for i in ix] == [name] * len(ix)
+    assert [list(domains)[i] for i in out["domain_id"]] == list(ds["source"])
+
+
 def test_class_label_column_keeps_label_order() -> None:
     features = Features({"x": Value("int64"), "label": ClassLabel(names=["clean", "noisy", "unused"])})
     ds = Dataset.from_dict({"x": [0, 1, 2], "label": [1, 0, 1]}, features=features)

@@ -55,7 +55,7 @@ def domains_from_column(dataset: Dataset, column: str, *, id_column: str = "doma
     Examples:
         >>> ds = Dataset.from_dict({"text": ["a", "b", "c"], "source": ["web", "code", "web"]})
         >>> ds, domains = domains_from_column(ds, "source")
-        >>> {name: ix.tolist() for name, ix in domains.items()}, ds["domain_id"]
+        >>> {name: ix.tolist() for name, ix in domains.items()}, list(ds["domain_id"])
         ({'code': [1], 'web': [0, 2]}, [1, 0, 1])
     """
     caller = "domains_from_column"
@@ -65,7 +65,9 @@ def domains_from_column(dataset: Dataset, column: str, *, id_column: str = "doma
         raise param_error(caller, "id_column", "a name that is not a column yet", id_column)
     if len(dataset) == 0:
         raise param_error(caller, "dataset", "a dataset with at least one row", dataset)
-    values = dataset.data.column(column).to_numpy(zero_copy_only=False)
+    # Through the dataset's index mapping (shuffle, select, filter, sort, splits): dataset.data is the
+    # underlying table in its stored order, with rows the dataset may not even hold.
+    values = dataset.with_format("arrow")[column].to_numpy(zero_copy_only=False)
     feature = dataset.features[column]
     if isinstance(feature, ClassLabel):
         names = list(feature.names)
