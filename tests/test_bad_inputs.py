@@ -627,8 +627,8 @@ CASES = [
         ),
         ValueError,
         shape("domain_ids", "WeightingController.step"),
-        "a (4,) tensor, one id per example",
-        "Got (3,) instead.",
+        "of shape (4,), one id per row of losses",
+        "Got 'shape (3,)' instead.",
         id="step-ids-shape",
     ),
     param(

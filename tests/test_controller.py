@@ -25,6 +25,7 @@ from domainmix.sampling import DomainBatchSampler
 from domainmix.stats import ReferenceLossProbe
 
 NAMES = ["a", "b", "c"]
+NAN_ = float("nan")
 NAN = float("nan")
 
 
@@ -764,6 +765,47 @@ def test_resume_equivalence_with_a_held_override() -> None:
 def test_a_scalar_loss_is_refused_showing_its_shape() -> None:
     c = WeightingController(eg(), NAMES)
     with pytest.raises(
-        ValueError, match=r"'losses' parameter .* a \(N,\) or \(N, T\) tensor. Got 'shape \(\)' instead"
+        ValueError,
+        match=r"'losses' parameter of WeightingController.step .* Got 'shape \(\)' instead",
     ):
         c.step(torch.tensor(1.0), torch.tensor([0]))
+
+
+@pytest.mark.parametrize(
+    ("shares", "match"),
+    [
+        ([NAN_, 0.5, 0.5], "finite"),
+        ([-0.5, 1.0, 0.5], "non-negative"),
+        ([3.0, 3.0, 2.0], "shares that sum to 1"),  # counts b instead of b / B
+        ([0.5, 0.5], r"shape \(3,\)"),
+    ],
+)
+def test_realised_shares_are_refused_unless_they_are_shares(shares: list[float], match: str) -> None:
+    c = WeightingController(S.uniform(), NAMES)
+    with pytest.raises(
+        ValueError, match=rf"'sampling' parameter of WeightingController.loss_multipliers .*{match}"
+    ):
+        c.loss_multipliers(sampling=torch.tensor(shares))
+    with pytest.raises(
+        ValueError, match=rf"'shares' parameter of WeightingController.set_batch_sampling .*{match}"
+    ):
+        c.set_batch_sampling(torch.tensor(shares))
+    assert c.loss_multipliers(sampling=torch.tensor([0.5, 0.25, 0.25])).tolist() == pytest.approx(
+        [2 / 3, 4 / 3, 4 / 3]
+    )
+
+
+def test_a_custom_samplers_mapping_weights_are_read_by_name() -> None:
+    class Sink:
+        weights = {"c": 0.5, "a": 0.25, "b": 0.25}
+
+        def set_weights(self, weights: Any) -> None:
+            self.weights = weights
+
+    c = WeightingController(eg(), NAMES, sampler=Sink())  # eg moves α only: q stays the sampler's
+    assert c.weights.sampling.tolist() == [0.25, 0.25, 0.5]
+    Sink.weights = {"a": 1.0}  # type: ignore[assignment]
+    with pytest.raises(
+        ValueError, match="'sampler' parameter of WeightingController .* missing: \\['b', 'c'\\]"
+    ):
+        WeightingController(S.uniform(), NAMES, sampler=Sink())

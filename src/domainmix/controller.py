@@ -17,9 +17,10 @@ from torch import Tensor
 
 from domainmix import _tree
 from domainmix._distributed import assert_same_on_all_ranks, broadcast_from_zero, is_distributed
+from domainmix._rows import check_inputs
 from domainmix._state import check_state_keys, state_counts
 from domainmix._statistics import domain_axis_masks, provided_by, statistic
-from domainmix._validation import Interval, Options, check_param, param_error
+from domainmix._validation import Interval, Options, check_param, check_weight_vector, param_error
 from domainmix.losses import domain_losses
 from domainmix.stats import Probe, StatsCollector, StepLosses
 from domainmix.strategies import AverageState, Strategy
@@ -264,8 +265,10 @@ class WeightingController:
         # Called every step: recompute only when the weights object or the realised shares change.
         if cached is None or cached[0] is not weights or cached[1] != shares:
             if shares is not None:
+                given = "sampling" if sampling is not None else "the sampler's or set_batch_sampling's shares"
+                q = self._realised("WeightingController.loss_multipliers", given, realised)
                 self._warn_undrawn(shares)
-                weights = weights._replace(sampling=torch.as_tensor(realised, dtype=torch.float64))
+                weights = weights._replace(sampling=q)
             cached = self._multipliers = (self._weights, shares, weights.loss_multipliers())
         return cached[2].clone()
 
@@ -276,7 +279,25 @@ class WeightingController:
         prefetches (``sampler.sampling_of(n)`` for the n-th batch): the training code then calls
         ``loss_multipliers()`` as usual. ``None`` goes back to the sampler's ``batch_sampling``.
         """
-        self._in_hand = None if shares is None else torch.as_tensor(shares, dtype=torch.float64)
+        self._in_hand = (
+            None
+            if shares is None
+            else self._realised("WeightingController.set_batch_sampling", "shares", shares)
+        )
+
+    def _realised(self, caller: str, name: str, shares: Any) -> Tensor:
+        """``shares`` as a (k,) float64 tensor, refused unless they are shares: finite, >= 0, summing to 1.
+
+        A NaN would otherwise turn into a multiplier of α (a zero share is read as "not drawn"), and
+        counts b instead of shares b/B would scale the loss by 1/B.
+        """
+        q = check_weight_vector(caller, name, shares, self._weights.names, normalize=False)
+        if abs(float(q.sum()) - 1.0) > 1e-6:
+            raise param_error(
+                caller, name, "shares that sum to 1 (the batch's counts divided by the global batch size, as "
+                "sampler.sampling_of(n) gives them)", q.tolist(),
+            )  # fmt: skip
+        return q
 
     def _warn_undrawn(self, shares: tuple[float, ...]) -> None:
         """Warn (once per change of weights or shares) about domains weighted in the loss but never drawn."""
@@ -327,7 +348,10 @@ class WeightingController:
         mask: Tensor | None = None,
         indices: Tensor | None = None,
     ) -> bool:
-        """Mark one training step done; update the weights if a window closes. Returns whether they were.
+        """Mark one training step done; run the strategy if a window closes.
+
+        Returns whether the strategy ran (a window closed; every step for a statistics-free strategy not
+        held by :meth:`override`), not whether the weights moved: compare :attr:`weights` for that.
 
         Args:
             losses: the step's (N,) per-example or (N, T) per-token losses (before weighting), or None
@@ -342,8 +366,8 @@ class WeightingController:
         if (losses is None) != (domain_ids is None):  # one without the other is a mistake, not a choice
             name, given = ("domain_ids", None) if domain_ids is None else ("losses", None)
             raise param_error(caller, name, "a tensor when the other of losses / domain_ids is given", given)
-        if losses is not None:
-            _check_losses(caller, losses, domain_ids)
+        if losses is not None and domain_ids is not None:
+            check_inputs(caller, losses, domain_ids, self._collector.num_domains, mask)
         if self._unlogged is not None:
             self._write_log(self._unlogged, skipped=False)
             self._unlogged = None
@@ -376,7 +400,7 @@ class WeightingController:
         next optimizer step (docs/design.md, "Gradient accumulation"). Arguments as in :meth:`step`.
         All or nothing: if a probe raises, the window is left as it was before the call.
         """
-        _check_losses("WeightingController.observe", losses, domain_ids)
+        check_inputs("WeightingController.observe", losses, domain_ids, self._collector.num_domains, mask)
         with self._window_restored_on_error(bool(self._probes)):
             self._observe(losses, domain_ids, mask, indices)
 
@@ -742,16 +766,6 @@ class WeightingController:
         self._achieved = achieved
 
 
-def _check_losses(caller: str, losses: Any, domain_ids: Any) -> None:
-    # shapes only: a value check (ids in [0, k)) would synchronise with the GPU every step
-    if not isinstance(losses, Tensor) or losses.ndim not in (1, 2):
-        got = f"shape {tuple(losses.shape)}" if isinstance(losses, Tensor) else type(losses).__name__
-        raise param_error(caller, "losses", "a (N,) or (N, T) tensor", got)
-    if not isinstance(domain_ids, Tensor) or domain_ids.shape != losses.shape[:1]:
-        shape = tuple(domain_ids.shape) if isinstance(domain_ids, Tensor) else type(domain_ids).__name__
-        raise param_error(caller, "domain_ids", f"a ({losses.shape[0]},) tensor, one id per example", shape)
-
-
 def _shares(count: Tensor) -> Tensor:
     count = count.to(torch.float64)
     return count / count.sum().clamp_min(1.0)
@@ -766,9 +780,10 @@ def _chain_fingerprint(previous: str, weights: DomainWeights) -> str:
 
 def _sampler_weights(initial: DomainWeights, sampler: WeightSink) -> DomainWeights:
     """Uniform α with the sampler's own q: domain names as ``initial`` leave the sampling weights to it."""
-    q = torch.as_tensor(getattr(sampler, "weights", None), dtype=torch.float64)
+    weights: Any = getattr(sampler, "weights", None)
+    q = check_weight_vector("WeightingController", "sampler", weights, initial.names)
     zero = [n for n, x in zip(initial.names, q.tolist(), strict=True) if not x > 0]
-    if q.shape != (initial.num_domains,) or zero:
+    if zero:
         raise param_error(
             "WeightingController",
             "sampler",
