@@ -809,3 +809,34 @@ def test_a_custom_samplers_mapping_weights_are_read_by_name() -> None:
         ValueError, match="'sampler' parameter of WeightingController .* missing: \\['b', 'c'\\]"
     ):
         WeightingController(S.uniform(), NAMES, sampler=Sink())
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        (
+            lambda s: s["strategy_state"]["states"][1].update(count=2.9),
+            r"count: expected an int >= 0, got 2.9",
+        ),
+        (lambda s: s["strategy_state"]["states"][1].update(count=-5), r"count: expected an int >= 0, got -5"),
+        (lambda s: s.update(weights=[1, 2]), r"state\['weights'\] must be a mapping with 'mixture'"),
+        (
+            lambda s: s["weights"].update(mixture=[NAN_, 1.0, 1.0]),
+            r"state\['weights'\]: The 'mixture' parameter",
+        ),
+    ],
+)
+def test_a_corrupt_strategy_state_or_weights_is_refused_naming_the_key(edit, match: str) -> None:
+    def make() -> WeightingController:
+        strategy = S.chain(S.exponentiated_gradient(lambda s, w: s.loss, step_size=0.3), S.track_average())
+        return WeightingController(strategy, NAMES, update_every=2)
+
+    source = make()
+    for _ in range(4):
+        source.step(torch.rand(3), torch.tensor([0, 1, 2]))
+    state = source.state_dict()
+    edit(state)
+    target = make()
+    with pytest.raises(ValueError, match=rf"WeightingController.load_state_dict: .*{match}"):
+        target.load_state_dict(state)
+    assert target.step_count == 0

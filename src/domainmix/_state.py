@@ -98,7 +98,8 @@ def state_counts(owner: str, state_dict: Mapping[str, Any], key: str, length: in
     if length is None:
         ok, wanted = _count(value), "an int >= 0"
     else:
-        ok, wanted = isinstance(value, Sequence) and all(_count(v) for v in value), "a list of ints >= 0"
+        listed = isinstance(value, Sequence) and not isinstance(value, (str, bytes))
+        ok, wanted = listed and all(_count(v) for v in value), "a list of ints >= 0"
     if not ok:
         raise ValueError(f"{owner}.load_state_dict: state[{key!r}] must be {wanted}. Got {value!r} instead.")
     return value

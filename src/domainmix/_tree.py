@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from numbers import Integral, Real
 from typing import Any, TypeVar
 
 import torch
@@ -63,17 +64,33 @@ def from_plain(template: Any, plain: Any, path: str = "state") -> Any:
         ]
         return type(template)(items)
     if isinstance(template, torch.Tensor):
-        value = torch.as_tensor(plain, dtype=template.dtype)
+        try:  # on the template's device: a checkpoint loaded with map_location="cuda" resumes on the CPU
+            value = torch.as_tensor(plain, dtype=template.dtype, device=template.device)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{path}: expected a tensor of numbers, got {type(plain).__name__}") from None
         if value.shape != template.shape:
             raise ValueError(f"{path}: expected shape {tuple(template.shape)}, got {tuple(value.shape)}")
         return value.clone()
     if template is None:
         return plain
+    # Scalars are taken as they are, never converted: int(2.9) or bool("False") would load a corrupt
+    # state silently. A state's ints are counters (steps, rounds, counts): never negative.
     if isinstance(template, bool):
-        return bool(plain)
-    if isinstance(template, (int, float, str)):
-        return type(template)(plain)
-    raise TypeError(f"{path}: unsupported template type {type(template).__name__}")
+        ok, wanted = isinstance(plain, bool), "a bool"
+    elif isinstance(template, int):
+        ok, wanted = (
+            isinstance(plain, Integral) and not isinstance(plain, bool) and int(plain) >= 0,
+            "an int >= 0",
+        )
+    elif isinstance(template, float):
+        ok, wanted = isinstance(plain, Real) and not isinstance(plain, bool), "a real number"
+    elif isinstance(template, str):
+        ok, wanted = isinstance(plain, str), "a str"
+    else:
+        raise TypeError(f"{path}: unsupported template type {type(template).__name__}")
+    if not ok:
+        raise ValueError(f"{path}: expected {wanted}, got {plain!r}")
+    return type(template)(plain)
 
 
 def find(state: Any, kind: type) -> list[Any]:

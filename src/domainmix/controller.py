@@ -731,12 +731,22 @@ class WeightingController:
         counters = (self.STEP_KEY, self.UPDATES_KEY, self.SKIPPED_KEY)
         step, updates, skipped = (state_counts(owner, state_dict, key) for key in counters)
         saved = state_dict[self.WEIGHTS_KEY]
-        DomainWeights.create(self._weights.names, saved["mixture"], saved["sampling"])  # validates
+        key = self.WEIGHTS_KEY
+        if not isinstance(saved, Mapping) or not {"mixture", "sampling"} <= set(saved):
+            raise ValueError(
+                f"{owner}.load_state_dict: state[{key!r}] must be a mapping with 'mixture' and 'sampling'. "
+                f"Got {saved!r} instead."
+            )
+        try:
+            DomainWeights.create(self._weights.names, saved["mixture"], saved["sampling"])  # validates
+        except ValueError as error:
+            raise ValueError(f"{owner}.load_state_dict: state[{key!r}]: {error}") from None
         # Keep the saved tensors bit for bit: renormalising would perturb the resumed trajectory.
+        # On the CPU, where the controller keeps its state, whatever map_location the checkpoint had.
         weights = DomainWeights(
             self._weights.names,
-            torch.as_tensor(saved["mixture"], dtype=torch.float64).clone(),
-            torch.as_tensor(saved["sampling"], dtype=torch.float64).clone(),
+            torch.as_tensor(saved["mixture"], dtype=torch.float64, device="cpu").clone(),
+            torch.as_tensor(saved["sampling"], dtype=torch.float64, device="cpu").clone(),
         )
         for side in ("mixture", "sampling"):
             total = float(getattr(weights, side).sum())
@@ -750,13 +760,18 @@ class WeightingController:
             key = self.HOLD_KEY
             raise ValueError(f"{owner}.load_state_dict: state[{key!r}] must be a bool. Got {hold!r} instead.")
         if achieved is not None:
-            achieved = torch.as_tensor(achieved, dtype=torch.float64).clone()
+            achieved = torch.as_tensor(achieved, dtype=torch.float64, device="cpu").clone()
             if tuple(achieved.shape) != (len(self._weights.names),):
                 raise ValueError(
                     f"{owner}.load_state_dict: state[{self.ACHIEVED_KEY!r}] must be None or one share per "
                     f"domain. Got shape {tuple(achieved.shape)} instead."
                 )
-        state = _tree.from_plain(self._strategy.init(weights), state_dict[self.STRATEGY_STATE_KEY])
+        try:
+            state = _tree.from_plain(self._strategy.init(weights), state_dict[self.STRATEGY_STATE_KEY])
+        except ValueError as error:
+            raise ValueError(
+                f"{owner}.load_state_dict: state[{self.STRATEGY_STATE_KEY!r}]: {error}"
+            ) from None
         self._collector.load_state_dict(state_dict[self.COLLECTOR_KEY])
         self._weights, self._state = weights, state
         self._step, self._num_updates, self._num_skipped = step, updates, skipped

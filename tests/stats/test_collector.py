@@ -229,6 +229,36 @@ def test_load_state_dict_errors() -> None:
         StatsCollector(3, ema=0.5).load_state_dict(state)
 
 
+@pytest.mark.parametrize(
+    ("corrupt", "match"),
+    [
+        (lambda s: s["averages"].update(loss="corrupt"), r"state\['averages'\]\['loss'\] must be a tensor"),
+        (lambda s: s["averages"].update(nope=torch.zeros(2, 3)), r"\['nope'\] must be a statistic's name"),
+        (lambda s: s["averages"].update(loss=torch.zeros(3)), r"\['loss'\] must be a \(2, ...\) tensor"),
+        (
+            lambda s: s["window"].update({"train.sum": torch.zeros(5)}),
+            r"\['train.sum'\] must be of shape \(3,\)",
+        ),
+        (lambda s: s["window"].update(nope=torch.zeros(3)), r"this version's window entries"),
+    ],
+)
+def test_a_corrupt_state_is_refused_by_key_and_leaves_the_collector_as_it_was(corrupt, match: str) -> None:
+    source = StatsCollector(3, ema=0.5)
+    for _ in range(2):
+        source.observe(domain_losses(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0, 1, 2]), 3))
+        source.summarize(1)
+    state = source.state_dict()
+    corrupt(state)
+    target = StatsCollector(3, ema=0.5)
+    target.observe(domain_losses(torch.tensor([9.0, 9.0, 9.0]), torch.tensor([0, 1, 2]), 3))
+    before = target.state_dict()
+    with pytest.raises(ValueError, match=match):
+        target.load_state_dict(state)
+    after = target.state_dict()
+    assert all(torch.equal(after["window"][k], v) for k, v in before["window"].items())
+    assert after["averages"].keys() == before["averages"].keys()
+
+
 def test_state_saved_before_the_excess_source_still_loads() -> None:
     old = StatsCollector(2)
     old.observe(domain_losses(torch.tensor([1.0, 3.0]), torch.tensor([0, 1]), 2))

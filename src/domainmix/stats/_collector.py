@@ -196,7 +196,8 @@ class StatsCollector:
             updated = torch.where(seen, value, torch.zeros_like(value))
             known = seen.clone()
         else:
-            old, known = previous[0], previous[1].bool()
+            # on the value's device: a state saved from (or loaded to) another device resumes here
+            old, known = previous[0].to(value.device), previous[1].to(value.device).bool()
             blended = torch.where(known, self._ema * old + (1 - self._ema) * value, value)
             updated = torch.where(seen, blended, old)
             known = known | seen
@@ -229,23 +230,59 @@ class StatsCollector:
                 f"num_domains={state_dict[self.NUM_DOMAINS_KEY]}, ema={state_dict[self.EMA_KEY]}; "
                 f"this collector has num_domains={self._k}, ema={self._ema}."
             )
-        window = dict(state_dict[self.WINDOW_KEY])
+        # Everything is checked before anything is assigned: a corrupt state leaves the collector as it was.
+        saved = state_dict[self.WINDOW_KEY]
+        if not isinstance(saved, Mapping):
+            raise _load_error(self.WINDOW_KEY, None, "a mapping of window entries", type(saved).__name__)
+        window = {key: _loaded(self.WINDOW_KEY, key, value) for key, value in saved.items()}
         # A state saved before a source or statistic was declared resumes with an empty window for it.
         for key in set(self._window) - set(window):
             window[key] = torch.zeros_like(self._window[key])
         if set(window) != set(self._window):
-            raise ValueError("StatsCollector.load_state_dict: window keys differ from this version's.")
-        self._window = {
-            key: torch.as_tensor(value, dtype=torch.float64).clone() for key, value in window.items()
-        }
+            unknown = sorted(set(window) - set(self._window))
+            raise _load_error(self.WINDOW_KEY, None, "this version's window entries", f"unknown {unknown}")
         for name in self._estimates:
-            sums, n = self._window[f"{name}.sum"], self._window[f"{name}.n"]
+            sums, n = window[f"{name}.sum"], window[f"{name}.n"]
             if n.shape != sums.shape and n.numel() == 1:  # saved when one count covered every entry
-                self._window[f"{name}.n"] = n.expand(sums.shape).clone()
-        self._averages = {
-            key: torch.as_tensor(value, dtype=torch.float64).clone()
-            for key, value in state_dict[self.AVERAGES_KEY].items()
+                window[f"{name}.n"] = n.expand(sums.shape).clone()
+        task = {
+            f"{name}.{part}"
+            for name, row in self._estimates.items()
+            if row.has_task_axis
+            for part in ("sum", "n")
         }
+        for key, value in window.items():  # a task axis takes its shape from the saved estimates
+            if key not in task and value.shape != self._window[key].shape:
+                wanted = f"of shape {tuple(self._window[key].shape)}"
+                raise _load_error(self.WINDOW_KEY, key, wanted, f"shape {tuple(value.shape)}")
+        averages = state_dict[self.AVERAGES_KEY]
+        if not isinstance(averages, Mapping):
+            raise _load_error(
+                self.AVERAGES_KEY, None, "a mapping of moving averages", type(averages).__name__
+            )
+        loaded = {}
+        for key, value in averages.items():
+            if key not in self._table:
+                raise _load_error(self.AVERAGES_KEY, key, f"a statistic's name {sorted(self._table)}", key)
+            average = loaded[key] = _loaded(self.AVERAGES_KEY, key, value)
+            if average.ndim < 2 or average.shape[0] != 2:  # (value, known) stacked
+                raise _load_error(
+                    self.AVERAGES_KEY, key, "a (2, ...) tensor", f"shape {tuple(average.shape)}"
+                )
+        self._window, self._averages = window, loaded
+
+
+def _load_error(section: str, key: str | None, wanted: str, got: Any) -> ValueError:
+    where = f"state[{section!r}]" + ("" if key is None else f"[{key!r}]")
+    return ValueError(f"StatsCollector.load_state_dict: {where} must be {wanted}. Got {got!r} instead.")
+
+
+def _loaded(section: str, key: str, value: Any) -> Tensor:
+    """A saved entry as a float64 tensor (a copy, on the device it was loaded on)."""
+    try:
+        return torch.as_tensor(value, dtype=torch.float64).clone()
+    except (TypeError, ValueError, RuntimeError):
+        raise _load_error(section, key, "a tensor of numbers", type(value).__name__) from None
 
 
 _PARTS = ("sum", "count", "sum_sq")  # a loss stream's window, in DomainLosses' field order
