@@ -28,13 +28,30 @@ def test_hand_computed_scores_and_selection() -> None:
     scores.update()  # b did not move this time but has its gradient still: +inf
     assert scores.scores() == {"a": 7.0, "b": math.inf, "c": 0.0, "d": math.inf}
     assert scores.steps == 2
-    assert scores.select(2) == ["c", "a"]
+    assert scores.select(2) == ["a", "b"]  # c never had a gradient (frozen): never selected
     assert scores.select(-1)[0] in {"b", "d"}
-    for bad in (0, 5, -5, 1.0):
+    for bad in (0, 4, -4, 1.0):
         with pytest.raises(ValueError, match="'count' parameter"):
             scores.select(bad)
     with pytest.raises(ValueError, match="'named_parameters' parameter"):
         CancellationScores([])
+
+
+def test_a_step_the_optimizer_skipped_adds_nothing() -> None:
+    # GradScaler skips a step with inf/NaN gradients: no tensor moves; scoring it would give every tensor +inf
+    a, b = torch.zeros(2, requires_grad=True), torch.zeros(2, requires_grad=True)
+    scores = CancellationScores([("a", a), ("b", b)])
+    a.grad, b.grad = torch.tensor([math.inf, 0.0]), torch.ones(2)
+    scores.update()
+    assert scores.scores() == {"a": 0.0, "b": 0.0} and scores.steps == 1
+    with torch.no_grad():
+        a += torch.tensor([3.0, 4.0])
+    a.grad, b.grad = torch.tensor([0.0, 10.0]), torch.ones(2)
+    scores.update()  # moved, finite: scored (b has a gradient but did not move: +inf)
+    assert scores.scores() == {"a": 2.0, "b": math.inf}
+    restored = CancellationScores([("a", a), ("b", b)])
+    restored.load_state_dict(scores.state_dict())
+    assert restored.select(1) == ["a"] and restored.select(-1) == ["b"]
 
 
 def test_plain_sgd_scores_every_tensor_one_over_the_learning_rate_per_step() -> None:

@@ -165,3 +165,18 @@ def test_probe_hands_in_the_round_statistics() -> None:
     torch.testing.assert_close(stats["task_loss"], direct.task_loss)
     with pytest.raises(ValueError, match="'num_tasks' parameter of FisherProductProbe"):
         FisherProductProbe(model, mse, lambda step: (x, y, ids), 0)
+
+
+def test_a_group_absent_from_the_draw_is_unobserved_not_zero() -> None:
+    # With a moving average the absent group keeps its previous products instead of reading a zero gradient.
+    model, x, y = setup(8)
+    full, lacking = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), torch.tensor([0, 0, 0, 0, 2, 2, 3, 3])
+    probe = FisherProductProbe(model, mse, lambda step: (x, y, full if step == 1 else lacking), 2)
+    collector = StatsCollector(2, ema=0.5)
+    probe.observe_window(collector, 1)
+    first = collector.summarize(1)
+    probe.observe_window(collector, 2)
+    second = collector.summarize(2)
+    assert second["fisher_domain_sq"][1] == first["fisher_domain_sq"][1] > 0
+    assert torch.equal(second["fisher_cross"][1], first["fisher_cross"][1])
+    assert second["fisher_domain_sq"][0] != first["fisher_domain_sq"][0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,8 +23,10 @@ class CancellationScores:
     keeps the largest), as the reference code's ``--cc_selection --cc_ns 10 --cc_steps 1000``.
 
     Call :meth:`update` once per step, after ``optimizer.step()`` and before the gradients are zeroed.
-    A tensor without a gradient at a step adds nothing; one with a gradient that did not move scores
-    +inf (it is never among the smallest).
+    A tensor without a gradient at a step adds nothing, and one that never had a gradient (frozen) is
+    never selected; one with a gradient that did not move scores +inf (it is never among the smallest).
+    A step whose gradients are not finite, or in which no tensor moved, is an optimizer step that did
+    not happen (mixed precision's ``GradScaler`` skips those): it adds nothing either.
 
     Args:
         named_parameters: ``model.named_parameters()`` or any (name, tensor) pairs to score.
@@ -36,6 +39,7 @@ class CancellationScores:
     STEPS_KEY = "steps"
     SCORES_KEY = "scores"
     PREVIOUS_KEY = "previous"
+    SCORED_KEY = "scored"
 
     def __init__(self, named_parameters: Iterable[tuple[str, Tensor]]) -> None:
         self._params = dict(named_parameters)
@@ -45,6 +49,7 @@ class CancellationScores:
             )
         self._previous = {n: p.detach().clone() for n, p in self._params.items()}
         self._scores = dict.fromkeys(self._params, 0.0)
+        self._scored: set[str] = set()  # the tensors that had a gradient at some scored step
         self._steps = 0
 
     @property
@@ -53,29 +58,36 @@ class CancellationScores:
         return self._steps
 
     def scores(self) -> dict[str, float]:
-        """c_p per tensor name."""
+        """c_p per tensor name (0 for a tensor that never had a gradient)."""
         return dict(self._scores)
 
     @torch.no_grad()
     def update(self) -> None:
         """Add this step's ‖∇_p‖ / ‖Δw_p‖ for every tensor, then remember the new weights."""
+        seen = {
+            name: (float(p.grad.norm()), float((p.detach() - self._previous[name]).norm()))
+            for name, p in self._params.items()
+            if p.grad is not None
+        }
+        happened = any(moved > 0 for _, moved in seen.values())
+        if happened and all(math.isfinite(grad) for grad, _ in seen.values()):
+            for name, (grad, moved) in seen.items():
+                self._scores[name] += grad / moved if moved > 0 else (0.0 if grad == 0 else math.inf)
+            self._scored.update(seen)
         for name, p in self._params.items():
-            previous = self._previous[name]
-            if p.grad is not None:
-                moved = float((p.detach() - previous).norm())
-                grad = float(p.grad.norm())
-                self._scores[name] += grad / moved if moved > 0 else (0.0 if grad == 0 else float("inf"))
-            previous.copy_(p.detach())
+            self._previous[name].copy_(p.detach())
         self._steps += 1
 
     def select(self, count: int) -> list[str]:
-        """The ``count`` names with the smallest scores (``count < 0``: the ``-count`` largest), in order."""
-        check_param(
-            "CancellationScores.select", "count", count, Interval(int, -len(self._scores), len(self._scores))
-        )
+        """The ``count`` names with the smallest scores (``count < 0``: the ``-count`` largest), in order.
+
+        Only tensors that had a gradient at a scored step are ranked.
+        """
+        scored = [n for n in self._scores if n in self._scored]
+        check_param("CancellationScores.select", "count", count, Interval(int, -len(scored), len(scored)))
         if count == 0:
             raise param_error("CancellationScores.select", "count", "a non-zero int", count)
-        ranked = sorted(self._scores, key=lambda n: self._scores[n], reverse=count < 0)
+        ranked = sorted(scored, key=lambda n: self._scores[n], reverse=count < 0)
         return ranked[: abs(count)]
 
     def state_dict(self) -> dict[str, Any]:
@@ -84,6 +96,7 @@ class CancellationScores:
             self.STEPS_KEY: self._steps,
             self.SCORES_KEY: dict(self._scores),
             self.PREVIOUS_KEY: {n: t.clone() for n, t in self._previous.items()},
+            self.SCORED_KEY: sorted(self._scored),
         }
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -98,7 +111,11 @@ class CancellationScores:
         wrong = sorted(n for n, shape in shapes.items() if shape != tuple(self._previous[n].shape))
         if wrong:  # checked before anything is assigned: a refused state leaves the tracker as it was
             raise ValueError(f"CancellationScores.load_state_dict: tensors {wrong} have other shapes.")
-        self._steps = int(state_dict[self.STEPS_KEY])
-        self._scores = {n: float(state_dict[self.SCORES_KEY][n]) for n in self._params}
+        scores = {n: float(state_dict[self.SCORES_KEY][n]) for n in self._params}
+        # a state saved before "scored" was kept: the tensors with a score (a frozen one has none)
+        scored = set(state_dict.get(self.SCORED_KEY, [n for n, c in scores.items() if c != 0]))
+        if not scored <= set(self._params):
+            raise ValueError("CancellationScores.load_state_dict: the state scores other tensor names.")
+        self._steps, self._scores, self._scored = int(state_dict[self.STEPS_KEY]), scores, scored
         for n, t in previous.items():
             self._previous[n].copy_(torch.as_tensor(t))

@@ -183,7 +183,9 @@ class FisherProductProbe(Probe):
         loss_fn: ``loss_fn(outputs, targets) -> (N,)`` per-example losses.
         draw: ``draw(step) -> (inputs, targets, group ids)`` for the window closing at ``step``: examples
             of the k training groups (ids < k) and of the t tasks (ids k + j). Keying the draw by
-            ``step`` keeps the probe stateless, so a resume needs nothing of it.
+            ``step`` keeps the probe stateless, so a resume needs nothing of it. A group the draw lacks
+            has no mean gradient: its products are handed in as unobserved (a collector with ``ema``
+            keeps their previous average; without, they read 0), not as a zero gradient.
         num_tasks: t ≥ 1.
         params: names of the parameters (default: the last 10 % of the tensors).
         chunk_size: examples per vectorised gradient call.
@@ -218,7 +220,9 @@ class FisherProductProbe(Probe):
             self._model, self._loss_fn, inputs, targets, groups, collector.num_domains, self._t,
             params=self._params, chunk_size=self._size,
         )  # fmt: skip
-        collector.observe_stat("fisher_cross", products.cross)
-        collector.observe_stat("fisher_domain_sq", products.domain_sq)
+        # a group absent from the draw has no mean gradient: its entries are not measured (not zeros)
+        present = products.domain_count > 0
+        collector.observe_stat("fisher_cross", products.cross, present=present)
+        collector.observe_stat("fisher_domain_sq", products.domain_sq, present=present)
         collector.observe_stat("fisher_task_sq", products.task_sq)
         collector.observe_stat("task_loss", products.task_loss)
