@@ -74,3 +74,11 @@ def test_the_temporary_name_keeps_the_suffix_for_savefig(tmp_path: Path) -> None
     plt.close(fig)
     assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p.name for p in tmp_path.iterdir()] == ["figure.png"]
+
+
+def test_a_target_name_near_the_length_limit_is_written(tmp_path: Path) -> None:
+    # the temporary name adds a pid, a token and ".tmp": it is cut to fit where the target's name fits
+    target = tmp_path / ("é" * 60 + "x" * 120 + ".json")  # 245 bytes in UTF-8
+    atomic_write_json(target, {"a": 1})
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert [p.name for p in tmp_path.iterdir()] == [target.name]

@@ -3,7 +3,8 @@
 Every writer goes through a temporary file in the target's folder and ``os.replace``, which is atomic
 within one file system (hence the same folder). If the writer fails, the temporary file is removed and the
 previous file, if any, is left as it was. The temporary file is flushed to disk (``fsync``) before the
-rename, so a crash of the machine right after it cannot leave a renamed but empty file either.
+rename, so a crash of the machine right after it cannot leave a renamed but empty file either, and on
+POSIX the folder is flushed after it, so that the rename is on disk too.
 """
 
 from __future__ import annotations
@@ -43,15 +44,34 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     # pid + random token: two processes, or two threads, writing the same target never share a name.
-    temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp{target.suffix}")
+    tail = f".{os.getpid()}-{secrets.token_hex(4)}.tmp{target.suffix}"
+    # within the 255-byte name limit: a target name near it must not fail where a plain open() works
+    room = max(_NAME_MAX - 1 - len(tail.encode()), 0)
+    stem = target.name.encode()[:room].decode(errors="ignore")
+    temporary = target.with_name(f".{stem}{tail}")
     try:
         yield temporary
-        with open(temporary, "rb") as written:
+        with open(temporary, "r+b") as written:  # writable: Windows' fsync (FlushFileBuffers) needs it
             os.fsync(written.fileno())
         os.replace(temporary, target)
     except BaseException:
         temporary.unlink(missing_ok=True)
         raise
+    _sync_folder(target.parent)
+
+
+_NAME_MAX = 255  # bytes in a file name on the usual file systems (ext4, APFS, NTFS in UTF-16 units)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Flush the folder's entry for the renamed file, so that the rename itself survives a crash (POSIX)."""
+    if os.name != "posix":
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_bytes(path: PathLike, data: bytes) -> None:
