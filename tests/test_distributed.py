@@ -57,3 +57,27 @@ def test_collectives_run_on_a_device_the_process_group_serves(
 ) -> None:
     found = collective_device(torch.device(device), config)
     assert (found if found is None else found.type) == expected
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"RANK": "x"}, r"'rank' parameter .* an int \(read from the environment variable RANK\). Got 'x'"),
+        ({"WORLD_SIZE": "two"}, r"'world_size' parameter .* environment variable WORLD_SIZE\). Got 'two'"),
+        (
+            {"RANK": "3"},
+            r"'rank' parameter .* \[0, 0\] \(read from the environment: RANK=3\) \(WORLD_SIZE unset",
+        ),
+    ],
+)
+def test_rank_and_world_size_from_the_environment_are_named_as_such(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], match: str
+) -> None:
+    from domainmix.sampling import DomainBatchSampler
+
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    with pytest.raises(ValueError, match=match):
+        DomainBatchSampler({"a": range(4)}, 2)

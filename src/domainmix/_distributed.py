@@ -18,21 +18,38 @@ def is_distributed() -> bool:
 
 def resolve_rank_world(caller: str, rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Explicit arguments first, then an initialised process group, then RANK/WORLD_SIZE, then (0, 1)."""
+    origin = {"world_size": "", "rank": ""}  # where a value came from, for the error message
     if world_size is None:
         if is_distributed():
             world_size = dist.get_world_size()
         else:
-            world_size = int(os.environ.get("WORLD_SIZE", "1"))
+            world_size, origin["world_size"] = _from_environment(caller, "world_size", "WORLD_SIZE", 1)
     if rank is None:
         if is_distributed():
             rank = dist.get_rank()
         else:
-            rank = int(os.environ.get("RANK", "0"))
+            rank, origin["rank"] = _from_environment(caller, "rank", "RANK", 0)
     if isinstance(world_size, bool) or not isinstance(world_size, Integral) or world_size < 1:
-        raise param_error(caller, "world_size", "an int in the range [1, inf)", world_size)
+        raise param_error(
+            caller, "world_size", "an int in the range [1, inf)" + origin["world_size"], world_size
+        )
     if isinstance(rank, bool) or not isinstance(rank, Integral) or not 0 <= rank < world_size:
-        raise param_error(caller, "rank", f"an int in the range [0, {int(world_size) - 1}]", rank)
+        wanted = f"an int in the range [0, {int(world_size) - 1}]{origin['rank']}{origin['world_size']}"
+        raise param_error(caller, "rank", wanted, rank)
     return int(rank), int(world_size)  # numpy ints too, as plain ints (they go into JSON states)
+
+
+def _from_environment(caller: str, name: str, variable: str, default: int) -> tuple[int, str]:
+    """An environment variable's int (``default`` when unset) and a note naming it, for messages."""
+    raw = os.environ.get(variable)
+    if raw is None:
+        return default, f" ({variable} unset: {default})"
+    try:
+        return int(raw), f" (read from the environment: {variable}={raw})"
+    except ValueError:
+        raise param_error(
+            caller, name, f"an int (read from the environment variable {variable})", raw
+        ) from None
 
 
 def collective_device(tensor_device: torch.device, backend_config: str) -> torch.device | None:
