@@ -9,7 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from domainmix import StatsCollector
-from domainmix.stats import DomainGradients, gradient_variance, micro_batch_gradients, per_example_gradients
+from domainmix.stats import (
+    DomainGradients,
+    fisher_products,
+    gradient_sketch,
+    gradient_variance,
+    micro_batch_gradients,
+    per_example_gradients,
+)
 
 SIZES = (5, 11, 20)  # three domains of different sizes
 
@@ -298,6 +305,11 @@ def test_micro_batch_runs_train_mode_batch_norm_without_touching_running_stats()
     assert all(p.grad is None for p in model.parameters())
     with pytest.raises(ValueError, match="'model' parameter of per_example_gradients.*BatchNorm"):
         per_example_gradients(model, cross_entropy, x, y, ids, 2)
+    # the other per-example (vmap) estimators refuse it alike, rather than failing inside torch.func
+    with pytest.raises(ValueError, match="'model' parameter of gradient_sketch.*BatchNorm"):
+        gradient_sketch(model, cross_entropy, x, y, dim=4)
+    with pytest.raises(ValueError, match="'model' parameter of fisher_products.*BatchNorm"):
+        fisher_products(model, cross_entropy, x, y, ids, 1, 1)
     model.eval()
     assert torch.isfinite(per_example_gradients(model, cross_entropy, x, y, ids, 2).variance()).all()
 

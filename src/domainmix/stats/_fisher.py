@@ -27,6 +27,7 @@ from domainmix.stats._gradients import (
     _run,
     _select_params,
     _split_params,
+    check_per_example_model,
 )
 from domainmix.stats._probes import Probe
 from domainmix.stats._sketch import last_parameters
@@ -125,6 +126,7 @@ def fisher_products(
     size = check_param(caller, "chunk_size", chunk_size, Interval(int, 1, None))
     _, xs, ids = _check_common(caller, model, loss_fn, inputs, targets, group_ids, k + t)
     names = _select_params(caller, model, last_parameters(model) if params is None else params)
+    check_per_example_model(caller, model)
     active, frozen = _split_params(model, names)
     device = next(iter(active.values())).device
     ids = ids.to(device)

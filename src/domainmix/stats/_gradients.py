@@ -220,21 +220,7 @@ def per_example_gradients(
     k, xs, ids = _check_common(caller, model, loss_fn, inputs, targets, domain_ids, num_domains)
     size = check_param(caller, "chunk_size", chunk_size, Interval(int, 1, None))
     names = _select_params(caller, model, params)
-    batch_norms = [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, nn.modules.batchnorm._BatchNorm)
-        and module.training
-        and module.track_running_stats
-    ]
-    if batch_norms:
-        raise param_error(
-            caller,
-            "model",
-            "free of train-mode BatchNorm, which needs a batch (call model.eval() or use "
-            "micro_batch_gradients)",
-            f"BatchNorm in training mode at {batch_norms[:_MAX_LISTED_NAMES]}",
-        )
+    check_per_example_model(caller, model)
     active, frozen = _split_params(model, names)
     device = next(iter(active.values())).device
     ids = ids.to(device)
@@ -470,6 +456,25 @@ def _check_common(
         got = f"shape {tuple(targets.shape)}" if isinstance(targets, Tensor) else targets
         raise param_error(caller, "targets", f"a tensor batched along dim 0 like domain_ids (N = {n})", got)
     return k, xs, domain_ids.long()
+
+
+def check_per_example_model(caller: str, model: nn.Module) -> None:
+    """Refuse a model with train-mode BatchNorm, which per-example (vmap) gradients cannot run."""
+    batch_norms = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.batchnorm._BatchNorm)
+        and module.training
+        and module.track_running_stats
+    ]
+    if batch_norms:
+        raise param_error(
+            caller,
+            "model",
+            "free of train-mode BatchNorm, which needs a batch (call model.eval() or use "
+            "micro_batch_gradients)",
+            f"BatchNorm in training mode at {batch_norms[:_MAX_LISTED_NAMES]}",
+        )
 
 
 def _select_params(caller: str, model: nn.Module, params: Sequence[str] | None) -> list[str]:

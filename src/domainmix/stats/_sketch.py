@@ -24,6 +24,7 @@ from domainmix.stats._gradients import (
     _run,
     _select_params,
     _split_params,
+    check_per_example_model,
 )
 
 _BLOCK = 2048  # parameter coordinates per projection block: the only part of R ever held, (block, d)
@@ -125,6 +126,7 @@ def gradient_sketch(
     ids = torch.zeros(n, dtype=torch.long)
     _, xs, _ = _check_common(caller, model, loss_fn, inputs, targets, ids, 1)
     names = _select_params(caller, model, last_parameters(model) if params is None else params)
+    check_per_example_model(caller, model)
     active, frozen = _split_params(model, names)
     device = next(iter(active.values())).device
 
