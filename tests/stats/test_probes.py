@@ -12,6 +12,7 @@ from _helpers import assert_resume_equivalent
 from domainmix import StatsCollector, WeightingController, domain_losses
 from domainmix.experiments.gpt import GPT, GPTConfig, per_token_loss
 from domainmix.stats import (
+    FisherProductProbe,
     GradientProductProbe,
     GradientProductTap,
     GradientVarianceProbe,
@@ -239,3 +240,17 @@ def test_universal_target_products_include_each_domains_own_term() -> None:
     for i in range(K):
         g_i = flat_grad(losses[ids == i].mean())
         torch.testing.assert_close(got[i], g_i @ g_mix, rtol=1e-9, atol=1e-12)
+
+
+def test_probe_settings_are_checked_at_construction() -> None:
+    # not at the first window close, which can come after a long warm-up
+    model, *_ = linear_task()
+    draw = lambda step: (None, None, None)  # noqa: E731  # never called
+    with pytest.raises(
+        ValueError, match=r"'params' parameter of GradientVarianceProbe .*unknown: \['nope'\]"
+    ):
+        GradientVarianceProbe(model, mse, draw, params=["nope"])
+    with pytest.raises(ValueError, match=r"'params' parameter of FisherProductProbe .*unknown: \['nope'\]"):
+        FisherProductProbe(model, mse, draw, 1, params=["nope"])
+    with pytest.raises(ValueError, match="'max_norm' parameter of GradientProductProbe"):
+        GradientProductProbe(lambda: None, max_norm=-1.0)  # type: ignore[arg-type, return-value]

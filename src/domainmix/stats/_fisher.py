@@ -213,6 +213,8 @@ class FisherProductProbe(Probe):
                 raise param_error(caller, name, "a callable", fn)
         self._t = check_param(caller, "num_tasks", num_tasks, Interval(int, 1, None))
         self._size = check_param(caller, "chunk_size", chunk_size, Interval(int, 1, None))
+        if params is not None:  # checked now, not at the first window close
+            _select_params(caller, model, params)
         self._model, self._loss_fn, self._draw, self._params = model, loss_fn, draw, params
 
     def observe_window(self, collector: StatsCollector, step: int) -> None:

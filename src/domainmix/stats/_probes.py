@@ -20,10 +20,10 @@ import torch
 from torch import Tensor, nn
 
 from domainmix._statistics import provided_by
-from domainmix._validation import Options, check_param, param_error
+from domainmix._validation import Interval, Options, check_param, param_error
 from domainmix.losses import domain_losses
 from domainmix.stats._collector import StatsCollector
-from domainmix.stats._gradients import gradient_variance
+from domainmix.stats._gradients import _select_params, gradient_variance
 from domainmix.stats._tap import GradientProductTap
 
 __all__ = [
@@ -167,6 +167,8 @@ class GradientVarianceProbe(Probe):
             if not callable(fn):
                 raise param_error("GradientVarianceProbe", name, "a callable", fn)
         check_param("GradientVarianceProbe", "method", method, Options(("per_example", "micro_batch")))
+        if params is not None:  # checked now, not at the first window close (after any warm-up)
+            _select_params("GradientVarianceProbe", model, params)
         self._model, self._loss_fn, self._draw = model, loss_fn, draw
         self._method, self._params = method, params
 
@@ -212,6 +214,9 @@ class GradientProductProbe(Probe):
             )
         if target is not None and not callable(target):
             raise param_error("GradientProductProbe", "target", "a callable returning target losses", target)
+        check_param(
+            "GradientProductProbe", "max_norm", max_norm, Interval(float, 0.0, None, closed="neither"), None
+        )
         self._tap = tap if isinstance(tap, GradientProductTap) else None
         self._factory = None if isinstance(tap, GradientProductTap) else tap
         self._max_norm, self._target = max_norm, target

@@ -23,6 +23,9 @@ class GradientProducts(NamedTuple):
     count: Tensor  # type: ignore[assignment]  # (k,) elements behind each g_i (0: absent, g_i = 0)
 
 
+_SHOWN = 10  # offending entries listed in an error message
+
+
 def domain_gradient_products(
     losses: Tensor,
     domain_ids: Tensor,
@@ -70,8 +73,17 @@ def domain_gradient_products(
     k = check_param(caller, "num_domains", num_domains, Interval(int, 1, None))
     check_param(caller, "max_norm", max_norm, Interval(float, 0.0, None, closed="neither"), None)
     params = list(params)
-    if not params or not all(isinstance(p, Tensor) and p.requires_grad for p in params):
+    if not params:
         raise param_error(caller, "params", "a non-empty sequence of tensors with requires_grad", params)
+    bad = [i for i, p in enumerate(params) if not (isinstance(p, Tensor) and p.requires_grad)]
+    if bad:
+        what = (
+            type(params[bad[0]]).__name__ if not isinstance(params[bad[0]], Tensor) else "requires_grad=False"
+        )
+        raise param_error(
+            caller, "params", "a non-empty sequence of tensors with requires_grad",
+            f"entries {bad[:_SHOWN]} of {len(params)} are not (entry {bad[0]}: {what})",
+        )  # fmt: skip
     m = check_inputs(caller, losses, domain_ids, k, mask)
     if not losses.requires_grad:
         raise param_error(caller, "losses", "an (N,) or (N, T) tensor attached to the graph", losses)
