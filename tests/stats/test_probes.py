@@ -135,6 +135,8 @@ def test_gradient_product_probe_makes_its_tap_only_when_recording() -> None:
     torch.testing.assert_close(stats.grad_dot, expected.grad_dot)
     torch.testing.assert_close(stats.grad_sq_norm, expected.grad_sq_norm)
     assert made == [1]
+    probe.close()  # the hooks leave the model
+    assert not model.ln._forward_hooks
 
 
 def test_controller_chooses_the_probes_its_strategy_reads() -> None:

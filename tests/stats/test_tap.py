@@ -101,6 +101,10 @@ def test_misuse_is_reported() -> None:
         per_token = per_token_loss(model(x), y)
     with pytest.raises(ValueError, match="'max_norm' parameter"):
         tap.products(per_token, ids, 1, max_norm=0.0)
+    with pytest.raises(RuntimeError, match="nothing was recorded"):  # a failed call consumed the recording
+        tap.products(per_token, ids, 1)
+    with tap.record():
+        per_token = per_token_loss(model(x), y)
     with pytest.raises(ValueError, match="'losses' parameter.*forward of its own"):
         tap.products(per_token[:5], ids[:5], 1)  # e.g. a target batch riding in the training forward
 
@@ -243,3 +247,18 @@ def test_a_tapped_output_that_does_not_lead_to_the_loss_is_refused() -> None:
         losses = head(torch.tanh(first(x)).detach()).squeeze(-1) ** 2  # first's block would be 0
     with pytest.raises(RuntimeError, match=r"outputs of \['Linear layer 0'\] do not lead to `losses`"):
         tap.products(losses, ids, 2)
+
+
+def test_a_failed_forward_or_products_call_releases_the_recorded_graphs() -> None:
+    model = gpt()
+    tap = GradientProductTap(model.ln)
+    x, y = batch()
+    with pytest.raises(RuntimeError, match="boom"), tap.record():
+        model(x)
+        raise RuntimeError("boom")  # e.g. out of memory halfway through the forward
+    assert not any(tap._captures)
+    with tap.record():
+        per_token = per_token_loss(model(x), y)
+    with pytest.raises(ValueError, match="'domain_ids' parameter"):
+        tap.products(per_token, torch.zeros(3, dtype=torch.long), 1)
+    assert not any(tap._captures)

@@ -228,6 +228,11 @@ class GradientProductProbe(Probe):
         """The tap (None while a deferred one has not been made yet)."""
         return self._tap
 
+    def close(self) -> None:
+        """Remove the tap's hooks from the model (when training goes on without the probe)."""
+        if self._tap is not None:
+            self._tap.remove()
+
     @contextmanager
     def _record(self) -> Iterator[None]:
         self._target_losses = None  # never keep a previous step's graph alive

@@ -127,6 +127,9 @@ class GradientProductTap:
         self._recording = True
         try:
             yield
+        except BaseException:
+            self._clear()  # a failed forward (out of memory, say) must not keep its graph alive
+            raise
         finally:
             self._recording = False
 
@@ -152,8 +155,29 @@ class GradientProductTap:
         """The products of :func:`domain_gradient_products` for the recorded forward(s).
 
         Arguments as in :func:`domain_gradient_products`, without ``params`` (the subset is the tap's).
-        Consumes the recording: the next step records again.
+        Consumes the recording, also when it raises (the recorded outputs hold their graphs): the next
+        step records again.
         """
+        try:
+            return self._products(
+                losses, domain_ids, num_domains, mask=mask, target_losses=target_losses,
+                target_mask=target_mask, max_norm=max_norm, reduce=reduce,
+            )  # fmt: skip
+        finally:
+            self._clear()
+
+    def _products(
+        self,
+        losses: Tensor,
+        domain_ids: Tensor,
+        num_domains: int,
+        *,
+        mask: Tensor | None,
+        target_losses: Tensor | None,
+        target_mask: Tensor | None,
+        max_norm: float | None,
+        reduce: bool,
+    ) -> GradientProducts:
         caller = "GradientProductTap.products"
         k = check_param(caller, "num_domains", num_domains, Interval(int, 1, None))
         check_param(caller, "max_norm", max_norm, Interval(float, 0.0, None, closed="neither"), None)
@@ -244,7 +268,6 @@ class GradientProductTap:
                 if delta is not None:
                     self._add_grads(j, delta, x, _Groups.single(delta.shape[0]), buffer.matrix[k:])
             buffer.counts[k] = tm.sum(dtype=torch.float64)  # a tensor copy, not float(): no host sync
-        self._clear()
         return buffer.finish(target=target_losses is not None, max_norm=max_norm, reduce=reduce)
 
     def _hook(self, j: int) -> Callable[[nn.Module, tuple[Tensor, ...], Tensor], None]:
