@@ -60,6 +60,10 @@ PerExampleLoss = Callable[[Any, dict[str, Any]], Tensor]
 def causal_lm_per_example_loss(outputs: Any, inputs: dict[str, Any]) -> Tensor:
     """(B,) mean next-token cross-entropy of each sequence, over its tokens whose label is not -100.
 
+    A sequence with no such token (a prompt that fills the whole window, in supervised fine-tuning)
+    gets loss 0 and still counts as an example: it pulls its domain's mean loss down and dilutes the
+    weighted loss. Drop such rows when building the dataset or in the collator.
+
     Args:
         outputs: the model's output, with ``logits`` (B, T, V).
         inputs: the batch, with ``labels`` (B, T) (the Trainer's convention: shifted inside the loss).

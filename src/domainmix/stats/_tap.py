@@ -201,7 +201,9 @@ class GradientProductTap:
             raise RuntimeError(
                 "GradientProductTap.products: nothing was recorded; run the forward inside "
                 "`with tap.record():` with gradients enabled. (A model compiled with torch.compile does not "
-                "see hooks added after its first compiled forward: make the tap before that forward.)"
+                "see hooks added after its first compiled forward: make the tap before that forward. "
+                "torch.utils.checkpoint with use_reentrant=True runs the forward without gradients: use "
+                "use_reentrant=False.)"
             )
         silent = [
             f"{type(self._layers[j]).__name__} layer {j}" for j, got in enumerate(self._captures) if not got
