@@ -172,3 +172,43 @@ def test_partition_members_must_be_non_negative_integers() -> None:
         ValueError, match="'members' parameter of Partition.create must be groups of non-negative"
     ):
         Partition.create(["a/0"], ["a"], [[0.5, 1.5]])
+
+
+_P = Partition.create(["a/0", "a/1", "b/0"], ["a", "a", "b"], [[0, 2], [1], [3, 4, 5]])
+_X = np.random.default_rng(0).normal(size=(10, 4))
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (
+            lambda: Partition.create(["a/0", "a/1"], ["a"] * 3, [[0], [1]]),
+            r"'parents' .* \(2 names\). Got '3 entries'",
+        ),
+        (lambda: Partition.create(["a/0"], [None], [[0]]), r"'parents' .* non-empty strings"),
+        (lambda: Partition.from_json({"format": 2}), r"format 1. Got 'format 2'"),
+        (lambda: Partition.from_json([1, 2]), r"a mapping \(a partition's JSON\). Got 'list'"),
+        (lambda: _P.carry_weights({"a": "0.5", "b": 0.5}), r"'weights' .* finite and non-negative"),
+        (lambda: _P.carry_weights({"a": True, "b": 0.5}), r"'weights' .* finite and non-negative"),
+        (lambda: repartition(_X, {"a": [0, 1, 20], "b": [3]}, 1), r"\[0, 9\]. Got \"domain 'a' holds 20\""),
+        (lambda: repartition(_X, {"a": [0, 1, 2], "b": [2, 3]}, 1), r"index 2 in \['a', 'b'\]"),
+        (
+            lambda: repartition(_X, {"a": [], "b": [3, 4]}, 1),
+            r"at least one example each. Got \"'a' is empty\"",
+        ),
+        (lambda: repartition(_X * 1j, {"a": [0, 1], "b": [3, 4]}, 1), r"'features' .* real-valued"),
+    ],
+)
+def test_bad_partition_arguments_are_named(call, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_bfloat16_features_and_a_file_that_is_not_json(tmp_path) -> None:
+    torch = pytest.importorskip("torch")
+    features = torch.tensor(_X, dtype=torch.bfloat16)
+    assert repartition(features, {"a": range(5), "b": range(5, 10)}, 2).num_groups == 4
+    path = tmp_path / "p.json"
+    path.write_text("{not json")
+    with pytest.raises(ValueError, match=r"load_partition: '.*p.json' is not a JSON file"):
+        load_partition(path)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from numbers import Real
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,10 +56,15 @@ class Partition:
             ValueError: for mismatched lengths, duplicate names, empty groups or a shared example.
         """
         caller = "Partition.create"
-        if not (len(names) == len(parents) == len(members)) or not names:
-            raise param_error(
-                caller, "members", f"one non-empty index array per name ({len(names)} names)", len(members)
-            )
+        if not names:
+            raise param_error(caller, "names", "a non-empty sequence of group names", names)
+        for name, given in (("parents", parents), ("members", members)):
+            if len(given) != len(names):
+                wanted = f"one entry per name ({len(names)} names)"
+                raise param_error(caller, name, wanted, f"{len(given)} entries")
+        for name, given in (("names", names), ("parents", parents)):
+            if not all(isinstance(x, str) and x for x in given):
+                raise param_error(caller, name, "non-empty strings", list(given))
         if len(set(names)) != len(names):
             raise param_error(caller, "names", "unique group names", list(names))
         raw = [np.asarray(m).reshape(-1) for m in members]
@@ -119,7 +126,11 @@ class Partition:
             raise param_error(
                 "Partition.carry_weights", "weights", f"a weight for every source {sources}", missing
             )
-        bad = {k: v for k, v in weights.items() if not (np.isfinite(v) and v >= 0)}
+        bad = {
+            k: v
+            for k, v in weights.items()
+            if isinstance(v, bool) or not isinstance(v, Real) or not (math.isfinite(v) and v >= 0)
+        }
         if bad:
             raise param_error("Partition.carry_weights", "weights", "finite and non-negative", bad)
         totals: dict[str, int] = {}
@@ -147,8 +158,13 @@ class Partition:
         Raises:
             ValueError: for another layout or a digest that does not match the content.
         """
-        if not isinstance(data, Mapping) or data.get("format") != _FORMAT:
-            raise param_error("Partition.from_json", "data", f"a partition of format {_FORMAT}", type(data))
+        if not isinstance(data, Mapping):
+            raise param_error(
+                "Partition.from_json", "data", "a mapping (a partition's JSON)", type(data).__name__
+            )
+        if data.get("format") != _FORMAT:
+            got = f"format {data.get('format')!r}"
+            raise param_error("Partition.from_json", "data", f"a partition of format {_FORMAT}", got)
         missing = [key for key in ("names", "parents", "members", "digest") if key not in data]
         if missing:
             raise param_error(
@@ -173,8 +189,16 @@ class Partition:
 
 
 def load_partition(path: str | os.PathLike[str]) -> Partition:
-    """Read a partition written by :meth:`Partition.save` (the digest is checked)."""
-    return Partition.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+    """Read a partition written by :meth:`Partition.save` (the digest is checked).
+
+    Raises:
+        ValueError: naming the file, when it is not JSON or not a partition.
+    """
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise ValueError(f"load_partition: {str(path)!r} is not a JSON file ({error}).") from None
+    return Partition.from_json(data)
 
 
 def repartition(
@@ -271,9 +295,12 @@ def _cluster(x: np.ndarray, k: int, metric: str, seed: int, n_init: int) -> np.n
 
 
 def _check_features(caller: str, features: np.ndarray | Tensor) -> np.ndarray:
-    x = features.detach().cpu().numpy() if isinstance(features, Tensor) else np.asarray(features)
-    if x.ndim != 2 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.number):
-        raise param_error(caller, "features", "a numeric (N, d) array", f"shape {x.shape}, dtype {x.dtype}")
+    # in float64 first: numpy has no bfloat16
+    x = features.detach().cpu().double().numpy() if isinstance(features, Tensor) else np.asarray(features)
+    if x.ndim != 2 or x.shape[0] == 0 or not np.issubdtype(x.dtype, np.number) or x.dtype.kind == "c":
+        raise param_error(
+            caller, "features", "a real-valued (N, d) array", f"shape {x.shape}, dtype {x.dtype}"
+        )
     if not np.isfinite(x).all():
         bad = np.flatnonzero(~np.isfinite(x).all(axis=1))
         raise param_error(
@@ -295,11 +322,19 @@ def _check_domains(
             raise param_error(caller, "domains", "keyed by non-empty names without '/'", name)
         values = np.asarray(as_domain_index(caller, name, rows), dtype=np.int64)  # ints, as a sampler takes
         if values.size and (values.min() < 0 or values.max() >= n):
-            raise param_error(caller, "domains", f"indices of feature rows in [0, {n - 1}]", name)
+            outside = values[(values < 0) | (values >= n)]
+            raise param_error(
+                caller, "domains", f"indices of feature rows in [0, {n - 1}]",
+                f"domain {name!r} holds {int(outside[0])}",
+            )  # fmt: skip
         index[name] = values
     joined = np.concatenate(list(index.values()))
-    if np.unique(joined).size != joined.size:
-        raise param_error(caller, "domains", "disjoint index sets", "an index in two domains or twice")
+    values, counts = np.unique(joined, return_counts=True)
+    if values.size != joined.size:
+        twice = int(values[np.argmax(counts > 1)])
+        holders = [name for name, rows in index.items() if twice in rows]
+        got = f"index {twice} in {holders}" + (" twice" if len(holders) == 1 else "")
+        raise param_error(caller, "domains", "disjoint index sets", got)
     return index
 
 
@@ -312,6 +347,10 @@ def _check_clusters(
     counts = {}
     for name, rows in index.items():
         k = check_param(caller, "clusters", wanted[name], Interval(int, 1, None))
+        if rows.size == 0:
+            raise param_error(
+                caller, "domains", "domains with at least one example each", f"{name!r} is empty"
+            )
         if k > rows.size:
             raise param_error(
                 caller, "clusters", f"at most the number of examples of {name!r} ({rows.size})", k
