@@ -233,7 +233,9 @@ class DomainMixer(ABC):
         # Cycling streams never restart, so batches are keyed by the absolute count; otherwise per epoch.
         cycling = self._stop == StopRule.CYCLE_FOREVER
         epoch_key, batch_key = (0, at.total) if cycling else (at.epoch, at.batch)
-        nb = min(BLOCK - batch_key % BLOCK, self._plan_length(at.total))
+        nb = self._plan_length(at.total)
+        if self._mode == Mode.IID:  # its slots' draws come from a generator per aligned block
+            nb = min(nb, BLOCK - batch_key % BLOCK)
         change = self._schedule.next_change(at.total)
         if change is not None:
             nb = min(nb, change - at.total)

@@ -1,10 +1,11 @@
 """The global domain plan: which domain fills each slot of each global batch, and which slots a rank owns.
 
 Every rank computes the same plan from the same state, so no communication is needed and the global
-batch (``batch_size * world_size`` slots) has the target composition exactly. Plans are made for blocks
-of up to :data:`BLOCK` consecutive batches; a block's randomness comes from a generator keyed by
-``(seed, epoch_key, block number)`` with blocks aligned to absolute batch numbers, so batch ``b`` is the
-same whether it is drawn in one run or after a resume at any point.
+batch (``batch_size * world_size`` slots) has the target composition exactly. Plans are made for up to
+:data:`BLOCK` consecutive batches. The stratified and low-discrepancy plans are functions of the
+counters alone; the iid mode's randomness comes from a generator keyed by ``(seed, epoch_key, block
+number)`` with blocks aligned to absolute batch numbers (its plans never cross one), so batch ``b`` is
+the same whether it is drawn in one run or after a resume at any point.
 """
 
 from __future__ import annotations
@@ -159,7 +160,7 @@ def plan_block(
     carry: tuple[np.ndarray, np.ndarray] | None = None,
     lag: tuple[float, ...] | None = None,
 ) -> SlotPlan:
-    """Plan ``nb`` batches starting at absolute batch ``batch_key`` (must not cross a BLOCK boundary).
+    """Plan ``nb`` batches starting at absolute batch ``batch_key`` (iid: must not cross a BLOCK boundary).
 
     Stratified: the global batch is laid out grouped by domain and position p goes to rank p % W, so each
     rank holds within one of its share of every domain; each rank's batch is then interleaved so that every
