@@ -87,6 +87,7 @@ def test_examples_and_ties() -> None:
         ({"q": [0.5, -0.5], "total": 3}, "q"),
         ({"q": [0.0, 0.0], "total": 3}, "q"),
         ({"q": [float("nan"), 1.0], "total": 3}, "q"),
+        ({"q": [], "total": 3}, "q"),
     ],
 )
 def test_allocation_errors_name_the_parameter(kwargs: dict, name: str) -> None:

@@ -168,6 +168,8 @@ def check_weight_vector(
             raise param_error(caller, name, "finite (no NaN or inf)", values) from None
     if array.ndim != 1 or array.size != k:
         raise param_error(caller, name, f"one weight per domain, shape ({k},)", f"shape {array.shape}")
+    if k == 0:
+        raise param_error(caller, name, "at least one weight", array.tolist())
     with np.errstate(over="ignore"):
         total = float(array.sum())  # NaN or inf when any weight is (or the sum overflows)
     if not math.isfinite(total) or array.min() < 0:

@@ -832,3 +832,28 @@ def test_numpy_rank_and_world_are_ints_and_ignore_fingerprint_is_a_bool() -> Non
         ValueError, match="'ignore_fingerprint' parameter of DomainBatchSampler.load_state_dict"
     ):
         sampler.load_state_dict(state, ignore_fingerprint="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("mode", ["stratified", "low_discrepancy", "iid"])
+def test_a_long_interval_between_weight_changes_keeps_plans_to_a_block(mode: str) -> None:
+    # Two changes 2,000 batches apart make that the expected interval; the plan after the second must
+    # still stop at BLOCK batches (a plan of the whole interval took seconds and hundreds of MB).
+    from domainmix.sampling._plan import BLOCK
+
+    s = DomainBatchSampler({"a": range(5000), "b": range(5000, 9000)}, 8, [0.5, 0.5], mode=mode)
+    it = iter(s)
+    for t in range(2001):
+        if t == 2000:
+            s.set_weights([0.25, 0.75])
+        next(it)
+    assert s._block is not None and len(s._block.values) <= BLOCK
+
+
+def test_a_cursor_past_its_domain_is_refused_on_load() -> None:
+    s = DomainBatchSampler({"a": range(10), "b": range(10, 30)}, 4, [0.5, 0.5])
+    next(iter(s))
+    state = s.state_dict()
+    state["domain_cursors"] = [50, 0]
+    fresh = DomainBatchSampler({"a": range(10), "b": range(10, 30)}, 4, [0.5, 0.5])
+    with pytest.raises(ValueError, match=r"'domain_cursors'\] must be below each domain's size \[10, 20\]"):
+        fresh.load_state_dict(state)

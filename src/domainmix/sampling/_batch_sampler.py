@@ -431,10 +431,18 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         Raises:
             ValueError: for missing keys or a fingerprint that differs from this sampler's.
         """
-        at = self._load(state_dict, ignore_fingerprint=ignore_fingerprint)
         k = len(self._names)
+        if not ignore_fingerprint and self.CURSOR_KEY in state_dict:  # checked before anything is loaded
+            cursors = np.asarray(state_counts(self._caller, state_dict, self.CURSOR_KEY, k), dtype=np.int64)
+            if (cursors >= np.maximum(self._sizes, 1)).any():  # a cursor is a position within its pass
+                raise ValueError(
+                    f"{self._caller}.load_state_dict: state[{self.CURSOR_KEY!r}] must be below each domain's "
+                    f"size {self._sizes.tolist()}. Got {cursors.tolist()} instead."
+                )
+        at = self._load(state_dict, ignore_fingerprint=ignore_fingerprint)
         passes = np.asarray(state_counts(self._caller, state_dict, self.PASS_KEY, k), dtype=np.int64)
         cursors = np.asarray(state_counts(self._caller, state_dict, self.CURSOR_KEY, k), dtype=np.int64)
+        # an elastic resume (ignore_fingerprint) onto smaller domains starts their next pass
         positions = passes * self._sizes + np.minimum(cursors, self._sizes)
         self._snaps.reset(Snap(at.total, at.epoch, at.batch, positions, at.ld_counts, at.ld_from, at.ld_lag))
         self._block = None

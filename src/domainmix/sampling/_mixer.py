@@ -217,7 +217,7 @@ class DomainMixer(ABC):
     # ------------------------------------------------------------------ planning
 
     def _plan_next(self, at: Counters, rank: int, world: int) -> Planned | None:
-        """Plan the batches from ``at`` up to the next block boundary, weight change or epoch end.
+        """Plan the batches from ``at`` up to the next weight change or epoch end (iid: block boundary).
 
         At most :meth:`_plan_length` batches: plans are a function of the counters alone, so their
         length changes the cost, never the batches.
@@ -278,16 +278,17 @@ class DomainMixer(ABC):
         return carried_lag(np.asarray(at.ld_lag), distribution(previous), at.ld_counts, distribution(q))
 
     def _plan_length(self, total: int) -> int:
-        """How many batches to plan from batch ``total``: up to where the next weight change is expected.
+        """How many batches to plan from batch ``total``: up to the next expected weight change, ≤ BLOCK.
 
-        A weight change discards the rest of the plan. Changes often come at a fixed interval (a
+        At most :data:`BLOCK`, so that a plan's memory and its first batch's wait stay bounded. A weight
+        change discards the rest of the plan. Changes often come at a fixed interval (a
         controller's ``update_every``), so the plan ends where the last interval, repeated, puts the next
         change; past that point, or before a second change, it grows with the batches since the last
         change, from ``PLAN_ROWS`` to a block (long plans spread the fixed cost of planning).
         """
         since, interval = total - self._schedule.entries[-1][0], self._schedule.interval
         if interval is not None and since < interval:
-            return interval - since
+            return min(interval - since, BLOCK)  # a long interval must not make one huge plan
         return min(BLOCK, max(PLAN_ROWS, since))
 
     # ------------------------------------------------------------------ state

@@ -219,6 +219,8 @@ class IndexStream:
 
     def _permutation(self, epoch_key: int, pass_: int) -> np.ndarray:
         perm = self._cache.get((epoch_key, pass_))
+        if perm is None and self.size == 1:  # the only permutation: no generator (~40 us) per pass
+            return np.zeros(1, dtype=np.int64)
         if perm is None:
             # permutation(n) is ~30% faster than shuffling an int32 arange; int64 costs 8 bytes per index
             perm = np.random.default_rng([*self._key, epoch_key, pass_]).permutation(self.size)
