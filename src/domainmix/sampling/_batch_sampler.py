@@ -432,7 +432,13 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             ValueError: for missing keys or a fingerprint that differs from this sampler's.
         """
         k = len(self._names)
-        if not ignore_fingerprint and self.CURSOR_KEY in state_dict:  # checked before anything is loaded
+        saved = state_dict.get(self.FINGERPRINT_KEY)
+        mine = self._fingerprint()
+        same_domains = isinstance(saved, Mapping) and all(
+            saved.get(key) == mine[key] for key in ("domains", "sizes")
+        )
+        # checked before anything is loaded; a state of other domains fails on its fingerprint instead
+        if not ignore_fingerprint and same_domains and self.CURSOR_KEY in state_dict:
             cursors = np.asarray(state_counts(self._caller, state_dict, self.CURSOR_KEY, k), dtype=np.int64)
             if (cursors >= np.maximum(self._sizes, 1)).any():  # a cursor is a position within its pass
                 raise ValueError(
