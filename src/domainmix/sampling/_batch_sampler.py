@@ -431,21 +431,8 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         Raises:
             ValueError: for missing keys or a fingerprint that differs from this sampler's.
         """
-        k = len(self._names)
-        saved = state_dict.get(self.FINGERPRINT_KEY)
-        mine = self._fingerprint()
-        same_domains = isinstance(saved, Mapping) and all(
-            saved.get(key) == mine[key] for key in ("domains", "sizes")
-        )
-        # checked before anything is loaded; a state of other domains fails on its fingerprint instead
-        if not ignore_fingerprint and same_domains and self.CURSOR_KEY in state_dict:
-            cursors = np.asarray(state_counts(self._caller, state_dict, self.CURSOR_KEY, k), dtype=np.int64)
-            if (cursors >= np.maximum(self._sizes, 1)).any():  # a cursor is a position within its pass
-                raise ValueError(
-                    f"{self._caller}.load_state_dict: state[{self.CURSOR_KEY!r}] must be below each domain's "
-                    f"size {self._sizes.tolist()}. Got {cursors.tolist()} instead."
-                )
         at = self._load(state_dict, ignore_fingerprint=ignore_fingerprint)
+        k = len(self._names)
         passes = np.asarray(state_counts(self._caller, state_dict, self.PASS_KEY, k), dtype=np.int64)
         cursors = np.asarray(state_counts(self._caller, state_dict, self.CURSOR_KEY, k), dtype=np.int64)
         # an elastic resume (ignore_fingerprint) onto smaller domains starts their next pass
@@ -459,6 +446,23 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         if self.EPOCH_ENDS_KEY in state_dict:
             ends = state_counts(self._caller, state_dict, self.EPOCH_ENDS_KEY, -1)
         self._epoch_ends = sorted(int(e) for e in ends)
+
+    def _check_own(self, state_dict: Mapping[str, Any], *, ignore_fingerprint: bool) -> None:
+        """The passes, cursors and epoch ends; a cursor is a position in its pass, below its domain's size.
+
+        An elastic resume (``ignore_fingerprint``) onto smaller domains may hold larger cursors: those
+        domains start their next pass.
+        """
+        k = len(self._names)
+        state_counts(self._caller, state_dict, self.PASS_KEY, k)
+        cursors = np.asarray(state_counts(self._caller, state_dict, self.CURSOR_KEY, k), dtype=np.int64)
+        if not ignore_fingerprint and (cursors >= np.maximum(self._sizes, 1)).any():
+            raise ValueError(
+                f"{self._caller}.load_state_dict: state[{self.CURSOR_KEY!r}] must be below each domain's "
+                f"size {self._sizes.tolist()}. Got {cursors.tolist()} instead."
+            )
+        if self.EPOCH_ENDS_KEY in state_dict:
+            state_counts(self._caller, state_dict, self.EPOCH_ENDS_KEY, -1)
 
     def __repr__(self) -> str:
         q = ", ".join(f"{n}={w:.4g}" for n, w in zip(self._names, self.weights.tolist(), strict=True))

@@ -341,6 +341,11 @@ class DomainMixer(ABC):
         k, owner = len(self._names), self._caller
         counters = [state_counts(owner, state_dict, key) for key in self._COUNTER_KEYS]
         ld_counts = state_counts(owner, state_dict, self.LD_COUNTS_KEY, k)
+        lag = (0.0,) * k  # a state saved before lags were carried: the old restart, until the next change
+        if self.LD_LAG_KEY in state_dict:
+            lag = tuple(state_list(owner, state_dict, self.LD_LAG_KEY, k, "finite floats", _finite_float))
+        self._check_own(state_dict, ignore_fingerprint=ignore_fingerprint)
+        # everything is checked: from here on the state is restored
         self._schedule.load(f"{owner}.load_state_dict", "state_dict", state_dict[self.HISTORY_KEY])
         epoch, batch, total, ld_from = (int(c) for c in counters)
         ld = np.asarray(ld_counts, dtype=np.int64).reshape(k)
@@ -352,10 +357,15 @@ class DomainMixer(ABC):
             # The carried counts were per batch of another size (an elastic resume): restart the carry
             # here, as a weight change would. Low-discrepancy counts are per slot and carry over as they are.
             ld = np.zeros_like(ld)
-        lag = (0.0,) * k  # a state saved before lags were carried: the old restart, until the next change
-        if self.LD_LAG_KEY in state_dict:
-            lag = tuple(state_list(owner, state_dict, self.LD_LAG_KEY, k, "finite floats", _finite_float))
         return Counters(epoch, batch, total, ld, ld_from, lag)
+
+    def _check_own(  # noqa: B027  # a hook: a subclass without entries to check keeps this default
+        self, state_dict: Mapping[str, Any], *, ignore_fingerprint: bool
+    ) -> None:
+        """Check a subclass's own entries of a state whose keys and fingerprint :meth:`_load` checked.
+
+        Runs before anything is restored, so that a refused state leaves the mixer as it was.
+        """
 
 
 def _finite_float(value: Any) -> bool:
