@@ -20,10 +20,11 @@ import torch
 from torch import Tensor, nn
 
 from domainmix._statistics import provided_by
-from domainmix._validation import Interval, Options, check_param, param_error
+from domainmix._validation import Options, check_param, param_error
 from domainmix.losses import domain_losses
 from domainmix.stats._collector import StatsCollector
 from domainmix.stats._gradients import _select_params, gradient_variance
+from domainmix.stats._products import check_max_norm
 from domainmix.stats._tap import GradientProductTap
 
 __all__ = [
@@ -214,9 +215,7 @@ class GradientProductProbe(Probe):
             )
         if target is not None and not callable(target):
             raise param_error("GradientProductProbe", "target", "a callable returning target losses", target)
-        check_param(
-            "GradientProductProbe", "max_norm", max_norm, Interval(float, 0.0, None, closed="neither"), None
-        )
+        check_max_norm("GradientProductProbe", max_norm)
         self._tap = tap if isinstance(tap, GradientProductTap) else None
         self._factory = None if isinstance(tap, GradientProductTap) else tap
         self._max_norm, self._target = max_norm, target

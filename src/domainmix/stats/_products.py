@@ -71,7 +71,7 @@ def domain_gradient_products(
     """
     caller = "domain_gradient_products"
     k = check_param(caller, "num_domains", num_domains, Interval(int, 1, None))
-    check_param(caller, "max_norm", max_norm, Interval(float, 0.0, None, closed="neither"), None)
+    check_max_norm(caller, max_norm)
     params = list(params)
     if not params:
         raise param_error(caller, "params", "a non-empty sequence of tensors with requires_grad", params)
@@ -101,6 +101,11 @@ def domain_gradient_products(
         _write_flat_grad(masked_row_sums(target_losses, tm).sum(), params, buffer.matrix[k])
         buffer.counts[k] = float(tm.sum(dtype=torch.float64))
     return buffer.finish(target=target_losses is not None, max_norm=max_norm, reduce=reduce)
+
+
+def check_max_norm(caller: str, max_norm: float | None) -> None:
+    """The clip of a mean gradient's norm: None, or a float > 0."""
+    check_param(caller, "max_norm", max_norm, Interval(float, 0.0, None, closed="neither"), None)
 
 
 def target_elements(caller: str, target_losses: Tensor, target_mask: Tensor | None) -> Tensor:

@@ -13,7 +13,13 @@ from torch.utils.hooks import RemovableHandle
 
 from domainmix._rows import check_inputs, masked_row_sums
 from domainmix._validation import Interval, check_param, param_error
-from domainmix.stats._products import GradientProducts, ProductBuffer, domain_counts, target_elements
+from domainmix.stats._products import (
+    GradientProducts,
+    ProductBuffer,
+    check_max_norm,
+    domain_counts,
+    target_elements,
+)
 
 _SUPPORTED = (nn.Linear, nn.LayerNorm)
 
@@ -180,7 +186,7 @@ class GradientProductTap:
     ) -> GradientProducts:
         caller = "GradientProductTap.products"
         k = check_param(caller, "num_domains", num_domains, Interval(int, 1, None))
-        check_param(caller, "max_norm", max_norm, Interval(float, 0.0, None, closed="neither"), None)
+        check_max_norm(caller, max_norm)
         m = check_inputs(caller, losses, domain_ids, k, mask)
         if not losses.requires_grad:
             raise param_error(caller, "losses", "an (N,) or (N, T) tensor attached to the graph", losses)
