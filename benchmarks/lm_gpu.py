@@ -1,6 +1,6 @@
 """The language-model comparison at a larger size on one GPU: both settings, several seeds, one command.
 
-Recipe (issue 10, item 8): on a machine with one CUDA GPU, from the repository root,
+Recipe: on a machine with one CUDA GPU, from the repository root,
 
     domainmix data build-corpus --out runs/corpus --bpe 4096     # on a machine with the registries
     python benchmarks/lm_gpu.py --corpus runs/corpus --out runs/lm-gpu --json
@@ -15,10 +15,10 @@ ends it writes, under ``--out``, the setting's runs with their ``paired.json``, 
 The GPU configuration: block 256, batch 64 windows (16,384 tokens) per step, a 4 × 256 reference and
 proxies and a 6 × 384 base (about 12.2 M parameters with the 4,096-token vocabulary), 500 steps per
 stage with 25 warm-up steps (each base sees about 8.2 M tokens, 1.6 epochs of the training splits),
-every training and evaluation window. At 32 windows × 1,000 steps (the same tokens) an H100 took about
-12 minutes for both settings, with every stage bound by the host at 12-15 ms a step whatever the model
-size (docs/language-models.md): half the steps of twice the windows keep the tokens and, while the
-step stays host-bound, halve the time.
+every training and evaluation window. On one H100 (2026-11-27) both settings took 360 s; the results
+are ``docs/results/lm-gpu-h100*.json`` and the tables in docs/language-models.md. The first size,
+32 windows × 1,000 steps (the same tokens), took about 12 minutes, with every stage bound by the host at
+12-15 ms a step whatever the model size: half the steps of twice the windows halved the time.
 
 Usage: python benchmarks/lm_gpu.py [--corpus DIR] [--out DIR] [--device cuda|auto|cpu] [--seeds 0,1,2]
        [--target drama] [--smoke] [--json]

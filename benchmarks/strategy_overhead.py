@@ -27,10 +27,13 @@ Three configurations (``--config``):
   (``LmConfig()``'s DoReMi settings; DoGE's µ, ``doge_max_norm``, universal target mode with a target
   batch of ``doge_target_batch`` windows, here the batch's 16; η_t = lr × ``lr_factor``). Its default
   variants: ``plain``, ``uniform``, ``doremi_cached``, the four DoGE subset variants and the four VA
-  subset variants (below). The figures are made by::
+  subset variants (below). The figures (docs/language-models.md, "The statistics' cost at 110 M
+  parameters") are made by::
 
-      python benchmarks/strategy_overhead.py --config gpt100m --device cuda --json \
-          > benchmarks/results/strategy_overhead_gpt100m_cuda.json
+      python benchmarks/strategy_overhead.py --config gpt100m --device cuda --repeats 3 \
+          --out benchmarks/results/strategy_overhead_gpt100m_cuda.json
+
+  (97 s on one H100, memory measurements included; float32, no TF32.)
 
   It runs on the CPU too (``--device cpu``), slowly: 11 model copies with their AdamW states take about
   20 GB, and a plain step of 16 × 512 tokens takes minutes on one thread (6 s at ``--block-size 32

@@ -619,7 +619,7 @@ def test_collector_given_is_used() -> None:
 
 
 def test_a_failed_update_does_not_advance_the_controller() -> None:
-    """Issue 12: a score of the wrong shape raised inside torch and still advanced step_count."""
+    """A score of the wrong shape once raised inside torch and still advanced step_count."""
     calls = []
 
     def score(s, w):
@@ -639,7 +639,7 @@ def test_a_failed_update_does_not_advance_the_controller() -> None:
 
 
 def test_domain_names_keep_the_samplers_own_weights() -> None:
-    """Issue 12: the controller replaced the sampler's q ∝ sizes by uniform, silently."""
+    """The controller once replaced the sampler's q ∝ sizes by uniform, silently."""
     from domainmix.sampling import DomainBatchSampler
 
     def sampler() -> DomainBatchSampler:

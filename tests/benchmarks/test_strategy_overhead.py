@@ -344,3 +344,29 @@ def test_gpt100m_config_resolves_to_at_least_100m_parameters() -> None:
         "doge_all_blocks",
         *VA,
     ]
+
+
+def test_the_gpt100m_cuda_table_in_the_docs_is_the_committed_json() -> None:
+    """docs/language-models.md's 110 M-parameter table: one row per subset, from the JSON it names."""
+    root = SCRIPT.parents[1]
+    report = json.loads((root / "benchmarks" / "results" / "strategy_overhead_gpt100m_cuda.json").read_text())
+    assert report["config"]["device"] == "cuda" and report["config"]["model"]["parameters"] >= 100_000_000
+    labels = {
+        "last_mlp_out": "last MLP's output projection",
+        "last_mlp": "last MLP",
+        "subset": "last block + final LN",
+        "all_blocks": "all blocks + final LN",
+    }
+    peaks = report["gradient_statistics_memory_bytes"]["step_peak_bytes"]
+    page = (root / "docs" / "language-models.md").read_text()
+    for doge, va in zip(report["subset_cost"]["doge"], report["subset_cost"]["va"], strict=True):
+        assert doge["subset"] == va["subset"]
+        row = (
+            f"| {labels[doge['subset']]} | {doge['parameters']:,} ({doge['fraction']:.1%}".replace("%", " %")
+            + f") | {doge['ratio_vs_plain']:.2f} | {va['ratio_vs_plain']:.2f} | "
+            f"{peaks[doge['variant']] / 2**20:,.0f} / {peaks[va['variant']] / 2**20:,.0f} |"
+        )
+        assert row in page, row
+    results = report["results"]
+    assert f"A plain step took {results['plain']['seconds_per_step'] * 1000:.1f} ms" in page
+    assert f"cached reference losses {results['doremi_cached']['ratio_vs_plain']:.3f}×" in page

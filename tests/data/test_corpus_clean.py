@@ -1,4 +1,4 @@
-"""A clean corpus (issue 10, item 1): docstrings out of code, near duplicates dropped, math problems
+"""A clean corpus: docstrings out of code, near duplicates dropped, math problems
 unique, and the held-out/train line overlap audited and enforced (docs/algorithms.md §4.1)."""
 
 from __future__ import annotations

@@ -70,7 +70,7 @@ def test_missing_or_foreign_manifest(tmp_path: Path, corpus_copy: Path) -> None:
     manifest.write_text(json.dumps({"format": 99}))
     with pytest.raises(CorpusError, match="has format 99; this domainmix reads format 2"):
         load_corpus(corpus_copy)
-    manifest.write_text(json.dumps({"format": 1}))  # the leaky corpus of domainmix before issue 10
+    manifest.write_text(json.dumps({"format": 1}))  # the leaky corpus format 1
     with pytest.raises(CorpusError, match="has format 1; .* rebuild it with: domainmix data build-corpus"):
         load_corpus(corpus_copy)
 

@@ -217,7 +217,7 @@ def test_mlp_config_defaults_are_valid() -> None:
     assert MlpConfig().problems() == []
 
 
-# --- the command line's rough edges (issue 12) -------------------------------------------------------
+# --- the command line's rough edges ---------------------------------------------------------------------
 def test_config_file_errors_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     broken = tmp_path / "broken.yaml"
     broken.write_text("steps: [1, 2\nlr: 0.1\n")

@@ -209,7 +209,7 @@ def test_delay_holds_weights_and_state_until_start() -> None:
 
 
 def test_exponentiated_gradient_names_an_undeclared_statistic_its_score_reads() -> None:
-    """Issue 12: a score reading heldout_loss without requires= got None ('NoneType' has no 'to')."""
+    """A score reading heldout_loss without requires= got None ('NoneType' has no 'to')."""
     strategy = S.exponentiated_gradient(lambda s, w: s.heldout_loss, step_size=1.0)
     weights = DomainWeights.create(NAMES)
     with pytest.raises(ValueError, match=r"read the statistic 'heldout_loss', which is not in its requires="):

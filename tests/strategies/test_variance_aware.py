@@ -177,7 +177,7 @@ def test_every_loss_and_sampling_pair_composes() -> None:
 
 
 def _va_on_the_training_batch(va: S.Strategy, steps: int = 24) -> tuple[WeightingController, list[str]]:
-    """The README's recipe with v_i estimated on the step's own training batch (issue 12): domain 'a'
+    """The README's recipe with v_i estimated on the step's own training batch: domain 'a'
     has tiny gradients, so VA gives it its minimum count."""
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor([1e-3, 1.0, 3.0], dtype=torch.float64)

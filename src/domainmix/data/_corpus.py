@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["MANIFEST", "MANIFEST_FORMAT", "Corpus", "CorpusError", "load_corpus"]
 
 MANIFEST = "manifest.json"
-# The corpus version. 2 (domainmix 0.1, issue 10): code without docstrings, near-duplicate documents
+# The corpus version. 2 (domainmix 0.1): code without docstrings, near-duplicate documents
 # dropped, math problems unique, the held-out/train line overlap measured and bounded (manifest
 # "overlap"); a format-1 corpus leaks up to 38 % of its test lines and is refused, with the rebuild
 # command. docs/algorithms.md §4.1 lists the changes.
