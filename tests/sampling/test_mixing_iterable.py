@@ -328,16 +328,28 @@ def test_batch_sampling_survives_a_resume_saved_after_a_weight_change() -> None:
         (DomainMixingIterable.EXHAUSTED_KEY, [0, 0, 1], "a list of 3 bools"),
         (DomainMixingIterable.EXHAUSTED_KEY, "no", "a list of 3 bools"),
         (DomainMixingIterable.SOURCE_STATES_KEY, [], "a list of 3 source states"),
+        (DomainMixingIterable.CONSUMED_KEY, [1, -1, 0], "a list of 3 ints >= 0"),
+        (DomainMixingIterable.PASS_KEY, [0, 0], "a list of 3 ints >= 0"),
+        (DomainMixingIterable.OFFSET_KEY, 1.5, "an int >= 0"),
     ],
 )
-def test_a_corrupt_per_source_entry_fails_on_load(key: str, value: Any, wanted: str) -> None:
-    """Not at some later batch (an IndexError deep in the iteration)."""
-    state = make(stop="all_exhausted").state_dict()
+def test_a_corrupt_per_source_entry_fails_on_load_and_restores_nothing(
+    key: str, value: Any, wanted: str
+) -> None:
+    """Not at some later batch (an IndexError deep in the iteration); the object keeps its own state."""
+    trained = make(stop="all_exhausted")
+    it = iter(trained)
+    for _ in range(7):
+        next(it)
+    state = trained.state_dict()
     state[key] = value
+    fresh = make(stop="all_exhausted")
+    before = json.dumps(fresh.state_dict())
     with pytest.raises(
         ValueError, match=rf"DomainMixingIterable.load_state_dict: state\['{key}'\] must be {wanted}"
     ):
-        make(stop="all_exhausted").load_state_dict(state)
+        fresh.load_state_dict(state)
+    assert json.dumps(fresh.state_dict()) == before
 
 
 def test_bad_state() -> None:

@@ -404,7 +404,7 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
         Raises:
             ValueError: for missing keys or a fingerprint that differs from this object's.
         """
-        at = self._load(state_dict)
+        at = self._load(state_dict)  # checks every entry (with _check_own) before it restores anything
         self._epoch, self._batch, self._total = at.epoch, at.batch, at.total
         self._ld, self._ld_from, self._ld_lag = at.ld_counts, at.ld_from, at.ld_lag
         k, owner = len(self._names), self._caller
@@ -423,6 +423,15 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
             self._shared[1:] = 0  # workers may start from this state again
         else:
             self._own_state = True  # a worker's own saved state (a loader that collects worker states)
+
+    def _check_own(self, state_dict: Mapping[str, Any], *, ignore_fingerprint: bool) -> None:
+        """The offset, passes, consumed counts, exhausted flags, source epochs and source states."""
+        k, owner = len(self._names), self._caller
+        state_counts(owner, state_dict, self.OFFSET_KEY)
+        for key in (self.PASS_KEY, self.CONSUMED_KEY, self.SOURCE_EPOCHS_KEY):
+            state_counts(owner, state_dict, key, k)
+        state_list(owner, state_dict, self.EXHAUSTED_KEY, k, "bools", _is_bool)
+        state_list(owner, state_dict, self.SOURCE_STATES_KEY, k, "source states", _any)
 
 
 def _is_bool(value: Any) -> bool:
