@@ -560,3 +560,40 @@ def test_the_report_pools_only_the_seeds_and_rows_of_one_configuration(tmp_path:
     record.write_text(json.dumps(payload))
     with pytest.raises(ValueError, match=r"seeds \[1\] ran with other settings than seed 0 \(\['lr'\]\)"):
         lm_report.summarize(run, "cmd")
+
+
+def test_encoded_splits_are_kept_beside_the_corpus_and_keyed_by_split_and_tokenizer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from domainmix.data import load_corpus, train_bpe
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(FIXTURE, corpus)
+    cfg = replace(TINY, corpus=str(corpus), tokenizer="bpe", bpe_vocab=300)
+    tokenizer = train_bpe(corpus, 300)
+    lm._tokens.cache_clear()
+    first = lm.load_windows(cfg, "test")
+    kept = sorted((corpus / lm.TOKEN_CACHE).glob("*.test.*.npy"))
+    assert len(kept) == len(load_corpus(corpus).domains)
+    assert load_corpus(corpus).tokens("drama", "test", tokenizer).tolist() == np.load(
+        next(p for p in kept if p.name.startswith("drama."))
+    ).tolist()
+
+    def no_encoding(*args: object, **kwargs: object) -> None:
+        raise AssertionError("encoded again")
+
+    lm._tokens.cache_clear()  # a new process: the split is read from the folder, not encoded
+    monkeypatch.setattr("domainmix.data._tokenize.encode", no_encoding)
+    again = lm.load_windows(cfg, "test")
+    assert torch.equal(first.tokens, again.tokens)
+
+    train_bpe(corpus, 280, out=tokenizer)  # another tokenizer in the same file: a new key, encoded again
+    lm._tokens.cache_clear()
+    with pytest.raises(AssertionError, match="encoded again"):
+        lm.load_windows(cfg, "test")
+    monkeypatch.undo()
+    kept[0].write_bytes(b"not an array")  # an unreadable file is encoded again and replaced
+    lm._tokens.cache_clear()
+    train_bpe(corpus, 300, out=tokenizer)
+    assert torch.equal(lm.load_windows(cfg, "test").tokens, first.tokens)
+    lm._tokens.cache_clear()

@@ -34,12 +34,13 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -69,6 +70,9 @@ from domainmix.stats import (
     StepLosses,
     statistics,
 )
+
+if TYPE_CHECKING:
+    from domainmix.data import Corpus
 
 TRAJECTORY_EVERY = 10  # steps between the recorded mixtures of the weights' trajectory
 # Steps between reads of the non-finite-loss flag: reading it every step would make the host wait for
@@ -116,6 +120,9 @@ def load_windows(
     return Windows(tuple(names), torch.cat(parts), domain, ranges, sizes)
 
 
+TOKEN_CACHE = ".tokens"  # the folder, inside the corpus folder, of the encoded splits (see _encoded)
+
+
 @lru_cache(maxsize=64)  # every stage and seed of --compare reads the same splits: verify and encode once
 def _tokens(corpus_dir: str, domain: str, split: str, tokenizer: str | None) -> np.ndarray:
     """One domain's split as tokens (the corpus's hashes checked), encoded once per process."""
@@ -126,7 +133,42 @@ def _tokens(corpus_dir: str, domain: str, split: str, tokenizer: str | None) -> 
         raise ValueError(
             f"The corpus {corpus_dir} has no domain {domain!r}; its domains: {list(corpus.domains)}."
         )
-    return corpus.tokens(domain, split, tokenizer)
+    if tokenizer is None:  # byte level: the file's bytes, nothing to encode
+        return corpus.tokens(domain, split)
+    return _encoded(corpus, domain, split, Path(tokenizer))
+
+
+def _encoded(corpus: Corpus, domain: str, split: str, tokenizer: Path) -> np.ndarray:
+    """BPE ids of one split, read from ``<corpus>/.tokens/`` when the same tokenizer encoded it before.
+
+    Encoding is most of a stage's start (the default corpus: about 17 s on two cores; ``tokenizers``
+    encodes one string on one thread), and every ``run lm`` process paid it. The file's name holds the
+    SHA-256 of the split (the manifest's, which ``load_corpus`` checked) and of the tokenizer file, so an
+    edited split or another tokenizer never reads ids encoded from something else. A corpus folder that
+    cannot be written to is only slower (a warning says why).
+    """
+    from domainmix.data._files import sha256_file
+
+    split_sha = corpus.manifest["domains"][domain]["splits"][split]["sha256"]
+    key = hashlib.sha256(f"{split_sha}:{sha256_file(tokenizer)}".encode()).hexdigest()[:24]
+    path = corpus.root / TOKEN_CACHE / f"{domain}.{split}.{key}.npy"
+    if path.is_file():
+        try:
+            ids = np.load(path, allow_pickle=False)
+        except (OSError, ValueError):  # unreadable: encode again and replace it
+            ids = None
+        if ids is not None and ids.dtype == np.int32 and ids.ndim == 1:
+            return ids
+    ids = corpus.tokens(domain, split, tokenizer)
+    try:
+        path.parent.mkdir(exist_ok=True)
+        with atomic_path(path) as temporary, open(temporary, "wb") as handle:
+            np.save(handle, ids, allow_pickle=False)
+    except OSError as error:
+        warnings.warn(
+            f"run lm: could not keep the encoded {domain}/{split} in {path.parent}: {error}", stacklevel=2
+        )
+    return ids
 
 
 def corpus_digest(cfg: LmConfig) -> str:
