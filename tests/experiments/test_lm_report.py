@@ -10,49 +10,44 @@ import pytest
 from domainmix.experiments import lm_report
 
 ROOT = Path(__file__).resolve().parents[2]
-RESULTS = sorted((ROOT / "docs" / "results").glob("lm-cpu-*.json"))
+RESULTS = ROOT / "docs" / "results"
+SETTINGS = ("universal", "out-of-domain-drama")
+# Each table set: the command that makes its runs, and whether it has the DIDS section's rows.
+SOURCES = {
+    "lm-cpu": ("domainmix run lm --compare", True),
+    "lm-gpu-h100": ("python benchmarks/lm_gpu.py", False),
+}
+TABLES = [(source, setting) for source in SOURCES for setting in SETTINGS]
 
 
-def test_both_settings_have_results() -> None:
-    assert {p.stem for p in RESULTS} == {"lm-cpu-universal", "lm-cpu-out-of-domain-drama"}
+def test_every_result_file_is_a_table_set_of_the_page() -> None:
+    made = {p.stem for p in RESULTS.glob("lm-*-*.json") if p.stem.endswith(SETTINGS)}
+    assert made == {f"{source}-{setting}" for source, setting in TABLES}
 
 
-@pytest.mark.parametrize("path", RESULTS, ids=[p.stem for p in RESULTS])
-def test_the_docs_carry_the_tables_made_from_the_json(path: Path) -> None:
+@pytest.mark.parametrize(("source", "setting"), TABLES, ids=[f"{a}-{b}" for a, b in TABLES])
+def test_the_docs_carry_the_tables_made_from_the_json(source: str, setting: str) -> None:
+    path = RESULTS / f"{source}-{setting}.json"
     summary = json.loads(path.read_text())
     tables = lm_report.markdown(summary)
     assert path.with_suffix(".md").read_text() == tables
     assert tables in (ROOT / "docs" / "language-models.md").read_text(), f"re-paste {path.with_suffix('.md')}"
-    assert len(summary["seeds"]) >= 3 and summary["command"].startswith("domainmix run lm --compare")
+    command, with_dids = SOURCES[source]
+    assert len(summary["seeds"]) >= 3 and summary["command"].startswith(command)
     assert (ROOT / "docs" / "images" / f"{path.stem}.png").is_file()
-    assert set(summary["dids"]) == {"dids", "dids-flat", "dids-inverted"}  # the DIDS section's rows
-    assert (ROOT / "docs" / "images" / f"{path.stem}-dids.png").is_file()
-
-
-GPU_RESULTS = [
-    ROOT / "docs" / "results" / f"lm-gpu-h100-{name}.json" for name in ("universal", "out-of-domain-drama")
-]
-
-
-@pytest.mark.parametrize("path", GPU_RESULTS, ids=[p.stem for p in GPU_RESULTS])
-def test_the_docs_carry_the_gpu_tables_made_from_the_json(path: Path) -> None:
-    summary = json.loads(path.read_text())
-    tables = lm_report.markdown(summary)
-    assert path.with_suffix(".md").read_text() == tables
-    assert tables in (ROOT / "docs" / "language-models.md").read_text(), f"re-paste {path.with_suffix('.md')}"
-    assert len(summary["seeds"]) >= 3 and summary["command"].startswith("python benchmarks/lm_gpu.py")
-    assert summary["config"]["device"] == "cuda" and summary["config"]["amp"]
-    assert (ROOT / "docs" / "images" / f"{path.stem}.png").is_file()
+    if with_dids:
+        assert set(summary["dids"]) == {"dids", "dids-flat", "dids-inverted"}  # the DIDS section's rows
+        assert (ROOT / "docs" / "images" / f"{path.stem}-dids.png").is_file()
+    else:  # the GPU recipe: bfloat16 autocast on CUDA
+        assert summary["config"]["device"] == "cuda" and summary["config"]["amp"]
 
 
 def test_the_gpu_run_names_its_device_and_both_settings() -> None:
-    run = json.loads((ROOT / "docs" / "results" / "lm-gpu-h100.json").read_text())
+    run = json.loads((RESULTS / "lm-gpu-h100.json").read_text())
     assert run["device"].startswith("NVIDIA H100")
     assert set(run["settings"]) == {"universal", "out_of_domain_drama"}
     for label, setting in run["settings"].items():
-        setting_summary = json.loads(
-            (ROOT / "docs" / "results" / f"lm-gpu-h100-{label.replace('_', '-')}.json").read_text()
-        )
+        setting_summary = json.loads((RESULTS / f"lm-gpu-h100-{label.replace('_', '-')}.json").read_text())
         paired = setting_summary["paired"]
         for method, row in setting["log_perplexity_minus_uniform"].items():
             assert row["average"]["mean"] == pytest.approx(paired[method]["average"]["mean"])
