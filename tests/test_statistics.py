@@ -69,7 +69,7 @@ def test_bad_declarations_name_the_field(row: dict, message: str) -> None:
 
 
 def test_reserved_names_are_exactly_domain_stats_members() -> None:
-    members = {name for name in dir(DomainStats) if not name.startswith("_")} | {"step"}
+    members = {name for name in dir(DomainStats) if not name.startswith("_")} | {"step", "observed"}
     assert members - {"loss", "count"} == table.RESERVED  # loss and count are statistics themselves
     with pytest.raises(ValueError, match="'name'"):
         Statistic("present", ("k",), "toy", "estimate", "would shadow DomainStats.present")

@@ -24,10 +24,14 @@ LOSS_REDUCTIONS: frozenset[str] = frozenset({"mean", "variance", "count"})
 # "k" is the domain axis; "t" the target-task axis of DIDS's statistics (its length is the number of tasks,
 # fixed by the first estimate of a window rather than by the table).
 SHAPES: tuple[tuple[str, ...], ...] = (("k",), ("k", "k"), ("t",), ("k", "t"))
-# DomainStats' own members: a statistic of one of these names could not be read as an attribute.
+# DomainStats' own members (a statistic of one of these names could not be read as an attribute) and the
+# keyword its constructor and replace() take besides the statistics.
 RESERVED: frozenset[str] = frozenset(
-    {"step", "fields", "get", "items", "replace", "as_dict", "num_domains", "present", "is_finite"}
-)
+    {
+        "step", "fields", "get", "items", "replace", "as_dict", "num_domains", "present", "is_finite",
+        "observed_entries", "observed",
+    }
+)  # fmt: skip
 
 
 @dataclass(frozen=True)

@@ -542,7 +542,7 @@ class WeightingController:
         off = (self._weights.mixture == 0) & (self._weights.sampling == 0)
         if not bool(off.any()):
             return stats
-        changes = {}
+        changes: dict[str, Any] = {}
         for name, value in stats.items():
             bad = ~torch.isfinite(value)
             if not bool(bad.any()):

@@ -152,29 +152,45 @@ class DomainStats:
     Statistics are read as attributes (``stats.heldout_loss``, ``None`` when absent) or by name
     (``stats["heldout_loss"]``, an error when absent); :meth:`replace` returns a copy with some changed.
 
+    An estimate (a probe's statistic, such as ``fisher_domain_sq``) may leave entries unobserved: a
+    domain absent from every draw of the window, and of every earlier one under a moving average. Such
+    an entry reads 0 and :meth:`observed_entries` says so; a strategy must not read it as a measured 0.
+
     Args:
         step: training step at which the window closed.
         loss: (k,) mean training loss per domain over the window.
         count: (k,) examples (or tokens) seen per domain in the window.
+        observed: optional bool masks, by statistic name, of the entries that were measured (shaped like
+            the statistic); a statistic without one is observed everywhere.
         **values: any other declared statistic, by name (a tensor of its declared shape, or None).
 
     Raises:
         ValueError: for a name that is not a declared statistic.
     """
 
-    __slots__ = ("step", "_values")
+    __slots__ = ("step", "_values", "_observed")
 
     step: int
     _values: dict[str, Tensor | None]
+    _observed: dict[str, Tensor]
 
-    def __init__(self, step: int, loss: Tensor, count: Tensor, **values: Tensor | None) -> None:
+    def __init__(
+        self,
+        step: int,
+        loss: Tensor,
+        count: Tensor,
+        *,
+        observed: Mapping[str, Tensor] | None = None,
+        **values: Tensor | None,
+    ) -> None:
         table = statistics()
-        unknown = sorted(set(values) - set(table))
+        unknown = sorted((set(values) | set(observed or {})) - set(table))
         if unknown:
             raise ValueError(f"DomainStats: unknown statistics {unknown}; declared: {list(table)}.")
         object.__setattr__(self, "step", step)
         given = {"loss": loss, "count": count, **values}
         object.__setattr__(self, "_values", {name: given.get(name) for name in table})
+        object.__setattr__(self, "_observed", dict(observed or {}))
 
     def __getattr__(self, name: str) -> Tensor | None:
         # Only reached for names that are not slots: the declared statistics.
@@ -223,10 +239,29 @@ class DomainStats:
         """(name, tensor) for every statistic present, in table order."""
         return [(name, value) for name, value in self._values.items() if value is not None]
 
-    def replace(self, **changes: Any) -> DomainStats:
-        """A copy with some fields (``step`` or statistics) replaced."""
+    def observed_entries(self, name: str) -> Tensor:
+        """Bool mask, shaped like ``stats[name]``, of the entries the window (or its average) measured.
+
+        Raises:
+            ValueError: when the statistic is absent, as ``stats[name]`` does.
+        """
+        value = self[name]
+        mask = self._observed.get(name)
+        return torch.ones_like(value, dtype=torch.bool) if mask is None else mask
+
+    def replace(self, *, observed: Mapping[str, Tensor] | None = None, **changes: Any) -> DomainStats:
+        """A copy with some fields (``step`` or statistics) replaced.
+
+        A replaced statistic keeps its mask of observed entries when its shape is unchanged (an edit of
+        some values), else it is observed everywhere; ``observed`` sets masks explicitly.
+        """
         values: dict[str, Any] = {"step": self.step, **self._values, **changes}
-        return DomainStats(**values)
+        masks = {
+            name: mask
+            for name, mask in self._observed.items()
+            if name not in changes or (changes[name] is not None and changes[name].shape == mask.shape)
+        }
+        return DomainStats(observed={**masks, **(observed or {})}, **values)
 
     @property
     def num_domains(self) -> int:

@@ -575,9 +575,10 @@ def test_encoded_splits_are_kept_beside_the_corpus_and_keyed_by_split_and_tokeni
     first = lm.load_windows(cfg, "test")
     kept = sorted((corpus / lm.TOKEN_CACHE).glob("*.test.*.npy"))
     assert len(kept) == len(load_corpus(corpus).domains)
-    assert load_corpus(corpus).tokens("drama", "test", tokenizer).tolist() == np.load(
-        next(p for p in kept if p.name.startswith("drama."))
-    ).tolist()
+    assert (
+        load_corpus(corpus).tokens("drama", "test", tokenizer).tolist()
+        == np.load(next(p for p in kept if p.name.startswith("drama."))).tolist()
+    )
 
     def no_encoding(*args: object, **kwargs: object) -> None:
         raise AssertionError("encoded again")

@@ -137,9 +137,13 @@ def test_a_per_step_estimate_is_averaged_over_the_steps_that_covered_each_domain
     s = c.summarize(2)
     assert s.grad_sq_norm.tolist() == [3.0, 4.0]
     assert s.grad_dot.tolist() == [[3.0, 1.0], [1.0, 4.0]]
+    assert s.observed_entries("grad_sq_norm").tolist() == [True, True]
+    assert s.observed_entries("grad_dot").tolist() == [[True, True], [True, True]]
     c.observe_stat("grad_sq_norm", torch.tensor([5.0, 0.0]), present=first)
     s = c.summarize(3)
     assert s.grad_sq_norm.tolist() == [5.0, 0.0]  # never covered: 0, as an absent domain's product
+    assert s.observed_entries("grad_sq_norm").tolist() == [True, False]  # ... and marked unobserved
+    assert s.observed_entries("loss").all()  # a loss stream's absent domain shows as a count of 0
     with pytest.raises(ValueError, match="'present' parameter of StatsCollector.observe_stat"):
         c.observe_stat("grad_sq_norm", torch.tensor([5.0, 0.0]), present=torch.tensor([True]))
 
@@ -269,3 +273,22 @@ def test_state_saved_before_the_excess_source_still_loads() -> None:
     new = StatsCollector(2)
     new.load_state_dict(state)
     assert new.summarize(step=1).loss.tolist() == [1.0, 3.0]
+
+
+def test_under_ema_an_entry_seen_in_an_earlier_window_stays_observed() -> None:
+    c = StatsCollector(2, ema=0.5)
+    c.observe_stat("grad_sq_norm", torch.tensor([2.0, 0.0]), present=torch.tensor([True, False]))
+    s = c.summarize(1)
+    assert s.observed_entries("grad_sq_norm").tolist() == [True, False]
+    c.observe_stat("grad_sq_norm", torch.tensor([0.0, 4.0]), present=torch.tensor([False, True]))
+    s = c.summarize(2)
+    assert s.grad_sq_norm.tolist() == [2.0, 4.0] and s.observed_entries("grad_sq_norm").all()
+    c = StatsCollector(2)
+    c.observe_stat("grad_sq_norm", torch.tensor([2.0, 0.0]), present=torch.tensor([True, False]))
+    s = c.summarize(1)
+    # an edit of the values keeps the mask; another shape, or an explicit mask, replaces it
+    assert s.replace(grad_sq_norm=torch.ones(2)).observed_entries("grad_sq_norm").tolist() == [True, False]
+    relabelled = s.replace(observed={"grad_sq_norm": torch.tensor([True, True])})
+    assert relabelled.observed_entries("grad_sq_norm").all()
+    with pytest.raises(ValueError, match="unknown statistics"):
+        type(s)(step=0, loss=torch.zeros(2), count=torch.zeros(2), observed={"nope": torch.ones(2)})

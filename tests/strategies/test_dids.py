@@ -249,3 +249,36 @@ def test_parent_floor_by_hand() -> None:
         S.dids(1, parent_floor=0.1, partition="0" * 64)
     with pytest.raises(ValueError, match="'parent_floor' parameter of dids must be at most 1/2"):
         S.dids(1, parent_floor=0.6, partition=part)
+
+
+def test_a_group_the_fisher_draw_missed_keeps_its_share() -> None:
+    """Its products read 0 (unobserved, not measured): it takes no part in the impact and keeps its share;
+    the drawn groups share the rest by utility."""
+    from domainmix.types import DomainStats
+
+    # Groups a, b: g = (1, 0) and (3, 0); c's row is unobserved (the values there are the collector's 0s).
+    g = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    prods = products(g, H, F)
+    weights = DomainWeights.create(["a", "b", "c"], [0.5, 0.3, 0.2])
+    strategy = S.dids(1, decay=0.0)
+
+    def stats(drawn: list[bool]) -> DomainStats:
+        seen = torch.tensor(drawn)
+        return DomainStats(
+            step=1, loss=torch.zeros(3), count=torch.full((3,), 10.0), task_loss=torch.tensor([1.0]),
+            observed={"fisher_domain_sq": seen, "fisher_cross": seen[:, None]}, **prods,
+        )  # fmt: skip
+
+    moved, _ = strategy.update(weights, strategy.init(weights), stats([True, True, False]))
+    # Round 1 (every task counts 1): U_i = I_i / p_i over a and b alone; c keeps .2, a and b share .8.
+    two = products(g[:2], H, F)
+    influence = impact(two["fisher_cross"], two["fisher_domain_sq"], two["fisher_task_sq"], "kl")[:, 0]
+    u = influence / torch.tensor([0.5, 0.3], dtype=torch.float64)
+    # (b, the farther from the task, has impact 0 and sits at the utility floor: abs tolerance)
+    assert moved.sampling.tolist() == pytest.approx([*(0.8 * u / u.sum()).tolist(), 0.2], abs=1e-6)
+    # Read as measured zeros, c's row would change a's and b's impacts and c would move too.
+    everywhere, _ = strategy.update(weights, strategy.init(weights), stats([True, True, True]))
+    assert everywhere.sampling.tolist() != pytest.approx(moved.sampling.tolist())
+    # No group drawn: nothing moves.
+    still, _ = strategy.update(weights, strategy.init(weights), stats([False, False, False]))
+    assert still.sampling.tolist() == pytest.approx([0.5, 0.3, 0.2])

@@ -169,25 +169,30 @@ class StatsCollector:
         window: list[tuple[Statistic, Tensor, Tensor]] = []
         fields: dict[str, Tensor | None] = {}
         for row in self._table.values():
-            observed = _reduce(row, totals, self._k)
-            if observed is None:
+            reduced = _reduce(row, totals, self._k)
+            if reduced is None:
                 fields[row.name] = torch.zeros(row.dims(self._k), dtype=torch.float64) if row.always else None
             elif row.reduction == "count":  # counts are the window's own, never averaged
-                fields[row.name] = observed[0].clone()
+                fields[row.name] = reduced[0].clone()
             else:
-                window.append((row, *observed))
+                window.append((row, *reduced))
+        observed: dict[str, Tensor] = {}  # of the estimates (a loss stream's unobserved entry has count 0)
         for row, value, seen in window:
-            fields[row.name] = self._average(row.name, value, seen)
+            fields[row.name], known = self._average(row.name, value, seen)
+            if row.reduction == "estimate":
+                observed[row.name] = known
         self.reset()
-        return DomainStats(step=int(step), **fields)  # type: ignore[arg-type]  # loss, count: always
+        return DomainStats(step=int(step), observed=observed, **fields)  # type: ignore[arg-type]
 
-    def _average(self, name: str, value: Tensor, seen: Tensor) -> Tensor:
+    def _average(self, name: str, value: Tensor, seen: Tensor) -> tuple[Tensor, Tensor]:
         """Fold a window value into its moving average (if enabled) for the finite entries seen.
 
-        A seen entry that is NaN or inf is returned as it is: the average must not hide the failure.
+        Returns the value and the entries it measured: those seen in this window or, with a moving
+        average, in an earlier one. A seen entry that is NaN or inf is returned as it is: the average
+        must not hide the failure.
         """
         if self._ema is None:
-            return value
+            return value, seen
         finite = torch.isfinite(value)
         returned_raw = seen & ~finite
         seen = seen & finite
@@ -202,7 +207,7 @@ class StatsCollector:
             updated = torch.where(seen, blended, old)
             known = known | seen
         self._averages[name] = torch.stack([updated, known.to(updated.dtype)])
-        return torch.where(returned_raw, value, updated)
+        return torch.where(returned_raw, value, updated), known | returned_raw
 
     def state_dict(self) -> dict[str, Any]:
         """Window sums and moving averages, as plain CPU tensors (a checkpoint loads on any machine)."""

@@ -152,6 +152,13 @@ def dids(
     reference code's first round. The ratios set the sampling distribution, and the mixture follows it
     (α = q = p, plain resampling as in the paper).
 
+    A group that the round's Fisher draw missed (its ``fisher_domain_sq`` entry or a ``fisher_cross``
+    entry unobserved, :meth:`~domainmix.types.DomainStats.observed_entries`) has no products: they read
+    0, which is not a measurement. Such a group keeps its share. The impact is computed over the drawn
+    groups M alone (its columns are normalised over the groups), w / Σ w is taken over M and scaled by
+    1 − Σ_{i ∉ M} p_i, and every other group's target is its p_i. With every group drawn this is the rule
+    above.
+
     Damping: for fixed statistics the map is p ↦ βp + (1 − β) T(p) with T(p) ∝ s / p
     (s_i = Σ_j I_ij E_j), whose fixed point is p* ∝ √s. Near it T moves p's relative error by −1, so
     the damped map multiplies it by 2β − 1 per round: β = 0.2 (the reference code) flips the sign every
@@ -237,15 +244,22 @@ def dids(
                 [potential(recorded[kept - seen :, j], ahead, needed) for j in range(m)], dtype=torch.float64
             )
             gain = drop + ahead_drop
-        influence = impact(
-            stats["fisher_cross"], stats["fisher_domain_sq"], stats["fisher_task_sq"], impact_form
-        )
+        # Groups the round's Fisher draw missed have no products (they read 0): they take no part in the
+        # impact, whose columns are normalised over the groups, and keep their share.
+        drawn = stats.observed_entries("fisher_domain_sq") & stats.observed_entries("fisher_cross").all(dim=1)
         p = weights.sampling.to(torch.float64)
+        target = torch.where(drawn, 0.0, p)
         # A group at p_i = 0 was excluded on purpose and stays at 0 (its 1/p_i is not evaluated).
-        live = p > 0
-        utility = (influence @ gain) / m / torch.where(live, p, 1.0)
-        w = torch.where(live, utility.nan_to_num(nan=eps).clamp_min(eps), 0.0)
-        moved = beta * p + (1.0 - beta) * w / w.sum()
+        live = p[drawn] > 0
+        if bool(live.any()):
+            cross, domain_sq = stats["fisher_cross"][drawn], stats["fisher_domain_sq"][drawn]
+            influence = impact(cross, domain_sq, stats["fisher_task_sq"], impact_form)
+            utility = (influence @ gain) / m / torch.where(live, p[drawn], 1.0)
+            w = torch.where(live, utility.nan_to_num(nan=eps).clamp_min(eps), 0.0)
+            target[drawn] = (1.0 - target.sum()) * w / w.sum()
+        else:  # nothing measured: nothing moves
+            target = p
+        moved = beta * p + (1.0 - beta) * target
         if floor > 0:
             moved = torch.where(moved > 0, moved.clamp_min(floor), moved)
         moved = moved / moved.sum()
