@@ -190,6 +190,21 @@ class DomainStats:
         object.__setattr__(self, "step", step)
         given = {"loss": loss, "count": count, **values}
         object.__setattr__(self, "_values", {name: given.get(name) for name in table})
+        for name, mask in (observed or {}).items():
+            value = given.get(name)
+            if (
+                not isinstance(mask, Tensor)
+                or mask.dtype != torch.bool
+                or value is None
+                or mask.shape != value.shape
+            ):
+                shape = "absent" if value is None else tuple(value.shape)
+                raise param_error(
+                    "DomainStats",
+                    f"observed[{name!r}]",
+                    f"a bool tensor shaped like {name!r} ({shape})",
+                    mask,
+                )
         object.__setattr__(self, "_observed", dict(observed or {}))
 
     def __getattr__(self, name: str) -> Tensor | None:

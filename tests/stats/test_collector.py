@@ -283,6 +283,9 @@ def test_under_ema_an_entry_seen_in_an_earlier_window_stays_observed() -> None:
     c.observe_stat("grad_sq_norm", torch.tensor([0.0, 4.0]), present=torch.tensor([False, True]))
     s = c.summarize(2)
     assert s.grad_sq_norm.tolist() == [2.0, 4.0] and s.observed_entries("grad_sq_norm").all()
+
+
+def test_observed_masks_through_replace_and_bad_masks() -> None:
     c = StatsCollector(2)
     c.observe_stat("grad_sq_norm", torch.tensor([2.0, 0.0]), present=torch.tensor([True, False]))
     s = c.summarize(1)
@@ -292,3 +295,17 @@ def test_under_ema_an_entry_seen_in_an_earlier_window_stays_observed() -> None:
     assert relabelled.observed_entries("grad_sq_norm").all()
     with pytest.raises(ValueError, match="unknown statistics"):
         type(s)(step=0, loss=torch.zeros(2), count=torch.zeros(2), observed={"nope": torch.ones(2)})
+    with pytest.raises(ValueError, match=r"observed\['loss'\].*a bool tensor shaped like 'loss' \(\(2,\)\)"):
+        type(s)(
+            step=0,
+            loss=torch.zeros(2),
+            count=torch.zeros(2),
+            observed={"loss": torch.ones(3, dtype=torch.bool)},
+        )
+    with pytest.raises(ValueError, match=r"observed\['grad_var'\].*\(absent\)"):
+        type(s)(
+            step=0,
+            loss=torch.zeros(2),
+            count=torch.zeros(2),
+            observed={"grad_var": torch.ones(2, dtype=torch.bool)},
+        )
