@@ -107,8 +107,12 @@ def test_domain_stats_pickles_and_copies() -> None:
     import pickle
 
     s = full_stats(3, step=5)
+    s = s.replace(observed={"grad_var": torch.tensor([True, False, True])})
     for clone in (pickle.loads(pickle.dumps(s)), copy.deepcopy(s)):
         assert clone.step == 5 and all(torch.equal(clone[n], v) for n, v in s.items())
+        assert clone.observed_entries("grad_var").tolist() == [True, False, True]
+    with pytest.raises(ValueError, match=r"observed\['grad_var'\]"):
+        s.replace(grad_var=[1.0, 2.0, 3.0], observed={"grad_var": torch.ones(3, dtype=torch.bool)})
 
 
 # --------------------------------------------------------------------------------------------------

@@ -195,10 +195,10 @@ class DomainStats:
             if (
                 not isinstance(mask, Tensor)
                 or mask.dtype != torch.bool
-                or value is None
+                or not isinstance(value, Tensor)
                 or mask.shape != value.shape
             ):
-                shape = "absent" if value is None else tuple(value.shape)
+                shape = tuple(value.shape) if isinstance(value, Tensor) else "absent"
                 raise param_error(
                     "DomainStats",
                     f"observed[{name!r}]",
@@ -274,7 +274,8 @@ class DomainStats:
         masks = {
             name: mask
             for name, mask in self._observed.items()
-            if name not in changes or (changes[name] is not None and changes[name].shape == mask.shape)
+            if name not in changes
+            or (isinstance(changes[name], Tensor) and changes[name].shape == mask.shape)
         }
         return DomainStats(observed={**masks, **(observed or {})}, **values)
 
@@ -292,14 +293,17 @@ class DomainStats:
         """True when every provided statistic is free of NaN and inf."""
         return all(bool(torch.isfinite(v).all()) for _, v in self.items())
 
-    def __reduce__(self) -> tuple[Any, tuple[int, dict[str, Tensor | None]]]:
+    def __reduce__(self) -> tuple[Any, tuple[int, dict[str, Tensor | None], dict[str, Tensor]]]:
         # Slots and a blocked __setattr__: pickle and copy rebuild through the constructor.
-        return _restore_stats, (self.step, dict(self._values))
+        return _restore_stats, (self.step, dict(self._values), dict(self._observed))
 
     def __repr__(self) -> str:
         shown = ", ".join(f"{name}={value.tolist()}" for name, value in self.items())
         return f"DomainStats(step={self.step}, {shown})"
 
 
-def _restore_stats(step: int, values: dict[str, Tensor | None]) -> DomainStats:
-    return DomainStats(step, **values)  # type: ignore[arg-type]  # loss and count are in values
+def _restore_stats(
+    step: int, values: dict[str, Tensor | None], observed: dict[str, Tensor] | None = None
+) -> DomainStats:
+    # observed: absent from pickles made before the masks existed
+    return DomainStats(step, observed=observed, **values)  # type: ignore[arg-type]  # loss, count in values

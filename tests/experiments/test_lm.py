@@ -593,8 +593,10 @@ def test_encoded_splits_are_kept_beside_the_corpus_and_keyed_by_split_and_tokeni
     with pytest.raises(AssertionError, match="encoded again"):
         lm.load_windows(cfg, "test")
     monkeypatch.undo()
-    kept[0].write_bytes(b"not an array")  # an unreadable file is encoded again and replaced
-    lm._tokens.cache_clear()
     train_bpe(corpus, 300, out=tokenizer)
-    assert torch.equal(lm.load_windows(cfg, "test").tokens, first.tokens)
+    for broken in (b"not an array", b""):  # an unreadable or empty file is encoded again and replaced
+        kept[0].write_bytes(broken)
+        lm._tokens.cache_clear()
+        assert torch.equal(lm.load_windows(cfg, "test").tokens, first.tokens)
+        assert np.load(kept[0]).dtype == np.int32
     lm._tokens.cache_clear()

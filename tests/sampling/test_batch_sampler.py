@@ -614,16 +614,34 @@ def test_load_state_dict_missing_keys() -> None:
         ("low_discrepancy_counts", [float("nan"), 0, 0, 0], "'low_discrepancy_counts'] must be a list"),
         ("weight_history", [[5, [0.25] * 4], [5, [0.5, 0.5, 0, 0]]], "distinct from_batch"),
         ("weight_history", [[-1, [0.25] * 4]], "from_batch >= 0"),
+        ("prefetch_depth", "x", "'prefetch_depth'] must be an int >= 0"),
+        ("prefetch_depth", -3, "'prefetch_depth'] must be an int >= 0"),
     ],
 )
-def test_corrupt_states_are_refused_naming_the_key(key: str, value: Any, message: str) -> None:
-    """A hand-edited or corrupt checkpoint fails on load, not at some later batch (or never)."""
+def test_corrupt_states_are_refused_naming_the_key_and_restore_nothing(
+    key: str, value: Any, message: str
+) -> None:
+    """A hand-edited or corrupt checkpoint fails on load, not at some later batch (or never), and the
+    sampler keeps its own state."""
     s = make(stop="first_exhausted")
     take(s, 3)
     state = json.loads(json.dumps(s.state_dict()))
+    assert key in state
     state[key] = value
+    fresh = make(stop="first_exhausted")
+    before = json.dumps(fresh.state_dict())
     with pytest.raises(ValueError, match=r"DomainBatchSampler.load_state_dict.*" + re.escape(message)):
-        make(stop="first_exhausted").load_state_dict(state)
+        fresh.load_state_dict(state)
+    assert json.dumps(fresh.state_dict()) == before
+
+
+def test_a_fingerprint_size_that_is_not_an_int_is_refused_even_when_ignored() -> None:
+    s = make(carry_remainder=True)
+    take(s, 3)
+    state = json.loads(json.dumps(s.state_dict()))
+    state[DomainBatchSampler.FINGERPRINT_KEY]["batch_size"] = "4"
+    with pytest.raises(ValueError, match="fingerprint's 'batch_size' must be an int >= 0"):
+        make(carry_remainder=True).load_state_dict(state, ignore_fingerprint=True)
 
 
 # ---------------------------------------------------------------- integration and scale

@@ -331,6 +331,7 @@ def test_batch_sampling_survives_a_resume_saved_after_a_weight_change() -> None:
         (DomainMixingIterable.CONSUMED_KEY, [1, -1, 0], "a list of 3 ints >= 0"),
         (DomainMixingIterable.PASS_KEY, [0, 0], "a list of 3 ints >= 0"),
         (DomainMixingIterable.OFFSET_KEY, 1.5, "an int >= 0"),
+        (DomainMixingIterable.OFFSET_KEY, 4, "below batch_size 4"),
     ],
 )
 def test_a_corrupt_per_source_entry_fails_on_load_and_restores_nothing(

@@ -121,6 +121,7 @@ def load_windows(
 
 
 TOKEN_CACHE = ".tokens"  # the folder, inside the corpus folder, of the encoded splits (see _encoded)
+_TOKEN_FORMAT = "domainmix-bpe-ids-1"  # in the key with the tokenizers version: a new encoding, new files
 
 
 @lru_cache(maxsize=64)  # every stage and seed of --compare reads the same splits: verify and encode once
@@ -143,23 +144,26 @@ def _encoded(corpus: Corpus, domain: str, split: str, tokenizer: Path) -> np.nda
 
     Encoding is most of a stage's start (the default corpus: about 17 s on two cores; ``tokenizers``
     encodes one string on one thread), and every ``run lm`` process paid it. The file's name holds the
-    SHA-256 of the split (the manifest's, which ``load_corpus`` checked) and of the tokenizer file, so an
-    edited split or another tokenizer never reads ids encoded from something else. A corpus folder that
-    cannot be written to is only slower (a warning says why).
+    SHA-256 of the split (the manifest's, which ``load_corpus`` checked) and of the tokenizer file, the
+    ``tokenizers`` version and a format tag, so an edited split, another tokenizer or another encoder
+    never reads ids encoded by something else. A corpus folder that cannot be written to is only slower
+    (a warning says why).
     """
-    from domainmix.data._files import sha256_file
+    from tokenizers import Tokenizer, __version__
 
     split_sha = corpus.manifest["domains"][domain]["splits"][split]["sha256"]
-    key = hashlib.sha256(f"{split_sha}:{sha256_file(tokenizer)}".encode()).hexdigest()[:24]
+    spec = tokenizer.read_bytes()  # hashed and encoded with: a rewrite in between cannot mix the two
+    fields = (_TOKEN_FORMAT, __version__, split_sha, hashlib.sha256(spec).hexdigest())
+    key = hashlib.sha256(":".join(fields).encode()).hexdigest()[:24]
     path = corpus.root / TOKEN_CACHE / f"{domain}.{split}.{key}.npy"
     if path.is_file():
         try:
             ids = np.load(path, allow_pickle=False)
-        except (OSError, ValueError):  # unreadable: encode again and replace it
+        except (OSError, ValueError, EOFError):  # unreadable (an empty file: EOFError): encode again
             ids = None
         if ids is not None and ids.dtype == np.int32 and ids.ndim == 1:
             return ids
-    ids = corpus.tokens(domain, split, tokenizer)
+    ids = corpus.tokens(domain, split, Tokenizer.from_str(spec.decode("utf-8")))
     try:
         path.parent.mkdir(exist_ok=True)
         with atomic_path(path) as temporary, open(temporary, "wb") as handle:

@@ -448,7 +448,7 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         self._epoch_ends = sorted(int(e) for e in ends)
 
     def _check_own(self, state_dict: Mapping[str, Any], *, ignore_fingerprint: bool) -> None:
-        """The passes, cursors and epoch ends; a cursor is a position in its pass, below its domain's size.
+        """Passes, cursors, epoch ends, prefetch depth; a cursor is a position in its pass, below its size.
 
         An elastic resume (``ignore_fingerprint``) onto smaller domains may hold larger cursors: those
         domains start their next pass.
@@ -463,6 +463,8 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
             )
         if self.EPOCH_ENDS_KEY in state_dict:
             state_counts(self._caller, state_dict, self.EPOCH_ENDS_KEY, -1)
+        if state_dict.get(self.PREFETCH_KEY) is not None:
+            state_counts(self._caller, state_dict, self.PREFETCH_KEY)
 
     def __repr__(self) -> str:
         q = ", ".join(f"{n}={w:.4g}" for n, w in zip(self._names, self.weights.tolist(), strict=True))

@@ -427,7 +427,11 @@ class DomainMixingIterable(DomainMixer, IterableDataset[tuple[str, Any]]):
     def _check_own(self, state_dict: Mapping[str, Any], *, ignore_fingerprint: bool) -> None:
         """The offset, passes, consumed counts, exhausted flags, source epochs and source states."""
         k, owner = len(self._names), self._caller
-        state_counts(owner, state_dict, self.OFFSET_KEY)
+        if state_counts(owner, state_dict, self.OFFSET_KEY) >= self._batch_size:
+            raise ValueError(
+                f"{owner}.load_state_dict: state[{self.OFFSET_KEY!r}] must be below batch_size "
+                f"{self._batch_size}. Got {state_dict[self.OFFSET_KEY]!r} instead."
+            )
         for key in (self.PASS_KEY, self.CONSUMED_KEY, self.SOURCE_EPOCHS_KEY):
             state_counts(owner, state_dict, key, k)
         state_list(owner, state_dict, self.EXHAUSTED_KEY, k, "bools", _is_bool)

@@ -344,12 +344,18 @@ class DomainMixer(ABC):
         lag = (0.0,) * k  # a state saved before lags were carried: the old restart, until the next change
         if self.LD_LAG_KEY in state_dict:
             lag = tuple(state_list(owner, state_dict, self.LD_LAG_KEY, k, "finite floats", _finite_float))
+        saved = state_dict[self.FINGERPRINT_KEY]
+        for key in ("batch_size", "world_size"):  # read below even when the fingerprint is ignored
+            size = saved.get(key, 0)
+            if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+                raise ValueError(
+                    f"{owner}.load_state_dict: the fingerprint's {key!r} must be an int >= 0. Got {size!r}."
+                )
         self._check_own(state_dict, ignore_fingerprint=ignore_fingerprint)
         # everything is checked: from here on the state is restored
         self._schedule.load(f"{owner}.load_state_dict", "state_dict", state_dict[self.HISTORY_KEY])
         epoch, batch, total, ld_from = (int(c) for c in counters)
         ld = np.asarray(ld_counts, dtype=np.int64).reshape(k)
-        saved = state_dict[self.FINGERPRINT_KEY]
         if (
             self._carry
             and saved.get("batch_size", 0) * saved.get("world_size", 0) != self._batch_size * self._world

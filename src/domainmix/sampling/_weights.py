@@ -162,11 +162,12 @@ class WeightSchedule:
             # Keep the saved floats bit for bit when already normalised: renormalising can move the last
             # bit, and iid / low-discrepancy draws must be exactly those of the uninterrupted run.
             entries.append((int(item[0]), saved if abs(sum(saved) - 1.0) < 1e-12 else q))
-        self.entries = sorted(entries, key=lambda e: e[0])
-        self._starts = [b for b, _ in self.entries]
-        if len(set(self._starts)) < len(self._starts):
+        entries.sort(key=lambda e: e[0])
+        starts = [b for b, _ in entries]
+        if len(set(starts)) < len(starts):  # checked before anything is assigned
             raise param_error(caller, name, "weight history entries with distinct from_batch", history)
-        self.interval = self._starts[-1] - self._starts[-2] if len(self._starts) > 1 else None
+        self.entries, self._starts = entries, starts
+        self.interval = starts[-1] - starts[-2] if len(starts) > 1 else None
 
 
 _CACHED = 16  # weight vectors whose allocation is kept: online methods set a new vector every update
