@@ -27,7 +27,9 @@ Usage: python benchmarks/lm_gpu.py [--corpus DIR] [--out DIR] [--device cuda|aut
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import platform
 import sys
 import time
 from dataclasses import asdict, replace
@@ -58,6 +60,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     seeds = [int(s) for s in args.seeds.split(",")]
     out: dict[str, Any] = {
         "device": torch.cuda.get_device_name(0) if lm.device_for(base).type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
         "config": asdict(base),
         "seeds": seeds,
         "settings": {},

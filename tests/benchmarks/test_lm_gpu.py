@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,6 +25,7 @@ def test_recipe_runs_both_settings_on_the_cpu(tmp_path: Path, capsys: pytest.Cap
     assert module.main([*argv, "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["device"] == "cpu" and summary["seeds"] == [0, 1]
+    assert summary["torch"] == torch.__version__ and summary["python"] and summary["date"]
     assert set(summary["settings"]) == {"universal", "out_of_domain_drama"}
     target = summary["settings"]["out_of_domain_drama"]["log_perplexity_minus_uniform"]["doge"]
     assert set(target) == {"average", "worst", "target"}
