@@ -293,19 +293,14 @@ def test_observed_masks_through_replace_and_bad_masks() -> None:
     assert s.replace(grad_sq_norm=torch.ones(2)).observed_entries("grad_sq_norm").tolist() == [True, False]
     relabelled = s.replace(observed={"grad_sq_norm": torch.tensor([True, True])})
     assert relabelled.observed_entries("grad_sq_norm").all()
-    with pytest.raises(ValueError, match="unknown statistics"):
-        type(s)(step=0, loss=torch.zeros(2), count=torch.zeros(2), observed={"nope": torch.ones(2)})
-    with pytest.raises(ValueError, match=r"observed\['loss'\].*a bool tensor shaped like 'loss' \(\(2,\)\)"):
-        type(s)(
-            step=0,
-            loss=torch.zeros(2),
-            count=torch.zeros(2),
-            observed={"loss": torch.ones(3, dtype=torch.bool)},
-        )
-    with pytest.raises(ValueError, match=r"observed\['grad_var'\].*\(absent\)"):
-        type(s)(
-            step=0,
-            loss=torch.zeros(2),
-            count=torch.zeros(2),
-            observed={"grad_var": torch.ones(2, dtype=torch.bool)},
-        )
+    bad = [
+        ({"nope": torch.ones(2)}, "unknown statistics"),
+        (
+            {"loss": torch.ones(3, dtype=torch.bool)},
+            r"observed\['loss'\].*a bool tensor shaped like 'loss' \(\(2,\)\)",
+        ),
+        ({"grad_var": torch.ones(2, dtype=torch.bool)}, r"observed\['grad_var'\].*\(absent\)"),
+    ]
+    for observed, message in bad:
+        with pytest.raises(ValueError, match=message):
+            type(s)(step=0, loss=torch.zeros(2), count=torch.zeros(2), observed=observed)
