@@ -732,3 +732,18 @@ def test_bad_input_raises_naming_parameter(fn, error, fragments) -> None:
 
 def test_enough_cases() -> None:
     assert len(CASES) >= 25
+
+
+@pytest.mark.parametrize(
+    "weights",
+    [[1e299, 3e299], [1e300, 3e300], [1e307, 3e307], [0.0, 2.5e-320]],
+    ids=["below-the-overflow-guard", "past-it", "near-the-float-limit", "subnormal"],
+)
+def test_large_or_tiny_finite_weights_are_normalised(weights: list[float]) -> None:
+    """Weights are summed without numpy's error state while they cannot overflow (a sampler's weight
+    change costs microseconds): on either side of that guard, finite weights are accepted and normalised."""
+    sampler = DomainBatchSampler({"a": range(4), "b": range(4, 8)}, 2, weights)
+    expected = np.asarray(weights) / np.sum(weights)
+    np.testing.assert_array_equal(sampler.weights.numpy(), expected)
+    sampler.set_weights(weights[::-1])
+    np.testing.assert_array_equal(sampler.weights.numpy(), expected[::-1])

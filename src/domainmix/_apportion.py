@@ -190,15 +190,14 @@ def edf_plan(
     t = int(c.sum())
     if lag is not None and not any(lag):
         lag = None
+    exact: tuple[Fraction, ...] | None = None  # q as fractions, for the loop with a lag
     if lag is None:
         period = _rational_period(p)
-        loop: tuple[tuple[float | Fraction, ...], tuple[float | Fraction, ...] | None] = (p, None)
     else:
         found = _period_of(p)
         if found is None:  # no short period: the loop, in floats
             return _edf(p, c.tolist(), n, lag)
-        # Exact arithmetic, so that the loop from any counts and the tiled period are one sequence.
-        loop = (found[0], tuple(Fraction(x) for x in lag))
+        exact = found[0]
         # A short plan (weights that change every few batches) is cheaper to loop than to search a period.
         period = None if n <= _LAGGED_PERIODS * found[1] else _lagged_period(p, lag)
     if period is not None:
@@ -206,7 +205,10 @@ def edf_plan(
         if np.array_equal(seq.prefix(np.array([t]))[0], c):
             return seq
         # counts off the periodic path (not produced by this function): fall through to the exact loop
-    return _edf(loop[0], c.tolist(), n, loop[1])
+    if exact is None or lag is None:
+        return _edf(p, c.tolist(), n)
+    # Exact arithmetic, so that the loop from any counts and the tiled period are one sequence.
+    return _edf(exact, c.tolist(), n, tuple(Fraction(x) for x in lag))
 
 
 class _Run(NamedTuple):

@@ -24,7 +24,10 @@ __all__ = [
     "check_param",
     "check_weight_vector",
     "param_error",
+    "weight_array",
 ]
+
+_NO_OVERFLOW = 1e300  # k weights of at most this / k cannot overflow their float64 sum
 
 
 class ConfigError(ValueError):
@@ -132,6 +135,18 @@ def check_weight_vector(
     Raises:
         ValueError: naming the parameter, the offending value and what is allowed.
     """
+    return torch.from_numpy(weight_array(caller, name, weights, names, normalize=normalize))
+
+
+def weight_array(
+    caller: str,
+    name: str,
+    weights: Mapping[str, float] | Sequence[float] | Tensor,
+    names: Sequence[str],
+    *,
+    normalize: bool = True,
+) -> np.ndarray:
+    """:func:`check_weight_vector` as a float64 numpy array (the samplers' hot path: no tensor)."""
     k = len(names)
     if isinstance(weights, Mapping):
         unknown = sorted(set(weights) - set(names), key=str)
@@ -170,9 +185,13 @@ def check_weight_vector(
         raise param_error(caller, name, f"one weight per domain, shape ({k},)", f"shape {array.shape}")
     if k == 0:
         raise param_error(caller, name, "at least one weight", array.tolist())
-    with np.errstate(over="ignore"):
-        total = float(array.sum())  # NaN or inf when any weight is (or the sum overflows)
-    if not math.isfinite(total) or array.min() < 0:
+    low, high = float(array.min()), float(array.max())
+    if 0 <= low and high <= _NO_OVERFLOW / k:  # also False for a NaN
+        total = float(array.sum())
+    else:  # NaN, inf, negative, or large enough that the sum may overflow (np.errstate costs ~5 us)
+        with np.errstate(over="ignore"):
+            total = float(array.sum())  # NaN or inf when any weight is (or the sum overflows)
+    if not math.isfinite(total) or low < 0:
         if not np.isfinite(array).all():
             raise param_error(caller, name, "finite (no NaN or inf)", array.tolist())
         if (array < 0).any():
@@ -180,4 +199,4 @@ def check_weight_vector(
         raise param_error(caller, name, "weights with a finite sum", array.tolist())
     if total <= 0:
         raise param_error(caller, name, "weights with a positive sum (not all zero)", array.tolist())
-    return torch.from_numpy(array / total if normalize else array)
+    return array / total if normalize else array

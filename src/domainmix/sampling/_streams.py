@@ -146,7 +146,7 @@ class IndexStream:
         self._key = [int(x) for x in key]  # (seed, tag, domain id)
         self._lazy = self.size > materialize_limit
         self._replacement = replacement
-        # (epoch_key, pass) -> permutation, or with replacement (epoch_key, block) -> draws
+        # (epoch_key, pass) -> the pass's dataset indices, or with replacement (epoch_key, block) -> draws
         self._cache: dict[tuple[int, int], np.ndarray] = {}
 
     def take(self, epoch_key: int, start: int, positions: np.ndarray) -> np.ndarray:
@@ -154,22 +154,22 @@ class IndexStream:
         n = self.size
         pos = start + positions
         if self._replacement:
-            return self._lookup(self._draw_values(epoch_key, pos))
+            return self._draw_values(epoch_key, pos)
         first, last = start // n, (start + int(positions.max(initial=0))) // n
         if first == last:
-            local = self._perm_values(epoch_key, first, pos - first * n)
-        else:
-            local = np.empty(pos.shape, dtype=np.int64)
-            passes = pos // n
-            for p in range(first, last + 1):
-                mask = passes == p
-                local[mask] = self._perm_values(epoch_key, p, pos[mask] - p * n)
-        return self._lookup(local)
+            return self._pass_values(epoch_key, first, pos - first * n)
+        values = np.empty(pos.shape, dtype=np.int64)
+        passes = pos // n
+        for p in range(first, last + 1):
+            mask = passes == p
+            values[mask] = self._pass_values(epoch_key, p, pos[mask] - p * n)
+        return values
 
     def take_run(self, epoch_key: int, start: int, count: int) -> np.ndarray:
-        """Dataset indices at the ``count`` consecutive stream positions from ``start``.
+        """Dataset indices at the ``count`` consecutive stream positions from ``start``, read-only.
 
-        ``take`` of an ``arange``, with slices of the permutations instead of a gather.
+        ``take`` of an ``arange``, with slices of the stored passes instead of a gather (a view of the
+        stored pass when the run lies in one).
         """
         if self._replacement or self._lazy or count == 0:
             return self.take(epoch_key, start, np.arange(count, dtype=np.int64))
@@ -178,18 +178,23 @@ class IndexStream:
         parts = []
         for p in range(start // n, (stop - 1) // n + 1):  # one pass, or two across a pass boundary
             lo, hi = max(start, p * n) - p * n, min(stop, (p + 1) * n) - p * n
-            parts.append(self._permutation(epoch_key, p)[lo:hi])
-        return self._lookup(parts[0] if len(parts) == 1 else np.concatenate(parts))
+            parts.append(self._pass(epoch_key, p)[lo:hi])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _lookup(self, local: np.ndarray) -> np.ndarray:
+        """Dataset indices of the domain's local positions ``local`` (a fresh array: it may be reused)."""
         ix = self.index
         if not isinstance(ix, range):
             gathered: np.ndarray = ix[local]
             return gathered
-        return local + ix.start if ix.step == 1 else ix.start + ix.step * local
+        if ix.step != 1:
+            return ix.start + ix.step * local
+        if ix.start:
+            local += ix.start
+        return local
 
     def _draw_values(self, epoch_key: int, pos: np.ndarray) -> np.ndarray:
-        """Uniform draws from ``[0, n)`` at stream positions ``pos`` (with replacement)."""
+        """Dataset indices drawn uniformly from the domain at stream positions ``pos`` (with replacement)."""
         if pos.size == 0:
             return np.zeros(pos.shape, dtype=np.int64)
         first, last = int(pos.min()) // DRAW_BLOCK, int(pos.max()) // DRAW_BLOCK
@@ -205,29 +210,39 @@ class IndexStream:
         draws = self._cache.get((epoch_key, block))
         if draws is None:
             rng = np.random.default_rng([*self._key, epoch_key, block])
-            draws = rng.integers(0, self.size, DRAW_BLOCK, dtype=np.int64)
-            if len(self._cache) >= 2:  # keep the current and the next block only
-                self._cache.pop(min(self._cache))
-            self._cache[(epoch_key, block)] = draws
+            draws = self._store((epoch_key, block), rng.integers(0, self.size, DRAW_BLOCK, dtype=np.int64))
         return draws
 
-    def _perm_values(self, epoch_key: int, pass_: int, local: np.ndarray) -> np.ndarray:
+    def _pass_values(self, epoch_key: int, pass_: int, local: np.ndarray) -> np.ndarray:
+        """Dataset indices at the positions ``local`` of pass ``pass_``."""
         if self._lazy:
-            return _feistel(local.astype(np.uint64), self.size, self._seed_words(epoch_key, pass_))
-        values: np.ndarray = self._permutation(epoch_key, pass_)[local]
+            keys = self._seed_words(epoch_key, pass_)
+            return self._lookup(_feistel(local.astype(np.uint64), self.size, keys))
+        values: np.ndarray = self._pass(epoch_key, pass_)[local]
         return values
 
-    def _permutation(self, epoch_key: int, pass_: int) -> np.ndarray:
-        perm = self._cache.get((epoch_key, pass_))
-        if perm is None and self.size == 1:  # the only permutation: no generator (~40 us) per pass
-            return np.zeros(1, dtype=np.int64)
-        if perm is None:
+    def _pass(self, epoch_key: int, pass_: int) -> np.ndarray:
+        """Pass ``pass_`` of a materialised domain: its dataset indices in the pass's order, read-only.
+
+        Stored looked up (a range's offset added once per pass, not once per plan).
+        """
+        values = self._cache.get((epoch_key, pass_))
+        if values is None and self.size == 1:  # the only permutation: no generator (~40 us) per pass
+            return self._lookup(np.zeros(1, dtype=np.int64))
+        if values is None:
             # permutation(n) is ~30% faster than shuffling an int32 arange; int64 costs 8 bytes per index
             perm = np.random.default_rng([*self._key, epoch_key, pass_]).permutation(self.size)
-            if len(self._cache) >= 2:  # keep the current and the next pass only
-                self._cache.pop(min(self._cache))
-            self._cache[(epoch_key, pass_)] = perm
-        return perm
+            values = self._store((epoch_key, pass_), perm)
+        return values
+
+    def _store(self, key: tuple[int, int], local: np.ndarray) -> np.ndarray:
+        """Keep the dataset indices of ``local`` under ``key``, read-only; the current and the next only."""
+        if len(self._cache) >= 2:
+            self._cache.pop(min(self._cache))
+        values = self._lookup(local)
+        values.flags.writeable = False  # runs are handed out as views of it
+        self._cache[key] = values
+        return values
 
     def _seed_words(self, epoch_key: int, pass_: int) -> np.ndarray:
         ss = np.random.SeedSequence([*self._key, epoch_key, pass_])

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from domainmix._apportion import CARRY_DENOMINATOR, apportion, carried_allocation
-from domainmix._validation import check_weight_vector, param_error
+from domainmix._validation import param_error, weight_array
 from domainmix.sampling._plan import Mode
 
 __all__ = ["WeightSchedule", "check_names"]
@@ -50,6 +50,7 @@ class WeightSchedule:
     ):
         self.names = tuple(names)
         self.sizes = np.asarray(sizes, dtype=np.int64)
+        self._empty = np.flatnonzero(self.sizes == 0)  # domains whose weight must be 0
         self.mode = mode
         self.global_batch = global_batch
         self.min_count = min_count
@@ -67,11 +68,11 @@ class WeightSchedule:
         else:
             if isinstance(weights, np.ndarray) and weights.dtype.kind in "fiu":
                 weights = torch.from_numpy(weights.astype(np.float64))
-            q = check_weight_vector(caller, name, weights, self.names).numpy()
-        if ((q > 0) & (self.sizes == 0)).any():
+            q = weight_array(caller, name, weights, self.names)
+        if self._empty.size and (q[self._empty] > 0).any():
             starved = [n for n, w, s in zip(self.names, q, self.sizes, strict=True) if w > 0 and s == 0]
             raise param_error(caller, name, f"zero for every empty domain (empty: {starved})", q.tolist())
-        positive = int(np.count_nonzero(q))
+        positive = int(np.count_nonzero(q)) if self.min_count else 0
         if self.mode == Mode.STRATIFIED and self.min_count * positive > self.global_batch:
             raise param_error(
                 caller,
