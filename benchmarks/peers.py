@@ -29,6 +29,9 @@ rate at which each system hands out example indices (indices per second), in one
 * ``permutation_floor`` (a reference): every domain in turn, a fresh ``Generator.permutation`` of it cut
   into batches of arrays; the cost of drawing indices through stored per-pass permutations, as the
   stratified and low-discrepancy rows do, without planning.
+* ``randperm_floor`` (a reference): the same with ``torch.randperm``, the fastest shuffle a package on
+  torch and numpy has (the sampler does not use it: see ``docs/design.md``, "Streams"); what the lists'
+  budget would be with it.
 
 Protocol: every system is set up (not timed), then runs one untimed warm-up repetition, whose indices give
 the achieved domain shares; the streaming ones (all but torch and Megatron) then continue from where they
@@ -87,7 +90,7 @@ DOMAINMIX = (
     "domainmix_low_discrepancy_weight_change_numpy",
 )
 # Not a sampler: handing out ready-made lists, the floor under every row that yields lists of Python ints.
-REFERENCE = ("list_floor", "permutation_floor")
+REFERENCE = ("list_floor", "permutation_floor", "randperm_floor")
 SYSTEMS = (*PEERS, *DOMAINMIX, *REFERENCE)
 PACKAGES = ("torch", "numpy", "torchdata", "datasets", "pyarrow", "lhotse", "megatron-core", "domainmix")
 
@@ -112,6 +115,7 @@ LABELS = {
     ),
     "list_floor": "floor: ready-made lists, no sampling (one `tolist()` per 100 batches)",
     "permutation_floor": "floor: per-pass permutations sliced into arrays, no plan",
+    "randperm_floor": "floor: the same with `torch.randperm` (not used by the sampler)",
 }
 
 
@@ -247,7 +251,7 @@ CAPABILITIES: dict[str, dict[str, Any]] = {
         "sources": ["benchmarks/peers.py"],
     },
 }
-CAPABILITIES["permutation_floor"] = CAPABILITIES["list_floor"]
+CAPABILITIES["permutation_floor"] = CAPABILITIES["randperm_floor"] = CAPABILITIES["list_floor"]
 
 
 @dataclass(frozen=True)
@@ -293,6 +297,7 @@ class Config:
             "domainmix_low_discrepancy_weight_change_numpy": 20_000,
             "list_floor": 40_000,
             "permutation_floor": 40_000,
+            "randperm_floor": 40_000,
         }
     )
     weight_change_every: int = 100
@@ -537,16 +542,24 @@ _FLOOR_ROWS = 100  # batches per ``tolist()``: the block length of the alternati
 _FLOOR_BLOCKS = 4
 
 
-def _permutation_floor(cfg: Config) -> Source:
+def _permutation_floor(cfg: Config, shuffle: str = "numpy") -> Source:
     """Each domain in turn, a fresh permutation of it (numpy's ``Generator.permutation``, as the sampler's
-    streams draw a pass) cut into batches of consecutive slices, as int64 arrays: the cost of drawing every
-    index through a stored per-pass permutation, without a plan, a weight or a list."""
+    streams draw a pass; ``shuffle="torch"``: ``torch.randperm``) cut into batches of consecutive slices,
+    as int64 arrays: the cost of drawing every index through a stored per-pass permutation, without a
+    plan, a weight or a list."""
     starts = np.cumsum([0, *cfg.sizes[:-1]]).tolist()
+    gen = torch.Generator()
+
+    def permutation(d: int, p: int, size: int) -> np.ndarray:
+        if shuffle == "numpy":
+            return np.random.default_rng([cfg.seed, d, p]).permutation(size)
+        gen.manual_seed(hash((cfg.seed, d, p)) & 0xFFFFFFFF)  # its Mersenne Twister takes 32 bits of seed
+        return torch.randperm(size, generator=gen).numpy()
 
     def passes() -> Iterator[np.ndarray]:
         for p in itertools.count():
             for d, (start, size) in enumerate(zip(starts, cfg.sizes, strict=True)):
-                yield np.random.default_rng([cfg.seed, d, p]).permutation(size) + start
+                yield permutation(d, p, size) + start
 
     def batches_forever() -> Iterator[np.ndarray]:
         left = np.zeros(0, dtype=np.int64)
@@ -583,6 +596,7 @@ FACTORIES: dict[str, Callable[[Config], Source]] = {
     ),
     "list_floor": _list_floor,
     "permutation_floor": _permutation_floor,
+    "randperm_floor": lambda cfg: _permutation_floor(cfg, shuffle="torch"),
 }
 
 

@@ -184,26 +184,56 @@ def _aims(report: dict[str, Any]) -> list[str]:
 
 
 def _floor(systems: dict[str, Any]) -> list[str]:
-    """What the two floors (the reference rows) leave a sampler within each aim against torch's sampler."""
+    """What the floors (the reference rows) leave a sampler within each aim against torch's sampler, and
+    what yielding lists instead of arrays cost the domainmix rows measured both ways."""
     names = ("torch_wrs", "list_floor", "permutation_floor")
     if not all(systems.get(name, {}).get("available") for name in names):
         return []
-    torch_ns, list_ns, perm_ns = (1e9 / systems[name]["indices_per_s"] for name in names)
+    ns = {name: 1e9 / entry["indices_per_s"] for name, entry in systems.items() if entry.get("available")}
+    torch_ns, list_ns, perm_ns = (ns[name] for name in names)
+    randperm_ns = ns.get("randperm_floor")
     lines = [
         "",
-        f"Two floors, from the reference rows (medians): handing out ready-made lists takes {list_ns:.1f} ns "
-        f"per index, drawing indices through per-pass permutations {perm_ns:.1f} ns; torch's sampler takes "
-        f"{torch_ns:.1f} ns. A stratified or low-discrepancy row pays the second, and the first when it "
-        "yields lists. What an aim leaves for planning and bookkeeping, per index:",
+        f"Floors, from the reference rows (medians): handing out ready-made lists takes {list_ns:.1f} ns "
+        f"per index, drawing indices through per-pass permutations {perm_ns:.1f} ns"
+        + ("" if randperm_ns is None else f" ({randperm_ns:.1f} ns with `torch.randperm`)")
+        + f"; torch's sampler takes {torch_ns:.1f} ns. A stratified or low-discrepancy row pays the "
+        "permutations, and the lists when it yields lists. What an aim leaves for planning and "
+        "bookkeeping, per index:",
         "",
-        "| aim against torch's sampler | time per index | left, arrays | left, lists |",
-        "|---|---|---|---|",
+    ]
+    extra = randperm_ns is not None
+    lines += [
+        "| aim against torch's sampler | time per index | left, arrays | left, lists |"
+        + (" left, lists, `torch.randperm` |" if extra else ""),
+        "|---|---|---|---|" + ("---|" if extra else ""),
     ]
     for aim in sorted({aim for _, reference, aim in AIMS if reference == "torch_wrs" and aim > 1}):
         budget = torch_ns / aim
-        arrays, lists = budget - perm_ns, budget - perm_ns - list_ns
-        lines.append(f"| {aim:g}× | {budget:.1f} ns | {arrays:.1f} ns | {lists:.1f} ns |")
+        left_arrays, left_lists = budget - perm_ns, budget - perm_ns - list_ns
+        row = f"| {aim:g}× | {budget:.1f} ns | {left_arrays:.1f} ns | {left_lists:.1f} ns |"
+        if extra:
+            row += f" {budget - (randperm_ns or 0.0) - list_ns:.1f} ns |"
+        lines.append(row)
+    paired = [
+        f"{ns[lists] - ns[arrays]:.1f} ns ({systems[lists]['label']})"
+        for lists, arrays in _LIST_ARRAY_PAIRS
+        if lists in ns and arrays in ns
+    ]
+    if paired:
+        lines += [
+            "",
+            f"Measured in this run, yielding lists instead of arrays costs {', '.join(paired)} per index, "
+            f"against the list floor's {list_ns:.1f} ns.",
+        ]
     return lines
+
+
+# domainmix rows measured yielding lists and yielding numpy arrays: (lists, arrays)
+_LIST_ARRAY_PAIRS = (
+    ("domainmix_stratified_weight_change", "domainmix_stratified_weight_change_numpy"),
+    ("domainmix_low_discrepancy_weight_change", "domainmix_low_discrepancy_weight_change_numpy"),
+)
 
 
 def render(report: dict[str, Any]) -> str:

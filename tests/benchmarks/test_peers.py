@@ -27,6 +27,7 @@ CORE = [
     "domainmix_keyed_permutation",
     "list_floor",
     "permutation_floor",
+    "randperm_floor",
 ]
 
 
@@ -134,18 +135,24 @@ def test_a_missing_package_is_reported_unavailable_not_measured(
 
 
 def test_the_floors_budget_the_aims(report_module: ModuleType, peers: ModuleType) -> None:
-    """The page turns the two floors into what each aim leaves per index: torch's time / aim, minus the
-    permutation floor (arrays), minus both floors (lists)."""
-    report = peers.measure(peers.quick_config(), ["torch_wrs", "list_floor", "permutation_floor"])
-    rate = {name: 1e9 / 10.0 for name in ("list_floor", "permutation_floor")}  # 10 ns per index each
-    rate["torch_wrs"] = 1e9 / 400.0
-    for name, r in rate.items():
-        report["systems"][name]["indices_per_s"] = r
+    """The page turns the floors into what each aim leaves per index: torch's time / aim, minus the
+    permutation floor (arrays), minus it and the list floor (lists), and minus the list floor and
+    torch.randperm's permutations; and it gives what lists cost over arrays, measured both ways."""
+    pairs = ["domainmix_stratified_weight_change", "domainmix_stratified_weight_change_numpy"]
+    floors = ["list_floor", "permutation_floor", "randperm_floor"]
+    report = peers.measure(peers.quick_config(), ["torch_wrs", *floors, *pairs])
+    ns = dict(zip(floors + pairs, [10.0, 10.0, 5.0, 45.0, 30.0], strict=True))
+    ns["torch_wrs"] = 400.0
+    for name, per_index in ns.items():
+        report["systems"][name]["indices_per_s"] = 1e9 / per_index
     page = report_module.render(report)
-    assert "| 5× | 80.0 ns | 70.0 ns | 60.0 ns |" in page
-    assert "| 10× | 40.0 ns | 30.0 ns | 20.0 ns |" in page
+    assert "| 5× | 80.0 ns | 70.0 ns | 60.0 ns | 65.0 ns |" in page
+    assert "| 10× | 40.0 ns | 30.0 ns | 20.0 ns | 25.0 ns |" in page
+    assert "yielding lists instead of arrays costs 15.0 ns (domainmix stratified, alternating" in page
+    del report["systems"]["randperm_floor"]
+    assert "| 10× | 40.0 ns | 30.0 ns | 20.0 ns |\n" in report_module.render(report)
     del report["systems"]["list_floor"]
-    assert "Two floors" not in report_module.render(report)
+    assert "Floors, from" not in report_module.render(report)
 
 
 def test_unknown_system_is_refused(peers: ModuleType) -> None:
