@@ -202,7 +202,7 @@ def edf_plan(
         period = None if n <= _LAGGED_PERIODS * found[1] else _lagged_period(p, lag)
     if period is not None:
         seq = Periodic(*period, t, n)
-        if np.array_equal(seq.prefix(np.array([t]))[0], c):
+        if np.array_equal(seq.count_at(t), c):
             return seq
         # counts off the periodic path (not produced by this function): fall through to the exact loop
     if exact is None or lag is None:
@@ -212,10 +212,13 @@ def edf_plan(
 
 
 class _Run(NamedTuple):
-    """A stretch of a low-discrepancy sequence: its ids and the (len + 1, k) counts after each prefix."""
+    """A stretch of a low-discrepancy sequence: its ids, the (len + 1, k) counts after each prefix, its
+    positions grouped by domain (stable) and where each position lands in that grouping."""
 
     ids: np.ndarray
     prefix: np.ndarray
+    grouped: np.ndarray
+    rank: np.ndarray
 
 
 class Periodic(NamedTuple):
@@ -247,10 +250,19 @@ class Periodic(NamedTuple):
         counts += repeats[:, None] * self.cycle.prefix[d]
         return counts
 
+    def count_at(self, a: int) -> np.ndarray:
+        """(k,) ids of each domain in absolute slots ``[0, a)``: :meth:`prefix` of one slot boundary."""
+        h = len(self.head.ids)
+        counts: np.ndarray = self.head.prefix[min(a, h)]
+        if a > h:
+            repeats, within = divmod(a - h, len(self.cycle.ids))
+            counts = counts + self.cycle.prefix[within] + repeats * self.cycle.prefix[-1]
+        return counts
+
     def draws(self) -> np.ndarray:
         """(n,) each slot's draw number within its domain: its domain's ids in ``[start, slot)``."""
         h, d = len(self.head.ids), len(self.cycle.ids)
-        before = self.prefix(np.array([self.start]))[0]  # (k,) counted before the plan starts
+        before = self.count_at(self.start)  # (k,) counted before the plan starts
         at = np.arange(self.start, min(h, self.start + self.n))
         lead = self.head.prefix[at, self.head.ids[at]] - before[self.head.ids[at]]
         # Slot h + m d + j (domain i = cycle[j]) has draw number first[j] + m per[j]: the count of i
@@ -287,7 +299,6 @@ class Periodic(NamedTuple):
         # the repeats: rows of whole cycles from the one the tail starts in, then cut to the tail's slots
         j0 = max(self.start - h, 0) % d
         rows = -(-(j0 + tail_n) // d)
-        columns = np.argsort(self.cycle.ids, kind="stable")  # the cycle's positions grouped by domain
         per_cycle, skipped = self.cycle.prefix[d], self.cycle.prefix[j0]  # skipped: before j0 in row 0
         grid = np.empty((rows, d), dtype=np.result_type(*runs))
         first = 0
@@ -298,7 +309,7 @@ class Periodic(NamedTuple):
                 block[skipped[i] : skipped[i] + len(drawn)] = drawn
                 grid[:, first : first + per] = block.reshape(rows, per)
                 first += per
-        tail = np.take(grid, np.argsort(columns), axis=1).ravel()[j0 : j0 + tail_n]
+        tail = np.take(grid, self.cycle.rank, axis=1).ravel()[j0 : j0 + tail_n]
         return tail if head is None else np.concatenate([head, tail])
 
     def _gather(self, runs: Sequence[np.ndarray]) -> np.ndarray:
@@ -427,7 +438,8 @@ def _ceil_div(a: int, b: int) -> int:
 def _run(ids: np.ndarray, k: int) -> _Run:
     onehot = np.zeros((len(ids) + 1, k), dtype=np.int64)
     onehot[np.arange(1, len(ids) + 1), ids] = 1
-    return _Run(ids, np.cumsum(onehot, axis=0))
+    grouped = np.argsort(ids, kind="stable")
+    return _Run(ids, np.cumsum(onehot, axis=0), grouped, np.argsort(grouped))
 
 
 @lru_cache(maxsize=64)

@@ -209,8 +209,10 @@ def plan_block(
     else:
         rows = np.arange(nb, dtype=np.int64)[:, None]
         counts = np.bincount((rows * k + gids).ravel(), minlength=nb * k).reshape(nb, k)
-    ld_after = ld_counts + np.cumsum(counts, axis=0) if mode == Mode.LOW_DISCREPANCY else ld_counts
-    ld_after = np.broadcast_to(ld_after, (nb, k))
+    if mode == Mode.LOW_DISCREPANCY:
+        ld_after = ld_counts + np.cumsum(counts, axis=0)
+    else:
+        ld_after = repeat_row(ld_counts, nb)
     return SlotPlan(gids[:, rank::world_size], occ, gids, None, counts, ld_after, periodic=periodic)
 
 
