@@ -11,6 +11,7 @@ the same whether it is drawn in one run or after a resume at any point.
 from __future__ import annotations
 
 from functools import lru_cache
+from itertools import accumulate, pairwise
 from typing import NamedTuple
 
 import numpy as np
@@ -264,14 +265,15 @@ def _stratified_row(
     """
     counts = np.asarray(alloc, dtype=np.int64)
     grouped = np.repeat(np.arange(len(counts)), counts)  # the global batch's domain ids, grouped by domain
-    within = np.arange(len(grouped)) - (np.cumsum(counts) - counts)[grouped]
-    cols = np.arange(rank, len(grouped), world_size)
-    ids = grouped[cols]
-    row = (ids, within[cols], _interleave(ids))
+    firsts = list(accumulate(alloc, initial=0))  # each domain's first global position
+    within = np.arange(len(grouped)) - np.repeat(firsts[:-1], alloc)
+    ids = np.ascontiguousarray(grouped[rank::world_size])
+    # this rank's slots of domain d: the global positions p = rank (mod W) in [firsts[d], firsts[d + 1])
+    per_domain = [len(range(lo + (rank - lo) % world_size, hi, world_size)) for lo, hi in pairwise(firsts)]
+    row = (ids, np.ascontiguousarray(within[rank::world_size]), _interleave(ids, per_domain))
     for array in row:
         array.flags.writeable = False
-    per_domain = np.bincount(ids, minlength=len(counts)).tolist()
-    ends = np.cumsum(per_domain).tolist()
+    ends = list(accumulate(per_domain))
     spans = tuple((d, e - c, e) for d, (c, e) in enumerate(zip(per_domain, ends, strict=True)) if c)
     return (*row, spans)
 
@@ -284,20 +286,21 @@ def _row_orders(ids: np.ndarray) -> np.ndarray:
         key = row.tobytes()
         order = seen.get(key)
         if order is None:
-            order = seen[key] = _interleave(row)
+            order = seen[key] = _interleave(row, np.bincount(row).tolist())
         orders[r] = order
     return orders
 
 
-def _interleave(ids: np.ndarray) -> np.ndarray:
+def _interleave(ids: np.ndarray, counts: list[int]) -> np.ndarray:
     """Order of domain-grouped slots that spreads each domain evenly over the batch.
 
-    Slot j of a domain with c slots is placed by the rank of (j + 0.5) / c: a fixed order, computed once
-    per block rather than a random shuffle per batch.
+    ``ids`` are sorted (grouped by domain) and domain d has ``counts[d]`` of them. Slot j of a domain with
+    c slots is placed by the rank of (j + 0.5) / c, ties to the lower domain (a stable sort of the sorted
+    ids): a fixed order, computed once per block rather than a random shuffle per batch.
     """
-    counts = np.bincount(ids)
-    j = np.arange(ids.size) - (np.cumsum(counts) - counts)[ids]
-    return np.lexsort((ids, (j + 0.5) / counts[ids]))
+    c = np.asarray(counts, dtype=np.int64)
+    j = np.arange(ids.size) - np.repeat(np.cumsum(c) - c, c)
+    return np.argsort((j + 0.5) / np.repeat(c, c), kind="stable")
 
 
 @lru_cache(maxsize=2)

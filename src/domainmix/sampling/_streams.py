@@ -273,15 +273,21 @@ def take_planned(
     if plan.spans:
         # stratified: every row lists the same domains in the same sorted columns
         assert plan.within is not None
-        per_batch = plan.counts[0]
-        grouped = np.empty((nb, len(plan.within)), dtype=np.int64)
+        per_batch, starts = plan.counts[0].tolist(), positions.tolist()
+        runs = []  # per domain, its (nb, width) block of draws, row-major
         for d, a, b in plan.spans:
-            start, width, stride = int(positions[d]), b - a, int(per_batch[d])
+            width, stride = b - a, per_batch[d]
             if width == stride:  # this rank draws every slot of the domain: the rows are one run of draws
-                grouped[:, a:b] = streams[d].take_run(epoch_key, start, nb * width).reshape(nb, width)
+                runs.append(streams[d].take_run(epoch_key, starts[d], nb * width))
             else:
                 occ = np.arange(0, nb * stride, stride, dtype=np.int64)[:, None] + plan.within[a:b]
-                grouped[:, a:b] = streams[d].take(epoch_key, start, occ)
+                runs.append(streams[d].take(epoch_key, starts[d], occ).ravel())
+        if nb == 1:  # one row (weights that change every batch): the runs end to end are the grouped row
+            grouped = np.concatenate(runs)[None, :]
+        else:
+            grouped = np.empty((nb, len(plan.within)), dtype=np.int64)
+            for (_, a, b), run in zip(plan.spans, runs, strict=True):
+                grouped[:, a:b] = run.reshape(nb, b - a)
         return in_yield_order(grouped, plan.order)
     # Other modes (and carried stratified rows): every global slot in row-major order takes its domain's
     # next draw, so each domain's draws are one run of its stream.
