@@ -89,7 +89,8 @@ DOMAINMIX = (
     "domainmix_stratified_weight_change_numpy",
     "domainmix_low_discrepancy_weight_change_numpy",
 )
-# Not a sampler: handing out ready-made lists, the floor under every row that yields lists of Python ints.
+# Not samplers: handing out ready-made lists (the floor under every row that yields lists of Python ints)
+# and drawing through per-pass permutations (under every stratified and low-discrepancy row).
 REFERENCE = ("list_floor", "permutation_floor", "randperm_floor")
 SYSTEMS = (*PEERS, *DOMAINMIX, *REFERENCE)
 PACKAGES = ("torch", "numpy", "torchdata", "datasets", "pyarrow", "lhotse", "megatron-core", "domainmix")
@@ -251,7 +252,13 @@ CAPABILITIES: dict[str, dict[str, Any]] = {
         "sources": ["benchmarks/peers.py"],
     },
 }
-CAPABILITIES["permutation_floor"] = CAPABILITIES["randperm_floor"] = CAPABILITIES["list_floor"]
+CAPABILITIES["permutation_floor"] = CAPABILITIES["randperm_floor"] = {
+    **CAPABILITIES["list_floor"],
+    **{
+        key: _answer("no", "not a sampler: fresh permutations of each domain in turn, without weights")
+        for key in ("online_weight_change", "exact_resume", "rank_consistent_plan")
+    },
+}
 
 
 @dataclass(frozen=True)

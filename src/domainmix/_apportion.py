@@ -212,13 +212,12 @@ def edf_plan(
 
 
 class _Run(NamedTuple):
-    """A stretch of a low-discrepancy sequence: its ids, the (len + 1, k) counts after each prefix, its
-    positions grouped by domain (stable) and where each position lands in that grouping."""
+    """A stretch of a low-discrepancy sequence: its ids, the (len + 1, k) counts after each prefix, and the
+    column of each position when the positions are laid out grouped by domain (in order within one)."""
 
     ids: np.ndarray
     prefix: np.ndarray
-    grouped: np.ndarray
-    rank: np.ndarray
+    column: np.ndarray
 
 
 class Periodic(NamedTuple):
@@ -309,7 +308,7 @@ class Periodic(NamedTuple):
                 block[skipped[i] : skipped[i] + len(drawn)] = drawn
                 grid[:, first : first + per] = block.reshape(rows, per)
                 first += per
-        tail = np.take(grid, self.cycle.rank, axis=1).ravel()[j0 : j0 + tail_n]
+        tail = np.take(grid, self.cycle.column, axis=1).ravel()[j0 : j0 + tail_n]
         return tail if head is None else np.concatenate([head, tail])
 
     def _gather(self, runs: Sequence[np.ndarray]) -> np.ndarray:
@@ -438,8 +437,7 @@ def _ceil_div(a: int, b: int) -> int:
 def _run(ids: np.ndarray, k: int) -> _Run:
     onehot = np.zeros((len(ids) + 1, k), dtype=np.int64)
     onehot[np.arange(1, len(ids) + 1), ids] = 1
-    grouped = np.argsort(ids, kind="stable")
-    return _Run(ids, np.cumsum(onehot, axis=0), grouped, np.argsort(grouped))
+    return _Run(ids, np.cumsum(onehot, axis=0), np.argsort(np.argsort(ids, kind="stable")))
 
 
 @lru_cache(maxsize=64)

@@ -182,7 +182,7 @@ class IndexStream:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def _lookup(self, local: np.ndarray) -> np.ndarray:
-        """Dataset indices of the domain's local positions ``local`` (a fresh array: it may be reused)."""
+        """Dataset indices of the domain's local positions ``local``, a fresh array it may write into."""
         ix = self.index
         if not isinstance(ix, range):
             gathered: np.ndarray = ix[local]
