@@ -437,7 +437,10 @@ def _ceil_div(a: int, b: int) -> int:
 def _run(ids: np.ndarray, k: int) -> _Run:
     onehot = np.zeros((len(ids) + 1, k), dtype=np.int64)
     onehot[np.arange(1, len(ids) + 1), ids] = 1
-    return _Run(ids, np.cumsum(onehot, axis=0), np.argsort(np.argsort(ids, kind="stable")))
+    run = _Run(ids, np.cumsum(onehot, axis=0), np.argsort(np.argsort(ids, kind="stable")))
+    for array in run:  # periods are cached (lru_cache): views of them are handed out, never to be written
+        array.flags.writeable = False
+    return run
 
 
 @lru_cache(maxsize=64)

@@ -942,3 +942,20 @@ def test_the_batches_of_a_seed_are_pinned(digest: Any, expected: str) -> None:
     whose ``Generator`` streams change would change it too.
     """
     assert digest() == expected
+
+
+@pytest.mark.parametrize("kind", ["array", "tensor"])
+def test_editing_the_callers_index_afterwards_changes_nothing(kind: str) -> None:
+    """The sampler copies an index array or tensor: the streams store each pass looked up through it, so a
+    later edit of the caller's array would otherwise reach the batches from the next pass on."""
+
+    def batches(edit: bool) -> list[list[int]]:
+        index: Any = np.arange(100, 1100) if kind == "array" else torch.arange(100, 1100)
+        sampler = DomainBatchSampler({"a": index, "b": range(10)}, 4, [0.5, 0.5], seed=0)
+        it = iter(sampler)
+        out = [next(it)]
+        if edit:
+            index += 10_000
+        return out + [next(it) for _ in range(600)]  # past the end of domain a's first pass
+
+    assert batches(edit=True) == batches(edit=False)

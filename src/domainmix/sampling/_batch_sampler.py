@@ -52,8 +52,8 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
 
     Args:
         domains: domain name -> indices (``range``, sequence, numpy array or tensor of non-negative ints).
-            A ``range`` is kept as a range; anything else becomes one int64 array. A domain may be empty
-            only while its weight is 0.
+            A ``range`` is kept as a range; anything else is copied into one int64 array (editing the
+            caller's array afterwards changes nothing). A domain may be empty only while its weight is 0.
         batch_size: examples per batch on each rank, an int >= 1; the global batch is
             ``batch_size * world_size``.
         weights: domain weights ``q`` (mapping by name, sequence or tensor); ``None`` (default): in

@@ -68,7 +68,9 @@ def as_domain_index(caller: str, name: str, value: Any) -> DomainIndex:
         raise param_error(caller, "domains", f"dataset indices below 2**63 (domain {name!r})", int(arr.max()))
     if arr.size and int(arr.min()) < 0:
         raise param_error(caller, "domains", f"non-negative dataset indices (domain {name!r})", value)
-    return np.ascontiguousarray(arr, dtype=np.int64)
+    # a copy, always: the streams store each pass looked up through it, so a caller's later edit of its
+    # array would reach the batches only from the next pass (and a resume would replay other batches)
+    return np.array(arr, dtype=np.int64, order="C")
 
 
 def check_disjoint(caller: str, names: Sequence[str], index: Sequence[DomainIndex]) -> None:
@@ -181,16 +183,21 @@ class IndexStream:
             parts.append(self._pass(epoch_key, p)[lo:hi])
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def _lookup(self, local: np.ndarray) -> np.ndarray:
-        """Dataset indices of the domain's local positions ``local``, a fresh array it may write into."""
+    def _lookup(self, local: np.ndarray, *, in_place: bool = False) -> np.ndarray:
+        """Dataset indices of the domain's local positions ``local``.
+
+        ``in_place``: ``local`` is a fresh array that may be turned into them (a unit-step range's offset
+        added into it).
+        """
         ix = self.index
         if not isinstance(ix, range):
             gathered: np.ndarray = ix[local]
             return gathered
         if ix.step != 1:
             return ix.start + ix.step * local
-        if ix.start:
-            local += ix.start
+        if not in_place:
+            return local + ix.start
+        local += ix.start
         return local
 
     def _draw_values(self, epoch_key: int, pos: np.ndarray) -> np.ndarray:
@@ -217,14 +224,15 @@ class IndexStream:
         """Dataset indices at the positions ``local`` of pass ``pass_``."""
         if self._lazy:
             keys = self._seed_words(epoch_key, pass_)
-            return self._lookup(_feistel(local.astype(np.uint64), self.size, keys))
+            return self._lookup(_feistel(local.astype(np.uint64), self.size, keys), in_place=True)
         values: np.ndarray = self._pass(epoch_key, pass_)[local]
         return values
 
     def _pass(self, epoch_key: int, pass_: int) -> np.ndarray:
         """Pass ``pass_`` of a materialised domain: its dataset indices in the pass's order, read-only.
 
-        Stored looked up (a range's offset added once per pass, not once per plan).
+        Stored looked up (a range's offset added once per pass, not once per plan). A one-example domain's
+        only pass is made afresh instead: it may start a pass every slot.
         """
         values = self._cache.get((epoch_key, pass_))
         if values is None and self.size == 1:  # the only permutation: no generator (~40 us) per pass
@@ -239,7 +247,7 @@ class IndexStream:
         """Keep the dataset indices of ``local`` under ``key``, read-only; the current and the next only."""
         if len(self._cache) >= 2:
             self._cache.pop(min(self._cache))
-        values = self._lookup(local)
+        values = self._lookup(local, in_place=True)
         values.flags.writeable = False  # runs are handed out as views of it
         self._cache[key] = values
         return values
