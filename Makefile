@@ -1,5 +1,8 @@
 # Quick start: `make demo` then `make test`. Both create/reuse .venv.
-# torch is pinned to the CPU build first: a bare `torch>=2.4` would pull a multi-GB CUDA wheel.
+# torch is pinned first: a bare `torch>=2.4` would pull whatever build the index serves. A local
+# wheelhouse may serve the CPU wheel for the plain pin; PyPI's Linux wheel is the multi-GB CUDA build, so
+# there ask for the CPU one: make demo TORCH_PIP_FLAGS='--index-url https://download.pytorch.org/whl/cpu'
+TORCH_PIP_FLAGS ?=
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -13,7 +16,7 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): $(PY) pyproject.toml
-	$(PIP) install torch==2.13.0
+	$(PIP) install $(TORCH_PIP_FLAGS) torch==2.13.0
 	$(PIP) install -e '.[test]'
 	touch $(STAMP)
 
@@ -44,7 +47,7 @@ bench: $(STAMP)
 	cat benchmarks/results/sampler_throughput.json
 
 $(PEERS_STAMP): $(PY) pyproject.toml
-	$(PIP) install torch==2.13.0
+	$(PIP) install $(TORCH_PIP_FLAGS) torch==2.13.0
 	$(PIP) install -e '.[peers]'
 	touch $(PEERS_STAMP)
 

@@ -2,7 +2,7 @@
 
     python examples/lightning_train.py --out /tmp/dm-lightning                 # one process
     torchrun --standalone --nproc_per_node=2 examples/lightning_train.py --out /tmp/dm-lightning --devices 2
-    python examples/lightning_train.py --out /tmp/dm-resumed --resume /tmp/dm-lightning/ckpt/step=10.ckpt
+    python examples/lightning_train.py --out /tmp/dm-res --resume /tmp/dm-lightning/ckpt/epoch=0-step=10.ckpt
 
 ``training_step`` keeps the plain loop's order (forward under ``controller.record()``, then
 ``controller.step``, then ``weighted_loss``), so the weights of a step are final before Lightning's

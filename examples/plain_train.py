@@ -89,7 +89,8 @@ def main() -> None:
             with controller.record():  # the one order of a step: docs/design.md, "One step"
                 per_example = ((model(x) - y) ** 2).squeeze(1)
             controller.step(per_example, ids)
-            loss = weighted_loss(per_example, ids, controller.loss_multipliers())
+            # the workers run ahead of the loop: divide by the shares of the batch in hand (batch `step`)
+            loss = weighted_loss(per_example, ids, controller.loss_multipliers(sampler.sampling_of(step)))
             opt.zero_grad()
             loss.backward()
             opt.step()
