@@ -482,7 +482,9 @@ def eg_chain() -> S.Strategy:
 
 
 @pytest.mark.parametrize("ema", [None, 0.7])
-@pytest.mark.parametrize("midpoint", [0, 4, 7, 13])  # mid-window, at a window boundary, in warm-up
+# Run: warm-up 2, windows of 3 closing at steps 3, 6, 9, 12: before any step, in warm-up, right after an
+# update (3, 6), mid-window (4, 7, 13)
+@pytest.mark.parametrize("midpoint", [0, 1, 3, 4, 6, 7, 13])
 def test_resume_equivalence_with_sampler_pushes(ema, midpoint) -> None:
     outputs = assert_resume_equivalent(lambda: Run(eg_chain, ema=ema), drive, midpoint=midpoint, total=16)
     pushes = [o for o in outputs if o[0]]

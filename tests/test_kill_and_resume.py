@@ -9,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "plain_train.py"
 STEPS = 60
@@ -39,9 +41,15 @@ def test_sigkill_mid_run_then_resume_matches_the_uninterrupted_run(tmp_path: Pat
     seen = last_step(killed)
     assert 25 <= seen < 10 * STEPS, seen
 
+    saved = torch.load(killed / "checkpoint.pt", weights_only=False)["step"]  # the last save before the kill
+    assert 20 <= saved <= seen, (saved, seen)
+    logged = len((killed / "batches.jsonl").read_text().splitlines())
     subprocess.run(
         [sys.executable, str(SCRIPT), "--out", str(killed), "--steps", str(STEPS), "--resume"], check=True
     )
+    # it resumed, not restarted: the new process logged exactly the steps after the checkpoint
+    appended = (killed / "batches.jsonl").read_text().splitlines()[logged:]
+    assert [json.loads(line)["step"] for line in appended] == list(range(saved + 1, STEPS + 1))
     assert batches(killed) == batches(full)
     assert json.loads((killed / "final.json").read_text()) == json.loads((full / "final.json").read_text())
     # resuming a finished run ends at once with the same result (it ran on forever: the sampler never

@@ -21,6 +21,33 @@ def test_every_rule_builds_a_strategy() -> None:
         assert isinstance(build_proxy(name, LmConfig(), ctx), strategies.Strategy)
 
 
+@pytest.mark.parametrize(
+    ("method", "name", "requires"),
+    [
+        ("uniform", "combine(loss=uniform, sampling=uniform)", set()),
+        ("oracle_gls", "combine(loss=oracle_gls, sampling=uniform)", set()),
+        ("fgls", "combine(loss=delay(fgls, 500), sampling=uniform)", {"heldout_loss", "heldout_count"}),
+        ("va", "combine(loss=uniform, sampling=variance_aware)", {"grad_var"}),
+        (
+            "fgls+va",
+            "combine(loss=delay(fgls, 500), sampling=variance_aware)",
+            {"grad_var", "heldout_loss", "heldout_count"},
+        ),
+        (
+            "erma+va",
+            "combine(loss=delay(erma, 500), sampling=variance_aware)",
+            {"grad_var", "heldout_loss", "heldout_count", "heldout_loss_var"},
+        ),
+    ],
+)
+def test_each_method_is_wired_to_its_rules(method: str, name: str, requires: set[str]) -> None:
+    """A method name builds the loss rule and the sampling rule it names (warm-up 500 of LinearConfig),
+    reading exactly their statistics; a sampling rule alone keeps the uniform loss rule."""
+    ctx = MethodContext((100, 50), noise_variances=(1.0, 4.0), learning_rate=lambda t: 1e-3)
+    strategy = build_method(method, LinearConfig(), ctx)
+    assert strategy.name == name and strategy.requires == requires
+
+
 def test_builders_say_what_a_task_lacks() -> None:
     with pytest.raises(ValueError, match="oracle_gls.*noise variances"):
         build_method("oracle_gls", LinearConfig(), MethodContext((10, 10)))

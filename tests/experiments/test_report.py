@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -253,9 +256,22 @@ def test_figure_accepts_runs_read_back_from_metrics_json(tmp_path: Path) -> None
 
 
 def test_method_colours_are_stable() -> None:
-    assert method_colour("uniform") == method_colour("uniform")
+    """Listed methods have their own colours; any other name gets the same colour in every process
+    (not from ``hash()``, which string hashing randomises per process)."""
     assert method_colour("fgls") != method_colour("erma")
-    assert method_colour("my-new-method") == method_colour("my-new-method")
+    names = ["my-new-method", "dro", "x"]
+    code = (
+        "from domainmix.experiments._report import method_colour; "
+        f"print([method_colour(n) for n in {names!r}])"
+    )
+    seen = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()
+        for seed in ("1", "2")
+    }  # fmt: skip
+    assert seen == {str([method_colour(n) for n in names])}
 
 
 def test_format_table(tmp_path: Path) -> None:

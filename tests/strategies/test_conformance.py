@@ -120,6 +120,15 @@ NEEDS_EXTRA = [
 
 K = 4
 STEPS = 6
+BUILDING_BLOCKS = {"make_strategy", "stateless"}  # what strategies are made with, not strategies
+
+
+def test_every_exported_strategy_has_a_row() -> None:
+    """A factory added to ``domainmix.strategies`` must join this table (a row named after it)."""
+    factories = {name for name in S.__all__ if name[0].islower()} - BUILDING_BLOCKS
+    ids = [p.id for p in STRATEGIES]
+    missing = sorted(f for f in factories if not any(i == f or i.startswith(f + "_") for i in ids))
+    assert not missing, f"add a row to STRATEGIES for {missing}"
 
 
 def initial_weights(k: int) -> list[DomainWeights]:
