@@ -64,6 +64,34 @@ def test_target_from_a_second_forward() -> None:
     assert_same(tap.products(per_token, ids, 3, target_losses=target, max_norm=0.05), expected)
 
 
+def test_a_target_mask_leaves_its_masked_tokens_out_of_the_target_gradient() -> None:
+    """Both the tap and the autograd oracle against a naive target gradient: the mean loss over the
+    unmasked target tokens (a padded row and a padded tail left out)."""
+    model = gpt()
+    tap = GradientProductTap(model.blocks[-1].mlp)
+    (x, y), (tx, ty) = batch(), batch(4, seed=2)
+    ids = torch.tensor([0, 1, 2, 1, 0, 0, 1, 2, 0, 1])
+    target_mask = torch.ones(4, 8, dtype=torch.float64)
+    target_mask[:, 5:], target_mask[3] = 0.0, 0.0
+    with tap.record():
+        per_token = per_token_loss(model(x), y)
+        target = per_token_loss(model(tx), ty)
+    params = tap.parameters()
+
+    def flat(value: torch.Tensor) -> torch.Tensor:
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(value, params, retain_graph=True)])
+
+    domains = torch.stack([flat(per_token[ids == i].mean()) for i in range(3)])
+    naive = domains @ flat((target * target_mask).sum() / target_mask.sum())
+    assert not torch.allclose(naive, domains @ flat(target.mean()))  # the mask matters on this batch
+    given = {"target_losses": target, "target_mask": target_mask}
+    got = tap.products(per_token, ids, 3, **given)
+    oracle = domain_gradient_products(per_token, ids, 3, params, **given)
+    for products in (got, oracle):
+        assert products.target_grad_dot is not None
+        torch.testing.assert_close(products.target_grad_dot, naive, rtol=1e-9, atol=1e-12)
+
+
 def test_a_layer_applied_twice_sums_both_uses_and_is_counted_once() -> None:
     torch.manual_seed(0)
     shared = nn.Linear(3, 3).double()
