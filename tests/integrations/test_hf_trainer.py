@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 pytest.importorskip("transformers")
@@ -156,13 +157,16 @@ def test_errors(tmp_path: Path) -> None:
 
 def test_the_example_script_runs_and_resumes(tmp_path: Path) -> None:
     script = ROOT / "examples" / "hf_trainer_train.py"
-    for extra in ((), ("--resume", str(tmp_path / "checkpoint-6"))):
-        done = subprocess.run(
-            [sys.executable, str(script), "--out", str(tmp_path), *extra], capture_output=True
-        )
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    for out, extra in ((full, ()), (resumed, ("--resume", str(full / "checkpoint-6")))):
+        done = subprocess.run([sys.executable, str(script), "--out", str(out), *extra], capture_output=True)
         assert done.returncode == 0, done.stderr[-4000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = json.loads((resumed / "result.json").read_text())
     assert result["log"][-1]["domainmix/alpha/web"] == pytest.approx(result["mixture"][0], abs=1e-4)
+    # it resumed at step 6, not from the start: the steps after the checkpoint, the same batches and weights
+    ran, after = (json.loads((out / "rank0.json").read_text()) for out in (full, resumed))
+    assert len(ran["batches"]) > 6 and after["batches"] == ran["batches"][6:]
+    np.testing.assert_allclose(after["mixture"], ran["mixture"][6:], rtol=0, atol=1e-12)
 
 
 def test_two_processes_share_the_weights_and_resume_exactly(tmp_path: Path) -> None:
