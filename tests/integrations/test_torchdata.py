@@ -42,14 +42,16 @@ def train(loader: StatefulDomainLoader, start: int, stop: int, save_at: int | No
 
 
 @pytest.mark.parametrize(
-    ("num_workers", "mode"), [(0, "stratified"), (2, "stratified"), (2, "low_discrepancy")]
+    ("num_workers", "mode"), [(0, "stratified"), (2, "stratified"), (2, "low_discrepancy"), (2, "iid")]
 )
 def test_resume_equals_uninterrupted_with_weight_changes(num_workers: int, mode: str) -> None:
     full, saved = train(make(num_workers, mode), 0, STEPS, save_at=17)
+    uninterrupted, _ = train(make(num_workers, mode), 0, STEPS)  # a run that never saved
+    assert full == uninterrupted
     resumed = make(num_workers, mode)
     resumed.load_state_dict(saved)
     rest, _ = train(resumed, 17, STEPS)
-    assert rest == full[17:]
+    assert rest == uninterrupted[17:]
 
 
 def test_plain_stateful_loader_misses_a_change_made_after_its_snapshot() -> None:
@@ -69,13 +71,15 @@ def test_plain_stateful_loader_misses_a_change_made_after_its_snapshot() -> None
     assert rest != full[12:]
 
 
-def test_another_prefetch_depth_is_refused_at_the_first_batch() -> None:
-    # (torchdata itself refuses, with a bare AssertionError, a state saved with another num_workers)
+def test_another_prefetch_depth_is_refused_at_load() -> None:
+    """Refused before any worker starts (the sampler's own refusal at the first batch came from inside a
+    half-built multiprocessing iterator, whose workers took a minute to be reaped); torchdata itself
+    refuses another num_workers with a bare AssertionError."""
     _, saved = train(make(2), 0, 10, save_at=5)
-    resumed = make(2, prefetch_factor=1)
-    resumed.load_state_dict(saved)
-    with pytest.raises(ValueError, match="DataLoader ran 4 batches ahead .* now runs 2 ahead"):
-        next(iter(resumed))
+    for workers, factor, depth in ((2, 1, 2), (1, 2, 2), (0, None, 0)):
+        resumed = make(workers, prefetch_factor=factor)
+        with pytest.raises(ValueError, match=f"loader ran 4 batches ahead .* this loader runs {depth} ahead"):
+            resumed.load_state_dict(saved)
 
 
 def test_needs_a_domain_batch_sampler() -> None:

@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import re
+import weakref
 from collections import Counter
 from typing import Any
 
@@ -959,3 +961,20 @@ def test_editing_the_callers_index_afterwards_changes_nothing(kind: str) -> None
         return out + [next(it) for _ in range(600)]  # past the end of domain a's first pass
 
     assert batches(edit=True) == batches(edit=False)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_loader_dropped_mid_epoch_is_freed_at_once(workers: int) -> None:
+    """The sampler's generator must not keep the frame of the loader iterator that calls it: the iterator
+    would then live in a reference cycle, and a loader dropped mid-epoch (a loop that stops after n steps)
+    would reap its workers only in the cyclic collector, after a join timeout per worker."""
+    sampler = DomainBatchSampler(domains(), 4, seed=0)
+    it = iter(DataLoader(list(range(sum(SIZES.values()))), batch_sampler=sampler, num_workers=workers))
+    next(it)
+    ref = weakref.ref(it)
+    gc.disable()  # only reference counting may free it
+    try:
+        del it
+        assert ref() is None
+    finally:
+        gc.enable()

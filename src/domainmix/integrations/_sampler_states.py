@@ -8,6 +8,26 @@ from typing import Any
 from domainmix.sampling import DomainBatchSampler
 
 
+def sampler_states(state: Any, sampler: DomainBatchSampler) -> list[Mapping[str, Any]]:
+    """The states of ``sampler`` nested anywhere in ``state``, found by their fingerprint."""
+    fingerprint = sampler.state_dict()[sampler.FINGERPRINT_KEY]
+    found: list[Mapping[str, Any]] = []
+
+    def visit(node: Any) -> None:
+        if isinstance(node, list):
+            for value in node:
+                visit(value)
+        elif isinstance(node, Mapping):
+            if node.get(sampler.FINGERPRINT_KEY) == fingerprint and sampler.TOTAL_KEY in node:
+                found.append(node)
+            else:
+                for value in node.values():
+                    visit(value)
+
+    visit(state)
+    return found
+
+
 def with_sampler_states(
     state: Any, sampler: DomainBatchSampler, consumed: Callable[[Mapping[str, Any]], int]
 ) -> Any:

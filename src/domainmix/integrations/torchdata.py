@@ -11,8 +11,9 @@ state by ``sampler.state_dict(consumed=n)`` for the same batch count ``n``, whic
 weight history (``docs/design.md``, "Weight changes, prefetch and resume"), so a resume is exact and no
 ``consumed=`` bookkeeping is left to the loop.
 
-A resume under another ``num_workers * prefetch_factor`` is refused by the sampler itself at the first
-batch (``DomainBatchSampler.PREFETCH_KEY``): the depth decides which batch a weight change lands on.
+A resume under another ``num_workers * prefetch_factor`` is refused: the depth decides which batch a
+weight change lands on (``DomainBatchSampler.PREFETCH_KEY``). The loader refuses it in
+``load_state_dict``, before any worker starts; the sampler itself would refuse it at the first batch.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 
 from torchdata.stateful_dataloader import StatefulDataLoader
 
-from domainmix.integrations._sampler_states import with_sampler_states
+from domainmix.integrations._sampler_states import sampler_states, with_sampler_states
 from domainmix.sampling import DomainBatchSampler
 
 __all__ = ["StatefulDomainLoader"]
@@ -45,6 +46,27 @@ class StatefulDomainLoader(StatefulDataLoader):  # type: ignore[misc]  # torchda
                 "StatefulDomainLoader: the 'batch_sampler' parameter must be a DomainBatchSampler; got "
                 f"{type(self.batch_sampler).__name__}. Use torchdata's StatefulDataLoader for other samplers."
             )
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore a state saved by :meth:`state_dict`, before iterating.
+
+        Raises:
+            ValueError: when the state was saved while the loader ran another number of batches ahead
+                (``num_workers * prefetch_factor``) than this one does.
+        """
+        sampler: DomainBatchSampler = self.batch_sampler
+        depth = self.num_workers * (self.prefetch_factor or 0)
+        for saved in sampler_states(state_dict, sampler):
+            ahead = saved.get(sampler.PREFETCH_KEY)  # absent from states saved before it was recorded
+            if ahead is not None and ahead != depth:
+                raise ValueError(
+                    "StatefulDomainLoader.load_state_dict: the state was saved while the loader ran "
+                    f"{ahead} batches ahead (num_workers * prefetch_factor); this loader runs {depth} ahead. "
+                    "A weight change lands on the batch after the prefetched ones, so this run would follow "
+                    "another schedule than the saved one. Build the loader with the same num_workers and "
+                    "prefetch_factor."
+                )
+        super().load_state_dict(state_dict)
 
     def state_dict(self) -> dict[str, Any]:
         """The loader's state, with every saved sampler state carrying the full weight history."""

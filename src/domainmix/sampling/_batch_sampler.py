@@ -275,6 +275,10 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
         caller = sys._getframe(1)  # the frame that called next(): a DataLoader's iterator, a wrapper, a loop
         check_not_resharded(caller, "DomainBatchSampler")
         self._check_depth(prefetch_depth(caller))
+        # Not kept: this generator would hold the loader iterator's frame, so the iterator would live in a
+        # reference cycle, and a loader dropped mid-epoch would reap its workers only in the cyclic
+        # collector, after a join timeout per worker (10 s for 2 workers, measured).
+        del caller
         epoch = self._snap.epoch
         while self._snap.epoch == epoch:
             block = self._block

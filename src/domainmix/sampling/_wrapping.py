@@ -25,6 +25,7 @@ __all__ = ["check_not_resharded", "prefetch_depth"]
 # Accelerate's default for an IterableDataset).
 _RESHARDERS = (("accelerate", "BatchSamplerShard"), ("accelerate", "DataLoaderDispatcher"))
 _FRAMES_SEARCHED = 12  # the dispatcher sits a few frames above the DataLoader iterator that calls next()
+_NEXT_INDEX = _BaseDataLoaderIter._next_index.__code__  # where every DataLoader iterator asks for a batch
 
 
 def check_not_resharded(caller: FrameType | None, owner: str) -> None:
@@ -37,10 +38,13 @@ def check_not_resharded(caller: FrameType | None, owner: str) -> None:
     for _ in range(_FRAMES_SEARCHED):
         if frame is None:
             return
-        kind = type(frame.f_locals.get("self"))
-        if any(kind.__module__.startswith(m) and kind.__name__ == n for m, n in _RESHARDERS):
+        # The running code's class and module, not frame.f_locals: before Python 3.13 reading f_locals
+        # copies the locals into a dict that the frame keeps, so a training loop's frame would hold what
+        # its locals were then (a loader iterator, a checkpoint it later deletes) until it returns.
+        module, cls = frame.f_globals.get("__name__", ""), frame.f_code.co_qualname.split(".")[0]
+        if any(module.startswith(m) and cls == n for m, n in _RESHARDERS):
             raise ValueError(
-                f"{owner} is being iterated under {kind.__module__}.{kind.__name__}, which deals its batches "
+                f"{owner} is being iterated under {module}.{cls}, which deals its batches "
                 "out to the processes again; the sampler already yields this rank's share of one global "
                 "plan, so the ranks would drop or skip batches. Keep the loader out of accelerator.prepare() "
                 "(and out of dispatch_batches): use domainmix.integrations.accelerate.prepare_loader("
@@ -51,7 +55,9 @@ def check_not_resharded(caller: FrameType | None, owner: str) -> None:
 
 def prefetch_depth(caller: FrameType | None) -> int:
     """Batches a ``DataLoader`` iterating the sampler from ``caller`` runs ahead; 0 for any other caller."""
-    owner = caller.f_locals.get("self") if caller is not None else None
+    if caller is None or caller.f_code is not _NEXT_INDEX:
+        return 0  # not a DataLoader iterator: its locals are left alone (see check_not_resharded)
+    owner = caller.f_locals.get("self")  # a frame that returns right after it asked for the batch
     if not isinstance(owner, _BaseDataLoaderIter) or not owner._num_workers:
         return 0
     return int(owner._num_workers) * int(getattr(owner, "_prefetch_factor", 0) or 0)
