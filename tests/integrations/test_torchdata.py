@@ -89,3 +89,31 @@ def test_needs_a_domain_batch_sampler() -> None:
         StatefulDomainLoader(
             list(range(4)), batch_sampler=BatchSampler(SequentialSampler(range(4)), 2, False)
         )
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_the_mixing_iterable_resumes_through_the_stateful_loader(workers: int) -> None:
+    """``DomainMixingIterable`` says: checkpoint with num_workers=0 or a loader that collects worker
+    states. torchdata's StatefulDataLoader does; its resume continues the uninterrupted run, across the
+    smaller source's second pass."""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from domainmix.sampling import DomainMixingIterable
+
+    def loader() -> Any:
+        mixer = DomainMixingIterable(
+            {"a": list(range(30)), "b": list(range(100, 160))}, [0.5, 0.5], batch_size=4, seed=1
+        )
+        return StatefulDataLoader(mixer, batch_size=4, num_workers=workers)
+
+    def run(it: Any, n: int) -> list[list[int]]:
+        return [batch[1].tolist() for _, batch in zip(range(n), it, strict=False)]
+
+    uninterrupted = run(loader(), 30)
+    first = loader()
+    it = iter(first)
+    head = run(it, 12)
+    saved = first.state_dict()
+    resumed = loader()
+    resumed.load_state_dict(saved)
+    assert head + run(resumed, 18) == uninterrupted
