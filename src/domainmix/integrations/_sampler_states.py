@@ -10,21 +10,13 @@ from domainmix.sampling import DomainBatchSampler
 
 def sampler_states(state: Any, sampler: DomainBatchSampler) -> list[Mapping[str, Any]]:
     """The states of ``sampler`` nested anywhere in ``state``, found by their fingerprint."""
-    fingerprint = sampler.state_dict()[sampler.FINGERPRINT_KEY]
     found: list[Mapping[str, Any]] = []
 
-    def visit(node: Any) -> None:
-        if isinstance(node, list):
-            for value in node:
-                visit(value)
-        elif isinstance(node, Mapping):
-            if node.get(sampler.FINGERPRINT_KEY) == fingerprint and sampler.TOTAL_KEY in node:
-                found.append(node)
-            else:
-                for value in node.values():
-                    visit(value)
+    def keep(node: Mapping[str, Any]) -> Mapping[str, Any]:
+        found.append(node)
+        return node
 
-    visit(state)
+    _replace_states(state, sampler, keep)
     return found
 
 
@@ -37,6 +29,13 @@ def with_sampler_states(
     ``consumed(found)`` gives the batch count to rebuild each at (the found state's own count, or the
     count the loop has really consumed when the framework saved a prefetched one).
     """
+    return _replace_states(state, sampler, lambda node: sampler.state_dict(consumed=consumed(node)))
+
+
+def _replace_states(
+    state: Any, sampler: DomainBatchSampler, replace: Callable[[Mapping[str, Any]], Any]
+) -> Any:
+    """``state`` rebuilt with ``replace(node)`` in place of every nested state of ``sampler``."""
     fingerprint = sampler.state_dict()[sampler.FINGERPRINT_KEY]
 
     def rebuild(node: Any) -> Any:
@@ -45,7 +44,7 @@ def with_sampler_states(
         if not isinstance(node, Mapping):
             return node
         if node.get(sampler.FINGERPRINT_KEY) == fingerprint and sampler.TOTAL_KEY in node:
-            return sampler.state_dict(consumed=consumed(node))
+            return replace(node)
         return {key: rebuild(value) for key, value in node.items()}
 
     return rebuild(state)
