@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,21 @@ def test_split_batches_is_refused() -> None:
         ValueError, match="'accelerator' parameter of prepare_loader must be an Accelerator without"
     ):
         prepare_loader(accelerator, DataLoader(list(range(4)), batch_sampler=sampler))
+
+
+@pytest.mark.distributed
+def test_a_resume_continues_the_run_on_two_processes(tmp_path: Path) -> None:
+    """The README's recipe under Accelerate, whose loader pulls a batch ahead: the sampler saved at the
+    consumed batch (``state_dict(consumed=step)``) with the model, optimizer and controller, at the end
+    of a statistics window (``update_every=5``: mid-window the window's sums are each rank's own); the
+    resumed run gives each rank the full run's batches and weights from the checkpoint on."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    done = run_torchrun(EXAMPLE, "--out", str(full), "--steps", "30", "--save-at", "10")
+    assert done.returncode == 0, done.stderr[-4000:]
+    checkpoint = str(full / "checkpoint.pt")
+    done = run_torchrun(EXAMPLE, "--out", str(resumed), "--steps", "30", "--resume", checkpoint)
+    assert done.returncode == 0, done.stderr[-4000:]
+    for rank in (0, 1):
+        ran, after = (json.loads((out / f"rank{rank}.json").read_text()) for out in (full, resumed))
+        assert after["batches"] == ran["batches"][10:]
+        assert after["mixture"] == ran["mixture"][10:] and after["sampling"] == ran["sampling"][10:]
