@@ -78,7 +78,8 @@ def test_another_prefetch_depth_is_refused_at_load() -> None:
     _, saved = train(make(2), 0, 10, save_at=5)
     for workers, factor, depth in ((2, 1, 2), (1, 2, 2), (0, None, 0)):
         resumed = make(workers, prefetch_factor=factor)
-        with pytest.raises(ValueError, match=f"loader ran 4 batches ahead .* this loader runs {depth} ahead"):
+        refused = f"loader ran 4 batches ahead .* the loader now runs {depth} ahead"
+        with pytest.raises(ValueError, match=refused):
             resumed.load_state_dict(saved)
 
 

@@ -24,6 +24,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from domainmix.integrations._sampler_states import sampler_states, with_sampler_states
 from domainmix.sampling import DomainBatchSampler
+from domainmix.sampling._wrapping import check_same_depth, loader_depth
 
 __all__ = ["StatefulDomainLoader"]
 
@@ -55,17 +56,13 @@ class StatefulDomainLoader(StatefulDataLoader):  # type: ignore[misc]  # torchda
                 (``num_workers * prefetch_factor``) than this one does.
         """
         sampler: DomainBatchSampler = self.batch_sampler
-        depth = self.num_workers * (self.prefetch_factor or 0)
+        depth = loader_depth(self.num_workers, self.prefetch_factor)
         for saved in sampler_states(state_dict, sampler):
             ahead = saved.get(sampler.PREFETCH_KEY)  # absent from states saved before it was recorded
-            if ahead is not None and ahead != depth:
-                raise ValueError(
-                    "StatefulDomainLoader.load_state_dict: the state was saved while the loader ran "
-                    f"{ahead} batches ahead (num_workers * prefetch_factor); this loader runs {depth} ahead. "
-                    "A weight change lands on the batch after the prefetched ones, so this run would follow "
-                    "another schedule than the saved one. Build the loader with the same num_workers and "
-                    "prefetch_factor."
-                )
+            check_same_depth(
+                "StatefulDomainLoader.load_state_dict", None if ahead is None else int(ahead), depth,
+                "Build the loader with the same num_workers and prefetch_factor.",
+            )  # fmt: skip
         super().load_state_dict(state_dict)
 
     def state_dict(self) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from domainmix.sampling._plan import Mode, StopRule, check_mix_options, rows_bef
 from domainmix.sampling._snapshots import Block, Snap, SnapshotRing
 from domainmix.sampling._streams import IndexStream, as_domain_index, check_disjoint, take_planned
 from domainmix.sampling._weights import WeightsLike, check_names
-from domainmix.sampling._wrapping import check_not_resharded, prefetch_depth
+from domainmix.sampling._wrapping import check_not_resharded, check_same_depth, prefetch_depth
 
 __all__ = ["DomainBatchSampler"]
 
@@ -301,14 +301,10 @@ class DomainBatchSampler(DomainMixer, Sampler[list[int]]):
 
     def _check_depth(self, depth: int) -> None:
         expected, self._expected_depth, self._depth = self._expected_depth, None, depth
-        if expected is not None and depth != expected:
-            raise ValueError(
-                f"DomainBatchSampler: the state was saved while a DataLoader ran {expected} batches ahead "
-                f"(num_workers * prefetch_factor); the loader now runs {depth} ahead. A weight change lands "
-                "on the batch after the prefetched ones, so this run would follow another schedule than the "
-                "saved one. Resume with the same num_workers and prefetch_factor (or load the state with "
-                "ignore_fingerprint=True to accept it)."
-            )
+        check_same_depth(
+            "DomainBatchSampler", expected, depth, "Resume with the same num_workers and prefetch_factor (or "
+            "load the state with ignore_fingerprint=True to accept it).",
+        )  # fmt: skip
 
     def _start_epoch(self, epoch: int, *, ended: bool = False) -> None:
         """Start ``epoch``: after the previous one ``ended`` by itself, or by a ``set_epoch`` jump."""

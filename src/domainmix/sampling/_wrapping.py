@@ -17,7 +17,7 @@ from types import FrameType
 
 from torch.utils.data.dataloader import _BaseDataLoaderIter
 
-__all__ = ["check_not_resharded", "prefetch_depth"]
+__all__ = ["check_not_resharded", "check_same_depth", "loader_depth", "prefetch_depth"]
 
 # (module prefix, class name) of wrappers that deal batches out to the processes: Accelerate's
 # BatchSamplerShard (each rank iterates the whole sampler and keeps every world-th batch) and its
@@ -58,6 +58,25 @@ def prefetch_depth(caller: FrameType | None) -> int:
     if caller is None or caller.f_code is not _NEXT_INDEX:
         return 0  # not a DataLoader iterator: its locals are left alone (see check_not_resharded)
     owner = caller.f_locals.get("self")  # a frame that returns right after it asked for the batch
-    if not isinstance(owner, _BaseDataLoaderIter) or not owner._num_workers:
+    if not isinstance(owner, _BaseDataLoaderIter):
         return 0
-    return int(owner._num_workers) * int(getattr(owner, "_prefetch_factor", 0) or 0)
+    return loader_depth(owner._num_workers, getattr(owner, "_prefetch_factor", None))
+
+
+def loader_depth(num_workers: int, prefetch_factor: int | None) -> int:
+    """Batches a ``DataLoader`` so configured runs ahead of the loop: ``num_workers * prefetch_factor``."""
+    return int(num_workers) * int(prefetch_factor or 0) if num_workers else 0
+
+
+def check_same_depth(owner: str, saved: int | None, depth: int, remedy: str) -> None:
+    """Refuse to resume a state saved ``saved`` batches ahead (``None``: not recorded) under ``depth``.
+
+    Raises:
+        ValueError: naming both depths, why they matter, and ``remedy``.
+    """
+    if saved is not None and saved != depth:
+        raise ValueError(
+            f"{owner}: the state was saved while the loader ran {saved} batches ahead (num_workers * "
+            f"prefetch_factor); the loader now runs {depth} ahead. A weight change lands on the batch after "
+            f"the prefetched ones, so this run would follow another schedule than the saved one. {remedy}"
+        )
