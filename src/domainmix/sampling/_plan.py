@@ -270,7 +270,7 @@ def _stratified_row(
     ids = np.ascontiguousarray(grouped[rank::world_size])
     # this rank's slots of domain d: the global positions p = rank (mod W) in [firsts[d], firsts[d + 1])
     per_domain = [len(range(lo + (rank - lo) % world_size, hi, world_size)) for lo, hi in pairwise(firsts)]
-    row = (ids, np.ascontiguousarray(within[rank::world_size]), _interleave(ids, per_domain))
+    row = (ids, np.ascontiguousarray(within[rank::world_size]), _interleave(per_domain))
     for array in row:
         array.flags.writeable = False
     ends = list(accumulate(per_domain))
@@ -286,20 +286,20 @@ def _row_orders(ids: np.ndarray) -> np.ndarray:
         key = row.tobytes()
         order = seen.get(key)
         if order is None:
-            order = seen[key] = _interleave(row, np.bincount(row).tolist())
+            order = seen[key] = _interleave(np.bincount(row).tolist())
         orders[r] = order
     return orders
 
 
-def _interleave(ids: np.ndarray, counts: list[int]) -> np.ndarray:
+def _interleave(counts: list[int]) -> np.ndarray:
     """Order of domain-grouped slots that spreads each domain evenly over the batch.
 
-    ``ids`` are sorted (grouped by domain) and domain d has ``counts[d]`` of them. Slot j of a domain with
-    c slots is placed by the rank of (j + 0.5) / c, ties to the lower domain (a stable sort of the sorted
-    ids): a fixed order, computed once per block rather than a random shuffle per batch.
+    The slots are grouped by domain, domain d's ``counts[d]`` of them in domain order. Slot j of a domain
+    with c slots is placed by the rank of (j + 0.5) / c, ties to the lower domain (a stable sort of the
+    grouped slots): a fixed order, computed once per block rather than a random shuffle per batch.
     """
     c = np.asarray(counts, dtype=np.int64)
-    j = np.arange(ids.size) - np.repeat(np.cumsum(c) - c, c)
+    j = np.arange(int(c.sum())) - np.repeat(np.cumsum(c) - c, c)
     return np.argsort((j + 0.5) / np.repeat(c, c), kind="stable")
 
 
